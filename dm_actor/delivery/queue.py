@@ -1,0 +1,258 @@
+"""One device's command queue: the rules of delivery.md sections 1.5-1.7 and 2-8.
+
+`DeviceQueue` decides; it never sends. Its caller (the device actor) feeds it contacts,
+attempt results and sweeps, asks `next_attempt(now)` what to send, and drains
+`take_finished()` into AsyncIDResponses. Pure: no I/O, no clock; every time is `now`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass
+
+from dm_actor.delivery.outcomes import (
+    EXPIRED,
+    REMOVED,
+    TIMED_OUT,
+    UNREACHABLE,
+    Outcome,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    """The server-wide settings the queue needs (delivery.md section 11)."""
+
+    queue_length: int = 20
+    awake_time: float = 93.0
+    resend_grace: float = 120.0
+    recent_limit: int = 32  # finished commands remembered per device for rule 1.7
+
+
+@dataclass(slots=True, eq=False)
+class Command:
+    """One accepted device request and its delivery bookkeeping."""
+
+    async_id: str
+    method: str
+    uri: str
+    payload: bytes
+    content_format: int | None
+    accept: int | None
+    accepted_at: float
+    expires_at: float
+    attempts_left: int  # 1 + retry at acceptance
+    observe: bool = False  # a subscription's Observe: no AsyncIDResponse is owed
+    attempts: int = 0
+    last_attempt_at: float | None = None
+    finished_at: float | None = None
+
+    def same_request(self, other: Command) -> bool:
+        return (
+            self.method == other.method
+            and self.uri == other.uri
+            and self.payload == other.payload
+            and self.content_format == other.content_format
+            and self.accept == other.accept
+        )
+
+    def expired(self, now: float) -> bool:
+        return now >= self.expires_at
+
+
+class Verdict(enum.Enum):
+    """What `DeviceQueue.submit` decided (rules 1.5-1.7)."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"  # same async-id and request: 202 again, nothing new queued
+    ASYNC_ID_IN_USE = "async_id_in_use"  # same async-id, another request: 409
+    QUEUE_IS_FULL = "queue_is_full"  # 429
+
+
+class Failure(enum.Enum):
+    """Why an attempt failed (rule 3.4)."""
+
+    TIMEOUT = "timeout"
+    RESET = "reset"
+    UNREACHABLE = "unreachable"
+
+
+class DeviceQueue:
+    """The delivery state of one device.
+
+    Args:
+        policy: shared settings.
+        queue_mode: the device's binding has Q (section 6).
+        now: the time of the registration, which counts as a contact.
+    """
+
+    __slots__ = (
+        "_done",
+        "_recent",
+        "awake_until",
+        "in_flight",
+        "policy",
+        "queue",
+        "queue_mode",
+        "reachable",
+    )
+
+    def __init__(self, policy: DeliveryPolicy, *, queue_mode: bool, now: float) -> None:
+        self.policy = policy
+        self.queue_mode = queue_mode
+        self.queue: deque[Command] = deque()
+        self.in_flight: Command | None = None
+        self.reachable = True  # non-queue belief (rule 4.3); for TCP also "connected"
+        self.awake_until = now + policy.awake_time  # queue-mode belief (rule 6.4)
+        self._recent: dict[str, Command] | None = None
+        self._done: list[tuple[Command, Outcome]] | None = None
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Unfinished commands: the queued ones and the one in flight."""
+        return len(self.queue) + (self.in_flight is not None)
+
+    def find(self, async_id: str) -> Command | None:
+        """An unfinished or recently finished command with this async-id."""
+        if self.in_flight is not None and self.in_flight.async_id == async_id:
+            return self.in_flight
+        for cmd in self.queue:
+            if cmd.async_id == async_id:
+                return cmd
+        return None if self._recent is None else self._recent.get(async_id)
+
+    def submit(self, cmd: Command, now: float) -> Verdict:
+        """Accept a command at the tail of the queue, or say why not (rules 1.5-1.7)."""
+        previous = self.find(cmd.async_id)
+        if previous is not None and (
+            previous.finished_at is None
+            or now - previous.finished_at < previous.expires_at - previous.accepted_at
+        ):
+            return Verdict.DUPLICATE if previous.same_request(cmd) else Verdict.ASYNC_ID_IN_USE
+        if len(self) >= self.policy.queue_length:
+            return Verdict.QUEUE_IS_FULL
+        self.queue.append(cmd)
+        return Verdict.ACCEPTED
+
+    def contact(self, now: float) -> None:
+        """The device sent us something (Register, Update, any message): rules 4.3, 6.2, 6.4."""
+        self.reachable = True
+        self.awake_until = now + self.policy.awake_time
+
+    def disconnected(self) -> None:
+        """A TCP device's connection closed: nothing can be sent until it reconnects (3.4)."""
+        self.reachable = False
+        self.awake_until = 0.0
+
+    def awake(self, now: float) -> bool:
+        """Whether delivery may start now (sections 4 and 6)."""
+        if self.queue_mode:
+            return self.reachable and now < self.awake_until
+        return self.reachable
+
+    def next_attempt(self, now: float, *, on_contact: bool = False) -> Command | None:
+        """The command to send now, marked in flight; None when nothing may be sent.
+
+        Finishes expired commands found at the head on the way (rule 3.1). A command that was
+        attempted before is resent only on a contact, and only once `resend_grace` has passed
+        since that attempt started (rule 7.1).
+        """
+        if self.in_flight is not None or not self.awake(now):
+            return None
+        queue = self.queue
+        while queue:
+            head = queue[0]
+            if head.expired(now):
+                queue.popleft()
+                self._finish(head, EXPIRED, now)
+                continue
+            if head.last_attempt_at is not None and (
+                not on_contact or now - head.last_attempt_at < self.policy.resend_grace
+            ):
+                return None
+            queue.popleft()
+            head.attempts += 1
+            head.last_attempt_at = now
+            self.in_flight = head
+            return head
+        return None
+
+    def attempt_succeeded(self, outcome: Outcome, now: float) -> Command:
+        """The device answered the command in flight (rule 3.3); it is a contact too."""
+        cmd = self._take_in_flight()
+        self.reachable = True
+        self.awake_until = now + self.policy.awake_time
+        self._finish(cmd, outcome, now)
+        return cmd
+
+    def attempt_failed(self, failure: Failure, now: float) -> Command:
+        """The attempt in flight failed (rules 3.4-3.6, 4.3, 6.3)."""
+        cmd = self._take_in_flight()
+        cmd.attempts_left -= 1
+        self.reachable = False
+        self.awake_until = 0.0
+        if cmd.expired(now):
+            self._finish(cmd, EXPIRED, now)
+        elif cmd.attempts_left <= 0:
+            self._finish(cmd, TIMED_OUT if failure is Failure.TIMEOUT else UNREACHABLE, now)
+        else:
+            self.queue.appendleft(cmd)
+        return cmd
+
+    def sweep(self, now: float) -> None:
+        """Finish every expired command that is not in flight (rule 5.2)."""
+        if not any(cmd.expired(now) for cmd in self.queue):
+            return
+        keep: deque[Command] = deque()
+        for cmd in self.queue:
+            if cmd.expired(now):
+                self._finish(cmd, EXPIRED, now)
+            else:
+                keep.append(cmd)
+        self.queue = keep
+
+    def remove_all(self, now: float) -> None:
+        """The registration ended (rules 8.2, 8.3): every command finishes with 429."""
+        if self.in_flight is not None:
+            self._finish(self._take_in_flight(), REMOVED, now)
+        while self.queue:
+            self._finish(self.queue.popleft(), REMOVED, now)
+
+    def finish_now(self, cmd: Command, outcome: Outcome, now: float) -> None:
+        """Finish an accepted command without sending it (a GET answered from the cache)."""
+        self.queue.remove(cmd)
+        self._finish(cmd, outcome, now)
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def take_finished(self) -> list[tuple[Command, Outcome]]:
+        """Commands that finished since the last call, in order, with their outcomes."""
+        done = self._done
+        if done is None:
+            return []
+        self._done = None
+        return done
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _take_in_flight(self) -> Command:
+        cmd = self.in_flight
+        if cmd is None:
+            raise RuntimeError("no attempt in flight")
+        self.in_flight = None
+        return cmd
+
+    def _finish(self, cmd: Command, outcome: Outcome, now: float) -> None:
+        cmd.finished_at = now
+        if self._done is None:
+            self._done = []
+        self._done.append((cmd, outcome))
+        recent = self._recent
+        if recent is None:
+            recent = self._recent = {}
+        recent.pop(cmd.async_id, None)
+        recent[cmd.async_id] = cmd
+        if len(recent) > self.policy.recent_limit:
+            del recent[next(iter(recent))]
