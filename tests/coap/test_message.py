@@ -417,6 +417,14 @@ def test_non_utf8_uri_path(mtype: int, reply: Reply) -> None:
         assert reply_for(info.value) == b"\x61\x80\x00\x03\x09"
 
 
+def test_non_utf8_location_path_in_a_con_response_is_reset() -> None:
+    msg = Message(CON, Code.CREATED, 3, b"\x09", ((OptionNumber.LOCATION_PATH, b"\xc3"),))
+    with pytest.raises(DecodeError) as info:
+        _ = msg.location_path
+    assert info.value.reply is Reply.RESET
+    assert reply_for(info.value) == b"\x70\x00\x00\x03"
+
+
 def test_with_options_keeps_order() -> None:
     msg = Message(CON, Code.GET, 1, b"", ((11, b"a"), (15, b"q")))
     out = msg.with_options((11, b"b"), (6, b""), (60, b"\x01"))
