@@ -1,0 +1,83 @@
+"""Events that a `CoapEndpoint` hands to its owner.
+
+Each event is a frozen, slotted value naming something that happened on the wire (or failed to).
+This module owns the event types only; it never builds messages, reads a clock or does I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from dm_actor.coap.message import Message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReceived:
+    """The peer sent a new request (duplicates are never delivered twice)."""
+
+    request: Message
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseReceived:
+    """The response to our request `token`: piggybacked, separate (CON or NON), or over TCP.
+
+    The first response to an observe request is a `ResponseReceived` too.
+    """
+
+    token: bytes
+    response: Message
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationReceived:
+    """A later response on a live observation `token` (RFC 7641).
+
+    The observation ends with a non-2.xx notification or one without an Observe option.
+    """
+
+    token: bytes
+    notification: Message
+
+
+@dataclass(frozen=True, slots=True)
+class RequestAcknowledged:
+    """An empty ACK for our confirmable request: retransmission stops, the response comes later."""
+
+    token: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """Our request `token` ended without a response.
+
+    `reason` is "timeout" (no answer in time), "reset" (the peer answered with a Reset) or
+    "unreachable" (the caller reported an ICMP port-unreachable).
+    """
+
+    token: bytes
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationFailed:
+    """Our confirmable notification on observation `token` got a Reset or was never ACKed.
+
+    RFC 7641 4.5.2 and 3.6: either way the peer is no longer interested; `reason` is "reset" or
+    "timeout".
+    """
+
+    token: bytes
+    reason: str
+
+
+Event = (
+    RequestReceived
+    | ResponseReceived
+    | NotificationReceived
+    | RequestAcknowledged
+    | RequestFailed
+    | NotificationFailed
+)
