@@ -175,6 +175,11 @@ def _ext(value: int) -> tuple[int, bytes]:
 def encode_options(options: tuple[Option, ...], payload: bytes) -> bytes:
     """Options (sorted by number) and payload, as they follow the token on the wire."""
     out = bytearray()
+    _put_options(out, options, payload)
+    return bytes(out)
+
+
+def _put_options(out: bytearray, options: tuple[Option, ...], payload: bytes) -> None:
     last = 0
     for number, value in options:
         delta = number - last
@@ -194,21 +199,22 @@ def encode_options(options: tuple[Option, ...], payload: bytes) -> bytes:
     if payload:
         out.append(0xFF)
         out += payload
-    return bytes(out)
 
 
 def encode(msg: Message) -> bytes:
     """RFC 7252 datagram bytes for a message."""
-    token = msg.token
+    mtype, code, mid, token, options, payload = msg
     tkl = len(token)
     if tkl > 8:
         raise ValueError("token longer than 8 bytes")
-    if not 0 <= msg.mid <= 0xFFFF:
+    if not 0 <= mid <= 0xFFFF:
         raise ValueError("message ID out of range")
-    head = bytes((0x40 | (msg.mtype << 4) | tkl, msg.code, msg.mid >> 8, msg.mid & 0xFF))
-    if not msg.options and not msg.payload:
-        return head + token
-    return head + token + encode_options(msg.options, msg.payload)
+    # one buffer for the whole datagram: no intermediate bytes objects
+    out = bytearray((0x40 | (mtype << 4) | tkl, code, mid >> 8, mid & 0xFF))
+    out += token
+    if options or payload:
+        _put_options(out, options, payload)
+    return bytes(out)
 
 
 def decode_options(data: bytes, pos: int, end: int) -> tuple[tuple[Option, ...], bytes] | str:
