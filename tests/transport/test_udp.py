@@ -1,0 +1,273 @@
+"""UDP on loopback: the batched endpoint itself, and the server answering CoAP over it.
+
+Real sockets on 127.0.0.1 with port 0. `fail_after` bounds every wait so a lost datagram fails
+the test instead of hanging it; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from dm_actor import app
+from dm_actor.coap.message import Message, decode, encode, path_options
+from dm_actor.coap.numbers import Code, MessageType
+from dm_actor.config import load_settings
+from dm_actor.transport.udp import Address, UdpEndpoint
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+VECTORS = Path(__file__).resolve().parent.parent / "vectors"
+WAIT = 5.0  # seconds: a hang guard only; loopback answers in microseconds
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[trio.socket.SocketType]:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 * 1024 * 1024)
+        await sock.bind(("127.0.0.1", 0))
+        yield sock
+
+
+def _closed_port() -> Address:
+    """A loopback address where nothing listens (bound, noted, closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        addr: Address = s.getsockname()
+    return addr
+
+
+async def _exchange(sock: trio.socket.SocketType, data: bytes, to: Address) -> Message:
+    await sock.sendto(data, to)
+    with trio.fail_after(WAIT):
+        reply, _ = await sock.recvfrom(65535)
+    return decode(reply)
+
+
+# -- the endpoint ----------------------------------------------------------------------------
+
+
+class Echo:
+    """Callbacks that echo every datagram and record unreachable reports."""
+
+    def __init__(self) -> None:
+        self.endpoint = UdpEndpoint("127.0.0.1", 0, self.on_datagram, self.on_unreachable)
+        self.unreachable: list[Address] = []
+        self.reported = trio.Event()
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        self.endpoint.send(b"echo:" + data, addr)
+
+    def on_unreachable(self, addr: Address) -> None:
+        self.unreachable.append(addr)
+        self.reported.set()
+
+
+async def test_echo_and_statistics(nursery: trio.Nursery, client: trio.socket.SocketType) -> None:
+    echo = Echo()
+    addr = await nursery.start(echo.endpoint.run)
+    assert addr[0] == "127.0.0.1"
+    assert addr[1] != 0
+    for i in range(3):
+        await client.sendto(b"%d" % i, addr)
+    with trio.fail_after(WAIT):
+        got = [(await client.recvfrom(100))[0] for _ in range(3)]
+    assert got == [b"echo:0", b"echo:1", b"echo:2"]
+    stats = echo.endpoint.statistics()
+    assert (stats.received, stats.sent, stats.dropped, stats.unreachable) == (3, 3, 0, 0)
+
+
+async def test_send_needs_a_running_endpoint(nursery: trio.Nursery) -> None:
+    echo = Echo()
+    with pytest.raises(trio.ClosedResourceError):
+        echo.endpoint.send(b"x", ("127.0.0.1", 9))
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[Address]) -> None:
+        with scope:
+            await echo.endpoint.run(task_status=task_status)
+
+    await nursery.start(run)
+    scope.cancel()
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.ClosedResourceError):
+        echo.endpoint.send(b"x", ("127.0.0.1", 9))
+
+
+async def test_port_unreachable_is_reported_and_the_loop_keeps_serving(
+    nursery: trio.Nursery, client: trio.socket.SocketType
+) -> None:
+    echo = Echo()
+    addr = await nursery.start(echo.endpoint.run)
+    dead = _closed_port()
+    echo.endpoint.send(b"anyone?", dead)
+    with trio.fail_after(WAIT):
+        await echo.reported.wait()
+    assert echo.unreachable == [dead]
+    # the pending error is consumed by the next send or receive; neither may fail
+    echo.endpoint.send(b"again?", dead)
+    await client.sendto(b"still there?", addr)
+    with trio.fail_after(WAIT):
+        reply, _ = await client.recvfrom(100)
+        while len(echo.unreachable) < 2:
+            echo.reported = trio.Event()
+            await echo.reported.wait()
+    assert reply == b"echo:still there?"
+    assert echo.unreachable == [dead, dead]
+    stats = echo.endpoint.statistics()
+    assert stats.unreachable == 2
+    assert stats.received == 1
+    assert stats.dropped == 0
+
+
+async def test_many_unreachable_destinations_are_all_reported(nursery: trio.Nursery) -> None:
+    echo = Echo()
+    await nursery.start(echo.endpoint.run)
+    dead = [_closed_port() for _ in range(5)]
+    for d in dead:
+        echo.endpoint.send(b"x", d)
+    with trio.fail_after(WAIT):
+        while len(echo.unreachable) < len(dead):
+            echo.reported = trio.Event()
+            await echo.reported.wait()
+    assert sorted(echo.unreachable) == sorted(dead)
+
+
+# -- the server over UDP ---------------------------------------------------------------------
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery) -> Address:
+    listening: app.Listening = await nursery.start(
+        app.serve, load_settings(None, host="127.0.0.1", coap_port=0)
+    )
+    return listening.coap_udp
+
+
+def _get(mid: int, token: bytes, mtype: int = MessageType.CON) -> bytes:
+    return encode(Message(mtype, Code.GET, mid, token, path_options("/3/0/1")))
+
+
+async def test_confirmable_request_gets_piggybacked_not_found(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    reply = await _exchange(client, _get(0x1234, b"\x01\x02\x03"), server)
+    assert reply == Message(MessageType.ACK, Code.NOT_FOUND, 0x1234, b"\x01\x02\x03")
+
+
+async def test_non_confirmable_request_gets_a_non_response(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    replies = [
+        await _exchange(client, _get(mid, b"tk%d" % mid, MessageType.NON), server) for mid in (7, 8)
+    ]
+    for mid, reply in zip((7, 8), replies, strict=True):
+        assert (reply.mtype, reply.code, reply.token) == (
+            MessageType.NON,
+            Code.NOT_FOUND,
+            b"tk%d" % mid,
+        )
+    assert replies[1].mid == (replies[0].mid + 1) & 0xFFFF
+
+
+def _first_requests() -> list[object]:
+    cases: list[object] = []
+    for path in sorted(VECTORS.glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        if json.loads(lines[0])["transport"] == "udp":
+            cases.append(pytest.param(bytes.fromhex(json.loads(lines[1])["hex"]), id=path.stem))
+    return cases
+
+
+@pytest.mark.parametrize("register", _first_requests())
+async def test_real_client_register_gets_not_found(
+    server: Address, register: bytes, client: trio.socket.SocketType
+) -> None:
+    request = decode(register)
+    assert request.code == Code.POST  # the captured client's first datagram
+    reply = await _exchange(client, register, server)
+    assert reply == Message(MessageType.ACK, Code.NOT_FOUND, request.mid, request.token)
+
+
+async def test_malformed_confirmable_gets_reset_and_serving_goes_on(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    tkl9 = bytes((0x49, Code.GET, 0xAB, 0xCD)) + bytes(9)
+    assert await _exchange(client, tkl9, server) == Message(MessageType.RST, 0, 0xABCD)
+    reply = await _exchange(client, _get(0x0101, b"ok"), server)
+    assert (reply.code, reply.mid, reply.token) == (Code.NOT_FOUND, 0x0101, b"ok")
+
+
+async def test_unknown_critical_option_gets_bad_option(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    request = Message(MessageType.CON, Code.GET, 0x2222, b"t", ((2049, b"x"),))
+    reply = await _exchange(client, encode(request), server)
+    assert reply == Message(MessageType.ACK, Code.BAD_OPTION, 0x2222, b"t")
+
+
+async def test_coap_ping_gets_reset(server: Address, client: trio.socket.SocketType) -> None:
+    ping = encode(Message(MessageType.CON, Code.EMPTY, 0x4444))
+    assert await _exchange(client, ping, server) == Message(MessageType.RST, 0, 0x4444)
+
+
+async def test_ignored_datagrams_get_no_answer(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    for junk in (
+        b"\x40",  # shorter than a header
+        b"\x80\x01\x00\x01",  # version 2
+        encode(Message(MessageType.ACK, 0, 1)),  # an ACK for nothing
+        encode(Message(MessageType.NON, Code.CONTENT, 2, b"x")),  # a stray response
+    ):
+        await client.sendto(junk, server)
+    # the next answer the client sees is for the request sent after the junk
+    reply = await _exchange(client, _get(0x0505, b"last"), server)
+    assert (reply.mid, reply.token) == (0x0505, b"last")
+
+
+async def test_a_burst_of_1000_requests_is_all_answered(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    count = 1000
+    answered: set[int] = set()
+
+    async def collect() -> None:
+        while len(answered) < count:
+            data, _ = await client.recvfrom(65535)
+            reply = decode(data)
+            assert reply.code == Code.NOT_FOUND
+            answered.add(reply.mid)
+
+    with trio.fail_after(WAIT * 2):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(collect)
+            for mid in range(count):
+                await client.sendto(_get(mid, mid.to_bytes(2, "big")), server)
+    assert answered == set(range(count))
+
+
+async def test_a_handler_reading_a_malformed_option_gets_bad_request(
+    nursery: trio.Nursery, client: trio.socket.SocketType
+) -> None:
+    def echo_path(request: Message) -> Message:
+        return Message(0, Code.CONTENT, payload="/".join(request.uri_path).encode())
+
+    responder = app.CoapResponder(echo_path, random.Random(0))
+    responder.udp = UdpEndpoint("127.0.0.1", 0, responder.on_datagram, responder.on_unreachable)
+    addr = await nursery.start(responder.udp.run)
+    good = Message(MessageType.CON, Code.GET, 1, b"g", path_options("/3/0"))
+    assert await _exchange(client, encode(good), addr) == Message(
+        MessageType.ACK, Code.CONTENT, 1, b"g", (), b"3/0"
+    )
+    bad = Message(MessageType.CON, Code.GET, 2, b"b", ((11, b"\xff"),))
+    assert await _exchange(client, encode(bad), addr) == Message(
+        MessageType.ACK, Code.BAD_REQUEST, 2, b"b"
+    )
