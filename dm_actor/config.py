@@ -1,0 +1,111 @@
+"""Settings: one frozen tree of every tunable, read once from TOML and passed down.
+
+The names and defaults of `[delivery]` and `[registration]` are those of delivery.md
+section 11. `load_settings` rejects unknown keys and wrongly typed values with a `ConfigError`
+naming the file and the offending key. Nothing here reads the environment or keeps a global.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from typing import TYPE_CHECKING, Annotated, Literal
+
+import msgspec
+
+from dm_actor.coap.numbers import TransmissionParameters
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+
+class ConfigError(Exception):
+    """A settings file that cannot be read, parsed or validated."""
+
+
+class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Where the server listens and keeps its data."""
+
+    host: str = "0.0.0.0"
+    coap_port: Port = 5683
+    http_port: Port = 8080
+    data_dir: str = "./dm-actor-data"
+    log_level: LogLevel = "info"
+
+
+class DeliverySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Command delivery (delivery.md section 11); times in seconds."""
+
+    queue_length: Annotated[int, msgspec.Meta(ge=1)] = 20
+    ack_timeout: Seconds = 2.0
+    max_retransmit: Annotated[int, msgspec.Meta(ge=0, le=20)] = 5
+    ack_random_factor: Annotated[float, msgspec.Meta(ge=1.0)] = 1.0
+    expiry_sweep_interval: Seconds = 60.0
+    awake_time: Seconds = 93.0
+    resend_grace: Annotated[float, msgspec.Meta(ge=0)] = 120.0
+    default_retry: NonNegative = 0
+    default_retry_queue_mode: NonNegative = 2
+    default_expiry: NonNegative = 7200
+    default_expiry_queue_mode: NonNegative = 259200
+
+
+class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """LwM2M registration defaults."""
+
+    default_lifetime: Annotated[int, msgspec.Meta(ge=1)] = 86400
+
+
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every setting of the server, one section per TOML table."""
+
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
+    registration: RegistrationSettings = msgspec.field(default_factory=RegistrationSettings)
+
+    def transmission_parameters(self) -> TransmissionParameters:
+        """The CoAP transmission parameters that `[delivery]` sets (RFC 7252 4.8)."""
+        d = self.delivery
+        return TransmissionParameters(
+            ack_timeout=d.ack_timeout,
+            ack_random_factor=d.ack_random_factor,
+            max_retransmit=d.max_retransmit,
+        )
+
+
+def load_settings(path: Path | None = None, **overrides: object) -> Settings:
+    """Read the settings from a TOML file (or the defaults), then apply `[server]` overrides.
+
+    Args:
+        path: the TOML file, or None for the defaults.
+        **overrides: `[server]` fields (host, coap_port, http_port, data_dir, log_level) that
+            take precedence over the file, as command-line flags do; a None value means "not
+            given" and is skipped.
+
+    Raises:
+        ConfigError: the file is unreadable or not TOML, has an unknown key, or a value of
+            the wrong type or range; the message names the file and the key.
+    """
+    where = "settings" if path is None else f"settings file {path}"
+    raw: dict[str, object] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as f:
+                raw = tomllib.load(f)
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read it ({exc.strerror})") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if given:
+        server = raw.get("server", {})
+        if not isinstance(server, dict):
+            raise ConfigError(f"{where}: [server] must be a table")
+        raw["server"] = {**server, **given}
+    try:
+        return msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
