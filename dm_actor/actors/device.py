@@ -1,0 +1,336 @@
+"""The device actor: one Trio task that owns everything about one registered device.
+
+It owns the device's registration, its `DeviceQueue` (delivery decisions), its `CoapEndpoint`
+(message layer), its observations and a small cache of fresh values. Other tasks reach it only
+through its mailbox (`tell`) or through the supervisor's synchronous `submit`, which never
+awaits. The loop is short: wait for mail or the CoAP timer, feed everything to the sans-IO
+machines, send what they decided. It holds no timer while idle.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from typing import TYPE_CHECKING
+
+import trio
+
+from dm_actor.actors.mailbox import Mailbox
+from dm_actor.coap.events import (
+    NotificationReceived,
+    RequestFailed,
+    RequestReceived,
+    ResponseReceived,
+)
+from dm_actor.coap.message import Message, query_options, uint_bytes
+from dm_actor.coap.numbers import Code, OptionNumber
+from dm_actor.coap.observe import NotificationOrder
+from dm_actor.delivery.outcomes import Outcome, from_response
+from dm_actor.delivery.queue import Command, DeviceQueue, Failure
+from dm_actor.lwm2m import path as lwm2m_path
+from dm_actor.store.base import CommandRecord
+
+if TYPE_CHECKING:
+    from dm_actor.actors.supervisor import Supervisor
+    from dm_actor.lwm2m.registration import Registration
+    from dm_actor.transport.tcp import TcpConnection
+    from dm_actor.transport.udp import Address
+
+log = logging.getLogger(__name__)
+
+_METHODS = {"GET": Code.GET.value, "PUT": Code.PUT.value, "POST": Code.POST.value,
+            "DELETE": Code.DELETE.value}  # fmt: skip
+_CONTENT_FORMAT = OptionNumber.CONTENT_FORMAT.value
+_ACCEPT = OptionNumber.ACCEPT.value
+_RST = 3
+_CACHE_LIMIT = 8
+
+
+class Signal(enum.Enum):
+    """Mail that is not a message from the device."""
+
+    WAKE = "wake"  # something was submitted: try to deliver
+    SWEEP = "sweep"  # finish expired commands (rule 5.2)
+    UNREACHABLE = "unreachable"  # ICMP port-unreachable for a datagram we sent
+    DISCONNECTED = "disconnected"  # the TCP connection closed
+    EXPIRED = "expired"  # the registration's lifetime ran out (rule 8.3)
+
+
+Mail = bytes | Message | Signal
+
+
+class DeviceActor:
+    """One registered device. Create it with the supervisor; run `run()` in its nursery."""
+
+    __slots__ = (
+        "_cache",
+        "_in_flight",
+        "_observations",
+        "addr",
+        "coap",
+        "conn",
+        "mailbox",
+        "queue",
+        "reg",
+        "subscriptions",
+        "sup",
+    )
+
+    def __init__(
+        self,
+        sup: Supervisor,
+        reg: Registration,
+        queue: DeviceQueue,
+        addr: Address | None,
+        conn: TcpConnection | None,
+    ) -> None:
+        self.sup = sup
+        self.reg = reg
+        self.queue = queue
+        self.addr = addr
+        self.conn = conn
+        self.coap = sup.new_coap_endpoint(reliable=conn is not None)
+        self.mailbox: Mailbox[Mail] = Mailbox(sup.mailbox_size)
+        self.subscriptions: set[str] | None = None
+        self._in_flight: tuple[bytes, Command] | None = None
+        self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
+        self._cache: dict[str, tuple[float, Outcome]] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return self.reg.endpoint
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Serve until the registration ends (De-register, lifetime expiry) or shutdown."""
+        mailbox = self.mailbox
+        coap = self.coap
+        while not mailbox.closed:
+            timer = coap.get_timer()
+            if timer is None:
+                await mailbox.wait()
+            else:
+                with trio.move_on_at(timer):
+                    await mailbox.wait()
+            self.step(trio.current_time())
+
+    def step(self, now: float) -> None:
+        """Feed everything that arrived to the machines and act on their decisions."""
+        coap = self.coap
+        timer = coap.get_timer()
+        if timer is not None and timer <= now:
+            coap.handle_timer(now)
+        contact = False
+        for mail in self.mailbox.take():
+            if type(mail) is bytes:
+                # any message but a Reset is a contact (a Reset fails the attempt, rule 3.4)
+                contact = contact or (len(mail) > 0 and (mail[0] >> 4) & 3 != _RST)
+                coap.receive_datagram(mail, now)
+            elif isinstance(mail, Message):
+                contact = True
+                coap.receive_message(mail, now)
+            elif mail is Signal.SWEEP:
+                self.queue.sweep(now)
+            elif mail is Signal.UNREACHABLE:
+                coap.peer_unreachable(now)
+            elif mail is Signal.DISCONNECTED:
+                self.conn = None
+                self.queue.disconnected()
+                coap.peer_unreachable(now)
+            elif mail is Signal.EXPIRED:
+                self.end(now, expired=True)
+        if contact:
+            self.queue.contact(now)
+        self._handle_events(now)
+        self.pump(now, on_contact=contact)
+
+    def tell(self, mail: Mail) -> None:
+        """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
+        self.mailbox.put(mail)
+
+    # -- decisions ------------------------------------------------------------------------
+
+    def pump(self, now: float, *, on_contact: bool = False) -> None:
+        """Start the next attempt if the rules allow, publish what finished, send the bytes."""
+        queue = self.queue
+        if self._in_flight is None and (queue.queue and (self.conn is not None or self.addr)):
+            cmd = queue.next_attempt(now, on_contact=on_contact)
+            if cmd is not None:
+                self._start_attempt(cmd, now)
+        for cmd, outcome in queue.take_finished():
+            self.sup.command_finished(self, cmd, outcome)
+        self.flush()
+
+    def flush(self) -> None:
+        out = self.coap.datagrams_to_send()
+        if not out:
+            return
+        conn = self.conn
+        if conn is not None:
+            for frame in out:
+                self.sup.send_frame(conn, frame)
+        elif self.addr is not None:
+            for datagram in out:
+                self.sup.send_datagram(datagram, self.addr)
+
+    def cached(self, uri: str, now: float) -> Outcome | None:
+        """A fresh value for a GET of `uri` (Max-Age not passed), else None."""
+        cache = self._cache
+        if cache is None:
+            return None
+        hit = cache.get(uri)
+        if hit is None:
+            return None
+        if hit[0] <= now:
+            del cache[uri]
+            return None
+        return hit[1]
+
+    def _remember(self, uri: str, outcome: Outcome, now: float) -> None:
+        if not outcome.max_age or outcome.status != 200:
+            return
+        cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
+        cache.pop(uri, None)
+        cache[uri] = (now + outcome.max_age, outcome)
+        if len(cache) > _CACHE_LIMIT:
+            del cache[next(iter(cache))]
+
+    def _start_attempt(self, cmd: Command, now: float) -> None:
+        uri, _, query = cmd.uri.partition("?")
+        path = lwm2m_path.parse(uri)
+        options = path.uri_path_options(self.reg.objects.alt_path)
+        if query:
+            options += query_options(query)
+        if cmd.content_format is not None:
+            options += ((_CONTENT_FORMAT, uint_bytes(cmd.content_format)),)
+        if cmd.accept is not None:
+            options += ((_ACCEPT, uint_bytes(cmd.accept)),)
+        token = self.coap.send_request(
+            _METHODS[cmd.method],
+            tuple(sorted(options, key=lambda o: o[0])),
+            cmd.payload,
+            now,
+            observe=cmd.observe,
+        )
+        self._in_flight = (token, cmd)
+        self.sup.store.put_command(command_record(self.endpoint, cmd))
+
+    def _handle_events(self, now: float) -> None:
+        coap = self.coap
+        while (event := coap.next_event()) is not None:
+            if isinstance(event, ResponseReceived):
+                self._response(event.token, event.response, now)
+            elif isinstance(event, NotificationReceived):
+                self._notification(event.token, event.notification, now)
+            elif isinstance(event, RequestFailed):
+                if self._in_flight is not None and self._in_flight[0] == event.token:
+                    self._in_flight = None
+                    self.queue.attempt_failed(Failure(event.reason), now)
+            elif isinstance(event, RequestReceived):
+                self.sup.device_request(self, event.request, now)
+            # RequestAcknowledged: the separate response will follow; nothing to do.
+
+    def _response(self, token: bytes, response: Message, now: float) -> None:
+        in_flight = self._in_flight
+        if in_flight is None or in_flight[0] != token:
+            return
+        self._in_flight = None
+        cmd = in_flight[1]
+        outcome = from_response(
+            response.code, response.payload, response.content_format, response.max_age
+        )
+        self.queue.attempt_succeeded(outcome, now)
+        uri = cmd.uri
+        if cmd.observe:
+            if outcome.status == 200 and response.observe is not None:
+                observations = self._observations
+                if observations is None:
+                    observations = self._observations = {}
+                order = NotificationOrder()
+                order.accept(response.observe, now)
+                observations[token] = (uri, order)
+                self.sup.notification(self, uri, outcome)
+            else:
+                log.info("%s refused to be observed on %s: %d", self.endpoint, uri, outcome.status)
+        if cmd.method == "GET" and "?" not in uri:
+            self._remember(uri, outcome, now)
+
+    def _notification(self, token: bytes, message: Message, now: float) -> None:
+        observations = self._observations
+        entry = None if observations is None else observations.get(token)
+        if entry is None:
+            return
+        uri, order = entry
+        seq = message.observe
+        if seq is not None and not self.conn and not order.accept(seq, now):
+            return  # stale (RFC 7641 3.4, rule 9.5)
+        outcome = from_response(
+            message.code, message.payload, message.content_format, message.max_age
+        )
+        if outcome.status != 200 or seq is None:
+            assert observations is not None
+            del observations[token]
+        self._remember(uri, outcome, now)
+        self.sup.notification(self, uri, outcome)
+
+    def abandon_attempt(self, now: float) -> None:
+        """The transport changed under an attempt in flight: it can no longer succeed."""
+        if self._in_flight is not None:
+            self._in_flight = None
+            self.queue.attempt_failed(Failure.UNREACHABLE, now)
+
+    # -- observations ---------------------------------------------------------------------
+
+    def observed_paths(self) -> set[str]:
+        if self._observations is None:
+            return set()
+        return {uri for uri, _ in self._observations.values()}
+
+    def cancel_observation(self, uri: str) -> None:
+        observations = self._observations
+        if observations is None:
+            return
+        for token, (observed, _) in list(observations.items()):
+            if observed == uri:
+                del observations[token]
+                self.coap.cancel_observation(token)
+
+    def forget_observations(self) -> None:
+        """The device re-registered: its observations are gone (rule 9.3)."""
+        if self._observations is not None:
+            for token in self._observations:
+                self.coap.cancel_observation(token)
+            self._observations = None
+
+    # -- the end --------------------------------------------------------------------------
+
+    def end(self, now: float, *, expired: bool) -> None:
+        """The registration ended: finish every command (rules 8.2, 8.3) and stop."""
+        self.queue.remove_all(now)
+        self._in_flight = None
+        for cmd, outcome in self.queue.take_finished():
+            self.sup.command_finished(self, cmd, outcome)
+        self.flush()
+        self.mailbox.close()
+        self.sup.device_ended(self, expired=expired)
+
+
+def command_record(endpoint: str, cmd: Command) -> CommandRecord:
+    return CommandRecord(
+        endpoint=endpoint,
+        async_id=cmd.async_id,
+        method=cmd.method,
+        uri=cmd.uri,
+        payload=cmd.payload,
+        content_format=cmd.content_format,
+        accept=cmd.accept,
+        accepted_at=cmd.accepted_at,
+        expires_at=cmd.expires_at,
+        attempts_left=cmd.attempts_left,
+        attempts=cmd.attempts,
+        last_attempt_at=cmd.last_attempt_at,
+        observe=cmd.observe,
+    )

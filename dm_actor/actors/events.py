@@ -1,0 +1,63 @@
+"""The notification-channel event stream: Pelion-shaped events, bounded.
+
+Devices publish events synchronously and never wait: when a reader falls behind by `capacity`
+events, the oldest are dropped and counted (Pelion drops the oldest too, beyond its queue
+size). The API layer batches what it reads into `NotificationMessage`s.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+#: The `NotificationMessage` keys, in the order Pelion documents them.
+KINDS = (
+    "notifications",
+    "registrations",
+    "reg-updates",
+    "de-registrations",
+    "registrations-expired",
+    "async-responses",
+)
+
+Item = dict[str, object] | str
+Event = tuple[str, Item]
+
+
+class EventStream:
+    """A bounded FIFO of `(kind, item)` with one reader."""
+
+    __slots__ = ("_events", "_waiter", "capacity", "dropped", "published")
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._events: deque[Event] = deque()
+        self._waiter = trio.Event()
+        self.dropped = 0
+        self.published = 0
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def publish(self, kind: str, item: Item) -> None:
+        events = self._events
+        if len(events) >= self.capacity:
+            events.popleft()
+            self.dropped += 1
+        events.append((kind, item))
+        self.published += 1
+        self._waiter.set()
+
+    def take(self, limit: int = 10_000) -> list[Event]:
+        """Up to `limit` events, oldest first, without waiting."""
+        events = self._events
+        n = min(limit, len(events))
+        return [events.popleft() for _ in range(n)]
+
+    async def get(self, limit: int = 10_000) -> list[Event]:
+        """Wait for at least one event, then take up to `limit`."""
+        while not self._events:
+            self._waiter = trio.Event()
+            await self._waiter.wait()
+        return self.take(limit)

@@ -1,0 +1,650 @@
+"""The supervisor: the registry of device actors, the registrar, and the typed in-process API.
+
+It routes what the transports receive (a known peer's datagram goes to its actor's mailbox, a
+Register from anyone is handled here), spawns one actor task per registration in its nursery
+and ends it on De-register or lifetime expiry, runs the sweeps (command expiry, lifetime), and
+offers `submit` / `subscribe` to the API layer. Device-level failures are contained here; a
+programming error propagates.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+import random
+import re
+import secrets
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from dm_actor.actors.device import DeviceActor, Signal, command_record
+from dm_actor.actors.events import EventStream
+from dm_actor.actors.mailbox import MailboxClosed, Overloaded
+from dm_actor.coap import message as coap_message
+from dm_actor.coap.endpoint import CoapEndpoint
+from dm_actor.coap.errors import DecodeError
+from dm_actor.coap.message import Message
+from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
+from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
+from dm_actor.lwm2m import registration as reg_iface
+from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
+from dm_actor.lwm2m.errors import InvalidPath
+from dm_actor.lwm2m.path import parse as parse_path
+from dm_actor.lwm2m.registration import Registration, RegistrationError
+from dm_actor.store.base import RegistrationRecord, Store
+from dm_actor.store.memory import MemoryStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dm_actor.config import Settings
+    from dm_actor.delivery.outcomes import Outcome
+    from dm_actor.transport.tcp import TcpConnection
+    from dm_actor.transport.udp import Address
+
+log = logging.getLogger(__name__)
+
+ASYNC_ID = re.compile(r"^[\w\-]{1,40}$", re.ASCII)
+METHODS = frozenset(("GET", "PUT", "POST", "DELETE"))
+MIN_EXPIRY, MAX_EXPIRY = 60, 2_592_000
+MAX_RETRY = 10
+_POST = Code.POST.value
+_CON = MessageType.CON.value
+_SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """202 Accepted; `duplicate` when the async-id was already accepted (rule 1.7)."""
+
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The request was refused: `status` is the HTTP status, `code` the plain-string body."""
+
+    status: int
+    code: str
+
+
+@dataclass(frozen=True, slots=True)
+class Presubscription:
+    """A pre-subscription (rule 9.2): patterns may end with `*`."""
+
+    endpoint_name: str | None = None
+    endpoint_type: str | None = None
+    resource_paths: tuple[str, ...] = ()
+
+    def matches_device(self, endpoint: str) -> bool:
+        return self.endpoint_name is None or _match(self.endpoint_name, endpoint)
+
+
+def _match(pattern: str, value: str) -> bool:
+    if pattern.endswith("*"):
+        return value.startswith(pattern[:-1])
+    return value == pattern
+
+
+class Supervisor:
+    """Owns every device actor. Start it with `await nursery.start(supervisor.run)`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        store: Store | None = None,
+        events: EventStream | None = None,
+        mailbox_size: int = 64,
+        registration_grace: float = 15.0,
+        reply_cache_size: int = 65536,
+    ) -> None:
+        d = settings.delivery
+        self.settings = settings
+        self.store: Store = MemoryStore() if store is None else store
+        self.events = EventStream() if events is None else events
+        self.mailbox_size = mailbox_size
+        self.registration_grace = registration_grace
+        self.params: TransmissionParameters = settings.transmission_parameters()
+        self.policy = DeliveryPolicy(
+            queue_length=d.queue_length, awake_time=d.awake_time, resend_grace=d.resend_grace
+        )
+        self.by_endpoint: dict[str, DeviceActor] = {}
+        self.by_reg_id: dict[str, DeviceActor] = {}
+        self.by_addr: dict[Address, DeviceActor] = {}
+        self.by_conn: dict[TcpConnection, DeviceActor] = {}
+        self.presubscriptions: list[Presubscription] = []
+        # replies to Registers from peers that had no actor yet, for retransmissions
+        self._replies: dict[tuple[Address, int], tuple[float, bytes]] = {}
+        self._reply_cache_size = reply_cache_size
+        self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
+        self._lifetime_scope: trio.CancelScope | None = None
+        self._nursery: trio.Nursery | None = None
+        self._reg_prefix = secrets.token_hex(3)
+        self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
+        self._reg_counter = 0
+        self._udp_send: Callable[[bytes, Address], None] | None = None
+        self.statistics = {"registrations": 0, "mailbox_overloaded": 0, "decode_errors": 0}
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def attach_udp(self, send: Callable[[bytes, Address], None]) -> None:
+        self._udp_send = send
+
+    def new_coap_endpoint(self, *, reliable: bool) -> CoapEndpoint:
+        seed = secrets.randbits(32)
+        return CoapEndpoint(
+            self.params,
+            reliable=reliable,
+            rng=None if self.params.ack_random_factor == 1.0 else self._rng,
+            mid_start=seed & 0xFFFF,
+            token_seed=seed,
+            dedup_limit=16,
+        )
+
+    def send_datagram(self, data: bytes, addr: Address) -> None:
+        if self._udp_send is not None:
+            self._udp_send(data, addr)
+
+    def send_frame(self, conn: TcpConnection, frame: bytes) -> None:
+        try:
+            conn.send_frame_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.info("dropped a frame to %s: connection full or closing", conn.peer)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the sweeps and host the actors until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._expiry_sweeper)
+            nursery.start_soon(self._lifetime_sweeper)
+            task_status.started()
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    # -- transport callbacks ----------------------------------------------------------------
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        """A UDP datagram arrived: to its device's actor, or here if it is a new peer's."""
+        replies = self._replies
+        if replies and len(data) >= 4 and data[1] == _POST:
+            cached = replies.get((addr, (data[2] << 8) | data[3]))
+            if cached is not None and cached[0] > self.now():
+                self.send_datagram(cached[1], addr)
+                return
+        actor = self.by_addr.get(addr)
+        if actor is not None:
+            self._tell(actor, data)
+            return
+        try:
+            msg = coap_message.decode(data)
+            coap_message.check_options(msg)
+        except DecodeError as exc:
+            self.statistics["decode_errors"] += 1
+            reply = coap_message.reply_for(exc)
+            if reply is not None:
+                self.send_datagram(reply, addr)
+            return
+        self._unknown_peer(msg, addr, None, data)
+
+    def on_unreachable(self, addr: Address) -> None:
+        actor = self.by_addr.get(addr)
+        if actor is not None:
+            self._tell(actor, Signal.UNREACHABLE)
+
+    def on_tcp_message(self, conn: TcpConnection, msg: Message) -> None:
+        actor = self.by_conn.get(conn)
+        if actor is not None:
+            self._tell(actor, msg)
+            return
+        self._unknown_peer(msg, None, conn, None)
+
+    def on_tcp_closed(self, conn: TcpConnection) -> None:
+        actor = self.by_conn.pop(conn, None)
+        if actor is not None and actor.conn is conn:
+            self._tell(actor, Signal.DISCONNECTED)
+
+    def _tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:
+        try:
+            actor.tell(mail)
+        except Overloaded:
+            self.statistics["mailbox_overloaded"] += 1
+        except MailboxClosed:
+            pass
+
+    def _unknown_peer(
+        self, msg: Message, addr: Address | None, conn: TcpConnection | None, data: bytes | None
+    ) -> None:
+        """A message from a peer with no actor: Register, or an Update/De-register from a
+        device whose address changed; anything else is refused."""
+        kind = reg_iface.classify(msg)
+        now = self.now()
+        if kind == "register":
+            code, options = self._register(msg, addr, conn, now, via=None)
+            self._reply_direct(msg, addr, conn, code, options, cache=True)
+            return
+        if (kind in ("update", "deregister") and data is not None) or conn is not None:
+            reg_id = msg.uri_path[1] if len(msg.uri_path) == 2 else ""
+            actor = self.by_reg_id.get(reg_id)
+            if actor is not None and kind in ("update", "deregister"):
+                self._bind(actor, addr, conn)
+                self._tell(actor, msg if data is None else data)
+                return
+        if msg.code and msg.code <= 31 and (conn is not None or msg.mtype == _CON):
+            self._reply_direct(msg, addr, conn, Code.NOT_FOUND, (), cache=False)
+        elif addr is not None and msg.mtype == _CON:
+            self.send_datagram(coap_message.reset_for(msg.mid), addr)
+
+    def _reply_direct(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        code: int,
+        options: tuple[coap_message.Option, ...],
+        *,
+        cache: bool,
+    ) -> None:
+        if conn is not None:
+            self.send_frame(conn, _tcp_frame(Message(0, code, 0, request.token, options)))
+            return
+        if addr is None:
+            return
+        if request.mtype == _CON:
+            reply = Message(MessageType.ACK, code, request.mid, request.token, options)
+        else:
+            reply = Message(MessageType.NON, code, secrets.randbits(16), request.token, options)
+        data = coap_message.encode(reply)
+        if cache:
+            self._cache_reply(addr, request.mid, data)
+        self.send_datagram(data, addr)
+
+    def _cache_reply(self, addr: Address, mid: int, data: bytes) -> None:
+        replies = self._replies
+        now = self.now()
+        while replies:
+            oldest = next(iter(replies))
+            if replies[oldest][0] > now and len(replies) < self._reply_cache_size:
+                break
+            del replies[oldest]
+        replies[addr, mid] = (now + self.params.exchange_lifetime, data)
+
+    # -- the registration interface --------------------------------------------------------
+
+    def device_request(self, actor: DeviceActor, request: Message, now: float) -> None:
+        """A request from a registered device, after its actor's deduplication."""
+        kind = reg_iface.classify(request)
+        if kind == "register":
+            code, options = self._register(request, actor.addr, actor.conn, now, via=actor)
+        elif kind == "update":
+            code, options = self._update(actor, request, now)
+        elif kind == "deregister":
+            code, options = self._deregister(actor, request, now)
+        else:
+            code, options = Code.NOT_FOUND, ()
+        actor.coap.respond(request, code, options, b"", now)
+        actor.flush()
+
+    def _new_reg_id(self) -> str:
+        self._reg_counter += 1
+        return f"{self._reg_prefix}{self._reg_counter:x}"
+
+    def _register(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        now: float,
+        *,
+        via: DeviceActor | None,
+    ) -> reg_iface.Response:
+        parsed = reg_iface.parse_register(request, self.settings.registration.default_lifetime)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        reg = Registration.from_request(parsed, self._new_reg_id(), now)
+        actor = self.by_endpoint.get(reg.endpoint)
+        if actor is None:
+            actor = DeviceActor(
+                self, reg, DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now), None, None
+            )
+            self.by_endpoint[reg.endpoint] = actor
+            self._bind(actor, addr, conn)
+            assert self._nursery is not None, "Supervisor.run() is not running"
+            self._nursery.start_soon(self._host, actor)
+            self._apply_presubscriptions(actor, now)
+        else:
+            # rule 8.1: the same endpoint registers again; the queue is kept
+            del self.by_reg_id[actor.reg.reg_id]
+            actor.reg = reg
+            actor.queue.queue_mode = reg.queue_mode
+            self._bind(actor, addr, conn)
+            actor.forget_observations()
+            for path in sorted(actor.subscriptions or ()):
+                self._queue_observe(actor, path, now)
+            actor.queue.contact(now)
+            if via is not actor:
+                self._tell(actor, Signal.WAKE)
+        self.by_reg_id[reg.reg_id] = actor
+        self._watch_lifetime(reg)
+        self.store.put_registration(registration_record(reg))
+        self.statistics["registrations"] += 1
+        self.events.publish("registrations", registration_item(reg))
+        return reg_iface.created(reg.reg_id)
+
+    def _bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
+        if actor.addr is not None and actor.addr != addr and self.by_addr.get(actor.addr) is actor:
+            del self.by_addr[actor.addr]
+        if actor.conn is not None and actor.conn is not conn:
+            self.by_conn.pop(actor.conn, None)
+        reliable = conn is not None
+        if actor.coap.reliable != reliable:
+            actor.coap = self.new_coap_endpoint(reliable=reliable)
+            actor.abandon_attempt(self.now())
+        actor.addr = addr
+        actor.conn = conn
+        if addr is not None:
+            previous = self.by_addr.get(addr)
+            if previous is not None and previous is not actor:
+                previous.addr = None
+            self.by_addr[addr] = actor
+        if conn is not None:
+            self.by_conn[conn] = actor
+
+    def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
+        parsed = reg_iface.parse_update(request)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        if parsed.reg_id != actor.reg.reg_id:
+            return Code.NOT_FOUND, ()
+        reg = actor.reg.apply_update(parsed, now)
+        actor.reg = reg
+        actor.queue.queue_mode = reg.queue_mode
+        self._watch_lifetime(reg)
+        self.store.put_registration(registration_record(reg))
+        self.events.publish("reg-updates", registration_item(reg))
+        return reg_iface.changed()
+
+    def _deregister(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
+        parsed = reg_iface.parse_deregister(request)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        if parsed.reg_id != actor.reg.reg_id:
+            return Code.NOT_FOUND, ()
+        actor.end(now, expired=False)
+        return reg_iface.deleted()
+
+    def device_ended(self, actor: DeviceActor, *, expired: bool) -> None:
+        """Called by the actor as it ends (rules 8.2, 8.3)."""
+        ep = actor.endpoint
+        if self.by_endpoint.get(ep) is actor:
+            del self.by_endpoint[ep]
+        self.by_reg_id.pop(actor.reg.reg_id, None)
+        if actor.addr is not None and self.by_addr.get(actor.addr) is actor:
+            del self.by_addr[actor.addr]
+        if actor.conn is not None:
+            self.by_conn.pop(actor.conn, None)
+        self.store.delete_registration(ep)
+        self.events.publish("registrations-expired" if expired else "de-registrations", ep)
+
+    async def _host(self, actor: DeviceActor) -> None:
+        """Run one actor; a device-level failure ends that device, not the server."""
+        try:
+            await actor.run()
+        except (DecodeError, ValueError, KeyError) as exc:
+            log.exception("device %s failed: %s", actor.endpoint, exc)
+            if not actor.mailbox.closed:
+                actor.end(self.now(), expired=False)
+
+    # -- sweeps -----------------------------------------------------------------------------
+
+    async def _expiry_sweeper(self) -> None:
+        """Rule 5.2: every `expiry_sweep_interval` seconds, expired commands finish."""
+        interval = self.settings.delivery.expiry_sweep_interval
+        while True:
+            await trio.sleep(interval)
+            for actor in self.by_endpoint.values():
+                if actor.queue.queue:
+                    self._tell(actor, Signal.SWEEP)
+
+    def _watch_lifetime(self, reg: Registration) -> None:
+        expires_at = reg.expires_at(self.registration_grace)
+        heapq.heappush(self._lifetimes, (expires_at, reg.endpoint, reg.reg_id))
+        scope = self._lifetime_scope
+        if scope is not None and expires_at < scope.deadline:
+            scope.deadline = expires_at
+
+    async def _lifetime_sweeper(self) -> None:
+        """Rule 8.3: a registration without an Update within its lifetime (+ grace) ends."""
+        heap = self._lifetimes
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._lifetime_scope = scope
+                await trio.sleep_forever()
+            self._lifetime_scope = None
+            now = self.now()
+            while heap and heap[0][0] <= now:
+                _, endpoint, reg_id = heapq.heappop(heap)
+                actor = self.by_endpoint.get(endpoint)
+                if actor is None or actor.reg.reg_id != reg_id:
+                    continue
+                if actor.reg.expires_at(self.registration_grace) <= now:
+                    self._tell(actor, Signal.EXPIRED)
+
+    # -- what the actors report -------------------------------------------------------------
+
+    def command_finished(self, actor: DeviceActor, cmd: Command, outcome: Outcome) -> None:
+        self.store.delete_command(actor.endpoint, cmd.async_id)
+        if not cmd.observe:
+            self.events.publish("async-responses", outcome.as_async_response(cmd.async_id))
+
+    def notification(self, actor: DeviceActor, uri: str, outcome: Outcome) -> None:
+        item: dict[str, object] = {"ep": actor.endpoint, "path": uri}
+        response = outcome.as_async_response("")
+        for key in ("ct", "payload", "max-age"):
+            if key in response:
+                item[key] = response[key]
+        item.setdefault("payload", "")
+        self.events.publish("notifications", item)
+
+    # -- the in-process API -----------------------------------------------------------------
+
+    async def submit(
+        self,
+        device_id: str,
+        method: str,
+        uri: str,
+        *,
+        async_id: str,
+        payload: bytes = b"",
+        content_format: int | None = None,
+        accept: int | None = None,
+        retry: int | None = None,
+        expiry: int | None = None,
+    ) -> Accepted | Rejected:
+        """Accept a device request (delivery.md section 1) or say why not."""
+        if not ASYNC_ID.match(async_id):
+            return Rejected(400, "MALFORMED_ASYNC_ID")
+        if method not in METHODS:
+            return Rejected(400, "MALFORMED_JSON_CONTENT")
+        if retry is not None and not 0 <= retry <= MAX_RETRY:
+            return Rejected(400, "MALFORMED_RETRY")
+        if expiry is not None and not MIN_EXPIRY <= expiry <= MAX_EXPIRY:
+            return Rejected(400, "MALFORMED_EXPIRY_SECONDS")
+        actor = self.by_endpoint.get(device_id)
+        if actor is None:
+            return Rejected(404, "DEVICE_NOT_FOUND")
+        checked = self._check_uri(actor, method, uri, payload)
+        if isinstance(checked, Rejected):
+            return checked
+        now = self.now()
+        cmd = self._command(actor, async_id, method, checked, payload, content_format, accept,
+                            retry, expiry, now)  # fmt: skip
+        verdict = actor.queue.submit(cmd, now)
+        if verdict is Verdict.ASYNC_ID_IN_USE:
+            return Rejected(409, "ASYNC_ID_IN_USE")
+        if verdict is Verdict.QUEUE_IS_FULL:
+            return Rejected(429, "QUEUE_IS_FULL")
+        if verdict is Verdict.DUPLICATE:
+            return Accepted(duplicate=True)
+        if method == "GET" and accept is None:
+            fresh = actor.cached(cmd.uri, now)
+            if fresh is not None:
+                actor.queue.finish_now(cmd, fresh, now)
+                self._tell(actor, Signal.WAKE)
+                return Accepted()
+        self.store.put_command(command_record(device_id, cmd))
+        await self.store.durable()
+        self._tell(actor, Signal.WAKE)
+        return Accepted()
+
+    def _check_uri(
+        self, actor: DeviceActor, method: str, uri: str, payload: bytes
+    ) -> str | Rejected:
+        """Rules 1.2, 1.4 and 9.4: the normalised uri, or the rejection."""
+        text, _, query = uri.partition("?")
+        if not text.startswith("/"):
+            text = "/" + text
+        try:
+            path = parse_path(text)
+        except InvalidPath:
+            return Rejected(400, "MALFORMED_JSON_CONTENT")
+        if not actor.reg.objects.contains(path):
+            return Rejected(404, "URI_PATH_DOES_NOT_EXISTS")
+        if query and method == "PUT" and not payload:
+            try:
+                parse_attributes(query)
+            except InvalidAttributes:
+                return Rejected(400, "MALFORMED_NOTIFICATION_RULES")
+        return f"{path}?{query}" if query else str(path)
+
+    def _command(
+        self,
+        actor: DeviceActor,
+        async_id: str,
+        method: str,
+        uri: str,
+        payload: bytes,
+        content_format: int | None,
+        accept: int | None,
+        retry: int | None,
+        expiry: int | None,
+        now: float,
+        *,
+        observe: bool = False,
+    ) -> Command:
+        d = self.settings.delivery
+        queue_mode = actor.reg.queue_mode
+        if retry is None:
+            retry = d.default_retry_queue_mode if queue_mode else d.default_retry
+        if expiry is None:
+            expiry = d.default_expiry_queue_mode if queue_mode else d.default_expiry
+        return Command(async_id, method, uri, payload, content_format, accept, now,
+                       now + expiry, 1 + retry, observe)  # fmt: skip
+
+    async def subscribe(self, device_id: str, path: str) -> Accepted | Rejected:
+        """Rule 9.1: observe `path`; the subscription outlives registrations (9.3)."""
+        actor = self.by_endpoint.get(device_id)
+        if actor is None:
+            return Rejected(404, "DEVICE_NOT_FOUND")
+        checked = self._check_uri(actor, "GET", path, b"")
+        if isinstance(checked, Rejected):
+            return checked
+        if actor.subscriptions is None:
+            actor.subscriptions = set()
+        if checked not in actor.subscriptions:
+            verdict = self._queue_observe(actor, checked, self.now())
+            if verdict is Verdict.QUEUE_IS_FULL:
+                return Rejected(429, "QUEUE_IS_FULL")
+            actor.subscriptions.add(checked)
+            self.store.put_subscription(device_id, checked)
+            await self.store.durable()
+            self._tell(actor, Signal.WAKE)
+        return Accepted()
+
+    def _queue_observe(self, actor: DeviceActor, path: str, now: float) -> Verdict:
+        if path in actor.observed_paths():
+            return Verdict.DUPLICATE
+        cmd = self._command(actor, _SUBSCRIPTION_PREFIX + path, "GET", path, b"", None, None,
+                            None, None, now, observe=True)  # fmt: skip
+        verdict = actor.queue.submit(cmd, now)
+        if verdict is Verdict.ACCEPTED:
+            self.store.put_command(command_record(actor.endpoint, cmd))
+        return verdict
+
+    def unsubscribe(self, device_id: str, path: str) -> bool:
+        actor = self.by_endpoint.get(device_id)
+        if actor is None or not actor.subscriptions:
+            return False
+        text = path if path.startswith("/") else "/" + path
+        if text not in actor.subscriptions:
+            return False
+        actor.subscriptions.discard(text)
+        actor.cancel_observation(text)
+        self.store.delete_subscription(device_id, text)
+        return True
+
+    def subscriptions_of(self, device_id: str) -> list[str] | None:
+        actor = self.by_endpoint.get(device_id)
+        if actor is None:
+            return None
+        return sorted(actor.subscriptions or ())
+
+    def set_presubscriptions(self, presubscriptions: list[Presubscription]) -> None:
+        self.presubscriptions = list(presubscriptions)
+
+    def _apply_presubscriptions(self, actor: DeviceActor, now: float) -> None:
+        for pre in self.presubscriptions:
+            if not pre.matches_device(actor.endpoint):
+                continue
+            for pattern in pre.resource_paths:
+                for path in self._expand(actor, pattern):
+                    if actor.subscriptions is None:
+                        actor.subscriptions = set()
+                    if path not in actor.subscriptions:
+                        actor.subscriptions.add(path)
+                        self._queue_observe(actor, path, now)
+
+    @staticmethod
+    def _expand(actor: DeviceActor, pattern: str) -> list[str]:
+        text = pattern if pattern.startswith("/") else "/" + pattern
+        if not text.endswith("*"):
+            try:
+                path = parse_path(text)
+            except InvalidPath:
+                return []
+            return [str(path)] if actor.reg.objects.contains(path) else []
+        prefix = text[:-1]
+        return [str(p) for p in actor.reg.objects.paths() if str(p).startswith(prefix)]
+
+
+def registration_record(reg: Registration) -> RegistrationRecord:
+    from dm_actor.lwm2m.link_format import serialise_links
+
+    return RegistrationRecord(
+        endpoint=reg.endpoint,
+        reg_id=reg.reg_id,
+        lifetime=reg.lifetime,
+        lwm2m_version=reg.lwm2m_version,
+        binding=reg.binding,
+        queue_mode=reg.queue_mode,
+        links=serialise_links(reg.objects.links()),
+        registered_at=reg.registered_at,
+        updated_at=reg.updated_at,
+    )
+
+
+def registration_item(reg: Registration) -> dict[str, object]:
+    """The Pelion `EndpointData` of a registration event."""
+    resources = [{"path": str(p), "obs": True} for p in reg.objects.paths()]
+    return {"ep": reg.endpoint, "original-ep": reg.endpoint, "q": reg.queue_mode,
+            "resources": resources}  # fmt: skip
+
+
+def _tcp_frame(msg: Message) -> bytes:
+    from dm_actor.coap.framing_tcp import encode
+
+    return encode(msg)

@@ -1,0 +1,171 @@
+"""A real server on loopback and small scripted LwM2M devices built on the CoAP core.
+
+The devices speak real CoAP over their own UDP sockets (or TCP streams) and record every
+request they execute, so tests can assert what the server did on the wire.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from dm_actor.actors.events import EventStream
+from dm_actor.actors.supervisor import Supervisor
+from dm_actor.coap.endpoint import CoapEndpoint
+from dm_actor.coap.events import RequestReceived, ResponseReceived
+from dm_actor.coap.message import Message, Option, path_options, query_options, uint_bytes
+from dm_actor.coap.numbers import Code, OptionNumber
+from dm_actor.config import Settings
+from dm_actor.transport.udp import Address, UdpEndpoint
+
+OBJECTS = b"</1/0>,</3/0>,</3303/0>,</3311/0>"
+Handler = Callable[[Message], tuple[int, bytes, int | None] | None]
+
+
+@dataclass
+class Server:
+    sup: Supervisor
+    addr: Address
+    events: EventStream
+    udp: UdpEndpoint
+
+    def take(self, kind: str | None = None) -> list[tuple[str, object]]:
+        events = self.events.take()
+        return [e for e in events if kind is None or e[0] == kind]
+
+
+async def start_server(nursery: trio.Nursery, settings: Settings | None = None) -> Server:
+    events = EventStream()
+    sup = Supervisor(settings or Settings(), events=events)
+    await nursery.start(sup.run)
+    udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
+    addr = await nursery.start(udp.run)
+    sup.attach_udp(udp.send)
+    return Server(sup, addr, events, udp)
+
+
+@dataclass
+class Executed:
+    method: int
+    path: str
+    mid: int
+    payload: bytes
+
+
+@dataclass
+class Device:
+    """A scripted LwM2M client over UDP."""
+
+    server: Address
+    endpoint: str
+    binding: str = "U"
+    lifetime: int = 86400
+    objects: bytes = OBJECTS
+    handler: Handler | None = None
+    answer: bool = True  # False: receive requests but never answer (a hung device)
+    executed: list[Executed] = field(default_factory=list)
+    location: str = ""
+    sock: trio.socket.SocketType | None = None
+    coap: CoapEndpoint = field(default_factory=CoapEndpoint)
+    _responses: dict[bytes, Message] = field(default_factory=dict)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _scope: trio.CancelScope | None = None
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Open a fresh socket (a new source port, as a rebooted client has) and serve it."""
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await self.sock.bind(("127.0.0.1", 0))
+        self.coap = CoapEndpoint(mid_start=0x1000 + len(self.executed))
+        await nursery.start(self._serve)
+
+    def close(self) -> None:
+        """Close the socket like a sleeping queue-mode client: the server meets ICMP."""
+        if self._scope is not None:
+            self._scope.cancel()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    @property
+    def port(self) -> int:
+        assert self.sock is not None
+        return int(self.sock.getsockname()[1])
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        sock = self.sock
+        assert sock is not None
+        with trio.CancelScope() as scope, sock:  # the socket closes when the device stops
+            self._scope = scope
+            task_status.started()
+            while True:
+                timer = self.coap.get_timer()
+                with trio.move_on_at(timer if timer is not None else float("inf")):
+                    data, _ = await sock.recvfrom(65536)
+                    self.coap.receive_datagram(data, trio.current_time())
+                now = trio.current_time()
+                timer = self.coap.get_timer()
+                if timer is not None and timer <= now:
+                    self.coap.handle_timer(now)
+                self._events(now)
+                for out in self.coap.datagrams_to_send():
+                    await sock.sendto(out, self.server)
+
+    def _events(self, now: float) -> None:
+        while (event := self.coap.next_event()) is not None:
+            if isinstance(event, RequestReceived):
+                req = event.request
+                path = "/" + "/".join(req.uri_path)
+                self.executed.append(Executed(req.code, path, req.mid, req.payload))
+                if not self.answer:
+                    continue
+                result = self.handler(req) if self.handler else None
+                code, payload, ct = result or _default_answer(req)
+                options: tuple[Option, ...] = ()
+                if ct is not None:
+                    options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
+                self.coap.respond(req, code, options, payload, now)
+            elif isinstance(event, ResponseReceived):
+                self._responses[event.token] = event.response
+                self._wake.set()
+                self._wake = trio.Event()
+
+    async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
+        options = path_options(path) + query_options(query)
+        if payload:
+            options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
+        options = tuple(sorted(options, key=lambda o: o[0]))
+        token = self.coap.send_request(code, options, payload, trio.current_time())
+        assert self.sock is not None
+        for out in self.coap.datagrams_to_send():
+            await self.sock.sendto(out, self.server)
+        while token not in self._responses:
+            await self._wake.wait()
+        return self._responses.pop(token)
+
+    async def register(self, lwm2m: str = "1.1") -> Message:
+        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m={lwm2m}&b={self.binding}"
+        response = await self.request(Code.POST, "/rd", query, self.objects)
+        if response.code == Code.CREATED:
+            self.location = "/" + "/".join(response.location_path)
+        return response
+
+    async def update(self, query: str = "") -> Message:
+        return await self.request(Code.POST, self.location, query)
+
+    async def deregister(self) -> Message:
+        return await self.request(Code.DELETE, self.location)
+
+
+def _default_answer(req: Message) -> tuple[int, bytes, int | None]:
+    if req.code == Code.GET:
+        return Code.CONTENT, b"42", 0
+    if req.code == Code.PUT:
+        return Code.CHANGED, b"", None
+    if req.code == Code.POST:
+        return Code.CHANGED, b"", None
+    return Code.DELETED, b"", None
