@@ -76,6 +76,22 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         )
 
 
+def parse_settings(text: str, where: str = "settings") -> Settings:
+    """Settings from TOML text (tests and embedders; files go through `load_settings`).
+
+    Raises:
+        ConfigError: not TOML, an unknown key, or a value of the wrong type or range.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where}: not valid TOML ({exc})") from None
+    try:
+        return msgspec.convert(raw, Settings)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Read the settings from a TOML file (or the defaults), then apply `[server]` overrides.
 

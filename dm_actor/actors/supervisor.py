@@ -147,7 +147,10 @@ class Supervisor:
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
         if self._udp_send is not None:
-            self._udp_send(data, addr)
+            try:
+                self._udp_send(data, addr)
+            except trio.ClosedResourceError:
+                log.debug("UDP endpoint closed: a datagram to %s is dropped (shutdown)", addr)
 
     def send_frame(self, conn: TcpConnection, frame: bytes) -> None:
         try:

@@ -58,7 +58,9 @@ def from_response(
     """The outcome of an attempt the device answered (rule 3.3)."""
     status = http_status(coap_code)
     error = None if status == 200 else code_reason(coap_code)
-    return Outcome(status, error, payload or None, content_format, max_age)
+    if not payload:
+        return Outcome(status, error)
+    return Outcome(status, error, payload, content_format, max_age)
 
 
 EXPIRED = Outcome(429, REQUEST_EXPIRED)

@@ -84,11 +84,15 @@ class TcpConnection:
             trio.ClosedResourceError: the connection is closing.
             ValueError: the message cannot be framed.
         """
+        self.send_frame_nowait(encode(msg))
+
+    def send_frame_nowait(self, frame: bytes) -> None:
+        """Queue an already framed message (`framing_tcp.encode`), as `send_nowait` does."""
         if self._closing:
             raise trio.ClosedResourceError("the connection is closing")
         if len(self._queue) >= self._limit:
             raise trio.WouldBlock
-        self._queue.append(encode(msg))
+        self._queue.append(frame)
         self._has_data.unpark()
 
     async def send(self, msg: Message) -> None:

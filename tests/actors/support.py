@@ -16,7 +16,15 @@ from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Supervisor
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.events import RequestReceived, ResponseReceived
-from dm_actor.coap.message import Message, Option, path_options, query_options, uint_bytes
+from dm_actor.coap.message import (
+    Message,
+    Option,
+    decode,
+    path_options,
+    query_options,
+    reset_for,
+    uint_bytes,
+)
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
 from dm_actor.transport.udp import Address, UdpEndpoint
@@ -31,10 +39,14 @@ class Server:
     addr: Address
     events: EventStream
     udp: UdpEndpoint
+    pending: list[tuple[str, object]] = field(default_factory=list)
 
     def take(self, kind: str | None = None) -> list[tuple[str, object]]:
-        events = self.events.take()
-        return [e for e in events if kind is None or e[0] == kind]
+        """The events published so far (of one kind), oldest first; the rest stay."""
+        self.pending.extend(self.events.take())
+        taken = [e for e in self.pending if kind is None or e[0] == kind]
+        self.pending = [e for e in self.pending if not (kind is None or e[0] == kind)]
+        return taken
 
 
 async def start_server(nursery: trio.Nursery, settings: Settings | None = None) -> Server:
@@ -66,6 +78,8 @@ class Device:
     objects: bytes = OBJECTS
     handler: Handler | None = None
     answer: bool = True  # False: receive requests but never answer (a hung device)
+    reset: bool = False  # answer every request with a CoAP Reset
+    arrivals: list[tuple[float, Message]] = field(default_factory=list)
     executed: list[Executed] = field(default_factory=list)
     location: str = ""
     sock: trio.socket.SocketType | None = None
@@ -106,6 +120,11 @@ class Device:
                 timer = self.coap.get_timer()
                 with trio.move_on_at(timer if timer is not None else float("inf")):
                     data, _ = await sock.recvfrom(65536)
+                    msg = decode(data)
+                    self.arrivals.append((trio.current_time(), msg))
+                    if self.reset and msg.code and msg.code < 32:
+                        await sock.sendto(reset_for(msg.mid), self.server)
+                        continue
                     self.coap.receive_datagram(data, trio.current_time())
                 now = trio.current_time()
                 timer = self.coap.get_timer()
@@ -146,6 +165,10 @@ class Device:
         while token not in self._responses:
             await self._wake.wait()
         return self._responses.pop(token)
+
+    def requests_at(self) -> list[float]:
+        """Arrival times of the server's requests (retransmissions included)."""
+        return [t for t, m in self.arrivals if m.code and m.code < 32]
 
     async def register(self, lwm2m: str = "1.1") -> Message:
         query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m={lwm2m}&b={self.binding}"
