@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
@@ -33,10 +33,21 @@ from dm_actor.store.base import CommandRecord
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.lwm2m.registration import Registration
-    from dm_actor.transport.tcp import TcpConnection
-    from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
+
+#: A UDP peer's socket address, as the transport reports it.
+Address = tuple[Any, ...]
+
+
+class TcpConnection(Protocol):
+    """What the actors need of a CoAP-over-TCP connection (the transport provides it)."""
+
+    @property
+    def peer(self) -> Address: ...
+
+    def send_frame_nowait(self, frame: bytes) -> None: ...
+
 
 _METHODS = {"GET": Code.GET.value, "PUT": Code.PUT.value, "POST": Code.POST.value,
             "DELETE": Code.DELETE.value}  # fmt: skip

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from dm_actor.actors.device import DeviceActor, Signal, command_record
+from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection, command_record
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.coap import message as coap_message
@@ -42,8 +42,6 @@ if TYPE_CHECKING:
 
     from dm_actor.config import Settings
     from dm_actor.delivery.outcomes import Outcome
-    from dm_actor.transport.tcp import TcpConnection
-    from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
 
