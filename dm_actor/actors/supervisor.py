@@ -25,7 +25,7 @@ from dm_actor.actors.events import EventStream
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.endpoint import CoapEndpoint
-from dm_actor.coap.errors import DecodeError
+from dm_actor.coap.errors import DecodeError, Reply
 from dm_actor.coap.message import Message
 from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
 from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
@@ -124,6 +124,7 @@ class Supervisor:
         self._reg_prefix = secrets.token_hex(3)
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._reg_counter = 0
+        self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self.statistics = {"registrations": 0, "mailbox_overloaded": 0, "decode_errors": 0}
 
@@ -183,7 +184,7 @@ class Supervisor:
             return
         try:
             msg = coap_message.decode(data)
-            coap_message.check_options(msg)
+            _check(msg)
         except DecodeError as exc:
             self.statistics["decode_errors"] += 1
             reply = coap_message.reply_for(exc)
@@ -201,6 +202,14 @@ class Supervisor:
         actor = self.by_conn.get(conn)
         if actor is not None:
             self._tell(actor, msg)
+            return
+        try:
+            _check(msg)
+        except DecodeError as exc:
+            self.statistics["decode_errors"] += 1
+            if 1 <= msg.code <= 31:
+                bad = Code.BAD_REQUEST if exc.reply is Reply.BAD_REQUEST else Code.BAD_OPTION
+                self.send_frame(conn, _tcp_frame(Message(0, bad, 0, msg.token)))
             return
         self._unknown_peer(msg, None, conn, None)
 
@@ -235,7 +244,7 @@ class Supervisor:
                 self._bind(actor, addr, conn)
                 self._tell(actor, msg if data is None else data)
                 return
-        if msg.code and msg.code <= 31 and (conn is not None or msg.mtype == _CON):
+        if 1 <= msg.code <= 31:
             self._reply_direct(msg, addr, conn, Code.NOT_FOUND, (), cache=False)
         elif addr is not None and msg.mtype == _CON:
             self.send_datagram(coap_message.reset_for(msg.mid), addr)
@@ -258,7 +267,8 @@ class Supervisor:
         if request.mtype == _CON:
             reply = Message(MessageType.ACK, code, request.mid, request.token, options)
         else:
-            reply = Message(MessageType.NON, code, secrets.randbits(16), request.token, options)
+            self._non_mid = mid = (self._non_mid + 1) & 0xFFFF
+            reply = Message(MessageType.NON, code, mid, request.token, options)
         data = coap_message.encode(reply)
         if cache:
             self._cache_reply(addr, request.mid, data)
@@ -620,6 +630,18 @@ class Supervisor:
             return [str(path)] if actor.reg.objects.contains(path) else []
         prefix = text[:-1]
         return [str(p) for p in actor.reg.objects.paths() if str(p).startswith(prefix)]
+
+
+def _check(msg: Message) -> None:
+    """Refuse what a peer without an actor sent wrongly (its actor's endpoint does this later).
+
+    Raises:
+        DecodeError: an unrecognised critical option, or a path or query that is not UTF-8.
+    """
+    coap_message.check_options(msg)
+    if msg.code:
+        msg.uri_path  # noqa: B018
+        msg.uri_query  # noqa: B018
 
 
 def registration_record(reg: Registration) -> RegistrationRecord:
