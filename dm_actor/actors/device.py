@@ -102,7 +102,7 @@ class DeviceActor:
         self.conn = conn
         self.coap = sup.new_coap_endpoint(reliable=conn is not None)
         self.mailbox: Mailbox[Mail] = Mailbox(sup.mailbox_size)
-        self.subscriptions: set[str] | None = None
+        self.subscriptions: dict[str, set[str]] | None = None  # path -> owners
         self._in_flight: tuple[bytes, Command] | None = None
         self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
         self._cache: dict[str, tuple[float, Outcome]] | None = None
@@ -344,4 +344,5 @@ def command_record(endpoint: str, cmd: Command) -> CommandRecord:
         attempts=cmd.attempts,
         last_attempt_at=cmd.last_attempt_at,
         observe=cmd.observe,
+        owner=cmd.owner,
     )

@@ -22,7 +22,8 @@ KINDS = (
 )
 
 Item = dict[str, object] | str
-Event = tuple[str, Item]
+#: (kind, item, owners): owners are the applications the event is for, None for all of them
+Event = tuple[str, Item, frozenset[str] | None]
 
 
 class EventStream:
@@ -40,12 +41,12 @@ class EventStream:
     def __len__(self) -> int:
         return len(self._events)
 
-    def publish(self, kind: str, item: Item) -> None:
+    def publish(self, kind: str, item: Item, owners: frozenset[str] | None = None) -> None:
         events = self._events
         if len(events) >= self.capacity:
             events.popleft()
             self.dropped += 1
-        events.append((kind, item))
+        events.append((kind, item, owners))
         self.published += 1
         self._waiter.set()
 

@@ -114,7 +114,7 @@ class Supervisor:
         self.by_reg_id: dict[str, DeviceActor] = {}
         self.by_addr: dict[Address, DeviceActor] = {}
         self.by_conn: dict[TcpConnection, DeviceActor] = {}
-        self.presubscriptions: list[Presubscription] = []
+        self.presubscriptions: dict[str, list[Presubscription]] = {}  # owner -> list
         # replies to Registers from peers that had no actor yet, for retransmissions
         self._replies: dict[tuple[Address, int], tuple[float, bytes]] = {}
         self._reply_cache_size = reply_cache_size
@@ -335,7 +335,7 @@ class Supervisor:
             self._bind(actor, addr, conn)
             actor.forget_observations()
             for path in sorted(actor.subscriptions or ()):
-                self._queue_observe(actor, path, now)
+                self._queue_observe(actor, path, now)  # rule 9.3
             actor.queue.contact(now)
             if via is not actor:
                 self._tell(actor, Signal.WAKE)
@@ -450,7 +450,9 @@ class Supervisor:
     def command_finished(self, actor: DeviceActor, cmd: Command, outcome: Outcome) -> None:
         self.store.delete_command(actor.endpoint, cmd.async_id)
         if not cmd.observe:
-            self.events.publish("async-responses", outcome.as_async_response(cmd.async_id))
+            self.events.publish(
+                "async-responses", outcome.as_async_response(cmd.async_id), frozenset((cmd.owner,))
+            )
 
     def notification(self, actor: DeviceActor, uri: str, outcome: Outcome) -> None:
         item: dict[str, object] = {"ep": actor.endpoint, "path": uri}
@@ -459,7 +461,9 @@ class Supervisor:
             if key in response:
                 item[key] = response[key]
         item.setdefault("payload", "")
-        self.events.publish("notifications", item)
+        owners = (actor.subscriptions or {}).get(uri)
+        if owners:
+            self.events.publish("notifications", item, frozenset(owners))
 
     # -- the in-process API -----------------------------------------------------------------
 
@@ -475,8 +479,12 @@ class Supervisor:
         accept: int | None = None,
         retry: int | None = None,
         expiry: int | None = None,
+        owner: str = "",
     ) -> Accepted | Rejected:
-        """Accept a device request (delivery.md section 1) or say why not."""
+        """Accept a device request (delivery.md section 1) or say why not.
+
+        `owner` names the application whose notification channel gets the AsyncIDResponse.
+        """
         if not ASYNC_ID.match(async_id):
             return Rejected(400, "MALFORMED_ASYNC_ID")
         if method not in METHODS:
@@ -493,7 +501,7 @@ class Supervisor:
             return checked
         now = self.now()
         cmd = self._command(actor, async_id, method, checked, payload, content_format, accept,
-                            retry, expiry, now)  # fmt: skip
+                            retry, expiry, now, owner=owner)  # fmt: skip
         verdict = actor.queue.submit(cmd, now)
         if verdict is Verdict.ASYNC_ID_IN_USE:
             return Rejected(409, "ASYNC_ID_IN_USE")
@@ -546,6 +554,7 @@ class Supervisor:
         now: float,
         *,
         observe: bool = False,
+        owner: str = "",
     ) -> Command:
         d = self.settings.delivery
         queue_mode = actor.reg.queue_mode
@@ -554,27 +563,37 @@ class Supervisor:
         if expiry is None:
             expiry = d.default_expiry_queue_mode if queue_mode else d.default_expiry
         return Command(async_id, method, uri, payload, content_format, accept, now,
-                       now + expiry, 1 + retry, observe)  # fmt: skip
+                       now + expiry, 1 + retry, observe, owner)  # fmt: skip
 
-    async def subscribe(self, device_id: str, path: str) -> Accepted | Rejected:
-        """Rule 9.1: observe `path`; the subscription outlives registrations (9.3)."""
+    async def subscribe(self, device_id: str, path: str, owner: str = "") -> Accepted | Rejected:
+        """Rule 9.1: observe `path` for `owner`; the subscription outlives registrations (9.3)."""
         actor = self.by_endpoint.get(device_id)
         if actor is None:
             return Rejected(404, "DEVICE_NOT_FOUND")
         checked = self._check_uri(actor, "GET", path, b"")
         if isinstance(checked, Rejected):
             return checked
-        if actor.subscriptions is None:
-            actor.subscriptions = set()
-        if checked not in actor.subscriptions:
-            verdict = self._queue_observe(actor, checked, self.now())
-            if verdict is Verdict.QUEUE_IS_FULL:
-                return Rejected(429, "QUEUE_IS_FULL")
-            actor.subscriptions.add(checked)
-            self.store.put_subscription(device_id, checked)
-            await self.store.durable()
-            self._tell(actor, Signal.WAKE)
+        if self._add_subscription(actor, checked, owner, self.now()) is Verdict.QUEUE_IS_FULL:
+            return Rejected(429, "QUEUE_IS_FULL")
+        await self.store.durable()
+        self._tell(actor, Signal.WAKE)
         return Accepted()
+
+    def _add_subscription(self, actor: DeviceActor, path: str, owner: str, now: float) -> Verdict:
+        subscriptions = actor.subscriptions
+        if subscriptions is None:
+            subscriptions = actor.subscriptions = {}
+        owners = subscriptions.get(path)
+        if owners is not None and owner in owners:
+            return Verdict.DUPLICATE
+        if owners is None:
+            verdict = self._queue_observe(actor, path, now)
+            if verdict is Verdict.QUEUE_IS_FULL:
+                return verdict
+            owners = subscriptions[path] = set()
+        owners.add(owner)
+        self.store.put_subscription(actor.endpoint, path, owner)
+        return Verdict.ACCEPTED
 
     def _queue_observe(self, actor: DeviceActor, path: str, now: float) -> Verdict:
         if path in actor.observed_paths():
@@ -586,38 +605,46 @@ class Supervisor:
             self.store.put_command(command_record(actor.endpoint, cmd))
         return verdict
 
-    def unsubscribe(self, device_id: str, path: str) -> bool:
+    def unsubscribe(self, device_id: str, path: str, owner: str = "") -> bool:
+        """Remove `owner`'s subscription; the observation ends with the last subscriber."""
         actor = self.by_endpoint.get(device_id)
-        if actor is None or not actor.subscriptions:
-            return False
         text = path if path.startswith("/") else "/" + path
-        if text not in actor.subscriptions:
+        owners = (
+            None if actor is None or actor.subscriptions is None else actor.subscriptions.get(text)
+        )
+        if actor is None or owners is None or owner not in owners:
             return False
-        actor.subscriptions.discard(text)
-        actor.cancel_observation(text)
-        self.store.delete_subscription(device_id, text)
+        owners.discard(owner)
+        if not owners:
+            assert actor.subscriptions is not None
+            del actor.subscriptions[text]
+            actor.cancel_observation(text)
+        self.store.delete_subscription(device_id, text, owner)
         return True
 
-    def subscriptions_of(self, device_id: str) -> list[str] | None:
+    def subscriptions_of(self, device_id: str, owner: str | None = None) -> list[str] | None:
+        """The paths `owner` (or anyone, for None) subscribed to; None for an unknown device."""
         actor = self.by_endpoint.get(device_id)
         if actor is None:
             return None
-        return sorted(actor.subscriptions or ())
+        subscriptions = actor.subscriptions or {}
+        return sorted(p for p, owners in subscriptions.items() if owner is None or owner in owners)
 
-    def set_presubscriptions(self, presubscriptions: list[Presubscription]) -> None:
-        self.presubscriptions = list(presubscriptions)
+    def set_presubscriptions(self, owner: str, presubscriptions: list[Presubscription]) -> None:
+        """Replace `owner`'s pre-subscriptions; they apply to devices registering from now on."""
+        if presubscriptions:
+            self.presubscriptions[owner] = list(presubscriptions)
+        else:
+            self.presubscriptions.pop(owner, None)
 
     def _apply_presubscriptions(self, actor: DeviceActor, now: float) -> None:
-        for pre in self.presubscriptions:
-            if not pre.matches_device(actor.endpoint):
-                continue
-            for pattern in pre.resource_paths:
-                for path in self._expand(actor, pattern):
-                    if actor.subscriptions is None:
-                        actor.subscriptions = set()
-                    if path not in actor.subscriptions:
-                        actor.subscriptions.add(path)
-                        self._queue_observe(actor, path, now)
+        for owner, presubscriptions in self.presubscriptions.items():
+            for pre in presubscriptions:
+                if not pre.matches_device(actor.endpoint):
+                    continue
+                for pattern in pre.resource_paths:
+                    for path in self._expand(actor, pattern):
+                        self._add_subscription(actor, path, owner, now)
 
     @staticmethod
     def _expand(actor: DeviceActor, pattern: str) -> list[str]:

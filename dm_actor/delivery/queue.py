@@ -44,6 +44,7 @@ class Command:
     expires_at: float
     attempts_left: int  # 1 + retry at acceptance
     observe: bool = False  # a subscription's Observe: no AsyncIDResponse is owed
+    owner: str = ""  # the application (API key) the AsyncIDResponse goes to
     attempts: int = 0
     last_attempt_at: float | None = None
     finished_at: float | None = None

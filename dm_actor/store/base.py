@@ -39,12 +39,13 @@ class CommandRecord(msgspec.Struct, frozen=True):
     attempts: int
     last_attempt_at: float | None
     observe: bool
+    owner: str
 
 
 class Snapshot(msgspec.Struct):
     registrations: list[RegistrationRecord]
     commands: list[CommandRecord]  # in acceptance order
-    subscriptions: dict[str, list[str]]  # endpoint -> paths
+    subscriptions: dict[str, list[tuple[str, str]]]  # endpoint -> (path, owner)
 
 
 class Store(Protocol):
@@ -64,9 +65,9 @@ class Store(Protocol):
 
     def delete_command(self, endpoint: str, async_id: str) -> None: ...
 
-    def put_subscription(self, endpoint: str, path: str) -> None: ...
+    def put_subscription(self, endpoint: str, path: str, owner: str) -> None: ...
 
-    def delete_subscription(self, endpoint: str, path: str) -> None: ...
+    def delete_subscription(self, endpoint: str, path: str, owner: str) -> None: ...
 
     async def durable(self) -> None:
         """Return once every write buffered before this call is committed."""

@@ -11,7 +11,7 @@ class MemoryStore:
     def __init__(self) -> None:
         self.registrations: dict[str, RegistrationRecord] = {}
         self.commands: dict[str, dict[str, CommandRecord]] = {}  # endpoint -> async-id ->
-        self.subscriptions: dict[str, set[str]] = {}
+        self.subscriptions: dict[str, set[tuple[str, str]]] = {}  # endpoint -> (path, owner)
         self.writes = 0
 
     def load(self) -> Snapshot:
@@ -41,15 +41,15 @@ class MemoryStore:
             if not per_device:
                 del self.commands[endpoint]
 
-    def put_subscription(self, endpoint: str, path: str) -> None:
+    def put_subscription(self, endpoint: str, path: str, owner: str) -> None:
         self.writes += 1
-        self.subscriptions.setdefault(endpoint, set()).add(path)
+        self.subscriptions.setdefault(endpoint, set()).add((path, owner))
 
-    def delete_subscription(self, endpoint: str, path: str) -> None:
+    def delete_subscription(self, endpoint: str, path: str, owner: str) -> None:
         self.writes += 1
         paths = self.subscriptions.get(endpoint)
         if paths is not None:
-            paths.discard(path)
+            paths.discard((path, owner))
             if not paths:
                 del self.subscriptions[endpoint]
 
