@@ -116,9 +116,9 @@ class DeviceActor:
     async def run(self) -> None:
         """Serve until the registration ends (De-register, lifetime expiry) or shutdown."""
         mailbox = self.mailbox
-        coap = self.coap
+        self.pump(trio.current_time())  # pre-subscriptions, or commands restored from a store
         while not mailbox.closed:
-            timer = coap.get_timer()
+            timer = self.coap.get_timer()  # not cached: a new transport replaces the endpoint
             if timer is None:
                 await mailbox.wait()
             else:

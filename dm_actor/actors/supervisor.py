@@ -124,6 +124,7 @@ class Supervisor:
         self._reg_prefix = secrets.token_hex(3)
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._reg_counter = 0
+        self._observe_counter = 0  # internal async-ids of Observe commands
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self.statistics = {"registrations": 0, "mailbox_overloaded": 0, "decode_errors": 0}
@@ -596,11 +597,17 @@ class Supervisor:
         return Verdict.ACCEPTED
 
     def _queue_observe(self, actor: DeviceActor, path: str, now: float) -> Verdict:
-        if path in actor.observed_paths():
+        queue = actor.queue
+        pending = [queue.in_flight, *queue.queue]
+        if path in actor.observed_paths() or any(
+            c is not None and c.observe and c.uri == path for c in pending
+        ):
             return Verdict.DUPLICATE
-        cmd = self._command(actor, _SUBSCRIPTION_PREFIX + path, "GET", path, b"", None, None,
+        self._observe_counter += 1
+        async_id = f"{_SUBSCRIPTION_PREFIX}{self._observe_counter}"
+        cmd = self._command(actor, async_id, "GET", path, b"", None, None,
                             None, None, now, observe=True)  # fmt: skip
-        verdict = actor.queue.submit(cmd, now)
+        verdict = queue.submit(cmd, now)
         if verdict is Verdict.ACCEPTED:
             self.store.put_command(command_record(actor.endpoint, cmd))
         return verdict
@@ -655,8 +662,8 @@ class Supervisor:
             except InvalidPath:
                 return []
             return [str(path)] if actor.reg.objects.contains(path) else []
-        prefix = text[:-1]
-        return [str(p) for p in actor.reg.objects.paths() if str(p).startswith(prefix)]
+        prefix = text[:-1]  # "/3/0/*" covers /3/0 itself: registrations name instances only
+        return [str(p) for p in actor.reg.objects.paths() if f"{p}/".startswith(prefix)]
 
 
 def _check(msg: Message) -> None:

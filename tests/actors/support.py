@@ -59,6 +59,17 @@ async def start_server(nursery: trio.Nursery, settings: Settings | None = None) 
     return Server(sup, addr, events, udp)
 
 
+def responses(server: Server) -> dict[str, dict[str, object]]:
+    """The AsyncIDResponses published so far, by async-id; fails on a second one for an id."""
+    out: dict[str, dict[str, object]] = {}
+    for _, item in server.take("async-responses"):
+        assert isinstance(item, dict)
+        key = str(item["id"])
+        assert key not in out, f"two AsyncIDResponses for {key}"
+        out[key] = item
+    return out
+
+
 @dataclass
 class Executed:
     method: int
@@ -80,6 +91,8 @@ class Device:
     answer: bool = True  # False: receive requests but never answer (a hung device)
     reset: bool = False  # answer every request with a CoAP Reset
     arrivals: list[tuple[float, Message]] = field(default_factory=list)
+    observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
+    observe_seq: int = 1
     executed: list[Executed] = field(default_factory=list)
     location: str = ""
     sock: trio.socket.SocketType | None = None
@@ -147,6 +160,11 @@ class Device:
                 options: tuple[Option, ...] = ()
                 if ct is not None:
                     options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
+                if req.observe == 0 and code < 0x60:
+                    self.observers[path] = req.token
+                    options = ((OptionNumber.OBSERVE, uint_bytes(self.observe_seq)), *options)
+                elif req.observe == 1:
+                    self.observers.pop(path, None)
                 self.coap.respond(req, code, options, payload, now)
             elif isinstance(event, ResponseReceived):
                 self._responses[event.token] = event.response
@@ -165,6 +183,25 @@ class Device:
         while token not in self._responses:
             await self._wake.wait()
         return self._responses.pop(token)
+
+    async def notify(
+        self, path: str, payload: bytes, *, seq: int | None = None, confirmable: bool = False
+    ) -> None:
+        """Send a notification to the server's observation of `path` (text/plain)."""
+        if seq is None:
+            self.observe_seq += 1
+            seq = self.observe_seq
+        options = (
+            (OptionNumber.OBSERVE, uint_bytes(seq)),
+            (OptionNumber.CONTENT_FORMAT, uint_bytes(0)),
+        )
+        self.coap.notify(
+            self.observers[path], Code.CONTENT, options, payload, trio.current_time(),
+            confirmable=confirmable,
+        )  # fmt: skip
+        assert self.sock is not None
+        for out in self.coap.datagrams_to_send():
+            await self.sock.sendto(out, self.server)
 
     def requests_at(self) -> list[float]:
         """Arrival times of the server's requests (retransmissions included)."""

@@ -13,7 +13,7 @@ from dm_actor.actors.supervisor import Accepted, Rejected
 from dm_actor.coap.numbers import Code
 from dm_actor.config import Settings, parse_settings
 
-from .support import Device, Server, start_server
+from .support import Device, Server, responses, start_server
 
 
 async def online(
@@ -25,16 +25,6 @@ async def online(
     assert (await dev.register()).code == Code.CREATED
     server.take()
     return server, dev
-
-
-def responses(server: Server) -> dict[str, dict[str, object]]:
-    out: dict[str, dict[str, object]] = {}
-    for _, item in server.take("async-responses"):
-        assert isinstance(item, dict)
-        key = str(item["id"])
-        assert key not in out, f"two AsyncIDResponses for {key}"
-        out[key] = item
-    return out
 
 
 # -- 1. Accepting a command ---------------------------------------------------------------
