@@ -238,10 +238,10 @@ class Supervisor:
             code, options = self._register(msg, addr, conn, now, via=None)
             self._reply_direct(msg, addr, conn, code, options, cache=True)
             return
-        if (kind in ("update", "deregister") and data is not None) or conn is not None:
-            reg_id = msg.uri_path[1] if len(msg.uri_path) == 2 else ""
-            actor = self.by_reg_id.get(reg_id)
-            if actor is not None and kind in ("update", "deregister"):
+        if kind in ("update", "deregister"):
+            # rule 0: the registration id it names is the device's proof of identity
+            actor = self.by_reg_id.get(msg.uri_path[1])
+            if actor is not None:
                 self._bind(actor, addr, conn)
                 self._tell(actor, msg if data is None else data)
                 return

@@ -14,6 +14,7 @@ import trio
 
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Supervisor
+from dm_actor.coap import framing_tcp
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.events import RequestReceived, ResponseReceived
 from dm_actor.coap.message import (
@@ -27,6 +28,7 @@ from dm_actor.coap.message import (
 )
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
+from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import Address, UdpEndpoint
 
 OBJECTS = b"</1/0>,</3/0>,</3303/0>,</3311/0>"
@@ -39,6 +41,7 @@ class Server:
     addr: Address
     events: EventStream
     udp: UdpEndpoint
+    tcp_addr: Address
     pending: list[tuple[str, object]] = field(default_factory=list)
 
     def take(self, kind: str | None = None) -> list[tuple[str, object]]:
@@ -56,7 +59,9 @@ async def start_server(nursery: trio.Nursery, settings: Settings | None = None) 
     udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
     addr = await nursery.start(udp.run)
     sup.attach_udp(udp.send)
-    return Server(sup, addr, events, udp)
+    tcp = TcpListener("127.0.0.1", 0, sup.on_tcp_message, sup.on_tcp_closed)
+    tcp_addr = await nursery.start(tcp.run)
+    return Server(sup, addr, events, udp, tcp_addr)
 
 
 def responses(server: Server) -> dict[str, dict[str, object]]:
@@ -229,3 +234,94 @@ def _default_answer(req: Message) -> tuple[int, bytes, int | None]:
     if req.code == Code.POST:
         return Code.CHANGED, b"", None
     return Code.DELETED, b"", None
+
+
+@dataclass
+class TcpDevice:
+    """A scripted LwM2M client over CoAP-over-TCP (RFC 8323): CSM first, then requests."""
+
+    server: Address
+    endpoint: str
+    binding: str = "T"
+    lifetime: int = 86400
+    objects: bytes = OBJECTS
+    answer: bool = True
+    executed: list[Executed] = field(default_factory=list)
+    location: str = ""
+    stream: trio.SocketStream | None = None
+    coap: CoapEndpoint = field(default_factory=lambda: CoapEndpoint(reliable=True))
+    _responses: dict[bytes, Message] = field(default_factory=dict)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _scope: trio.CancelScope | None = None
+
+    async def connect(self, nursery: trio.Nursery) -> None:
+        self.stream = await trio.open_tcp_stream(*self.server[:2])
+        self.coap = CoapEndpoint(reliable=True, token_seed=len(self.executed) * 1000 + 7)
+        await self.stream.send_all(framing_tcp.encode(framing_tcp.csm()))
+        await nursery.start(self._serve)
+
+    async def disconnect(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+        if self.stream is not None:
+            await self.stream.aclose()
+            self.stream = None
+
+    async def _serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        stream = self.stream
+        assert stream is not None
+        decoder = framing_tcp.StreamDecoder()
+        with trio.CancelScope() as scope:
+            self._scope = scope
+            task_status.started()
+            while data := await stream.receive_some(65536):
+                decoder.receive_data(data)
+                while (msg := decoder.next_message()) is not None:
+                    if msg.code >= 0xE0:  # signalling: the server's CSM
+                        continue
+                    self.coap.receive_message(msg, trio.current_time())
+                self._events(trio.current_time())
+                for out in self.coap.datagrams_to_send():
+                    await stream.send_all(out)
+
+    def _events(self, now: float) -> None:
+        while (event := self.coap.next_event()) is not None:
+            if isinstance(event, RequestReceived):
+                req = event.request
+                path = "/" + "/".join(req.uri_path)
+                self.executed.append(Executed(req.code, path, req.mid, req.payload))
+                if self.answer:
+                    code, payload, ct = _default_answer(req)
+                    options: tuple[Option, ...] = ()
+                    if ct is not None:
+                        options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
+                    self.coap.respond(req, code, options, payload, now)
+            elif isinstance(event, ResponseReceived):
+                self._responses[event.token] = event.response
+                self._wake.set()
+                self._wake = trio.Event()
+
+    async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
+        options = path_options(path) + query_options(query)
+        if payload:
+            options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
+        options = tuple(sorted(options, key=lambda o: o[0]))
+        token = self.coap.send_request(code, options, payload, trio.current_time())
+        assert self.stream is not None
+        for out in self.coap.datagrams_to_send():
+            await self.stream.send_all(out)
+        while token not in self._responses:
+            await self._wake.wait()
+        return self._responses.pop(token)
+
+    async def register(self) -> Message:
+        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m=1.1&b={self.binding}"
+        response = await self.request(Code.POST, "/rd", query, self.objects)
+        if response.code == Code.CREATED:
+            self.location = "/" + "/".join(response.location_path)
+        return response
+
+    async def update(self) -> Message:
+        return await self.request(Code.POST, self.location)
