@@ -219,13 +219,23 @@ class DeviceActor:
             options += ((_CONTENT_FORMAT, uint_bytes(cmd.content_format)),)
         if cmd.accept is not None:
             options += ((_ACCEPT, uint_bytes(cmd.accept)),)
-        token = self.coap.send_request(
+        coap = self.coap
+        token = None
+        if cmd.exchange_at is not None and now - cmd.exchange_at < self.sup.resend_window:
+            token = cmd.token  # the same exchange again, same Message ID (see Command.mid)
+        else:
+            cmd.exchange_at = now
+            cmd.mid = coap.next_mid() if not coap.reliable else None
+        token = coap.send_request(
             _METHODS[cmd.method],
             tuple(sorted(options, key=lambda o: o[0])),
             cmd.payload,
             now,
             observe=cmd.observe,
+            mid=cmd.mid,
+            token=token,
         )
+        cmd.token = token
         self._in_flight = (token, cmd)
         self.sup.store.put_command(command_record(self.endpoint, cmd))
 

@@ -107,6 +107,9 @@ class Supervisor:
         self.mailbox_size = mailbox_size
         self.registration_grace = registration_grace
         self.params: TransmissionParameters = settings.transmission_parameters()
+        # how long a device remembers a Message ID: ours, but at most RFC 7252's 247 s,
+        # the default of the clients in the field
+        self.resend_window = min(self.params.exchange_lifetime, 247.0)
         self.policy = DeliveryPolicy(
             queue_length=d.queue_length, awake_time=d.awake_time, resend_grace=d.resend_grace
         )

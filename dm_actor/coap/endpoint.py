@@ -502,6 +502,10 @@ class CoapEndpoint:
         if not by_mid:
             self._by_mid = None
 
+    def next_mid(self) -> int:
+        """Allocate a Message ID for a request the caller will send with `send_request(mid=)`."""
+        return self._new_mid()
+
     def _new_mid(self) -> int:
         mid = self._mid
         by_mid = self._by_mid

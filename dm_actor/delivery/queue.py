@@ -47,6 +47,11 @@ class Command:
     attempts: int = 0
     last_attempt_at: float | None = None
     finished_at: float | None = None
+    # the CoAP exchange of the last attempt: resending it unchanged within the device's
+    # EXCHANGE_LIFETIME lets the device's deduplication answer instead of executing twice
+    mid: int | None = None
+    token: bytes | None = None
+    exchange_at: float | None = None
 
     def same_request(self, other: Command) -> bool:
         return (

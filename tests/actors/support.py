@@ -6,6 +6,7 @@ request they execute, so tests can assert what the server did on the wire.
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Supervisor
 from dm_actor.coap import framing_tcp
 from dm_actor.coap.endpoint import CoapEndpoint
-from dm_actor.coap.events import RequestReceived, ResponseReceived
+from dm_actor.coap.events import RequestFailed, RequestReceived, ResponseReceived
 from dm_actor.coap.message import (
     Message,
     Option,
@@ -95,6 +96,8 @@ class Device:
     handler: Handler | None = None
     answer: bool = True  # False: receive requests but never answer (a hung device)
     reset: bool = False  # answer every request with a CoAP Reset
+    loss: float = 0.0  # drop this share of datagrams in each direction (seeded)
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
     arrivals: list[tuple[float, Message]] = field(default_factory=list)
     observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
     observe_seq: int = 1
@@ -105,6 +108,7 @@ class Device:
     _responses: dict[bytes, Message] = field(default_factory=dict)
     _wake: trio.Event = field(default_factory=trio.Event)
     _scope: trio.CancelScope | None = None
+    _wait: trio.CancelScope | None = None  # the receive wait, cut short by a new timer
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Open a fresh socket (a new source port, as a rebooted client has) and serve it."""
@@ -136,8 +140,11 @@ class Device:
             task_status.started()
             while True:
                 timer = self.coap.get_timer()
-                with trio.move_on_at(timer if timer is not None else float("inf")):
+                with trio.CancelScope(deadline=float("inf") if timer is None else timer) as wait:
+                    self._wait = wait
                     data, _ = await sock.recvfrom(65536)
+                    if self.loss and self.rng.random() < self.loss:
+                        continue
                     msg = decode(data)
                     self.arrivals.append((trio.current_time(), msg))
                     if self.reset and msg.code and msg.code < 32:
@@ -149,8 +156,17 @@ class Device:
                 if timer is not None and timer <= now:
                     self.coap.handle_timer(now)
                 self._events(now)
-                for out in self.coap.datagrams_to_send():
-                    await sock.sendto(out, self.server)
+                await self._flush()
+
+    async def _flush(self) -> None:
+        timer = self.coap.get_timer()
+        if self._wait is not None and timer is not None and timer < self._wait.deadline:
+            self._wait.deadline = timer
+        for out in self.coap.datagrams_to_send():
+            if self.sock is None:  # closed (asleep): what it would have sent is lost
+                return
+            if not (self.loss and self.rng.random() < self.loss):
+                await self.sock.sendto(out, self.server)
 
     def _events(self, now: float) -> None:
         while (event := self.coap.next_event()) is not None:
@@ -175,6 +191,10 @@ class Device:
                 self._responses[event.token] = event.response
                 self._wake.set()
                 self._wake = trio.Event()
+            elif isinstance(event, RequestFailed):
+                self._responses[event.token] = Message(0, 0)  # 0.00: no answer came
+                self._wake.set()
+                self._wake = trio.Event()
 
     async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
         options = path_options(path) + query_options(query)
@@ -182,9 +202,7 @@ class Device:
             options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
         options = tuple(sorted(options, key=lambda o: o[0]))
         token = self.coap.send_request(code, options, payload, trio.current_time())
-        assert self.sock is not None
-        for out in self.coap.datagrams_to_send():
-            await self.sock.sendto(out, self.server)
+        await self._flush()
         while token not in self._responses:
             await self._wake.wait()
         return self._responses.pop(token)
@@ -204,9 +222,7 @@ class Device:
             self.observers[path], Code.CONTENT, options, payload, trio.current_time(),
             confirmable=confirmable,
         )  # fmt: skip
-        assert self.sock is not None
-        for out in self.coap.datagrams_to_send():
-            await self.sock.sendto(out, self.server)
+        await self._flush()
 
     def requests_at(self) -> list[float]:
         """Arrival times of the server's requests (retransmissions included)."""
