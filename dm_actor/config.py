@@ -57,6 +57,8 @@ class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     """LwM2M registration defaults."""
 
     default_lifetime: Annotated[int, msgspec.Meta(ge=1)] = 86400
+    # a registration ends this long after last update + lifetime (delivery.md 8.3)
+    expiry_grace: Annotated[float, msgspec.Meta(ge=0)] = 15.0
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

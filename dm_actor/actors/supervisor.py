@@ -97,7 +97,6 @@ class Supervisor:
         store: Store | None = None,
         events: EventStream | None = None,
         mailbox_size: int = 64,
-        registration_grace: float = 15.0,
         reply_cache_size: int = 65536,
     ) -> None:
         d = settings.delivery
@@ -105,7 +104,7 @@ class Supervisor:
         self.store: Store = MemoryStore() if store is None else store
         self.events = EventStream() if events is None else events
         self.mailbox_size = mailbox_size
-        self.registration_grace = registration_grace
+        self.registration_grace = settings.registration.expiry_grace
         self.params: TransmissionParameters = settings.transmission_parameters()
         # how long a device remembers a Message ID: ours, but at most RFC 7252's 247 s,
         # the default of the clients in the field
