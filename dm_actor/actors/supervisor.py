@@ -118,7 +118,10 @@ class Supervisor:
         self.by_conn: dict[TcpConnection, DeviceActor] = {}
         self.presubscriptions: dict[str, list[Presubscription]] = {}  # owner -> list
         # replies to Registers from peers that had no actor yet, for retransmissions
-        self._replies: dict[tuple[Address, int], tuple[float, bytes]] = {}
+        # (None while the answer waits for the store: retransmissions are dropped meanwhile)
+        self._replies: dict[tuple[Address, int], tuple[float, bytes | None]] = {}
+        self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
+        self._held_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
         self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
         self._lifetime_scope: trio.CancelScope | None = None
@@ -166,6 +169,7 @@ class Supervisor:
             self._nursery = nursery
             nursery.start_soon(self._expiry_sweeper)
             nursery.start_soon(self._lifetime_sweeper)
+            nursery.start_soon(self._release_replies)
             task_status.started()
 
     def now(self) -> float:
@@ -179,7 +183,8 @@ class Supervisor:
         if replies and len(data) >= 4 and data[1] == _POST:
             cached = replies.get((addr, (data[2] << 8) | data[3]))
             if cached is not None and cached[0] > self.now():
-                self.send_datagram(cached[1], addr)
+                if cached[1] is not None:
+                    self.send_datagram(cached[1], addr)
                 return
         actor = self.by_addr.get(addr)
         if actor is not None:
@@ -238,7 +243,11 @@ class Supervisor:
         now = self.now()
         if kind == "register":
             code, options = self._register(msg, addr, conn, now, via=None)
-            self._reply_direct(msg, addr, conn, code, options, cache=True)
+            if addr is not None:  # until the answer is durable, retransmissions are dropped
+                self._cache_reply(addr, msg.mid, None)
+            self._after_durable(
+                lambda: self._reply_direct(msg, addr, conn, code, options, cache=True)
+            )
             return
         if kind in ("update", "deregister"):
             # rule 0: the registration id it names is the device's proof of identity
@@ -277,7 +286,7 @@ class Supervisor:
             self._cache_reply(addr, request.mid, data)
         self.send_datagram(data, addr)
 
-    def _cache_reply(self, addr: Address, mid: int, data: bytes) -> None:
+    def _cache_reply(self, addr: Address, mid: int, data: bytes | None) -> None:
         replies = self._replies
         now = self.now()
         while replies:
@@ -300,8 +309,30 @@ class Supervisor:
             code, options = self._deregister(actor, request, now)
         else:
             code, options = Code.NOT_FOUND, ()
-        actor.coap.respond(request, code, options, b"", now)
-        actor.flush()
+        if kind == "register" or kind == "deregister":
+            # the 2.01 / 2.02 promises what the store holds: answer once it is durable
+            def answer() -> None:
+                actor.coap.respond(request, code, options, b"", now)
+                actor.flush()
+
+            self._after_durable(answer)
+        else:
+            actor.coap.respond(request, code, options, b"", now)
+            actor.flush()
+
+    def _after_durable(self, send: Callable[[], None]) -> None:
+        """Run `send` once every write made so far is durable (one group commit for many)."""
+        self._held.append(send)
+        self._held_wake.set()
+
+    async def _release_replies(self) -> None:
+        while True:
+            await self._held_wake.wait()
+            self._held_wake = trio.Event()
+            batch, self._held = self._held, []
+            await self.store.durable()
+            for send in batch:
+                send()
 
     def _new_reg_id(self) -> str:
         self._reg_counter += 1
