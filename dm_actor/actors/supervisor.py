@@ -31,7 +31,7 @@ from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
 from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
-from dm_actor.lwm2m.errors import InvalidPath
+from dm_actor.lwm2m.errors import InvalidPath, Lwm2mError
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
 from dm_actor.store.base import RegistrationRecord, Store
@@ -439,7 +439,7 @@ class Supervisor:
         """Run one actor; a device-level failure ends that device, not the server."""
         try:
             await actor.run()
-        except (DecodeError, ValueError, KeyError) as exc:
+        except (DecodeError, Lwm2mError) as exc:  # what a device's bytes can cause
             log.exception("device %s failed: %s", actor.endpoint, exc)
             if not actor.mailbox.closed:
                 actor.end(self.now(), expired=False)
