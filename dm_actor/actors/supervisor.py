@@ -126,9 +126,7 @@ class Supervisor:
         self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
         self._lifetime_scope: trio.CancelScope | None = None
         self._nursery: trio.Nursery | None = None
-        self._reg_prefix = secrets.token_hex(3)
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
-        self._reg_counter = 0
         self._observe_counter = 0  # internal async-ids of Observe commands
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
@@ -335,8 +333,10 @@ class Supervisor:
                 send()
 
     def _new_reg_id(self) -> str:
-        self._reg_counter += 1
-        return f"{self._reg_prefix}{self._reg_counter:x}"
+        """An unguessable registration id: it is what authorises Updates (rule 0)."""
+        while (reg_id := secrets.token_hex(6)) in self.by_reg_id:
+            pass
+        return reg_id
 
     def _register(
         self,

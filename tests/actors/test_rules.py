@@ -550,3 +550,22 @@ async def test_rule_10_status_mapping(
     assert responses(server)["a"] == expected
     [put] = dev.executed
     assert put.payload == b"x"
+
+
+# -- 0. Device identity -----------------------------------------------------------------------
+
+
+async def test_rule_0_updates_only_through_the_registration_they_name(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, dev = await online(nursery, ep="urn:imei:490154203237518")
+    other = Device(server.addr, "intruder")
+    await other.start(nursery)
+    assert (await other.request(Code.POST, "/rd/0")).code == Code.NOT_FOUND  # a guess
+    assert (await other.request(Code.DELETE, "/rd/deadbeef0000")).code == Code.NOT_FOUND
+    assert "urn:imei:490154203237518" in server.sup.by_endpoint
+    assert len(dev.location.split("/")[-1]) == 12  # 48 random bits
+    assert (await dev.update()).code == Code.CHANGED
+    await server.sup.submit("urn:imei:490154203237518", "GET", "/3/0/1", async_id="a")
+    await trio.sleep(1)
+    assert responses(server)["a"]["status"] == 200
