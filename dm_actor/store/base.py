@@ -8,9 +8,25 @@ Structs so that a store can serialise them without knowing the actors' classes.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+#: Pelion's notification-channel limits: an undelivered event lives 24 h, and a channel's
+#: queue holds 50 MB, beyond which the oldest events are dropped.
+EVENT_LIFETIME = 24 * 3600.0
+EVENT_BYTES_CAP = 50 * 2**20
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written: corrupt, unreadable, foreign or too new.
+
+    The message names the file and what is wrong with it. Nothing is recreated or dropped.
+    """
 
 
 class RegistrationRecord(msgspec.Struct, frozen=True):
@@ -40,12 +56,62 @@ class CommandRecord(msgspec.Struct, frozen=True):
     last_attempt_at: float | None
     observe: bool
     owner: str
+    mid: int | None = None  # the attempt in flight: its CoAP Message ID and token, so that
+    token: bytes | None = None  # a restart inside EXCHANGE_LIFETIME resends the same request
+
+
+class PresubscriptionRecord(msgspec.Struct, frozen=True):
+    """One pre-subscription entry of an application; patterns may end with `*`."""
+
+    endpoint_name: str | None = None
+    endpoint_type: str | None = None
+    resource_paths: tuple[str, ...] = ()
+
+
+class ChannelRecord(msgspec.Struct, frozen=True):
+    """An application's notification channel: `WEB_SOCKET` or `CALLBACK` (with url, headers)."""
+
+    owner: str
+    mechanism: str
+    created_at: float
+    url: str | None = None
+    headers: dict[str, str] = {}
+    serialization: str | None = None  # the channel's `serialization` object, JSON text
+
+
+class ApiKeyRecord(msgspec.Struct, frozen=True):
+    """An access key and the application (`owner`) it belongs to.
+
+    `key` is kept as the API layer gives it; a digest of the secret is the advised form.
+    """
+
+    key: str
+    owner: str
+    created_at: float
+
+
+class EventRecord(msgspec.Struct, frozen=True):
+    """A notification event not yet delivered to `owner`'s channel.
+
+    `seq` orders an owner's events (the API layer numbers them); `item` is the event's JSON;
+    `created_at` is wall-clock time, for the 24 h lifetime.
+    """
+
+    owner: str
+    seq: int
+    kind: str
+    item: bytes
+    created_at: float
 
 
 class Snapshot(msgspec.Struct):
     registrations: list[RegistrationRecord]
-    commands: list[CommandRecord]  # in acceptance order
-    subscriptions: dict[str, list[tuple[str, str]]]  # endpoint -> (path, owner)
+    commands: list[CommandRecord]  # in acceptance order (the order of their first put)
+    subscriptions: dict[str, list[tuple[str, str]]]  # endpoint -> sorted (path, owner)
+    presubscriptions: dict[str, list[PresubscriptionRecord]] = {}  # owner -> entries
+    channels: list[ChannelRecord] = []
+    api_keys: list[ApiKeyRecord] = []
+    events: list[EventRecord] = []  # by owner, then seq; none older than the event lifetime
 
 
 class Store(Protocol):
@@ -68,6 +134,33 @@ class Store(Protocol):
     def put_subscription(self, endpoint: str, path: str, owner: str) -> None: ...
 
     def delete_subscription(self, endpoint: str, path: str, owner: str) -> None: ...
+
+    def set_presubscriptions(self, owner: str, entries: Sequence[PresubscriptionRecord]) -> None:
+        """Replace `owner`'s pre-subscriptions; none removes them."""
+        ...
+
+    def put_channel(self, record: ChannelRecord) -> None:
+        """Insert or replace (by owner) an application's notification channel."""
+        ...
+
+    def delete_channel(self, owner: str) -> None:
+        """Forget the channel and every event still owed to it."""
+        ...
+
+    def put_api_key(self, record: ApiKeyRecord) -> None: ...
+
+    def delete_api_key(self, key: str) -> None: ...
+
+    def put_event(self, record: EventRecord) -> None:
+        """Keep an event until it is delivered, it expires, or the owner's cap pushes it out.
+
+        Beyond the owner's byte cap the oldest events are dropped (Pelion drops the oldest).
+        """
+        ...
+
+    def delete_events(self, owner: str, up_to: int) -> None:
+        """The channel took `owner`'s events up to sequence number `up_to`: forget them."""
+        ...
 
     async def durable(self) -> None:
         """Return once every write buffered before this call is committed."""

@@ -2,23 +2,74 @@
 
 from __future__ import annotations
 
-from dm_actor.store.base import CommandRecord, RegistrationRecord, Snapshot
+import time
+from typing import TYPE_CHECKING
+
+from dm_actor.store.base import (
+    EVENT_BYTES_CAP,
+    EVENT_LIFETIME,
+    ApiKeyRecord,
+    ChannelRecord,
+    CommandRecord,
+    EventRecord,
+    PresubscriptionRecord,
+    RegistrationRecord,
+    Snapshot,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
 
 
 class MemoryStore:
-    """Keeps the latest record of everything; nothing survives the process."""
+    """Keeps the latest record of everything; nothing survives the process.
 
-    def __init__(self) -> None:
+    Args:
+        clock: the wall clock that ages events.
+        event_lifetime: seconds an undelivered event is kept.
+        event_bytes_cap: the bytes of undelivered events kept per owner; older ones are dropped.
+    """
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.time,
+        event_lifetime: float = EVENT_LIFETIME,
+        event_bytes_cap: int = EVENT_BYTES_CAP,
+    ) -> None:
         self.registrations: dict[str, RegistrationRecord] = {}
         self.commands: dict[str, dict[str, CommandRecord]] = {}  # endpoint -> async-id ->
         self.subscriptions: dict[str, set[tuple[str, str]]] = {}  # endpoint -> (path, owner)
+        self.presubscriptions: dict[str, list[PresubscriptionRecord]] = {}  # owner ->
+        self.channels: dict[str, ChannelRecord] = {}  # owner ->
+        self.api_keys: dict[str, ApiKeyRecord] = {}  # key ->
+        self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq -> (put order)
+        self.event_bytes: dict[str, int] = {}  # owner -> bytes of its events' items
         self.writes = 0
+        self.clock = clock
+        self.event_lifetime = event_lifetime
+        self.event_bytes_cap = event_bytes_cap
 
     def load(self) -> Snapshot:
         subs = {ep: sorted(paths) for ep, paths in self.subscriptions.items()}
         commands = [c for per_device in self.commands.values() for c in per_device.values()]
         commands.sort(key=lambda c: c.accepted_at)
-        return Snapshot(list(self.registrations.values()), commands, subs)
+        oldest = self.clock() - self.event_lifetime
+        events = [
+            e
+            for owner in sorted(self.events)
+            for e in sorted(self.events[owner].values(), key=lambda e: e.seq)
+            if e.created_at >= oldest
+        ]
+        return Snapshot(
+            list(self.registrations.values()),
+            commands,
+            subs,
+            {owner: list(entries) for owner, entries in self.presubscriptions.items()},
+            list(self.channels.values()),
+            list(self.api_keys.values()),
+            events,
+        )
 
     def put_registration(self, record: RegistrationRecord) -> None:
         self.writes += 1
@@ -52,6 +103,55 @@ class MemoryStore:
             paths.discard((path, owner))
             if not paths:
                 del self.subscriptions[endpoint]
+
+    def set_presubscriptions(self, owner: str, entries: Sequence[PresubscriptionRecord]) -> None:
+        self.writes += 1
+        if entries:
+            self.presubscriptions[owner] = list(entries)
+        else:
+            self.presubscriptions.pop(owner, None)
+
+    def put_channel(self, record: ChannelRecord) -> None:
+        self.writes += 1
+        self.channels[record.owner] = record
+
+    def delete_channel(self, owner: str) -> None:
+        self.writes += 1
+        self.channels.pop(owner, None)
+        self.events.pop(owner, None)
+        self.event_bytes.pop(owner, None)
+
+    def put_api_key(self, record: ApiKeyRecord) -> None:
+        self.writes += 1
+        self.api_keys[record.key] = record
+
+    def delete_api_key(self, key: str) -> None:
+        self.writes += 1
+        self.api_keys.pop(key, None)
+
+    def put_event(self, record: EventRecord) -> None:
+        self.writes += 1
+        owner = record.owner
+        events = self.events.setdefault(owner, {})
+        old = events.pop(record.seq, None)
+        size = self.event_bytes.get(owner, 0) + len(record.item)
+        if old is not None:
+            size -= len(old.item)
+        events[record.seq] = record
+        while size > self.event_bytes_cap:
+            size -= len(events.pop(next(iter(events))).item)
+        self.event_bytes[owner] = size
+
+    def delete_events(self, owner: str, up_to: int) -> None:
+        self.writes += 1
+        events = self.events.get(owner)
+        if events is None:
+            return
+        for seq in [s for s in events if s <= up_to]:
+            self.event_bytes[owner] -= len(events.pop(seq).item)
+        if not events:
+            del self.events[owner]
+            del self.event_bytes[owner]
 
     async def durable(self) -> None:
         return None
