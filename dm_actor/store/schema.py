@@ -1,0 +1,110 @@
+"""The SQLite store's schema: every version's DDL, kept forever, and how to reach the latest.
+
+Version n is reached by running `MIGRATIONS[n - 1]` on a file at version n - 1, in one
+transaction that also sets `PRAGMA user_version = n`. A new file runs them all, so the
+migration path is the creation path. Never edit a released version's script: add the next.
+This module only holds text; `dm_actor.store.sqlite` runs it.
+"""
+
+from __future__ import annotations
+
+#: `PRAGMA application_id` of a dm-actor store ("dmAc"): tells our files from other databases.
+APPLICATION_ID = 0x646D4163
+
+#: Version 1: registrations, queued commands and subscriptions.
+V1 = """
+CREATE TABLE registrations (
+    endpoint TEXT PRIMARY KEY,
+    reg_id TEXT NOT NULL,
+    lifetime INTEGER NOT NULL,
+    lwm2m_version TEXT NOT NULL,
+    binding TEXT NOT NULL,
+    queue_mode INTEGER NOT NULL,
+    links TEXT NOT NULL,
+    registered_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE commands (
+    endpoint TEXT NOT NULL,
+    async_id TEXT NOT NULL,
+    method TEXT NOT NULL,
+    uri TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    content_format INTEGER,
+    accept INTEGER,
+    accepted_at REAL NOT NULL,
+    expires_at REAL NOT NULL,
+    attempts_left INTEGER NOT NULL,
+    attempts INTEGER NOT NULL,
+    last_attempt_at REAL,
+    observe INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (endpoint, async_id)
+);
+CREATE TABLE subscriptions (
+    endpoint TEXT NOT NULL,
+    path TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    PRIMARY KEY (endpoint, path, owner)
+) WITHOUT ROWID;
+"""
+
+#: Version 2: the in-flight attempt's Message ID and token; pre-subscriptions, notification
+#: channels, access keys, and the events owed to a channel, with a per-owner byte total that
+#: triggers keep exact (for the size cap).
+V2 = """
+ALTER TABLE commands ADD COLUMN mid INTEGER;
+ALTER TABLE commands ADD COLUMN token BLOB;
+CREATE TABLE presubscriptions (
+    owner TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    endpoint_name TEXT,
+    endpoint_type TEXT,
+    resource_paths TEXT NOT NULL,
+    PRIMARY KEY (owner, position)
+) WITHOUT ROWID;
+CREATE TABLE channels (
+    owner TEXT PRIMARY KEY,
+    mechanism TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    url TEXT,
+    headers TEXT NOT NULL,
+    serialization TEXT
+) WITHOUT ROWID;
+CREATE TABLE api_keys (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE events (
+    owner TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    item BLOB NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (owner, seq)
+) WITHOUT ROWID;
+CREATE INDEX events_by_age ON events (created_at);
+CREATE TABLE event_bytes (
+    owner TEXT PRIMARY KEY,
+    bytes INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER event_added AFTER INSERT ON events BEGIN
+    INSERT INTO event_bytes VALUES (NEW.owner, length(NEW.item))
+        ON CONFLICT (owner) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER event_removed AFTER DELETE ON events BEGIN
+    UPDATE event_bytes SET bytes = bytes - length(OLD.item) WHERE owner = OLD.owner;
+END;
+CREATE TRIGGER event_replaced AFTER UPDATE ON events BEGIN
+    UPDATE event_bytes SET bytes = bytes - length(OLD.item) WHERE owner = OLD.owner;
+    INSERT INTO event_bytes VALUES (NEW.owner, length(NEW.item))
+        ON CONFLICT (owner) DO UPDATE SET bytes = bytes + excluded.bytes;
+END;
+"""
+
+#: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
+MIGRATIONS = (V1, V2)
+
+#: The schema version this code writes.
+VERSION = len(MIGRATIONS)
