@@ -1,0 +1,258 @@
+"""Notification channels: one per application, fed by one hub task.
+
+The hub is the only reader of the supervisor's `EventStream`. It fans every event out to the
+channel of each application the event is for (all of them when `owners` is None), into a
+bounded per-channel buffer: beyond `capacity` the oldest event is dropped and counted, so a
+slow or absent client never blocks a device. A delivery mechanism (a WebSocket session, a long
+poll, a webhook task) waits on its channel and takes `NotificationMessage`s from it: up to
+`max_chunk_size` events grouped by kind, encoded once. A message that could not be delivered
+is put back with `unread`. This module never does network I/O.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections import deque
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from dm_actor.actors.events import KINDS
+from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dm_actor.actors.events import Event, EventStream, Item
+
+WEB_SOCKET = "WEB_SOCKET"
+LONG_POLLING = "LONG_POLLING"
+CALLBACK = "CALLBACK"
+
+_DEREGISTRATION_KINDS = frozenset(("de-registrations", "registrations-expired"))
+_ENDPOINT_KINDS = frozenset(("registrations", "reg-updates"))
+_encode = msgspec.json.Encoder().encode
+
+
+def iso_time(wall: float) -> str:
+    """RFC 3339 UTC with milliseconds, as Pelion writes times."""
+    return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+class Session:
+    """A consumer attached to a channel (a WebSocket); `close_code` set means: stop."""
+
+    __slots__ = ("close_code",)
+
+    def __init__(self) -> None:
+        self.close_code: int | None = None
+
+
+class Channel:
+    """One application's notification channel and its bounded event buffer."""
+
+    __slots__ = (
+        "_ready",
+        "_transform",
+        "app",
+        "capacity",
+        "closed",
+        "delivered",
+        "dropped",
+        "events",
+        "extra",
+        "mechanism",
+        "polling",
+        "serialization",
+        "session",
+    )
+
+    def __init__(
+        self,
+        app: str,
+        mechanism: str,
+        serialization: Serialization,
+        capacity: int,
+        transform: Callable[[str, Item], Item] | None,
+    ) -> None:
+        self.app = app
+        self.mechanism = mechanism
+        self.serialization = serialization
+        self.capacity = capacity
+        self.events: deque[Event] = deque()
+        self.dropped = 0
+        self.delivered = 0
+        self.closed = False
+        self.polling = False  # a long poll is pending
+        self.session: Session | None = None  # the live WebSocket
+        self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
+        self._ready = trio.Event()
+        self._transform = transform
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def push(self, event: Event) -> None:
+        events = self.events
+        if len(events) >= self.capacity:
+            events.popleft()
+            self.dropped += 1
+        transform = self._transform
+        if transform is not None:
+            event = (event[0], transform(event[0], event[1]), None)
+        events.append(event)
+        self._ready.set()
+
+    def wake(self) -> None:
+        self._ready.set()
+
+    async def wait(self, session: Session | None = None) -> None:
+        """Until there are events, the channel closes, or `session` is told to stop."""
+        while not self.events and not self.closed and (session is None or not session.close_code):
+            if self._ready.is_set():
+                self._ready = trio.Event()
+            await self._ready.wait()
+
+    def take(self) -> tuple[bytes, list[Event]]:
+        """The next `NotificationMessage` (JSON) and the events it holds, removed."""
+        events = self.events
+        n = min(len(events), self.serialization.max_chunk_size)
+        batch = [events.popleft() for _ in range(n)]
+        groups: dict[str, list[Item]] = {}
+        for kind, item, _ in batch:
+            group = groups.get(kind)
+            if group is None:
+                groups[kind] = [item]
+            else:
+                group.append(item)
+        message = {kind: groups[kind] for kind in KINDS if kind in groups}
+        self.delivered += n
+        return _encode(message), batch
+
+    def unread(self, batch: list[Event]) -> None:
+        """Put back a message that was not delivered, at the head, in order."""
+        self.events.extendleft(reversed(batch))
+        while len(self.events) > self.capacity:
+            self.events.pop()
+            self.dropped += 1
+        self._ready.set()
+
+    def attach(self, session: Session) -> Session | None:
+        """Make `session` the live consumer; the previous one (returned) is told 1001."""
+        previous = self.session
+        if previous is not None:
+            previous.close_code = 1001
+        self.session = session
+        self._ready.set()
+        return previous
+
+    def detach(self, session: Session) -> None:
+        if self.session is session:
+            self.session = None
+
+    def close(self, code: int = 1000) -> None:
+        """The channel was deleted: its buffer is dropped and its consumer told `code`."""
+        self.closed = True
+        self.events.clear()
+        if self.session is not None:
+            self.session.close_code = code
+        self._ready.set()
+
+
+class NotificationHub:
+    """The channels of every application, and the task that fills them.
+
+    Args:
+        events: the supervisor's event stream (the hub is its only reader).
+        capacity: events kept per channel before the oldest are dropped.
+        wall_clock: the wall clock for `include_timestamp` (injected for tests).
+    """
+
+    def __init__(
+        self,
+        events: EventStream,
+        *,
+        capacity: int = 100_000,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.events = events
+        self.capacity = capacity
+        self.wall_clock = wall_clock
+        self.channels: dict[str, Channel] = {}
+        self.unrouted = 0  # events for applications without a channel
+        self.nursery: trio.Nursery | None = None  # for delivery tasks (webhooks)
+        self._uid_prefix = secrets.token_hex(10)
+        self._uids = itertools.count(1)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read the event stream forever, fanning events out; hosts delivery tasks too."""
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            get = self.events.get
+            channels = self.channels
+            while True:
+                for event in await get(10_000):
+                    owners = event[2]
+                    if owners is None:
+                        for channel in channels.values():
+                            channel.push(event)
+                        continue
+                    for owner in owners:
+                        found = channels.get(owner)
+                        if found is None:
+                            self.unrouted += 1
+                        else:
+                            found.push(event)
+
+    def open(
+        self, app: str, mechanism: str, serialization: Serialization = DEFAULT_SERIALIZATION
+    ) -> Channel:
+        """A new channel for `app` (replacing none: check `channels` first)."""
+        channel = Channel(
+            app, mechanism, serialization, self.capacity, self._transform_for(serialization)
+        )
+        self.channels[app] = channel
+        return channel
+
+    def delete(self, app: str, code: int = 1000) -> Channel | None:
+        channel = self.channels.pop(app, None)
+        if channel is not None:
+            channel.close(code)
+        return channel
+
+    def _transform_for(self, serialization: Serialization) -> Callable[[str, Item], Item] | None:
+        """How this channel's serialization options rewrite each event's item (None: as is)."""
+        cfg = serialization.cfg
+        as_object = cfg.deregistrations_as_object
+        uid, timestamp, original = cfg.include_uid, cfg.include_timestamp, cfg.include_original_ep
+        if not (as_object or uid or timestamp) and original:
+            return None
+        uids, clock = self._uids, self.wall_clock
+        p = self._uid_prefix
+        prefix = f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-"  # a UUID-shaped message id
+
+        def transform(kind: str, item: Item) -> Item:
+            if isinstance(item, str):
+                if kind not in _DEREGISTRATION_KINDS or not as_object:
+                    return item
+                out: dict[str, object] = {"ep": item}
+                if original:
+                    out["original-ep"] = item
+            elif not uid and not timestamp and (original or kind not in _ENDPOINT_KINDS):
+                return item  # shared by every channel: never modified
+            else:
+                out = dict(item)
+                if not original:
+                    out.pop("original-ep", None)
+            if uid:
+                out["uid"] = f"{prefix}{next(uids):012x}"
+            if timestamp:
+                out["timestamp"] = iso_time(clock())
+            return out
+
+        return transform

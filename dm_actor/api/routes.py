@@ -1,0 +1,481 @@
+"""The REST endpoints: Pelion Connect paths mapped onto the supervisor and the hub.
+
+`Api.dispatch` takes a parsed, authenticated request and returns `(status, headers, body)`.
+Device-server paths answer errors with Pelion's plain-string codes; `/v3` paths with Pelion's
+JSON `ErrorResponse`. The long poll and the WebSocket, which need the connection, live in
+`server.py`. Nothing here touches a socket.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+
+from dm_actor.actors.supervisor import Presubscription, Rejected
+from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, iso_time
+from dm_actor.api.schemas import (
+    ChannelRequest,
+    DeliveryMechanism,
+    DeviceData,
+    DeviceList,
+    DeviceQueueView,
+    DeviceRequest,
+    ErrorResponse,
+    PresubscriptionEntry,
+    QueuedCommand,
+    Resource,
+    WebsocketChannel,
+)
+from dm_actor.coap.numbers import content_format_for
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from dm_actor.actors.device import DeviceActor
+    from dm_actor.actors.supervisor import Supervisor
+    from dm_actor.api.channels import NotificationHub
+    from dm_actor.delivery.queue import Command
+
+Headers = list[tuple[bytes, bytes]]
+Response = tuple[int, Headers, bytes]
+
+TEXT: Headers = [(b"content-type", b"text/plain; charset=utf-8")]
+JSON: Headers = [(b"content-type", b"application/json")]
+URI_LIST: Headers = [(b"content-type", b"text/uri-list")]
+NO_CONTENT: Response = (204, [], b"")
+ACCEPTED: Response = (202, [], b"")
+OK_EMPTY: Response = (200, [], b"")
+
+MALFORMED = "MALFORMED_JSON_CONTENT"
+_ALL_OBSERVABLE = ("/*",)  # a pre-subscription without resource-path: every resource
+
+_decode_device_request = msgspec.json.Decoder(DeviceRequest).decode
+_decode_channel = msgspec.json.Decoder(ChannelRequest, strict=False).decode
+_decode_presubscriptions = msgspec.json.Decoder(list[PresubscriptionEntry]).decode
+_encode = msgspec.json.Encoder().encode
+_b64decode = base64.b64decode
+
+
+def text(status: int, body: str) -> Response:
+    return status, TEXT, body.encode()
+
+
+def json(status: int, value: object) -> Response:
+    return status, JSON, _encode(value)
+
+
+def error_v3(status: int, kind: str, message: str) -> Response:
+    return json(status, ErrorResponse(code=status, type=kind, message=message))
+
+
+def rejected(r: Rejected) -> Response:
+    return text(r.status, r.code)
+
+
+NOT_FOUND_ROUTE = error_v3(404, "not_found", "No such resource.")
+BAD_METHOD = error_v3(405, "method_not_allowed", "Method not allowed on this resource.")
+
+
+class Request:
+    """One parsed HTTP request: the path as percent-decoded segments after the first `/`."""
+
+    __slots__ = ("app", "body", "method", "query", "segments")
+
+    def __init__(
+        self,
+        method: bytes,
+        segments: list[str],
+        query: dict[str, str],
+        body: bytes,
+        app: str,
+    ) -> None:
+        self.method = method
+        self.segments = segments
+        self.query = query
+        self.body = body
+        self.app = app
+
+
+class Api:
+    """The REST handlers over one supervisor and one notification hub.
+
+    Args:
+        sup: the running supervisor.
+        hub: the notification hub (channels).
+        wall_offset: added to a `trio.current_time()` value gives wall-clock seconds.
+    """
+
+    def __init__(self, sup: Supervisor, hub: NotificationHub, wall_offset: float) -> None:
+        self.sup = sup
+        self.hub = hub
+        self.wall_offset = wall_offset
+        self._v2: dict[str, Callable[[Request], Awaitable[Response]]] = {
+            "device-requests": self._device_requests,
+            "notification": self._notification,
+            "subscriptions": self._subscriptions,
+            "endpoints": self._endpoints,
+        }
+
+    @classmethod
+    def create(cls, sup: Supervisor, hub: NotificationHub) -> Api:
+        return cls(sup, hub, time.time() - trio.current_time())
+
+    def wall(self, t: float) -> str:
+        return iso_time(t + self.wall_offset)
+
+    async def dispatch(self, req: Request) -> Response:
+        seg = req.segments
+        if len(seg) >= 2 and seg[0] == "v2":
+            handler = self._v2.get(seg[1])
+            if handler is not None:
+                return await handler(req)
+        elif len(seg) >= 2 and seg[0] == "v3" and seg[1] == "devices":
+            return self._devices(req)
+        return NOT_FOUND_ROUTE
+
+    # -- device requests ------------------------------------------------------------------
+
+    async def _device_requests(self, req: Request) -> Response:
+        seg = req.segments
+        if len(seg) != 3 or not seg[2]:
+            return NOT_FOUND_ROUTE
+        if req.method == b"POST":
+            return await self._submit(req, seg[2])
+        if req.method == b"GET":
+            return self._queue_view(seg[2])
+        return BAD_METHOD
+
+    async def _submit(self, req: Request, device_id: str) -> Response:
+        q = req.query
+        async_id = q.get("async-id")
+        if async_id is None:
+            return text(400, "MALFORMED_ASYNC_ID")
+        retry = expiry = None
+        try:
+            if "retry" in q:
+                retry = int(q["retry"])
+        except ValueError:
+            return text(400, "MALFORMED_RETRY")
+        try:
+            if "expiry-seconds" in q:
+                expiry = int(q["expiry-seconds"])
+        except ValueError:
+            return text(400, "MALFORMED_EXPIRY_SECONDS")
+        try:
+            body = _decode_device_request(req.body)
+            payload = _b64decode(body.payload_b64, validate=True) if body.payload_b64 else b""
+        except (msgspec.ValidationError, msgspec.DecodeError, binascii.Error, ValueError):
+            return text(400, MALFORMED)
+        content_format = accept = None
+        if body.content_type:
+            content_format = content_format_for(body.content_type.partition(";")[0])
+            if content_format is None:
+                return text(400, MALFORMED)
+        if body.accept:
+            accept = content_format_for(body.accept.partition(";")[0])
+            if accept is None:
+                return text(400, MALFORMED)
+        if not body.uri:
+            return text(400, MALFORMED)
+        result = await self.sup.submit(
+            device_id,
+            body.method,
+            body.uri,
+            async_id=async_id,
+            payload=payload,
+            content_format=content_format,
+            accept=accept,
+            retry=retry,
+            expiry=expiry,
+            owner=req.app,
+        )
+        if isinstance(result, Rejected):
+            return rejected(result)
+        return ACCEPTED
+
+    def _queue_view(self, device_id: str) -> Response:
+        actor = self.sup.by_endpoint.get(device_id)
+        if actor is None:
+            return text(404, "DEVICE_NOT_FOUND")
+        return json(200, self.queue_view(actor))
+
+    def queue_view(self, actor: DeviceActor) -> DeviceQueueView:
+        """The device's unfinished commands and when each may be attempted next."""
+        q = actor.queue
+        now = trio.current_time()
+        awake = q.awake(now)
+        grace = self.sup.policy.resend_grace
+        wake = "device-wake-up" if q.queue_mode else "device-contact"
+        commands = []
+        if q.in_flight is not None:
+            commands.append(self._command_view(q.in_flight, True, None, "response"))
+        for i, cmd in enumerate(q.queue):
+            not_before = None
+            if i or q.in_flight is not None:
+                waiting = "earlier-commands"
+            elif cmd.last_attempt_at is not None:
+                not_before = self.wall(cmd.last_attempt_at + grace)
+                waiting = wake
+            else:
+                waiting = "delivery" if awake else wake
+            commands.append(self._command_view(cmd, False, not_before, waiting))
+        return DeviceQueueView(
+            endpoint_name=actor.endpoint,
+            queue_mode=q.queue_mode,
+            reachable=q.reachable,
+            awake_until=self.wall(q.awake_until) if q.queue_mode and awake else None,
+            queue_length=len(q),
+            commands=commands,
+        )
+
+    def _command_view(
+        self, cmd: Command, in_flight: bool, not_before: str | None, waiting: str
+    ) -> QueuedCommand:
+        last = cmd.last_attempt_at
+        return QueuedCommand(
+            async_id=cmd.async_id,
+            method=cmd.method,
+            uri=cmd.uri,
+            subscription=cmd.observe,
+            in_flight=in_flight,
+            attempts=cmd.attempts,
+            attempts_left=cmd.attempts_left,
+            accepted_at=self.wall(cmd.accepted_at),
+            expires_at=self.wall(cmd.expires_at),
+            last_attempt_at=None if last is None else self.wall(last),
+            next_attempt_not_before=not_before,
+            waiting_for=waiting,
+        )
+
+    # -- notification channels ------------------------------------------------------------
+
+    async def _notification(self, req: Request) -> Response:
+        seg = req.segments
+        if len(seg) != 3:
+            return NOT_FOUND_ROUTE
+        what, method = seg[2], req.method
+        if what == "websocket":
+            if method == b"PUT":
+                return self._put_websocket(req)
+            if method == b"GET":
+                return self._get_websocket(req.app)
+            if method == b"DELETE":
+                channel = self.hub.channels.get(req.app)
+                if channel is None or channel.mechanism != WEB_SOCKET:
+                    return text(404, "Channel not found.")
+                self.hub.delete(req.app, 1000)
+                return NO_CONTENT
+            return BAD_METHOD
+        if what == "pull" and method == b"DELETE":
+            channel = self.hub.channels.get(req.app)
+            if channel is not None and channel.mechanism == LONG_POLLING:
+                self.hub.delete(req.app)
+                return text(200, "REMOVED")
+            return text(200, "ALREADY_DELETED")
+        if what == "channel":
+            if method != b"GET":
+                return BAD_METHOD
+            channel = self.hub.channels.get(req.app)
+            if channel is None:
+                return text(404, "Channel not found.")
+            return json(200, DeliveryMechanism(channel.mechanism))
+        return NOT_FOUND_ROUTE
+
+    def _put_websocket(self, req: Request) -> Response:
+        try:
+            body = _decode_channel(req.body) if req.body.strip() else ChannelRequest()
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return text(400, f"Invalid serialization options: {exc}")
+        channel = self.hub.channels.get(req.app)
+        if channel is not None:
+            if channel.mechanism != WEB_SOCKET:
+                return text(400, "Another type of notification channel already exists.")
+            return json(200, self._websocket_view(req.app))
+        self.hub.open(req.app, WEB_SOCKET, body.serialization)
+        return json(201, self._websocket_view(req.app))
+
+    def _get_websocket(self, app: str) -> Response:
+        channel = self.hub.channels.get(app)
+        if channel is None or channel.mechanism != WEB_SOCKET:
+            return text(404, "Channel not found.")
+        return json(200, self._websocket_view(app))
+
+    def _websocket_view(self, app: str) -> WebsocketChannel:
+        channel = self.hub.channels[app]
+        return WebsocketChannel(
+            status="connected" if channel.session is not None else "disconnected",
+            queue_size=len(channel),
+            serialization=channel.serialization,
+        )
+
+    # -- subscriptions --------------------------------------------------------------------
+
+    async def _subscriptions(self, req: Request) -> Response:
+        seg, method = req.segments, req.method
+        if len(seg) == 2 or (len(seg) == 3 and not seg[2]):
+            return self._presubscriptions(req)
+        device_id = seg[2]
+        sup = self.sup
+        if len(seg) == 3:  # the device's subscriptions
+            if method == b"GET":
+                paths = sup.subscriptions_of(device_id, req.app)
+                if not paths:
+                    return text(404, "DEVICE_NOT_FOUND" if paths is None else "NO_SUBSCRIPTIONS")
+                return 200, URI_LIST, ("\n".join(paths) + "\n").encode()
+            if method == b"DELETE":
+                for path in sup.subscriptions_of(device_id, req.app) or ():
+                    sup.unsubscribe(device_id, path, req.app)
+                return NO_CONTENT
+            return BAD_METHOD
+        path = "/" + "/".join(seg[3:])
+        if method == b"PUT":
+            result = await sup.subscribe(device_id, path, req.app)
+            return rejected(result) if isinstance(result, Rejected) else OK_EMPTY
+        if method == b"GET":
+            paths = sup.subscriptions_of(device_id, req.app)
+            if paths is None:
+                return text(404, "DEVICE_NOT_FOUND")
+            return OK_EMPTY if path in paths else text(404, "NOT_SUBSCRIBED")
+        if method == b"DELETE":
+            if device_id not in sup.by_endpoint:
+                return text(404, "DEVICE_NOT_FOUND")
+            sup.unsubscribe(device_id, path, req.app)
+            return NO_CONTENT
+        return BAD_METHOD
+
+    def _presubscriptions(self, req: Request) -> Response:
+        method, sup = req.method, self.sup
+        if method == b"GET":
+            entries = [
+                PresubscriptionEntry(
+                    p.endpoint_name,
+                    p.endpoint_type,
+                    None if p.resource_paths == _ALL_OBSERVABLE else list(p.resource_paths),
+                )
+                for p in sup.presubscriptions.get(req.app, ())
+            ]
+            return json(200, entries)
+        if method == b"DELETE":
+            sup.set_presubscriptions(req.app, [])
+            return NO_CONTENT
+        if method != b"PUT":
+            return BAD_METHOD
+        try:
+            entries = _decode_presubscriptions(req.body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return text(400, MALFORMED)
+        presubscriptions = []
+        for e in entries:
+            if e.resource_path is not None and not e.resource_path:
+                return text(400, MALFORMED)
+            paths = _ALL_OBSERVABLE if e.resource_path is None else tuple(e.resource_path)
+            presubscriptions.append(Presubscription(e.endpoint_name, e.endpoint_type, paths))
+        sup.set_presubscriptions(req.app, presubscriptions)
+        return NO_CONTENT
+
+    # -- endpoints and the device directory -----------------------------------------------
+
+    async def _endpoints(self, req: Request) -> Response:
+        seg = req.segments
+        if len(seg) != 3:
+            return NOT_FOUND_ROUTE
+        if req.method != b"GET":
+            return BAD_METHOD
+        actor = self.sup.by_endpoint.get(seg[2])
+        if actor is None:
+            return text(404, "Endpoint not found")
+        return json(200, [Resource(str(p), True, "") for p in actor.reg.objects.paths()])
+
+    def _devices(self, req: Request) -> Response:
+        seg = [s for s in req.segments[2:] if s]  # `/v3/devices/` and `/v3/devices` alike
+        if req.method != b"GET":
+            return BAD_METHOD
+        by_endpoint = self.sup.by_endpoint
+        if len(seg) == 1:
+            actor = by_endpoint.get(seg[0])
+            if actor is None:
+                return error_v3(404, "not_found", "Device not found.")
+            return json(200, self._device_data(actor))
+        if seg:
+            return NOT_FOUND_ROUTE
+        q = req.query
+        try:
+            limit = int(q.get("limit", "50"))
+            if not 2 <= limit <= 1000:
+                raise ValueError
+        except ValueError:
+            return error_v3(400, "validation_error", "limit must be an integer in 2..1000.")
+        order = q.get("order", "ASC").upper()
+        if order not in ("ASC", "DESC"):
+            return error_v3(400, "validation_error", "order must be ASC or DESC.")
+        wanted = _device_filter(q)
+        if isinstance(wanted, str):
+            return error_v3(400, "validation_error", wanted)
+        ids = sorted(by_endpoint, reverse=order == "DESC")
+        if wanted:
+            ids = [i for i in ids if _matches(by_endpoint[i], wanted)]
+        total = len(ids)
+        after = q.get("after")
+        if after is not None:
+            ids = [i for i in ids if (i < after if order == "DESC" else i > after)]
+        page = ids[:limit]
+        include = q.get("include", "").split(",")
+        return json(
+            200,
+            DeviceList(
+                limit=limit,
+                order=order,
+                has_more=len(ids) > limit,
+                data=[self._device_data(by_endpoint[i]) for i in page],
+                after=after,
+                total_count=total if "total_count" in include else None,
+            ),
+        )
+
+    def _device_data(self, actor: DeviceActor) -> DeviceData:
+        reg = actor.reg
+        return DeviceData(
+            id=reg.endpoint,
+            endpoint_name=reg.endpoint,
+            created_at=self.wall(reg.registered_at),
+            updated_at=self.wall(reg.updated_at),
+            lwm2m_version=reg.lwm2m_version,
+            binding=reg.binding,
+            queue_mode=reg.queue_mode,
+            lifetime=reg.lifetime,
+        )
+
+
+_FILTER_FIELDS = {"state": "registered", "lifecycle_status": "enabled"}
+
+
+def _device_filter(q: dict[str, str]) -> dict[str, str] | str:
+    """`filter=state%3Dregistered` and `state__eq=registered` forms, as field -> value;
+    a string is the reason the filter is refused."""
+    wanted: dict[str, str] = {}
+    for part in q.get("filter", "").split("&"):
+        if part:
+            name, _, value = part.partition("=")
+            wanted[name.removesuffix("__eq")] = value
+    for name, value in q.items():
+        if name.endswith("__eq"):
+            wanted[name[:-4]] = value
+    for name in wanted:
+        if name not in _FILTER_FIELDS and name not in ("id", "endpoint_name"):
+            return f"cannot filter devices on {name!r}"
+    return wanted
+
+
+def _matches(actor: DeviceActor, wanted: dict[str, str]) -> bool:
+    for name, value in wanted.items():
+        if name in _FILTER_FIELDS:
+            if _FILTER_FIELDS[name] != value:
+                return False
+        elif actor.endpoint != value:
+            return False
+    return True
