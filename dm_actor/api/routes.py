@@ -424,7 +424,6 @@ class Api:
         if after is not None:
             ids = [i for i in ids if (i < after if order == "DESC" else i > after)]
         page = ids[:limit]
-        include = q.get("include", "").split(",")
         return json(
             200,
             DeviceList(
@@ -433,7 +432,7 @@ class Api:
                 has_more=len(ids) > limit,
                 data=[self._device_data(by_endpoint[i]) for i in page],
                 after=after,
-                total_count=total if "total_count" in include else None,
+                total_count=total,
             ),
         )
 

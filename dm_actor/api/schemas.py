@@ -97,16 +97,16 @@ class DeviceData(msgspec.Struct, frozen=True, kw_only=True):
     lifetime: int
 
 
-class DeviceList(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """A page of `GET /v3/devices`."""
+class DeviceList(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of `GET /v3/devices` (`total_count` always: it is cheap here)."""
 
     object: str = "list"
     limit: int
     order: str
     has_more: bool
+    total_count: int
+    after: str | None
     data: list[DeviceData]
-    after: str | None = None
-    total_count: int | None = None
 
 
 class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):

@@ -147,8 +147,7 @@ class HttpServer:
             if "%" in seg:
                 segments[i] = unquote(seg)
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
-            await self._websocket_connect(conn, stream, event, upgrade, auth)
-            return False
+            return await self._websocket_connect(conn, stream, event, upgrade, auth)
         app = self.keys.from_authorization(auth)
         if app is None:
             await self._send(conn, stream, UNAUTHORIZED)
@@ -178,6 +177,17 @@ class HttpServer:
             data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
         await stream.send_all(data)
+        if close:
+            await self._linger(stream)
+
+    async def _linger(self, stream: trio.SocketStream) -> None:
+        """Before closing on an error, read what the client still sends (briefly): closing
+        with unread data would reset the connection and lose the error response."""
+        with trio.move_on_after(self.options.close_timeout):
+            await stream.send_eof()
+            left = 16 * self.options.max_body
+            while left > 0 and (data := await stream.receive_some(_RECEIVE_SIZE)):
+                left -= len(data)
 
     # -- long poll ------------------------------------------------------------------------
 
@@ -242,8 +252,11 @@ class HttpServer:
         event: h11.Request,
         upgrade: bytes | None,
         auth: bytes | None,
-    ) -> None:
-        """Authenticate the upgrade, hand it to trio-websocket, then serve the channel."""
+    ) -> bool:
+        """Authenticate the upgrade, hand it to trio-websocket, then serve the channel.
+
+        Returns True when the upgrade was refused over HTTP and the connection may go on.
+        """
         protocols: list[str] = []
         key = version = False
         for name, value in event.headers:
@@ -254,16 +267,14 @@ class HttpServer:
             elif name == b"sec-websocket-version":
                 version = value == b"13"
         app = self.keys.from_subprotocols(protocols) or self.keys.from_authorization(auth)
+        refusal = None
         if upgrade is None or upgrade.lower() != b"websocket":
-            await self._send(conn, stream, text(426, "Upgrade to websocket required."))
-            return
-        if app is None:
-            await self._send(conn, stream, UNAUTHORIZED)
-            return
-        if not (key and version):
-            response = text(400, "Sec-WebSocket-Key and Sec-WebSocket-Version 13 are required.")
-            await self._send(conn, stream, response)
-            return
+            refusal = text(426, "Upgrade to websocket required.")
+        elif app is not None and not (key and version):
+            refusal = text(400, "Sec-WebSocket-Key and Sec-WebSocket-Version 13 are required.")
+        if refusal is not None or app is None:
+            await self._send(conn, stream, refusal or UNAUTHORIZED)
+            return conn.our_state is h11.DONE
         prefix = _request_bytes(event) + conn.trailing_data[0]
         async with trio.open_nursery() as nursery:
             ws = None
@@ -273,6 +284,7 @@ class HttpServer:
             if ws is not None:
                 await self._websocket(ws, app, nursery)
             nursery.cancel_scope.cancel()
+        return False
 
     async def _websocket(self, ws: WebSocketConnection, app: str, nursery: trio.Nursery) -> None:
         channel = self.hub.channels.get(app)

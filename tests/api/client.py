@@ -110,7 +110,12 @@ class HttpClient:
         response = None
         chunks = []
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                if response is None:  # closed before answering: a stale keep-alive
+                    return None
+                raise
             if event is h11.NEED_DATA:
                 try:
                     conn.receive_data(await stream.receive_some(65536))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import trio
 import trio.testing
@@ -20,11 +21,11 @@ async def online(api: Api, nursery: trio.Nursery, ep: str = "dev", **kw: object)
     return dev
 
 
-async def pull(client: HttpClient) -> dict[str, list[object]]:
+async def pull(client: HttpClient) -> dict[str, list[Any]]:
     reply = await client.request("GET", "/v2/notification/pull")
     assert reply.status == 200, (reply.status, reply.body)
     assert reply.headers[b"content-type"] == b"application/json"
-    message: dict[str, list[object]] = reply.json()
+    message: dict[str, list[Any]] = reply.json()
     return message
 
 
