@@ -20,6 +20,7 @@ import trio
 
 from dm_actor import __version__, app
 from dm_actor.config import ConfigError, Settings, load_settings
+from dm_actor.sim import cli as sim_cli
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level (default {_DEFAULTS.log_level})",
     )
+    sim_cli.add_parser(commands)
     return parser
 
 
@@ -118,6 +120,8 @@ def _where(settings: Settings) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run `dm-actor` with `argv` (default: `sys.argv[1:]`); returns the exit code."""
     args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        return sim_cli.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
