@@ -1,3 +1,4 @@
 """Persistence behind a protocol: what must survive a restart (registrations, queued commands,
-subscriptions). `memory` keeps it in dicts for tests and benchmarks; SQLite comes later.
+subscriptions, pre-subscriptions, notification channels, access keys, undelivered events).
+`memory` keeps it in dicts for tests and benchmarks; `sqlite` keeps it in one SQLite file.
 """

@@ -441,12 +441,12 @@ class SqliteStore:
 
 def _open(path: Path, *, check: bool) -> sqlite3.Connection:
     """Open `path` read-write, refuse what is not ours, migrate to the current schema."""
-    if path.is_dir():
-        raise StoreError(f"{path}: is a directory, not a store file")
-    if not path.parent.is_dir():
-        raise StoreError(f"{path}: its directory {path.parent} does not exist")
     try:  # the OS says plainly why a file cannot be opened; SQLite does not
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    except FileNotFoundError as exc:
+        raise StoreError(f"{path}: its directory {path.parent} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise StoreError(f"{path}: is a directory, not a store file") from exc
     except OSError as exc:
         raise StoreError(f"{path}: cannot open the store for reading and writing: "
                          f"{exc.strerror}") from exc  # fmt: skip

@@ -1,0 +1,307 @@
+"""The SQLite store's own promises: group commit, durability, migrations, refusing bad files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from dm_actor.store import schema
+from dm_actor.store.base import ChannelRecord, EventRecord, RegistrationRecord, StoreError
+from dm_actor.store.sqlite import SqliteStore
+
+from .support import command, registration, running
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def committed(path: Path, async_id: str) -> bool:
+    """Whether another connection (another process, after a crash) sees the command."""
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute("SELECT 1 FROM commands WHERE async_id = ?", (async_id,)).fetchone()
+        return row is not None
+    finally:
+        db.close()
+
+
+async def test_a_fresh_file_is_wal_fsynced_and_current(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    # synchronous is per connection: read the store's own (FULL = 2)
+    assert store._db.execute("PRAGMA synchronous").fetchone() == (2,)
+    store.close()
+    db = sqlite3.connect(tmp_path / "s.sqlite3")
+    assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    assert db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+    assert db.execute("PRAGMA application_id").fetchone() == (schema.APPLICATION_ID,)
+    db.close()
+
+
+async def test_one_transaction_for_many_concurrent_writers(tmp_path: Path) -> None:
+    """1000 tasks put and wait at once: a handful of commits, and each task's write is on
+    disk when its durable() returns."""
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path)
+    seen: list[bool] = []
+
+    async def writer(i: int) -> None:
+        store.put_command(command(f"ep{i % 50}", f"id{i}"))
+        await store.durable()
+        seen.append(committed(path, f"id{i}"))
+
+    async with running(store):
+        async with trio.open_nursery() as nursery:
+            for i in range(1000):
+                nursery.start_soon(writer, i)
+        transactions = store.transactions
+        await store.durable()  # nothing pending: no transaction
+        assert store.transactions == transactions
+    assert seen == [True] * 1000
+    assert 1 <= transactions <= 3, transactions
+    store.close()
+
+
+async def test_a_full_batch_spills_into_the_next_transaction(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path, max_batch=10)
+    seen: list[bool] = []
+
+    async def writer(i: int) -> None:
+        store.put_command(command("ep", f"id{i}"))
+        await store.durable()
+        seen.append(committed(path, f"id{i}"))
+
+    async with running(store), trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(writer, i)
+    assert seen == [True] * 100
+    assert store.transactions >= 10
+    store.close()
+
+
+async def test_a_write_made_during_a_commit_waits_for_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path)
+    async with running(store):
+        store.put_command(command("ep", "first"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.durable)
+            await trio.testing.wait_all_tasks_blocked()  # the writer is in its thread now
+            store.put_command(command("ep", "second"))
+            before = store.transactions
+            await store.durable()
+            assert store.transactions >= before + 1
+            assert committed(path, "second")
+    store.close()
+
+
+async def test_stopping_the_writer_commits_what_is_buffered(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path)
+    async with running(store):
+        store.put_registration(registration("a"))
+        store.put_command(command("a", "x"))
+    store.close()
+    store = SqliteStore(path)
+    snap = store.load()
+    assert snap.registrations == [registration("a")] and snap.commands == [command("a", "x")]
+    store.close()
+
+
+async def test_a_failed_commit_is_never_reported_durable(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path)
+    failures: list[StoreError] = []
+
+    async def waiter() -> None:
+        try:
+            await store.durable()
+        except StoreError as exc:
+            failures.append(exc)
+
+    with pytest.RaisesGroup(StoreError):
+        async with running(store):
+            store.put_command(command("a", "kept"))
+            await store.durable()
+            store.put_command(command("a", "next"))
+            store.put_command(command("a", "bad", method=None))  # violates NOT NULL
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+    assert len(failures) == 1 and "a write failed" in str(failures[0])
+    with pytest.raises(StoreError):
+        await store.durable()
+    store.close()
+    store = SqliteStore(path)
+    assert [c.async_id for c in store.load().commands] == ["kept"]  # the batch rolled back
+    store.close()
+
+
+# ------------------------------------------------------------------------------ migrations
+
+
+def write_v1_store(path: Path) -> None:
+    """A file as the first version of the code wrote it."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(schema.V1)
+    db.execute(f"PRAGMA application_id = {schema.APPLICATION_ID}")
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO registrations VALUES ('dev-1', 'r1', 300, '1.1', 'UQ', 1, '</3/0>', 1.0, 2.0)"
+    )
+    db.executemany(
+        "INSERT INTO commands VALUES (?, ?, 'PUT', '/3/0/14', x'2B3032', 0, NULL, ?, ?, 3, ?,"
+        " NULL, 0, 'app-1')",
+        [("dev-1", "c1", 1.0, 7201.0, 0), ("dev-1", "c2", 2.0, 7202.0, 1)],
+    )
+    db.execute("INSERT INTO subscriptions VALUES ('dev-1', '/3/0/9', 'app-1')")
+    db.close()
+
+
+async def test_a_version_1_store_is_migrated_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    write_v1_store(path)
+    store = SqliteStore(path)
+    snap = store.load()
+    assert snap.registrations == [
+        RegistrationRecord("dev-1", "r1", 300, "1.1", "UQ", True, "</3/0>", 1.0, 2.0)
+    ]
+    assert snap.commands == [command("dev-1", "c1"), command("dev-1", "c2", at=2.0, attempts=1)]
+    assert snap.subscriptions == {"dev-1": [("/3/0/9", "app-1")]}
+    async with running(store):  # the version 2 parts work
+        store.put_command(command("dev-1", "c1", mid=42, token=b"tk"))
+        store.put_channel(ChannelRecord("app-1", "WEB_SOCKET", 5.0))
+        store.put_event(EventRecord("app-1", 1, "notifications", b"{}", store.clock()))
+        await store.durable()
+    store.close()
+    store = SqliteStore(path)
+    snap = store.load()
+    assert snap.commands[0].mid == 42 and snap.commands[0].token == b"tk"
+    assert len(snap.channels) == 1 and len(snap.events) == 1
+    assert store._db.execute("PRAGMA user_version").fetchone() == (2,)
+    store.close()
+
+
+async def test_a_failed_migration_leaves_the_old_store_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "v1.sqlite3"
+    write_v1_store(path)
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE channels (x)")  # something in the way of version 2
+    db.commit()
+    db.close()
+    with pytest.raises(StoreError, match="migrating to schema version 2 failed"):
+        SqliteStore(path)
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (1,)
+    assert db.execute("SELECT count(*) FROM commands").fetchone() == (2,)
+    assert "mid" not in [c[1] for c in db.execute("PRAGMA table_info(commands)")]
+    db.close()
+
+
+# -------------------------------------------------------------------------- refusing files
+
+
+async def filled_store(path: Path, commands: int = 2000) -> None:
+    store = SqliteStore(path)
+    async with running(store):
+        for i in range(commands):
+            store.put_command(command(f"ep{i % 97}", f"id{i}", payload=b"p" * 40))
+            store.put_registration(registration(f"ep{i}"))
+        await store.durable()
+    store.close()
+
+
+def refused(path: Path, match: str) -> str:
+    """Opening fails with a StoreError naming the file, and the file is left untouched."""
+    before = path.read_bytes()
+    with pytest.raises(StoreError, match=match) as info:
+        SqliteStore(path)
+    assert str(path) in str(info.value)
+    assert path.read_bytes() == before
+    return str(info.value)
+
+
+def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"registrations: none, this is a text file\n" * 200)
+    refused(path, "not a dm-actor store, or damaged: file is not a database")
+
+
+async def test_wrong_magic(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    with path.open("r+b") as f:
+        f.write(b"SQLite format 4\x00")
+    refused(path, "not a database")
+
+
+async def test_truncated_file(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    os.truncate(path, path.stat().st_size // 2)
+    refused(path, "damaged")
+
+
+async def test_damaged_pages(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path)
+    size = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(size // 3)
+        f.write(bytes(range(256)) * (size // 3 // 256))
+    refused(path, "the store is damaged")
+
+
+def test_another_programs_database(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE photos (name TEXT)")
+    db.commit()
+    db.close()
+    refused(path, "a SQLite database, but not a dm-actor store")
+
+
+async def test_a_newer_schema(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    await filled_store(path, commands=10)
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version = {schema.VERSION + 1}")
+    db.commit()
+    db.close()
+    message = refused(path, "written by a newer dm-actor")
+    assert f"schema version {schema.VERSION + 1}" in message
+
+
+def test_permission_denied(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    SqliteStore(path).close()
+    if os.geteuid() != 0:
+        path.chmod(0)
+        refused_as = _open_refused
+    else:  # root reads anything: become nobody for the open
+        refused_as = _open_refused_as_nobody
+    assert "Permission denied" in refused_as(path)
+
+
+def _open_refused(path: Path) -> str:
+    with pytest.raises(StoreError, match="cannot open the store for reading and writing") as e:
+        SqliteStore(path)
+    return str(e.value)
+
+
+def _open_refused_as_nobody(path: Path) -> str:
+    os.seteuid(65534)
+    try:
+        return _open_refused(path)
+    finally:
+        os.seteuid(0)
+
+
+def test_a_directory_or_a_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="is a directory"):
+        SqliteStore(tmp_path)
+    with pytest.raises(StoreError, match="does not exist"):
+        SqliteStore(tmp_path / "missing" / "s.sqlite3")
