@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from dm_actor.store import schema
 from dm_actor.store.base import ChannelRecord, EventRecord, RegistrationRecord, StoreError

@@ -8,8 +8,8 @@ fsyncs. Cases run in interleaved rounds, in an order rotated per round; each kee
 round. Then, once: how long opening (with `PRAGMA quick_check`) and `load()` take for a store
 of `--records` registrations and as many queued commands. Prints one JSON line, then a table.
 
-    python bench/store.py [--rounds N] [--seconds S] [--writers 1,100,1000] [--dir PATH]
-    taskset -c 1 python bench/store.py      # pinned to one core
+    python bench/store_commit.py [--rounds N] [--seconds S] [--writers 1,100,1000] [--dir PATH]
+    taskset -c 1 python bench/store_commit.py      # pinned to one core
 """
 
 from __future__ import annotations
