@@ -293,6 +293,9 @@ class SqliteStore:
     async def durable(self) -> None:
         """Return once every write recorded before this call is committed.
 
+        With nothing pending it returns at once, without a checkpoint (like the memory store).
+        It needs `run` to be running.
+
         Raises:
             StoreError: the writer failed; what it held is not durable.
         """
