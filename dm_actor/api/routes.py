@@ -334,6 +334,8 @@ class Api:
             return BAD_METHOD
         path = "/" + "/".join(seg[3:])
         if method == b"PUT":
+            # 200, not Pelion's 202 + async-response-id: the subscription is recorded at once
+            # and the Observe owes no AsyncIDResponse; values arrive as `notifications`.
             result = await sup.subscribe(device_id, path, req.app)
             return rejected(result) if isinstance(result, Rejected) else OK_EMPTY
         if method == b"GET":
