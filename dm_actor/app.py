@@ -9,22 +9,30 @@ global state.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from dm_actor.actors.supervisor import Supervisor
+from dm_actor.store.sqlite import SqliteStore
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dm_actor.actors.events import EventStream
     from dm_actor.config import Settings
     from dm_actor.store.base import Store
     from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
+
+STORE_FILE = "dm-actor.sqlite3"
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,20 +50,35 @@ async def serve(
     *,
     store: Store | None = None,
     events: EventStream | None = None,
+    wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until cancelled.
 
     Start it with `listening = await nursery.start(serve, settings)` (or `trio.run`).
+    `wall_clock` dates what the store keeps (tests pass one that follows virtual time).
     """
     host, port = settings.server.host, settings.server.coap_port
-    sup = Supervisor(settings, store=store, events=events)
+    sqlite: SqliteStore | None = None
+    if store is None and settings.server.store == "sqlite":
+        path = Path(settings.server.data_dir) / STORE_FILE
+        store = sqlite = await trio.to_thread.run_sync(partial(SqliteStore, path, clock=wall_clock))
+    snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
+    sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
     udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)
     tcp = TcpListener(host, port, sup.on_tcp_message, sup.on_tcp_closed)
-    async with trio.open_nursery() as nursery:
-        udp_addr = await nursery.start(udp.run)
-        sup.attach_udp(udp.send)
-        tcp_addr = await nursery.start(tcp.run)
-        await nursery.start(sup.run)
-        log.info("CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2])
-        task_status.started(Listening(udp_addr, tcp_addr, sup))
+    try:
+        async with trio.open_nursery() as nursery:
+            if sqlite is not None:
+                await nursery.start(sqlite.run)
+            udp_addr = await nursery.start(udp.run)
+            sup.attach_udp(udp.send)
+            tcp_addr = await nursery.start(tcp.run)
+            await nursery.start(sup.run)
+            if snapshot is not None:
+                sup.restore(snapshot)
+            log.info("CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2])
+            task_status.started(Listening(udp_addr, tcp_addr, sup))
+    finally:
+        if sqlite is not None:
+            sqlite.close()

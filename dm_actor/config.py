@@ -34,6 +34,7 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     coap_port: Port = 5683
     http_port: Port = 8080
     data_dir: str = "./dm-actor-data"
+    store: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
     log_level: LogLevel = "info"
 
 

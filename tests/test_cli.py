@@ -207,10 +207,11 @@ def test_a_port_in_use_exits_1_with_one_line(
     assert f"port {port}" in err
 
 
-async def test_serve_from_parsed_arguments_answers_on_port_0(nursery: trio.Nursery) -> None:
-    settings = settings_from_args(
-        build_parser().parse_args(["serve", "--host", "127.0.0.1", "--coap-port", "0"])
-    )
+async def test_serve_from_parsed_arguments_answers_on_port_0(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    args = ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--data-dir", str(tmp_path)]
+    settings = settings_from_args(build_parser().parse_args(args))
     listening: app.Listening = await nursery.start(app.serve, settings)
     assert listening.coap_udp[1] != 0
     assert listening.coap_tcp[1] != 0

@@ -28,7 +28,6 @@ from dm_actor.coap.observe import NotificationOrder
 from dm_actor.delivery.outcomes import Outcome, from_response
 from dm_actor.delivery.queue import Command, DeviceQueue, Failure
 from dm_actor.lwm2m import path as lwm2m_path
-from dm_actor.store.base import CommandRecord
 
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
@@ -116,18 +115,27 @@ class DeviceActor:
     async def run(self) -> None:
         """Serve until the registration ends (De-register, lifetime expiry) or shutdown."""
         mailbox = self.mailbox
-        self.pump(trio.current_time())  # pre-subscriptions, or commands restored from a store
+        started = self.pump(trio.current_time())  # pre-subscriptions, restored commands
         while not mailbox.closed:
+            if started:
+                # an attempt's Message ID and token are durable before its first datagram
+                # leaves, so a restart can resend the same exchange (issue: exactly once)
+                await self.sup.store.durable()
+                self.flush()
             timer = self.coap.get_timer()  # not cached: a new transport replaces the endpoint
             if timer is None:
                 await mailbox.wait()
             else:
                 with trio.move_on_at(timer):
                     await mailbox.wait()
-            self.step(trio.current_time())
+            started = self.step(trio.current_time())
 
-    def step(self, now: float) -> None:
-        """Feed everything that arrived to the machines and act on their decisions."""
+    def step(self, now: float) -> bool:
+        """Feed everything that arrived to the machines and act on their decisions.
+
+        Returns:
+            True when an attempt started: its bytes wait for the store (see `run`).
+        """
         coap = self.coap
         timer = coap.get_timer()
         if timer is not None and timer <= now:
@@ -154,7 +162,7 @@ class DeviceActor:
         if contact:
             self.queue.contact(now)
         self._handle_events(now)
-        self.pump(now, on_contact=contact)
+        return self.pump(now, on_contact=contact)
 
     def tell(self, mail: Mail) -> None:
         """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
@@ -162,16 +170,25 @@ class DeviceActor:
 
     # -- decisions ------------------------------------------------------------------------
 
-    def pump(self, now: float, *, on_contact: bool = False) -> None:
-        """Start the next attempt if the rules allow, publish what finished, send the bytes."""
+    def pump(self, now: float, *, on_contact: bool = False) -> bool:
+        """Start the next attempt if the rules allow and publish what finished.
+
+        Returns:
+            True when an attempt started; its bytes are sent once the store is durable.
+            Otherwise what the endpoint has to send is sent now.
+        """
         queue = self.queue
+        started = False
         if self._in_flight is None and (queue.queue and (self.conn is not None or self.addr)):
             cmd = queue.next_attempt(now, on_contact=on_contact)
             if cmd is not None:
                 self._start_attempt(cmd, now)
+                started = True
         for cmd, outcome in queue.take_finished():
             self.sup.command_finished(self, cmd, outcome)
-        self.flush()
+        if not started:
+            self.flush()
+        return started
 
     def flush(self) -> None:
         out = self.coap.datagrams_to_send()
@@ -237,7 +254,7 @@ class DeviceActor:
         )
         cmd.token = token
         self._in_flight = (token, cmd)
-        self.sup.store.put_command(command_record(self.endpoint, cmd))
+        self.sup.persist_command(self.endpoint, cmd)
 
     def _handle_events(self, now: float) -> None:
         coap = self.coap
@@ -337,22 +354,3 @@ class DeviceActor:
         self.flush()
         self.mailbox.close()
         self.sup.device_ended(self, expired=expired)
-
-
-def command_record(endpoint: str, cmd: Command) -> CommandRecord:
-    return CommandRecord(
-        endpoint=endpoint,
-        async_id=cmd.async_id,
-        method=cmd.method,
-        uri=cmd.uri,
-        payload=cmd.payload,
-        content_format=cmd.content_format,
-        accept=cmd.accept,
-        accepted_at=cmd.accepted_at,
-        expires_at=cmd.expires_at,
-        attempts_left=cmd.attempts_left,
-        attempts=cmd.attempts,
-        last_attempt_at=cmd.last_attempt_at,
-        observe=cmd.observe,
-        owner=cmd.owner,
-    )

@@ -15,14 +15,21 @@ import math
 import random
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
 
-from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection, command_record
+from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
+from dm_actor.actors.persist import (
+    command_from_record,
+    command_record,
+    registration_from_record,
+    registration_record,
+)
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.errors import DecodeError, Reply
@@ -34,7 +41,7 @@ from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
 from dm_actor.lwm2m.errors import InvalidPath, Lwm2mError
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
-from dm_actor.store.base import RegistrationRecord, Store
+from dm_actor.store.base import PresubscriptionRecord, Snapshot, Store
 from dm_actor.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -98,6 +105,7 @@ class Supervisor:
         events: EventStream | None = None,
         mailbox_size: int = 64,
         reply_cache_size: int = 65536,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         d = settings.delivery
         self.settings = settings
@@ -105,6 +113,8 @@ class Supervisor:
         self.events = EventStream() if events is None else events
         self.mailbox_size = mailbox_size
         self.registration_grace = settings.registration.expiry_grace
+        self._wall_clock = wall_clock
+        self.wall_offset = 0.0  # wall-clock minus Trio time; set when `run` starts
         self.params: TransmissionParameters = settings.transmission_parameters()
         # how long a device remembers a Message ID: ours, but at most RFC 7252's 247 s,
         # the default of the clients in the field
@@ -163,6 +173,7 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the sweeps and host the actors until cancelled."""
+        self.wall_offset = self._wall_clock() - trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expiry_sweeper)
@@ -172,6 +183,55 @@ class Supervisor:
 
     def now(self) -> float:
         return trio.current_time()
+
+    def persist_command(self, endpoint: str, cmd: Command) -> None:
+        self.store.put_command(command_record(endpoint, cmd, self.wall_offset))
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Bring back what the store kept (call after `run` started, before serving).
+
+        Devices come back without an address: nothing is sent to them until their next
+        contact (an Update naming their registration id, or a Register). A command that was in
+        flight at the crash goes back to the head with its Message ID and token, so a resend
+        within EXCHANGE_LIFETIME is the same exchange (the device's deduplication answers).
+        Expiry that passed while the server was down is caught by the sweeps.
+        """
+        now = self.now()
+        offset = self.wall_offset
+        for rec in snapshot.registrations:
+            reg = registration_from_record(rec, offset)
+            queue = DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now)
+            queue.reachable = False
+            queue.awake_until = 0.0
+            actor = DeviceActor(self, reg, queue, None, None)
+            self.by_endpoint[reg.endpoint] = actor
+            self.by_reg_id[reg.reg_id] = actor
+            self._watch_lifetime(reg)
+            assert self._nursery is not None, "Supervisor.run() is not running"
+            self._nursery.start_soon(self._host, actor)
+        for crec in snapshot.commands:
+            restored = self.by_endpoint.get(crec.endpoint)
+            if restored is not None:
+                restored.queue.queue.append(command_from_record(crec, offset))
+        for endpoint, entries in snapshot.subscriptions.items():
+            restored = self.by_endpoint.get(endpoint)
+            if restored is None:
+                continue
+            subscriptions = restored.subscriptions = {}
+            for path, owner in entries:
+                subscriptions.setdefault(path, set()).add(owner)
+            for path in subscriptions:
+                self._queue_observe(restored, path, now)  # the old observations are gone
+        for owner, pres in snapshot.presubscriptions.items():
+            self.presubscriptions[owner] = [
+                Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
+                for p in pres
+            ]
+        log.info(
+            "restored %d registrations, %d commands",
+            len(snapshot.registrations),
+            len(snapshot.commands),
+        )
 
     # -- transport callbacks ----------------------------------------------------------------
 
@@ -375,7 +435,7 @@ class Supervisor:
                 self._tell(actor, Signal.WAKE)
         self.by_reg_id[reg.reg_id] = actor
         self._watch_lifetime(reg)
-        self.store.put_registration(registration_record(reg))
+        self.store.put_registration(registration_record(reg, self.wall_offset))
         self.statistics["registrations"] += 1
         self.events.publish("registrations", registration_item(reg))
         return reg_iface.created(reg.reg_id)
@@ -409,7 +469,7 @@ class Supervisor:
         actor.reg = reg
         actor.queue.queue_mode = reg.queue_mode
         self._watch_lifetime(reg)
-        self.store.put_registration(registration_record(reg))
+        self.store.put_registration(registration_record(reg, self.wall_offset))
         self.events.publish("reg-updates", registration_item(reg))
         return reg_iface.changed()
 
@@ -549,7 +609,7 @@ class Supervisor:
                 actor.queue.finish_now(cmd, fresh, now)
                 self._tell(actor, Signal.WAKE)
                 return Accepted()
-        self.store.put_command(command_record(device_id, cmd))
+        self.persist_command(device_id, cmd)
         await self.store.durable()
         self._tell(actor, Signal.WAKE)
         return Accepted()
@@ -642,7 +702,7 @@ class Supervisor:
                             None, None, now, observe=True)  # fmt: skip
         verdict = queue.submit(cmd, now)
         if verdict is Verdict.ACCEPTED:
-            self.store.put_command(command_record(actor.endpoint, cmd))
+            self.persist_command(actor.endpoint, cmd)
         return verdict
 
     def unsubscribe(self, device_id: str, path: str, owner: str = "") -> bool:
@@ -676,6 +736,13 @@ class Supervisor:
             self.presubscriptions[owner] = list(presubscriptions)
         else:
             self.presubscriptions.pop(owner, None)
+        self.store.set_presubscriptions(
+            owner,
+            [
+                PresubscriptionRecord(p.endpoint_name, p.endpoint_type, p.resource_paths)
+                for p in presubscriptions
+            ],
+        )
 
     def _apply_presubscriptions(self, actor: DeviceActor, now: float) -> None:
         for owner, presubscriptions in self.presubscriptions.items():
@@ -709,22 +776,6 @@ def _check(msg: Message) -> None:
     if msg.code:
         msg.uri_path  # noqa: B018
         msg.uri_query  # noqa: B018
-
-
-def registration_record(reg: Registration) -> RegistrationRecord:
-    from dm_actor.lwm2m.link_format import serialise_links
-
-    return RegistrationRecord(
-        endpoint=reg.endpoint,
-        reg_id=reg.reg_id,
-        lifetime=reg.lifetime,
-        lwm2m_version=reg.lwm2m_version,
-        binding=reg.binding,
-        queue_mode=reg.queue_mode,
-        links=serialise_links(reg.objects.links()),
-        registered_at=reg.registered_at,
-        updated_at=reg.updated_at,
-    )
 
 
 def registration_item(reg: Registration) -> dict[str, object]:

@@ -97,6 +97,7 @@ class Device:
     answer: bool = True  # False: receive requests but never answer (a hung device)
     reset: bool = False  # answer every request with a CoAP Reset
     loss: float = 0.0  # drop this share of datagrams in each direction (seeded)
+    mute: bool = False  # execute and answer, but every datagram it sends is lost
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     arrivals: list[tuple[float, Message]] = field(default_factory=list)
     observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
@@ -165,7 +166,7 @@ class Device:
         for out in self.coap.datagrams_to_send():
             if self.sock is None:  # closed (asleep): what it would have sent is lost
                 return
-            if not (self.loss and self.rng.random() < self.loss):
+            if not self.mute and not (self.loss and self.rng.random() < self.loss):
                 await self.sock.sendto(out, self.server)
 
     def _events(self, now: float) -> None:

@@ -1,0 +1,104 @@
+"""What survives a restart with the SQLite store (issue: nothing accepted is ever lost)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import trio
+import trio.testing
+
+from dm_actor import app
+from dm_actor.actors.events import EventStream
+from dm_actor.actors.supervisor import Accepted
+from dm_actor.coap.numbers import Code
+from dm_actor.config import parse_settings
+
+from .support import Device
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+
+def settings_for(data_dir: Path) -> str:
+    return f'[server]\nhost = "127.0.0.1"\ncoap_port = 0\ndata_dir = "{data_dir}"\n'
+
+
+async def run_server(
+    nursery: trio.Nursery, data_dir: Path, clock: trio.testing.MockClock
+) -> tuple[trio.CancelScope, app.Listening, EventStream]:
+    events = EventStream()
+    scope = trio.CancelScope()
+
+    async def serve(*, task_status: trio.TaskStatus[app.Listening]) -> None:
+        with scope:
+            await app.serve(
+                parse_settings(settings_for(data_dir)),
+                events=events,
+                wall_clock=lambda: 1.7e9 + clock.current_time(),  # wall time follows the mock
+                task_status=task_status,
+            )
+
+    listening: app.Listening = await nursery.start(serve)
+    return scope, listening, events
+
+
+def slow_jumps(clock: trio.testing.MockClock) -> None:
+    """SQLite commits run in a worker thread: jump the clock only after 50 ms of real idle
+    time, so that a commit in progress does not let virtual time run ahead of it."""
+    clock.autojump_threshold = 0.05
+
+
+def async_responses(events: EventStream) -> dict[str, dict[str, object]]:
+    return {
+        str(item["id"]): item
+        for kind, item, _ in events.take()
+        if kind == "async-responses" and isinstance(item, dict)
+    }
+
+
+async def test_queued_commands_and_registrations_survive_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "sleepy", binding="UQ", lifetime=3600)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    await trio.sleep(100)  # asleep
+    assert await first.supervisor.submit("sleepy", "GET", "/3/0/1", async_id="a") == Accepted()
+    scope.cancel()  # the daemon stops
+    await trio.sleep(10)
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    assert "sleepy" in second.supervisor.by_endpoint
+    dev.server = second.coap_udp  # the same device, its server came back on another port
+    assert (await dev.update()).code == Code.CHANGED  # wake-up: the registration id still works
+    await trio.sleep(1)
+    assert [e.path for e in dev.executed] == ["/3/0/1"]
+    assert async_responses(events)["a"]["status"] == 200
+
+
+async def test_an_attempt_in_flight_is_resent_as_the_same_exchange(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "slow", lifetime=3600)
+    await dev.start(nursery)
+    await dev.register()
+    dev.mute = True  # it executes the request and answers, but its answers are lost
+    await first.supervisor.submit("slow", "PUT", "/3311/0/5850", async_id="a", payload=b"1",
+                                  content_format=0)  # fmt: skip
+    await trio.sleep(1)
+    scope.cancel()  # the daemon dies with the attempt in flight
+    await trio.sleep(150)  # restarted after the grace period, inside EXCHANGE_LIFETIME
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    dev.server = second.coap_udp
+    dev.mute = False
+    assert (await dev.update()).code == Code.CHANGED
+    await trio.sleep(1)
+    assert async_responses(events)["a"]["status"] == 200
+    assert len(dev.executed) == 1  # the resend was answered from the device's dedup cache
+    puts = [m for _, m in dev.arrivals if m.code == Code.PUT]
+    assert len(puts) >= 2 and len({(m.mid, m.token) for m in puts}) == 1
