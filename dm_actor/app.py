@@ -9,6 +9,7 @@ global state.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from dm_actor.actors.supervisor import Supervisor
+from dm_actor.api import ApiKeys, load_api_keys, serve_http
 from dm_actor.store.sqlite import SqliteStore
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import UdpEndpoint
@@ -43,6 +45,8 @@ class Listening:
     coap_udp: Address
     coap_tcp: Address
     supervisor: Supervisor
+    http: Address | None = None
+    api_keys: ApiKeys | None = None
 
 
 async def serve(
@@ -51,12 +55,16 @@ async def serve(
     store: Store | None = None,
     events: EventStream | None = None,
     wall_clock: Callable[[], float] = time.time,
+    http: bool = True,
+    api_keys: ApiKeys | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the server until cancelled.
 
     Start it with `listening = await nursery.start(serve, settings)` (or `trio.run`).
     `wall_clock` dates what the store keeps (tests pass one that follows virtual time).
+    With `http=False` no HTTP port is opened and the caller reads `events` itself. Without
+    `api_keys` they come from the settings, `DM_ACTOR_API_KEY` and the data directory.
     """
     host, port = settings.server.host, settings.server.coap_port
     sqlite: SqliteStore | None = None
@@ -77,8 +85,24 @@ async def serve(
             await nursery.start(sup.run)
             if snapshot is not None:
                 sup.restore(snapshot)
+            http_addr = None
+            if http:
+                if api_keys is None:
+                    api_keys = await trio.to_thread.run_sync(
+                        load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
+                    )
+                http_addr = await nursery.start(
+                    serve_http, sup, host, settings.server.http_port, api_keys
+                )
+                log.info("HTTP API on http://%s:%d", *http_addr[:2])
+                if api_keys.generated:
+                    log.warning(
+                        "first start: generated the API key %s (kept in %s)",
+                        api_keys.generated,
+                        settings.server.data_dir,
+                    )
             log.info("CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2])
-            task_status.started(Listening(udp_addr, tcp_addr, sup))
+            task_status.started(Listening(udp_addr, tcp_addr, sup, http_addr, api_keys))
     finally:
         if sqlite is not None:
             sqlite.close()

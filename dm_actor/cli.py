@@ -1,8 +1,9 @@
 """The `dm-actor` command: parse arguments, load `Settings`, run the server under Trio.
 
 `main()` is the only entry point; it returns the process exit code (0: stopped by SIGINT or
-SIGTERM, 1: a socket could not be opened, 2: bad settings), printing a one-line error for 1
-and 2, and never calls `sys.exit` itself (argparse does, for bad flags and `--version`).
+SIGTERM, 1: a socket could not be opened, 2: bad settings, 3: the store in the data
+directory is corrupt, unreadable or from a newer version), printing a one-line error, and
+never calls `sys.exit` itself (argparse does, for bad flags and `--version`).
 Log records of `dm_actor` go to stderr while the server runs; nothing is configured at import.
 """
 
@@ -16,11 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from dm_actor import __version__, app
 from dm_actor.config import ConfigError, Settings, load_settings
 from dm_actor.sim import cli as sim_cli
+from dm_actor.store.base import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -50,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", metavar="DIR", help=f"data directory (default {_DEFAULTS.data_dir})"
     )
     serve.add_argument(
+        "--store",
+        choices=("sqlite", "memory"),
+        help="where accepted work is kept (default sqlite in the data directory; memory: "
+        "nothing survives a restart)",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="an access key to accept (repeatable; also DM_ACTOR_API_KEY and [api] keys)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level (default {_DEFAULTS.log_level})",
@@ -64,14 +79,19 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     Raises:
         ConfigError: the settings are invalid.
     """
-    return load_settings(
+    settings = load_settings(
         args.config,
         host=args.host,
         coap_port=args.coap_port,
         http_port=args.http_port,
         data_dir=args.data_dir,
         log_level=args.log_level,
+        store=args.store,
     )
+    if args.api_key:
+        api = msgspec.structs.replace(settings.api, keys=[*settings.api.keys, *args.api_key])
+        settings = msgspec.structs.replace(settings, api=api)
+    return settings
 
 
 class StartupError(Exception):
@@ -134,11 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dm-actor: error: data directory {data_dir}: {exc.strerror}", file=sys.stderr)
         return 2
     failures: list[StartupError] = []
+    store_failures: list[BaseException] = []
     with _logging_to_stderr(settings.server.log_level):
         try:
             trio.run(run_until_signalled, settings)
         except* StartupError as group:
             failures.extend(e for e in group.exceptions if isinstance(e, StartupError))
-    for failure in failures:
+        except* StoreError as group:
+            store_failures.extend(group.exceptions)
+    for failure in [*failures, *store_failures]:
         print(f"dm-actor: error: {failure}", file=sys.stderr)
+    if store_failures:
+        return 3
     return 1 if failures else 0

@@ -62,12 +62,21 @@ class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     expiry_grace: Annotated[float, msgspec.Meta(ge=0)] = 15.0
 
 
+class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """The northbound API."""
+
+    # access keys accepted on every call (with --api-key and DM_ACTOR_API_KEY); with none,
+    # a key is generated on the first start and kept in the data directory
+    keys: list[str] = msgspec.field(default_factory=list)
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every setting of the server, one section per TOML table."""
 
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     registration: RegistrationSettings = msgspec.field(default_factory=RegistrationSettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
 
     def transmission_parameters(self) -> TransmissionParameters:
         """The CoAP transmission parameters that `[delivery]` sets (RFC 7252 4.8)."""

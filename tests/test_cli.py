@@ -210,7 +210,8 @@ def test_a_port_in_use_exits_1_with_one_line(
 async def test_serve_from_parsed_arguments_answers_on_port_0(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    args = ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--data-dir", str(tmp_path)]
+    args = ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0"]
+    args += ["--data-dir", str(tmp_path)]
     settings = settings_from_args(build_parser().parse_args(args))
     listening: app.Listening = await nursery.start(app.serve, settings)
     assert listening.coap_udp[1] != 0

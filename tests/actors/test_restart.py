@@ -34,6 +34,7 @@ async def run_server(
             await app.serve(
                 parse_settings(settings_for(data_dir)),
                 events=events,
+                http=False,  # this test reads the events itself
                 wall_clock=lambda: 1.7e9 + clock.current_time(),  # wall time follows the mock
                 task_status=task_status,
             )

@@ -64,7 +64,7 @@ class Peer:
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> Address:
     listening: app.Listening = await nursery.start(
-        app.serve, load_settings(None, host="127.0.0.1", coap_port=0, store="memory")
+        app.serve, load_settings(None, host="127.0.0.1", coap_port=0, http_port=0, store="memory")
     )
     return listening.coap_tcp
 
