@@ -7,6 +7,7 @@ A trio client talks to `app.serve` (or to a bare `TcpListener`) on 127.0.0.1 por
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,9 +64,8 @@ class Peer:
 
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> Address:
-    listening: app.Listening = await nursery.start(
-        app.serve, load_settings(None, host="127.0.0.1", coap_port=0, http_port=0, store="memory")
-    )
+    settings = load_settings(None, host="127.0.0.1", coap_port=0, store="memory")
+    listening: app.Listening = await nursery.start(partial(app.serve, settings, http=False))
     return listening.coap_tcp
 
 

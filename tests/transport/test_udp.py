@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,9 +145,8 @@ async def test_many_unreachable_destinations_are_all_reported(nursery: trio.Nurs
 
 @pytest.fixture
 async def server(nursery: trio.Nursery) -> Address:
-    listening: app.Listening = await nursery.start(
-        app.serve, load_settings(None, host="127.0.0.1", coap_port=0, http_port=0, store="memory")
-    )
+    settings = load_settings(None, host="127.0.0.1", coap_port=0, store="memory")
+    listening: app.Listening = await nursery.start(partial(app.serve, settings, http=False))
     return listening.coap_udp
 
 
