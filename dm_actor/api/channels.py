@@ -4,9 +4,9 @@ The hub is the only reader of the supervisor's `EventStream`. It fans every even
 channel of each application the event is for (all of them when `owners` is None), into a
 bounded per-channel buffer: beyond `capacity` the oldest event is dropped and counted, so a
 slow or absent client never blocks a device. A delivery mechanism (a WebSocket session, a long
-poll, a webhook task) waits on its channel and takes `NotificationMessage`s from it: up to
-`max_chunk_size` events grouped by kind, encoded once. A message that could not be delivered
-is put back with `unread`. This module never does network I/O.
+poll, a webhook task of `webhook.py`) waits on its channel and takes `NotificationMessage`s
+from it: up to `max_chunk_size` events grouped by kind, encoded once. A message that could not
+be delivered is put back with `unread`. This module never does network I/O.
 """
 
 from __future__ import annotations
@@ -218,6 +218,11 @@ class NotificationHub:
         )
         self.channels[app] = channel
         return channel
+
+    def reconfigure(self, channel: Channel, serialization: Serialization) -> None:
+        """Serialize `channel`'s events arriving from now on with `serialization`."""
+        channel.serialization = serialization
+        channel._transform = self._transform_for(serialization)
 
     def delete(self, app: str, code: int = 1000) -> Channel | None:
         channel = self.channels.pop(app, None)

@@ -19,6 +19,8 @@ import trio
 from dm_actor.actors.supervisor import Presubscription, Rejected
 from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, iso_time
 from dm_actor.api.schemas import (
+    CallbackChannel,
+    CallbackRequest,
     ChannelRequest,
     DeliveryMechanism,
     DeviceData,
@@ -31,6 +33,7 @@ from dm_actor.api.schemas import (
     Resource,
     WebsocketChannel,
 )
+from dm_actor.api.webhook import Webhooks, parse_target
 from dm_actor.coap.numbers import content_format_for
 
 if TYPE_CHECKING:
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.device import DeviceActor
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.api.channels import NotificationHub
+    from dm_actor.api.webhook import WebhookOptions
     from dm_actor.delivery.queue import Command
 
 Headers = list[tuple[bytes, bytes]]
@@ -56,6 +60,7 @@ _ALL_OBSERVABLE = ("/*",)  # a pre-subscription without resource-path: every res
 
 _decode_device_request = msgspec.json.Decoder(DeviceRequest).decode
 _decode_channel = msgspec.json.Decoder(ChannelRequest, strict=False).decode
+_decode_callback = msgspec.json.Decoder(CallbackRequest, strict=False).decode
 _decode_presubscriptions = msgspec.json.Decoder(list[PresubscriptionEntry]).decode
 _encode = msgspec.json.Encoder().encode
 _b64decode = base64.b64decode
@@ -108,12 +113,20 @@ class Api:
         sup: the running supervisor.
         hub: the notification hub (channels).
         wall_offset: added to a `trio.current_time()` value gives wall-clock seconds.
+        webhooks: the callback channels (default: over `hub` with default timers).
     """
 
-    def __init__(self, sup: Supervisor, hub: NotificationHub, wall_offset: float) -> None:
+    def __init__(
+        self,
+        sup: Supervisor,
+        hub: NotificationHub,
+        wall_offset: float,
+        webhooks: Webhooks | None = None,
+    ) -> None:
         self.sup = sup
         self.hub = hub
         self.wall_offset = wall_offset
+        self.webhooks = webhooks or Webhooks(hub)
         self._v2: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "device-requests": self._device_requests,
             "notification": self._notification,
@@ -122,8 +135,10 @@ class Api:
         }
 
     @classmethod
-    def create(cls, sup: Supervisor, hub: NotificationHub) -> Api:
-        return cls(sup, hub, time.time() - trio.current_time())
+    def create(
+        cls, sup: Supervisor, hub: NotificationHub, webhook_options: WebhookOptions | None = None
+    ) -> Api:
+        return cls(sup, hub, time.time() - trio.current_time(), Webhooks(hub, webhook_options))
 
     def wall(self, t: float) -> str:
         return iso_time(t + self.wall_offset)
@@ -271,6 +286,16 @@ class Api:
                 self.hub.delete(req.app, 1000)
                 return NO_CONTENT
             return BAD_METHOD
+        if what == "callback":
+            if method == b"PUT":
+                return await self._put_callback(req)
+            if method == b"GET":
+                return self._get_callback(req.app)
+            if method == b"DELETE":
+                if not self.webhooks.delete(req.app):
+                    return text(404, "Channel not found.")
+                return NO_CONTENT
+            return BAD_METHOD
         if what == "pull" and method == b"DELETE":
             channel = self.hub.channels.get(req.app)
             if channel is not None and channel.mechanism == LONG_POLLING:
@@ -298,6 +323,32 @@ class Api:
             return json(200, self._websocket_view(req.app))
         self.hub.open(req.app, WEB_SOCKET, body.serialization)
         return json(201, self._websocket_view(req.app))
+
+    async def _put_callback(self, req: Request) -> Response:
+        try:
+            body = _decode_callback(req.body)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return text(400, MALFORMED)
+        try:
+            target = parse_target(body.url, body.headers)
+        except ValueError as exc:
+            return text(400, str(exc))
+        refusal = await self.webhooks.register(req.app, target, body.serialization)
+        return NO_CONTENT if refusal is None else text(*refusal)
+
+    def _get_callback(self, app: str) -> Response:
+        hook = self.webhooks.get(app)
+        if hook is None:
+            return text(404, "Channel not found.")
+        target = hook.target
+        return json(
+            200,
+            CallbackChannel(
+                url=target.url,
+                headers=dict(target.headers),
+                serialization=self.hub.channels[app].serialization,
+            ),
+        )
 
     def _get_websocket(self, app: str) -> Response:
         channel = self.hub.channels.get(app)

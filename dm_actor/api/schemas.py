@@ -49,6 +49,22 @@ class ChannelRequest(msgspec.Struct, frozen=True, kw_only=True):
     serialization: Serialization = DEFAULT_SERIALIZATION
 
 
+class CallbackRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of `PUT /v2/notification/callback`."""
+
+    url: str
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    serialization: Serialization = DEFAULT_SERIALIZATION
+
+
+class CallbackChannel(msgspec.Struct, frozen=True, kw_only=True):
+    """`GET /v2/notification/callback`."""
+
+    url: str
+    headers: dict[str, str]
+    serialization: Serialization
+
+
 class WebsocketChannel(msgspec.Struct, frozen=True, kw_only=True):
     """`GET /v2/notification/websocket` (and the `PUT` answers)."""
 

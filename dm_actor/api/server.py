@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_st
 from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, Channel, NotificationHub, Session
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, text
+from dm_actor.api.webhook import WebhookOptions
 
 if TYPE_CHECKING:
     from dm_actor.actors.device import Address
@@ -50,6 +51,7 @@ class HttpOptions:
     idle_timeout: float = 600.0  # a keep-alive connection with no request is closed
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
+    webhook: WebhookOptions = field(default_factory=WebhookOptions)
 
 
 class HttpServer:
@@ -61,7 +63,7 @@ class HttpServer:
         self.keys = api_keys
         self.options = options or HttpOptions()
         self.hub = NotificationHub(sup.events)
-        self.api = Api.create(sup, self.hub)
+        self.api = Api.create(sup, self.hub, self.options.webhook)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
@@ -83,7 +85,7 @@ class HttpServer:
             async with stream:
                 while await self._request(conn, stream):
                     conn.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, TimeoutError):
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass  # the client went away or idled out
         except Exception:  # one connection's failure never stops the server
             log.exception("HTTP connection from %s failed", _peer(stream))
