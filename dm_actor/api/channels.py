@@ -170,6 +170,11 @@ class NotificationHub:
         events: the supervisor's event stream (the hub is its only reader).
         capacity: events kept per channel before the oldest are dropped.
         wall_clock: the wall clock for `include_timestamp` (injected for tests).
+        orphan_limit: events kept for an application without a channel (its own events
+            only: async responses, its subscriptions' notifications) ...
+        orphan_ttl: ... for at most this many seconds; a channel opened meanwhile gets them.
+            An SDK that starts its long poll and sends a request at once (Pelion's Python
+            SDK does) thus never loses the response to that race.
     """
 
     def __init__(
@@ -178,12 +183,17 @@ class NotificationHub:
         *,
         capacity: int = 100_000,
         wall_clock: Callable[[], float] = time.time,
+        orphan_limit: int = 1000,
+        orphan_ttl: float = 60.0,
     ) -> None:
         self.events = events
         self.capacity = capacity
         self.wall_clock = wall_clock
+        self.orphan_limit = orphan_limit
+        self.orphan_ttl = orphan_ttl
         self.channels: dict[str, Channel] = {}
-        self.unrouted = 0  # events for applications without a channel
+        self.orphans: dict[str, deque[tuple[float, Event]]] = {}
+        self.unrouted = 0  # events for applications without a channel, dropped
         self.nursery: trio.Nursery | None = None  # for delivery tasks (webhooks)
         self._uid_prefix = secrets.token_hex(10)
         self._uids = itertools.count(1)
@@ -205,18 +215,39 @@ class NotificationHub:
                     for owner in owners:
                         found = channels.get(owner)
                         if found is None:
-                            self.unrouted += 1
+                            self._orphan(owner, event)
                         else:
                             found.push(event)
+
+    def _orphan(self, app: str, event: Event) -> None:
+        """Keep an event of `app`, which has no channel, for a while (bounded)."""
+        now = trio.current_time()
+        kept = self.orphans.get(app)
+        if kept is None:
+            kept = self.orphans[app] = deque()
+        kept.append((now, event))
+        oldest = now - self.orphan_ttl
+        while len(kept) > self.orphan_limit or kept[0][0] < oldest:
+            kept.popleft()
+            self.unrouted += 1
 
     def open(
         self, app: str, mechanism: str, serialization: Serialization = DEFAULT_SERIALIZATION
     ) -> Channel:
-        """A new channel for `app` (replacing none: check `channels` first)."""
+        """A new channel for `app` (replacing none: check `channels` first), holding the
+        app's own events of the last `orphan_ttl` seconds."""
         channel = Channel(
             app, mechanism, serialization, self.capacity, self._transform_for(serialization)
         )
         self.channels[app] = channel
+        kept = self.orphans.pop(app, None)
+        if kept:
+            oldest = trio.current_time() - self.orphan_ttl
+            for at, event in kept:
+                if at >= oldest:
+                    channel.push(event)
+                else:
+                    self.unrouted += 1
         return channel
 
     def reconfigure(self, channel: Channel, serialization: Serialization) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import trio
 import trio.testing
@@ -16,7 +17,7 @@ def response(i: int) -> dict[str, object]:
     return {"id": f"r{i}", "status": 200}
 
 
-async def start_hub(nursery: trio.Nursery, **kw: int) -> tuple[EventStream, NotificationHub]:
+async def start_hub(nursery: trio.Nursery, **kw: Any) -> tuple[EventStream, NotificationHub]:
     events = EventStream()
     hub = NotificationHub(events, wall_clock=lambda: 1_700_000_000.25, **kw)
     await nursery.start(hub.run)
@@ -36,7 +37,24 @@ async def test_events_reach_only_their_applications(nursery: trio.Nursery) -> No
     message, _ = b.take()
     assert json.loads(message) == {"registrations": [{"ep": "d"}],
                                    "async-responses": [response(2)]}  # fmt: skip
-    assert hub.unrouted == 1
+    assert [e[1] for _, e in hub.orphans["nobody"]] == [response(2)]  # kept for a while
+
+
+async def test_an_application_without_a_channel_gets_its_last_minute_of_events(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    events, hub = await start_hub(nursery, orphan_limit=3)
+    events.publish("registrations", {"ep": "d"})  # for everyone: not kept
+    for i in range(5):
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.unrouted == 2  # beyond the limit
+    await trio.sleep(30)
+    events.publish("async-responses", response(5), frozenset({"a"}))
+    await trio.sleep(31)  # r2..r4 are now older than a minute
+    message, _ = hub.open("a", LONG_POLLING).take()
+    assert json.loads(message) == {"async-responses": [response(5)]}
+    assert hub.unrouted == 5 and "a" not in hub.orphans
 
 
 async def test_bounded_buffer_drops_the_oldest(nursery: trio.Nursery) -> None:
