@@ -68,7 +68,14 @@ _CONTENT_FORMAT = OptionNumber.CONTENT_FORMAT.value
 _OBSERVE = OptionNumber.OBSERVE.value
 _LOCATION_PATH = OptionNumber.LOCATION_PATH.value
 _LINK_FORMAT = ContentFormat.LINK_FORMAT.value
+_URI_QUERY = OptionNumber.URI_QUERY.value
 _RST = 3
+_RD = (_URI_PATH, b"rd")
+_LINK_FORMAT_OPTION = (_CONTENT_FORMAT, uint_bytes(_LINK_FORMAT))
+_LWM2M_1_1 = (_URI_QUERY, b"lwm2m=1.1")
+_BINDING_U = (_URI_QUERY, b"b=U")
+_BINDING_T = (_URI_QUERY, b"b=T")
+_QUEUE = (_URI_QUERY, b"Q")
 _INF = math.inf
 _PING = Code.PING.value
 
@@ -419,14 +426,16 @@ class SimDevice(ObjectTree):
     def _register(self, now: float) -> None:
         self._set_location("")
         self.observations = self.notified = None  # a new registration starts afresh
-        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m=1.1&b={self.binding[0]}"
-        if self.queue:
-            query += "&Q"
-        options = (
-            (_URI_PATH, b"rd"),
-            (_CONTENT_FORMAT, uint_bytes(_LINK_FORMAT)),
-            *query_options(query),
+        options: tuple[Option, ...] = (
+            _RD,
+            _LINK_FORMAT_OPTION,
+            (_URI_QUERY, f"ep={self.endpoint}".encode()),
+            (_URI_QUERY, b"lt=%d" % self.lifetime),
+            _LWM2M_1_1,
+            _BINDING_T if self.transport == TCP else _BINDING_U,
         )
+        if self.queue:
+            options += (_QUEUE,)
         self._request(REGISTER, options, self.object_links(), now)
         self.state = REGISTERING
 
@@ -438,7 +447,7 @@ class SimDevice(ObjectTree):
         )
         payload = b""
         if wants & WANT_OBJECTS:
-            options += ((_CONTENT_FORMAT, uint_bytes(_LINK_FORMAT)),)
+            options += (_LINK_FORMAT_OPTION,)
             payload = self.object_links()
         if wants & WANT_UPDATE:
             options += query_options(f"lt={self.lifetime}")

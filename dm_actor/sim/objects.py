@@ -13,8 +13,9 @@ never builds CoAP messages: `client` does that.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 from dm_actor.coap.numbers import Code, ContentFormat
 from dm_actor.lwm2m import content
@@ -30,6 +31,8 @@ from dm_actor.lwm2m.content.values import path_ids
 
 if TYPE_CHECKING:
     import random
+
+_T = TypeVar("_T", "Temperature", "Light")
 
 #: The resources of each object: id -> (kind, operations). Kinds: s str, i int, f float,
 #: b bool, t time (int seconds), e executable. Operations: R, W, E; M marks a resource with
@@ -80,9 +83,10 @@ class World:
 class Temperature:
     """One `/3303/x`: a random walk sampled every `World.sample_period` seconds, lazily."""
 
-    __slots__ = ("high", "low", "tick", "value")
+    __slots__ = ("high", "iid", "low", "tick", "value")
 
-    def __init__(self, value: float, tick: int) -> None:
+    def __init__(self, iid: int, value: float, tick: int) -> None:
+        self.iid = iid
         self.value = self.low = self.high = value
         self.tick = tick
 
@@ -101,9 +105,10 @@ class Temperature:
 class Light:
     """One `/3311/x`: on/off, dimmer, and the time it was switched on."""
 
-    __slots__ = ("dimmer", "on_since")
+    __slots__ = ("dimmer", "iid", "on_since")
 
-    def __init__(self) -> None:
+    def __init__(self, iid: int) -> None:
+        self.iid = iid
         self.dimmer = 100
         self.on_since: float | None = None
 
@@ -215,10 +220,11 @@ class ObjectTree:
         rng = world.rng
         self.phase = rng.uniform(0.0, world.sample_period)
         tick = self.tick(now)
-        self.temperatures = {
-            i: Temperature(round(rng.uniform(15.0, 30.0), 2), tick) for i in range(temperatures)
-        }
-        self.lights = {i: Light() for i in range(lights)}
+        # lists sorted by instance id: a one-entry list costs a third of a one-entry dict
+        self.temperatures = [
+            Temperature(i, round(rng.uniform(15.0, 30.0), 2), tick) for i in range(temperatures)
+        ]
+        self.lights = [Light(i) for i in range(lights)]
         self.attributes: dict[str, dict[str, float | int]] | None = None
         self.wants = 0
 
@@ -238,17 +244,24 @@ class ObjectTree:
         if object_id in (1, 3):
             return [0]
         if object_id == 3303:
-            return sorted(self.temperatures)
+            return [t.iid for t in self.temperatures]
         if object_id == 3311:
-            return sorted(self.lights)
+            return [light.iid for light in self.lights]
         return None
+
+    def temperature(self, iid: int) -> Temperature:
+        """`/3303/iid` (KeyError when there is none)."""
+        return _find(self.temperatures, iid)
+
+    def light(self, iid: int) -> Light:
+        """`/3311/iid` (KeyError when there is none)."""
+        return _find(self.lights, iid)
 
     def object_links(self) -> bytes:
         """The Register payload: every object instance in link format."""
-        links = ['</>;rt="oma.lwm2m";ct=110']
-        for object_id in RESOURCES:
-            links.extend(f"</{object_id}/{i}>" for i in self.instance_ids(object_id) or ())
-        return ",".join(links).encode()
+        return _object_links(
+            tuple(t.iid for t in self.temperatures), tuple(light.iid for light in self.lights)
+        )
 
     def _value(
         self, object_id: int, instance_id: int, rid: int, now: float
@@ -283,23 +296,23 @@ class ObjectTree:
             case 3, 16:
                 return "UQT"
             case 3303, 5700:
-                return self.temperatures[instance_id].sample(self.world, self.tick(now))
+                return self.temperature(instance_id).sample(self.world, self.tick(now))
             case 3303, 5601:
-                temp = self.temperatures[instance_id]
+                temp = self.temperature(instance_id)
                 temp.sample(self.world, self.tick(now))
                 return temp.low
             case 3303, 5602:
-                temp = self.temperatures[instance_id]
+                temp = self.temperature(instance_id)
                 temp.sample(self.world, self.tick(now))
                 return temp.high
             case 3303, 5701:
                 return "Cel"
             case 3311, 5850:
-                return self.lights[instance_id].on_since is not None
+                return self.light(instance_id).on_since is not None
             case 3311, 5851:
-                return self.lights[instance_id].dimmer
+                return self.light(instance_id).dimmer
             case 3311, 5852:
-                since = self.lights[instance_id].on_since
+                since = self.light(instance_id).on_since
                 return 0 if since is None else int(now - since)
         raise KeyError((object_id, rid))  # RESOURCES and this table disagree
 
@@ -440,11 +453,11 @@ class ObjectTree:
             case 3, 13:
                 self.clock_offset = int(value) - (self.world.epoch + now)
             case 3311, 5850:
-                light = self.lights[instance_id]
+                light = self.light(instance_id)
                 if bool(value) != (light.on_since is not None):
                     light.on_since = now if value else None
             case 3311, 5851:
-                self.lights[instance_id].dimmer = int(value)
+                self.light(instance_id).dimmer = int(value)
 
     def execute(self, ids: tuple[int, ...], now: float) -> int:
         """Execute a resource; sets `wants` for what the client must do next."""
@@ -461,7 +474,7 @@ class ObjectTree:
             case 3, 4:
                 self.wants |= WANT_REBOOT
             case 3303, 5605:
-                temp = self.temperatures[ids[1]]
+                temp = self.temperature(ids[1])
                 temp.low = temp.high = temp.sample(self.world, self.tick(now))
         return Code.CHANGED
 
@@ -510,11 +523,11 @@ class ObjectTree:
                     return Code.BAD_REQUEST, None
                 writes.append((vids[2], value))
         if object_id == 3303:
-            self.temperatures[instance_id] = Temperature(
-                round(self.world.rng.uniform(15.0, 30.0), 2), self.tick(now)
-            )
+            temp = Temperature(instance_id, round(self.world.rng.uniform(15.0, 30.0), 2),
+                               self.tick(now))  # fmt: skip
+            self.temperatures = sorted((*self.temperatures, temp), key=_iid)
         else:
-            self.lights[instance_id] = Light()
+            self.lights = sorted((*self.lights, Light(instance_id)), key=_iid)
         for rid, value in writes:
             self._apply(object_id, instance_id, rid, value, now)
         self.wants |= WANT_OBJECTS
@@ -528,9 +541,9 @@ class ObjectTree:
         if len(ids) != 2 or ids[0] not in MULTIPLE:
             return Code.METHOD_NOT_ALLOWED
         if ids[0] == 3303:
-            del self.temperatures[ids[1]]
+            self.temperatures = [t for t in self.temperatures if t.iid != ids[1]]
         else:
-            del self.lights[ids[1]]
+            self.lights = [light for light in self.lights if light.iid != ids[1]]
         self.wants |= WANT_OBJECTS
         return Code.DELETED
 
@@ -610,6 +623,25 @@ class ObjectTree:
             _float(found.get("lt")),
             _float(found.get("st")),
         )
+
+
+@functools.lru_cache(maxsize=256)  # a fleet's devices mostly share one layout
+def _object_links(temperatures: tuple[int, ...], lights: tuple[int, ...]) -> bytes:
+    links = ['</>;rt="oma.lwm2m";ct=110,</1/0>,</3/0>']
+    links.extend(f"</3303/{i}>" for i in temperatures)
+    links.extend(f"</3311/{i}>" for i in lights)
+    return ",".join(links).encode()
+
+
+def _find(items: list[_T], iid: int) -> _T:
+    for item in items:
+        if item.iid == iid:
+            return item
+    raise KeyError(iid)
+
+
+def _iid(item: Temperature | Light) -> int:
+    return item.iid
 
 
 def _float(value: float | None) -> float | None:

@@ -52,8 +52,8 @@ def test_bad_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str
 async def test_a_bounded_run_reports_progress_and_a_summary(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    settings = parse_settings('[server]\nhost = "127.0.0.1"\ncoap_port = 0\n')
-    listening: app.Listening = await nursery.start(partial(app.serve, settings))
+    settings = parse_settings('[server]\nhost = "127.0.0.1"\ncoap_port = 0\nstore = "memory"\n')
+    listening: app.Listening = await nursery.start(partial(app.serve, settings, http=False))
     host, port = listening.coap_udp[:2]
     config = parse("--server", f"coap://{host}:{port}", "--devices", "40", "--binding", "mixed",
                    "--ramp", "20", "--lifetime", "60", "--awake", "10")  # fmt: skip

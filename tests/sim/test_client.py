@@ -159,7 +159,7 @@ def test_each_operation_gets_its_code() -> None:
         dev.on_datagram(data, 1.0)
         [reply] = [m for m in net.take() if m.mtype == ACK]
         assert reply.code == expected, decode(data)
-    assert dev.lights[0].dimmer == 5 and 2 not in dev.lights
+    assert dev.light(0).dimmer == 5 and dev.instance_ids(3311) == [0]
     assert dev.requests == len(cases)
 
 

@@ -26,7 +26,7 @@ from dm_actor.sim.fleet import Fleet, FleetConfig
 if TYPE_CHECKING:
     from dm_actor.sim.client import SimDevice
 
-SETTINGS = '[server]\nhost = "127.0.0.1"\ncoap_port = 0\n'
+SETTINGS = '[server]\nhost = "127.0.0.1"\ncoap_port = 0\nstore = "memory"\n'
 
 
 class View:
@@ -48,7 +48,9 @@ async def start(
 ) -> tuple[app.Listening, View, Fleet, trio.CancelScope]:
     events = EventStream(capacity=1_000_000)
     settings = parse_settings(SETTINGS)
-    listening: app.Listening = await nursery.start(partial(app.serve, settings, events=events))
+    listening: app.Listening = await nursery.start(
+        partial(app.serve, settings, events=events, http=False)
+    )
     udp, tcp = listening.coap_udp[:2], listening.coap_tcp[:2]
     fleet = Fleet(FleetConfig(server=udp, tcp_server=tcp, **config))  # type: ignore[arg-type]
     scope = trio.CancelScope()
@@ -164,4 +166,4 @@ async def test_lossy_network_still_executes_each_command_exactly_once(
     assert fleet.net.lost > 0 and fleet.net.duplicated > 0
     for dev in fleet.devices:
         assert len(executed(dev, "/3311/0/5851")) == 1  # retransmissions deduplicated
-        assert dev.lights[0].dimmer == 42
+        assert dev.light(0).dimmer == 42

@@ -81,10 +81,10 @@ def test_write_resource_and_instance() -> None:
     assert t.read((3311, 0, 5852), 25.0) == [ResourceValue("/3311/0/5852", 15)]  # on-time
     senml = b'[{"bn":"/3311/0/","n":"5851","v":40},{"n":"5850","vb":false}]'
     assert t.write((3311, 0), SENML, senml, 30.0) == Code.CHANGED
-    assert t.lights[0].dimmer == 40 and t.lights[0].on_since is None
+    assert t.light(0).dimmer == 40 and t.light(0).on_since is None
     tlv = content.encode(TLV, [ResourceValue("/3311/0/5851", 7)], "/3311/0/5851")
     assert t.write((3311, 0, 5851), TLV, tlv, 31.0) == Code.CHANGED
-    assert t.lights[0].dimmer == 7
+    assert t.light(0).dimmer == 7
     assert t.write((3, 0, 13), TEXT, b"1700000000", 5.0) == Code.CHANGED
     assert t.read((3, 0, 13), 15.0) == [ResourceValue("/3/0/13", 1700000010)]
 
@@ -99,7 +99,7 @@ def test_write_errors_change_nothing() -> None:
     assert t.write((3311, 7, 5851), TEXT, b"1", 0.0) == Code.NOT_FOUND
     mixed = b'[{"bn":"/3311/0/","n":"5851","v":40},{"n":"5852","v":1}]'
     assert t.write((3311, 0), SENML, mixed, 0.0) == Code.METHOD_NOT_ALLOWED
-    assert t.lights[0].dimmer == 100  # the valid half was not applied either
+    assert t.light(0).dimmer == 100  # the valid half was not applied either
     assert t.write((3311, 0), None, b"", 0.0) == Code.BAD_REQUEST
     assert t.wants == 0
 
@@ -128,7 +128,7 @@ def test_create_and_delete() -> None:
     t = tree()
     body = b'[{"bn":"/3311/3/","n":"5850","vb":true}]'
     assert t.create(3311, SENML, body, 1.0) == (Code.CREATED, 3)
-    assert t.lights[3].on_since == 1.0 and t.wants == WANT_OBJECTS
+    assert t.light(3).on_since == 1.0 and t.wants == WANT_OBJECTS
     assert t.create(3311, SENML, body, 1.0) == (Code.BAD_REQUEST, None)  # id in use
     assert t.create(3303, None, b"", 1.0) == (Code.CREATED, 1)  # lowest free id
     assert t.create(3, None, b"", 1.0) == (Code.METHOD_NOT_ALLOWED, None)
