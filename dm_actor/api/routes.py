@@ -377,7 +377,8 @@ class Api:
                 paths = sup.subscriptions_of(device_id, req.app)
                 if not paths:
                     return text(404, "DEVICE_NOT_FOUND" if paths is None else "NO_SUBSCRIPTIONS")
-                return 200, URI_LIST, ("\n".join(paths) + "\n").encode()
+                # no final newline: Pelion's SDK splits the body on "\n"
+                return 200, URI_LIST, "\n".join(paths).encode()
             if method == b"DELETE":
                 for path in sup.subscriptions_of(device_id, req.app) or ():
                     sup.unsubscribe(device_id, path, req.app)

@@ -36,7 +36,7 @@ async def test_subscribe_notify_list_and_unsubscribe(
         assert (await client.request("GET", "/v2/subscriptions/dev/3/0/1")).status == 404
         reply = await client.request("GET", "/v2/subscriptions/dev")
         assert (reply.status, reply.headers[b"content-type"]) == (200, b"text/uri-list")
-        assert reply.text.split("\n") == ["/3303/0/5700", ""]
+        assert reply.text.split("\n") == ["/3303/0/5700"]
         assert (await other.request("GET", "/v2/subscriptions/dev")).status == 404
         reply = await client.request("PUT", "/v2/subscriptions/dev/5/0/1")
         assert (reply.status, reply.text) == (404, "URI_PATH_DOES_NOT_EXISTS")
@@ -48,7 +48,7 @@ async def test_subscribe_notify_list_and_unsubscribe(
         await client.request("PUT", "/v2/subscriptions/dev/3303/0")
         await client.request("PUT", "/v2/subscriptions/dev/3/0")
         reply = await client.request("GET", "/v2/subscriptions/dev")
-        assert reply.text == "/3/0\n/3303/0\n"
+        assert reply.text == "/3/0\n/3303/0"
         assert (await client.request("DELETE", "/v2/subscriptions/dev")).status == 204
         assert (await client.request("GET", "/v2/subscriptions/dev")).status == 404
 
