@@ -183,7 +183,6 @@ async def simulate(
     fleet = Fleet(config)
     usage0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.monotonic()
-    all_registered_at: float | None = None
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             nursery.start_soon(_stop_on_signal, signals, nursery.cancel_scope)
@@ -192,15 +191,13 @@ async def simulate(
             tick = progress if progress > 0 else 1.0
             while (now := trio.current_time()) < end:
                 await trio.sleep_until(min(end, now + tick))
-                if all_registered_at is None and fleet.totals.registered >= config.devices:
-                    all_registered_at = trio.current_time() - fleet.started_at
                 if progress > 0:
                     print(_progress_line(fleet, trio.current_time() - fleet.started_at),
                           file=out, flush=True)  # fmt: skip
             nursery.cancel_scope.cancel()
     usage = resource.getrusage(resource.RUSAGE_SELF)
     elapsed = time.monotonic() - wall0
-    return summarise(fleet, elapsed, all_registered_at, usage0, usage)
+    return summarise(fleet, elapsed, usage0, usage)
 
 
 async def _stop_on_signal(signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
@@ -221,19 +218,21 @@ def _progress_line(fleet: Fleet, elapsed: float) -> str:
 def summarise(
     fleet: Fleet,
     elapsed: float,
-    all_registered_at: float | None,
     usage0: resource.struct_rusage,
     usage: resource.struct_rusage,
 ) -> dict[str, object]:
     """The summary of a run as a flat JSON-able dict."""
     cpu = (usage.ru_utime - usage0.ru_utime) + (usage.ru_stime - usage0.ru_stime)
+    n = len(fleet.devices)
+    registered_after = fleet.all_registered_at
+    if registered_after is not None:
+        registered_after = round(registered_after, 3)
     summary: dict[str, object] = {
-        "devices": len(fleet.devices),
+        "devices": n,
         "bindings": ",".join(fleet.config.bindings),
         "seconds": round(elapsed, 3),
-        "all_registered_after_s": None
-        if all_registered_at is None
-        else round(all_registered_at, 3),
+        "all_registered_after_s": registered_after,
+        "first_registrations_per_s": round(n / registered_after) if registered_after else None,
         **fleet.totals.as_dict(),
         "datagrams_sent": fleet.net.sent,
         "datagrams_received": fleet.net.received,

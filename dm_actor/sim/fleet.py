@@ -154,6 +154,8 @@ class Fleet:
         self.net = NetStatistics()
         self.devices: list[SimDevice] = []
         self.started_at = 0.0
+        #: seconds from the start until every device was registered at once (first time)
+        self.all_registered_at: float | None = None
         self._rng = random.Random(config.seed ^ 0x5EED)
         self._impaired = bool(config.loss or config.duplicate or config.delay)
         base = int(ipaddress.IPv4Address(config.source_base))
@@ -184,9 +186,14 @@ class Fleet:
         """
         self._epoll = select.epoll()
         try:
+            self._create_devices(trio.current_time())
+            # the clock of the run starts once the devices exist (100k take about a second)
             now = self._now = self.started_at = trio.current_time()
             self.world.epoch = time.time() - now
-            self._create_devices(now)
+            ramp = self.config.ramp
+            for dev in self.devices:
+                dev.next_at = now + (dev.index / ramp if ramp else 0.0)
+                self._schedule(dev)
             task_status.started()
             await self._loop()
         finally:
@@ -199,10 +206,9 @@ class Fleet:
         table: list[SimDevice | None] = []
         for i in range(c.devices):
             transport, queue = BINDINGS[c.bindings[i % len(c.bindings)]]
-            start_at = now + (i / c.ramp if c.ramp else 0.0)
             dev = SimDevice(self, self.profile, self.world, i, f"{c.prefix}-{i}",
                             transport=transport, queue=queue, lifetime=c.lifetime,
-                            start_at=start_at, temperatures=c.temperatures,
+                            start_at=now, temperatures=c.temperatures,
                             lights=c.lights)  # fmt: skip
             if transport == SHARED_UDP:
                 offset = shared % addresses
@@ -217,7 +223,6 @@ class Fleet:
             else:
                 dev.src = i % addresses
             self.devices.append(dev)
-            self._schedule(dev)
 
     def _open_shared(self, table: list[SimDevice | None]) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -255,6 +260,8 @@ class Fleet:
                 dev.on_closed(now)
                 self._schedule(dev)
             busy = self._run_due(now) or busy
+            if self.all_registered_at is None and self.totals.registered >= len(self.devices):
+                self.all_registered_at = now - self.started_at
 
     def _schedule(self, dev: SimDevice) -> None:
         at = dev.deadline()

@@ -65,7 +65,9 @@ async def test_a_bounded_run_reports_progress_and_a_summary(
     assert len(lines) == 4 and lines[-1].startswith("[   40.0s] registered 40/40")
     assert summary["registrations"] == 40 and summary["errors"] == 0
     assert summary["updates"] == 40  # every device updated at lifetime/2 = 30 s
-    assert summary["all_registered_after_s"] == 10.0  # seen at the first progress tick
+    # ramp 20/s: the last of 40 starts at 1.95 s and is registered at once (virtual time)
+    assert summary["all_registered_after_s"] == 1.95
+    assert summary["first_registrations_per_s"] == 21
     out = io.StringIO()
     print_summary(summary, out)
     first, *table = out.getvalue().splitlines()
