@@ -21,6 +21,7 @@ import msgspec
 import trio
 
 from dm_actor import __version__, app
+from dm_actor.api import watch
 from dm_actor.config import ConfigError, Settings, load_settings
 from dm_actor.sim import cli as sim_cli
 from dm_actor.store.base import StoreError
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"log level (default {_DEFAULTS.log_level})",
     )
     sim_cli.add_parser(commands)
+    watch.add_parser(commands)
     return parser
 
 
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "simulate":
         return sim_cli.run(args)
+    if args.command == "watch":
+        return watch.run(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:

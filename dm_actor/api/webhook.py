@@ -83,7 +83,7 @@ def parse_target(url: str, headers: Mapping[str, str]) -> Target:
     except ValueError:
         raise ValueError("Malformed URL.") from None
     if parts.scheme.lower() == "https":
-        raise ValueError("Only http:// callback URLs are supported.")
+        raise ValueError("Only http:// URLs are supported.")
     if parts.scheme.lower() != "http" or not parts.hostname:
         raise ValueError("Malformed URL: an http:// URL with a host is required.")
     if parts.username is not None or parts.password is not None:

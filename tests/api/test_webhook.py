@@ -192,7 +192,7 @@ async def test_registration_refusals_and_the_other_channel_types(
         assert await register(client, failing_url) == (
             400, "Given URL is not accessible: the test PUT got 500.")  # fmt: skip
         assert await register(client, "https://127.0.0.1/x") == (
-            400, "Only http:// callback URLs are supported.")  # fmt: skip
+            400, "Only http:// URLs are supported.")  # fmt: skip
         status, _ = await register(client, "ftp://127.0.0.1/x")
         assert status == 400
         status, body = await register(client, url + "x" * 400)
