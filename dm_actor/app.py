@@ -94,7 +94,6 @@ async def serve(
                 http_addr = await nursery.start(
                     serve_http, sup, host, settings.server.http_port, api_keys
                 )
-                log.info("HTTP API on http://%s:%d", *http_addr[:2])
                 if api_keys.generated:
                     log.warning(
                         "first start: generated the API key %s (kept in %s)",
