@@ -85,8 +85,8 @@ class Executed:
 
 
 @dataclass
-class Device:
-    """A scripted LwM2M client over UDP."""
+class _Client:
+    """What the UDP and TCP devices share: the LwM2M client side over one CoapEndpoint."""
 
     server: Address
     endpoint: str
@@ -95,20 +95,98 @@ class Device:
     objects: bytes = OBJECTS
     handler: Handler | None = None
     answer: bool = True  # False: receive requests but never answer (a hung device)
+    observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
+    observe_seq: int = 1
+    executed: list[Executed] = field(default_factory=list)
+    location: str = ""
+    coap: CoapEndpoint = field(default_factory=CoapEndpoint)
+    _responses: dict[bytes, Message] = field(default_factory=dict)
+    _wake: trio.Event = field(default_factory=trio.Event)
+    _scope: trio.CancelScope | None = None
+
+    async def _flush(self) -> None:
+        raise NotImplementedError
+
+    def _events(self, now: float) -> None:
+        while (event := self.coap.next_event()) is not None:
+            if isinstance(event, RequestReceived):
+                self._answer(event.request, now)
+            elif isinstance(event, ResponseReceived | RequestFailed):
+                # a failed request is given back as 0.00: no answer came
+                response = event.response if isinstance(event, ResponseReceived) else None
+                self._responses[event.token] = response or Message(0, 0)
+                self._wake.set()
+                self._wake = trio.Event()
+
+    def _answer(self, req: Message, now: float) -> None:
+        path = "/" + "/".join(req.uri_path)
+        self.executed.append(Executed(req.code, path, req.mid, req.payload))
+        if not self.answer:
+            return
+        result = self.handler(req) if self.handler else None
+        code, payload, ct = result or _default_answer(req)
+        options: tuple[Option, ...] = ()
+        if ct is not None:
+            options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
+        if req.observe == 0 and code < 0x60:
+            self.observers[path] = req.token
+            options = ((OptionNumber.OBSERVE, uint_bytes(self.observe_seq)), *options)
+        elif req.observe == 1:
+            self.observers.pop(path, None)
+        self.coap.respond(req, code, options, payload, now)
+
+    async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
+        options = path_options(path) + query_options(query)
+        if payload:
+            options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
+        options = tuple(sorted(options, key=lambda o: o[0]))
+        token = self.coap.send_request(code, options, payload, trio.current_time())
+        await self._flush()
+        while token not in self._responses:
+            await self._wake.wait()
+        return self._responses.pop(token)
+
+    async def notify(
+        self, path: str, payload: bytes, *, seq: int | None = None, confirmable: bool = False
+    ) -> None:
+        """Send a notification to the server's observation of `path` (text/plain)."""
+        if seq is None:
+            self.observe_seq += 1
+            seq = self.observe_seq
+        options = (
+            (OptionNumber.OBSERVE, uint_bytes(seq)),
+            (OptionNumber.CONTENT_FORMAT, uint_bytes(0)),
+        )
+        self.coap.notify(
+            self.observers[path], Code.CONTENT, options, payload, trio.current_time(),
+            confirmable=confirmable,
+        )  # fmt: skip
+        await self._flush()
+
+    async def register(self, lwm2m: str = "1.1") -> Message:
+        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m={lwm2m}&b={self.binding}"
+        response = await self.request(Code.POST, "/rd", query, self.objects)
+        if response.code == Code.CREATED:
+            self.location = "/" + "/".join(response.location_path)
+        return response
+
+    async def update(self, query: str = "") -> Message:
+        return await self.request(Code.POST, self.location, query)
+
+    async def deregister(self) -> Message:
+        return await self.request(Code.DELETE, self.location)
+
+
+@dataclass
+class Device(_Client):
+    """A scripted LwM2M client over UDP."""
+
     reset: bool = False  # answer every request with a CoAP Reset
     loss: float = 0.0  # drop this share of datagrams in each direction (seeded)
     mute: bool = False  # execute and answer, but every datagram it sends is lost
     rng: random.Random = field(default_factory=lambda: random.Random(7))
     arrivals: list[tuple[float, Message]] = field(default_factory=list)
-    observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
-    observe_seq: int = 1
-    executed: list[Executed] = field(default_factory=list)
-    location: str = ""
     sock: trio.socket.SocketType | None = None
-    coap: CoapEndpoint = field(default_factory=CoapEndpoint)
-    _responses: dict[bytes, Message] = field(default_factory=dict)
-    _wake: trio.Event = field(default_factory=trio.Event)
-    _scope: trio.CancelScope | None = None
     _wait: trio.CancelScope | None = None  # the receive wait, cut short by a new timer
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -125,11 +203,6 @@ class Device:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
-
-    @property
-    def port(self) -> int:
-        assert self.sock is not None
-        return int(self.sock.getsockname()[1])
 
     async def _serve(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -169,107 +242,17 @@ class Device:
             if not self.mute and not (self.loss and self.rng.random() < self.loss):
                 await self.sock.sendto(out, self.server)
 
-    def _events(self, now: float) -> None:
-        while (event := self.coap.next_event()) is not None:
-            if isinstance(event, RequestReceived):
-                req = event.request
-                path = "/" + "/".join(req.uri_path)
-                self.executed.append(Executed(req.code, path, req.mid, req.payload))
-                if not self.answer:
-                    continue
-                result = self.handler(req) if self.handler else None
-                code, payload, ct = result or _default_answer(req)
-                options: tuple[Option, ...] = ()
-                if ct is not None:
-                    options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
-                if req.observe == 0 and code < 0x60:
-                    self.observers[path] = req.token
-                    options = ((OptionNumber.OBSERVE, uint_bytes(self.observe_seq)), *options)
-                elif req.observe == 1:
-                    self.observers.pop(path, None)
-                self.coap.respond(req, code, options, payload, now)
-            elif isinstance(event, ResponseReceived):
-                self._responses[event.token] = event.response
-                self._wake.set()
-                self._wake = trio.Event()
-            elif isinstance(event, RequestFailed):
-                self._responses[event.token] = Message(0, 0)  # 0.00: no answer came
-                self._wake.set()
-                self._wake = trio.Event()
-
-    async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
-        options = path_options(path) + query_options(query)
-        if payload:
-            options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
-        options = tuple(sorted(options, key=lambda o: o[0]))
-        token = self.coap.send_request(code, options, payload, trio.current_time())
-        await self._flush()
-        while token not in self._responses:
-            await self._wake.wait()
-        return self._responses.pop(token)
-
-    async def notify(
-        self, path: str, payload: bytes, *, seq: int | None = None, confirmable: bool = False
-    ) -> None:
-        """Send a notification to the server's observation of `path` (text/plain)."""
-        if seq is None:
-            self.observe_seq += 1
-            seq = self.observe_seq
-        options = (
-            (OptionNumber.OBSERVE, uint_bytes(seq)),
-            (OptionNumber.CONTENT_FORMAT, uint_bytes(0)),
-        )
-        self.coap.notify(
-            self.observers[path], Code.CONTENT, options, payload, trio.current_time(),
-            confirmable=confirmable,
-        )  # fmt: skip
-        await self._flush()
-
     def requests_at(self) -> list[float]:
         """Arrival times of the server's requests (retransmissions included)."""
         return [t for t, m in self.arrivals if m.code and m.code < 32]
 
-    async def register(self, lwm2m: str = "1.1") -> Message:
-        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m={lwm2m}&b={self.binding}"
-        response = await self.request(Code.POST, "/rd", query, self.objects)
-        if response.code == Code.CREATED:
-            self.location = "/" + "/".join(response.location_path)
-        return response
-
-    async def update(self, query: str = "") -> Message:
-        return await self.request(Code.POST, self.location, query)
-
-    async def deregister(self) -> Message:
-        return await self.request(Code.DELETE, self.location)
-
-
-def _default_answer(req: Message) -> tuple[int, bytes, int | None]:
-    if req.code == Code.GET:
-        return Code.CONTENT, b"42", 0
-    if req.code == Code.PUT:
-        return Code.CHANGED, b"", None
-    if req.code == Code.POST:
-        return Code.CHANGED, b"", None
-    return Code.DELETED, b"", None
-
 
 @dataclass
-class TcpDevice:
+class TcpDevice(_Client):
     """A scripted LwM2M client over CoAP-over-TCP (RFC 8323): CSM first, then requests."""
 
-    server: Address
-    endpoint: str
     binding: str = "T"
-    lifetime: int = 86400
-    objects: bytes = OBJECTS
-    answer: bool = True
-    executed: list[Executed] = field(default_factory=list)
-    location: str = ""
     stream: trio.SocketStream | None = None
-    coap: CoapEndpoint = field(default_factory=lambda: CoapEndpoint(reliable=True))
-    _responses: dict[bytes, Message] = field(default_factory=dict)
-    _wake: trio.Event = field(default_factory=trio.Event)
-    _scope: trio.CancelScope | None = None
 
     async def connect(self, nursery: trio.Nursery) -> None:
         self.stream = await trio.open_tcp_stream(*self.server[:2])
@@ -300,45 +283,17 @@ class TcpDevice:
                         continue
                     self.coap.receive_message(msg, trio.current_time())
                 self._events(trio.current_time())
-                for out in self.coap.datagrams_to_send():
-                    await stream.send_all(out)
+                await self._flush()
 
-    def _events(self, now: float) -> None:
-        while (event := self.coap.next_event()) is not None:
-            if isinstance(event, RequestReceived):
-                req = event.request
-                path = "/" + "/".join(req.uri_path)
-                self.executed.append(Executed(req.code, path, req.mid, req.payload))
-                if self.answer:
-                    code, payload, ct = _default_answer(req)
-                    options: tuple[Option, ...] = ()
-                    if ct is not None:
-                        options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(ct)),)
-                    self.coap.respond(req, code, options, payload, now)
-            elif isinstance(event, ResponseReceived):
-                self._responses[event.token] = event.response
-                self._wake.set()
-                self._wake = trio.Event()
-
-    async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:
-        options = path_options(path) + query_options(query)
-        if payload:
-            options += ((OptionNumber.CONTENT_FORMAT, uint_bytes(40)),)
-        options = tuple(sorted(options, key=lambda o: o[0]))
-        token = self.coap.send_request(code, options, payload, trio.current_time())
+    async def _flush(self) -> None:
         assert self.stream is not None
         for out in self.coap.datagrams_to_send():
             await self.stream.send_all(out)
-        while token not in self._responses:
-            await self._wake.wait()
-        return self._responses.pop(token)
 
-    async def register(self) -> Message:
-        query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m=1.1&b={self.binding}"
-        response = await self.request(Code.POST, "/rd", query, self.objects)
-        if response.code == Code.CREATED:
-            self.location = "/" + "/".join(response.location_path)
-        return response
 
-    async def update(self) -> Message:
-        return await self.request(Code.POST, self.location)
+def _default_answer(req: Message) -> tuple[int, bytes, int | None]:
+    if req.code == Code.GET:
+        return Code.CONTENT, b"42", 0
+    if req.code in (Code.PUT, Code.POST):
+        return Code.CHANGED, b"", None
+    return Code.DELETED, b"", None
