@@ -603,7 +603,9 @@ class Supervisor:
             return Rejected(429, "QUEUE_IS_FULL")
         if verdict is Verdict.DUPLICATE:
             return Accepted(duplicate=True)
-        if method == "GET" and accept is None:
+        if method == "GET" and accept is None and len(actor.queue) == 1:
+            # only with nothing ahead of it: a queued PUT may change the value, and answers
+            # must come in the order the commands were accepted
             fresh = actor.cached(cmd.uri, now)
             if fresh is not None:
                 actor.queue.finish_now(cmd, fresh, now)

@@ -167,3 +167,25 @@ async def test_get_answered_from_a_fresh_cached_value(
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="stale")
     await trio.sleep(1)
     assert len(dev.executed) == 2
+
+
+async def test_a_cached_get_does_not_overtake_queued_commands(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, dev = await online(nursery)
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="first")
+    await trio.sleep(1)  # /3/0/1 is cached for 60 s
+    dev.reset = True  # the PUT's attempt fails: it waits at the head for the next contact
+    await server.sup.submit("dev", "PUT", "/3/0/1", async_id="put", payload=b"new", retry=1)
+    await trio.sleep(1)
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="get")
+    await trio.sleep(1)
+    assert responses(server).keys() == {"first"}  # the GET was not answered from the cache
+    dev.reset = False
+    dev.handler = lambda req: (Code.CONTENT, b"new", 0) if req.code == Code.GET else None
+    await trio.sleep(120)
+    await dev.update()
+    await trio.sleep(1)
+    got = responses(server)
+    assert list(got) == ["put", "get"]
+    assert got["get"]["payload"] == "bmV3"
