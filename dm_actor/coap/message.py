@@ -94,7 +94,7 @@ class Message(NamedTuple):
 
     def _strings(self, number: int) -> tuple[str, ...]:
         try:
-            return tuple(v.decode() for n, v in self.options if n == number)
+            return tuple([v.decode() for n, v in self.options if n == number])
         except UnicodeDecodeError:
             # 4.00 answers only a confirmable request; a confirmable response gets a Reset
             if self.mtype != MessageType.CON:

@@ -180,12 +180,7 @@ class RegisteredObjects:
     def paths(self) -> list[Path]:
         """Every registered entry, sorted: `Path(o)` for an object listed on its own,
         `Path(o, i)` for each instance."""
-        result: list[Path] = []
-        for key in self._keys():
-            instance = key & _INSTANCE_MASK
-            obj = key >> _INSTANCE_BITS
-            result.append(Path(obj) if instance == 0 else Path(obj, instance - 1))
-        return result
+        return list(_entries(self.entries)[0])
 
     def version(self, object_id: int) -> str | None:
         """The object's `ver=` attribute; None when the client gave none (meaning 1.0)."""
@@ -203,11 +198,33 @@ class RegisteredObjects:
                 root["ct"] = " ".join(map(str, self.content_formats))
             links.append(Link(self.alt_path or "/", root))
         versions = dict(self.versions)
-        for path in self.paths():
+        paths, targets = _entries(self.entries)
+        for path, target in zip(paths, targets, strict=True):
             ver = versions.get(path.object_id) if path.is_object else None
             params: dict[str, str | None] = {} if ver is None else {"ver": ver}
-            links.append(Link(self.alt_path + str(path), params))
+            links.append(Link(self.alt_path + target, params))
         return links
+
+
+#: `entries` -> their paths and path texts; a fleet registers a few distinct object lists, so
+#: this spares each registration, Update and store record the rebuilding of the same paths.
+_ENTRIES: dict[bytes, tuple[tuple[Path, ...], tuple[str, ...]]] = {}
+_ENTRIES_LIMIT = 1024
+
+
+def _entries(entries: bytes) -> tuple[tuple[Path, ...], tuple[str, ...]]:
+    found = _ENTRIES.get(entries)
+    if found is None:
+        paths: list[Path] = []
+        for key in memoryview(entries).cast(_KEY_TYPE):
+            instance = key & _INSTANCE_MASK
+            obj = key >> _INSTANCE_BITS
+            paths.append(Path(obj) if instance == 0 else Path(obj, instance - 1))
+        found = (tuple(paths), tuple(map(str, paths)))
+        if len(_ENTRIES) >= _ENTRIES_LIMIT:
+            _ENTRIES.pop(next(iter(_ENTRIES)))
+        _ENTRIES[entries] = found
+    return found
 
 
 def registered_objects(links: Iterable[Link]) -> RegisteredObjects:
