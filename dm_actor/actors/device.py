@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from dm_actor.actors.mailbox import Mailbox
+from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.events import (
     NotificationReceived,
     RequestFailed,
@@ -28,6 +29,7 @@ from dm_actor.coap.observe import NotificationOrder
 from dm_actor.delivery.outcomes import Outcome, from_response
 from dm_actor.delivery.queue import Command, DeviceQueue, Failure
 from dm_actor.lwm2m import path as lwm2m_path
+from dm_actor.lwm2m.errors import Lwm2mError
 
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
@@ -113,7 +115,19 @@ class DeviceActor:
     # -- the task -------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Serve until the registration ends (De-register, lifetime expiry) or shutdown."""
+        """Serve until the registration ends (De-register, lifetime expiry) or shutdown.
+
+        A device-level failure (a `DecodeError` or `Lwm2mError` its bytes caused) ends this
+        device's registration, not the server; any other exception is a bug and propagates.
+        """
+        try:
+            await self._serve()
+        except (DecodeError, Lwm2mError) as exc:
+            log.exception("device %s failed: %s", self.endpoint, exc)
+            if not self.mailbox.closed:
+                self.end(trio.current_time(), expired=False)
+
+    async def _serve(self) -> None:
         mailbox = self.mailbox
         started = self.pump(trio.current_time())  # pre-subscriptions, restored commands
         while not mailbox.closed:

@@ -7,9 +7,12 @@ docs/architecture.md), which matters at a million idle devices. Producers never 
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable
 
 T = TypeVar("T")
 
@@ -54,20 +57,23 @@ class Mailbox(Generic[T]):
             self._items = []
         return items
 
-    async def wait(self) -> None:
-        """Return when an item is queued or the mailbox is closed (a cancellation point)."""
+    def wait(self) -> Awaitable[object]:
+        """Await it: returns when an item is queued or the mailbox is closed.
+
+        A plain method returning the awaitable (not a coroutine of its own) and a bound-method
+        abort function: a parked actor then holds one frame fewer and no closure, about 390
+        bytes less per idle device (docs/benchmarks.md, "Memory per idle device").
+        """
         if self._items or self.closed:
-            await trio.lowlevel.checkpoint()
-            return
+            return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - the caller awaits it
         if self._waiter is not None:
             raise RuntimeError("only the owning task may wait on a mailbox")
         self._waiter = trio.lowlevel.current_task()
+        return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105
 
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._waiter = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
+    def _abort(self, _: object) -> trio.lowlevel.Abort:
+        self._waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -16,6 +16,7 @@ import random
 import re
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,7 @@ from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
 from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
-from dm_actor.lwm2m.errors import InvalidPath, Lwm2mError
+from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
 from dm_actor.store.base import PresubscriptionRecord, Snapshot, Store
@@ -129,7 +130,7 @@ class Supervisor:
         self.presubscriptions: dict[str, list[Presubscription]] = {}  # owner -> list
         # replies to Registers from peers that had no actor yet, for retransmissions
         # (None while the answer waits for the store: retransmissions are dropped meanwhile)
-        self._replies: dict[tuple[Address, int], tuple[float, bytes | None]] = {}
+        self._replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
         self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
         self._held_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
@@ -208,7 +209,7 @@ class Supervisor:
             self.by_reg_id[reg.reg_id] = actor
             self._watch_lifetime(reg)
             assert self._nursery is not None, "Supervisor.run() is not running"
-            self._nursery.start_soon(self._host, actor)
+            self._nursery.start_soon(actor.run, name="device")  # one shared name string
         for crec in snapshot.commands:
             restored = self.by_endpoint.get(crec.endpoint)
             if restored is not None:
@@ -345,13 +346,15 @@ class Supervisor:
         self.send_datagram(data, addr)
 
     def _cache_reply(self, addr: Address, mid: int, data: bytes | None) -> None:
+        # an OrderedDict: with a plain dict, finding the oldest entry scans the deleted slots
+        # at its front, ~63 us per Register once the cache is full (docs/benchmarks.md)
         replies = self._replies
         now = self.now()
         while replies:
-            oldest = next(iter(replies))
-            if replies[oldest][0] > now and len(replies) < self._reply_cache_size:
+            oldest = next(iter(replies.values()))
+            if oldest[0] > now and len(replies) < self._reply_cache_size:
                 break
-            del replies[oldest]
+            replies.popitem(last=False)
         replies[addr, mid] = (now + self.params.exchange_lifetime, data)
 
     # -- the registration interface --------------------------------------------------------
@@ -391,6 +394,7 @@ class Supervisor:
             await self.store.durable()
             for send in batch:
                 send()
+            del batch  # do not keep the last batch's requests alive while waiting
 
     def _new_reg_id(self) -> str:
         """An unguessable registration id: it is what authorises Updates (rule 0)."""
@@ -419,7 +423,7 @@ class Supervisor:
             self.by_endpoint[reg.endpoint] = actor
             self._bind(actor, addr, conn)
             assert self._nursery is not None, "Supervisor.run() is not running"
-            self._nursery.start_soon(self._host, actor)
+            self._nursery.start_soon(actor.run, name="device")  # one shared name string
             self._apply_presubscriptions(actor, now)
         else:
             # rule 8.1: the same endpoint registers again; the queue is kept
@@ -494,15 +498,6 @@ class Supervisor:
             self.by_conn.pop(actor.conn, None)
         self.store.delete_registration(ep)
         self.events.publish("registrations-expired" if expired else "de-registrations", ep)
-
-    async def _host(self, actor: DeviceActor) -> None:
-        """Run one actor; a device-level failure ends that device, not the server."""
-        try:
-            await actor.run()
-        except (DecodeError, Lwm2mError) as exc:  # what a device's bytes can cause
-            log.exception("device %s failed: %s", actor.endpoint, exc)
-            if not actor.mailbox.closed:
-                actor.end(self.now(), expired=False)
 
     # -- sweeps -----------------------------------------------------------------------------
 
