@@ -6,8 +6,15 @@ seconds, so that they mean the same after a restart. `offset` is wall minus Trio
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from dm_actor.delivery.queue import Command
-from dm_actor.lwm2m.link_format import parse_links, registered_objects, serialise_links
+from dm_actor.lwm2m.link_format import (
+    RegisteredObjects,
+    parse_links,
+    registered_objects,
+    serialise_links,
+)
 from dm_actor.lwm2m.registration import Registration
 from dm_actor.store.base import CommandRecord, RegistrationRecord
 
@@ -47,6 +54,12 @@ def command_from_record(rec: CommandRecord, offset: float) -> Command:
     )  # fmt: skip
 
 
+@lru_cache(maxsize=256)
+def links_text(objects: RegisteredObjects) -> str:
+    """The object list as link-format; devices of one kind share it, so it is cached."""
+    return serialise_links(objects.links())
+
+
 def registration_record(reg: Registration, offset: float) -> RegistrationRecord:
     return RegistrationRecord(
         endpoint=reg.endpoint,
@@ -55,7 +68,7 @@ def registration_record(reg: Registration, offset: float) -> RegistrationRecord:
         lwm2m_version=reg.lwm2m_version,
         binding=reg.binding,
         queue_mode=reg.queue_mode,
-        links=serialise_links(reg.objects.links()),
+        links=links_text(reg.objects),
         registered_at=reg.registered_at + offset,
         updated_at=reg.updated_at + offset,
     )

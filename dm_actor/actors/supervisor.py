@@ -18,6 +18,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import trio
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
     from dm_actor.config import Settings
     from dm_actor.delivery.outcomes import Outcome
+    from dm_actor.lwm2m.link_format import RegisteredObjects
 
 log = logging.getLogger(__name__)
 
@@ -775,9 +777,15 @@ def _check(msg: Message) -> None:
         msg.uri_query  # noqa: B018
 
 
+@lru_cache(maxsize=256)
+def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
+    """`EndpointData.resources` of an object list (shared by devices of one kind; read-only)."""
+    return [{"path": str(p), "obs": True} for p in objects.paths()]
+
+
 def registration_item(reg: Registration) -> dict[str, object]:
     """The Pelion `EndpointData` of a registration event."""
-    resources = [{"path": str(p), "obs": True} for p in reg.objects.paths()]
+    resources = _resources(reg.objects)
     return {"ep": reg.endpoint, "original-ep": reg.endpoint, "q": reg.queue_mode,
             "resources": resources}  # fmt: skip
 
