@@ -8,6 +8,7 @@ global state.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -49,6 +50,22 @@ class Listening:
     api_keys: ApiKeys | None = None
 
 
+async def freeze_long_lived(interval: float) -> None:
+    """Every `interval` seconds, collect the young generations and freeze what survives.
+
+    Registrations, actors and queued commands live for hours; the cyclic GC would otherwise
+    scan all of them in every full collection (measured: 14 s at a million devices, and
+    2-3x fewer registrations per second at 100k; docs/benchmarks.md). Frozen objects are
+    still freed by reference counting when they are dropped; only reference cycles among
+    them wait until `gc.unfreeze()`. Checked: 1000 devices that register and de-register with
+    the GC disabled are all freed by reference counting.
+    """
+    while True:
+        gc.collect(1)
+        gc.freeze()
+        await trio.sleep(interval)
+
+
 async def serve(
     settings: Settings,
     *,
@@ -85,6 +102,8 @@ async def serve(
             await nursery.start(sup.run)
             if snapshot is not None:
                 sup.restore(snapshot)
+            if settings.server.gc_freeze_interval:
+                nursery.start_soon(freeze_long_lived, settings.server.gc_freeze_interval)
             http_addr = None
             if http:
                 if api_keys is None:

@@ -35,6 +35,9 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     http_port: Port = 8080
     data_dir: str = "./dm-actor-data"
     store: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
+    # move what is alive to the GC's permanent generation this often (0: never): with a
+    # million devices a full collection otherwise stalls the loop for seconds
+    gc_freeze_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     log_level: LogLevel = "info"
 
 
