@@ -6,7 +6,8 @@ its component schemas name exactly the fields of the msgspec Structs in `api/sch
 (2) every documented operation is routed and a grid of undocumented method/path combinations
 answers the server's route-not-found 404/405; (3) against `app.serve`, the real answers of
 every operation (and the WebSocket and webhook messages) have a documented status, media type
-and body. The JSON Schema subset validator here knows type, enum, pattern, minimum, maximum,
+and body. docs/api.md links the document and shows a curl example of every operation.
+The JSON Schema subset validator here knows type, enum, pattern, minimum, maximum,
 minLength, minItems, properties, required, additionalProperties, items, oneOf and `$ref`.
 """
 
@@ -285,6 +286,19 @@ def test_component_schemas_match_the_msgspec_structs() -> None:
     assert status == list(
         typing.get_args(typing.get_type_hints(schemas.WebsocketChannel)["status"])
     )
+
+
+def test_api_md_links_the_document_and_has_a_curl_example_for_every_operation() -> None:
+    text = (DOC_FILE.parent / "api.md").read_text()
+    assert "(openapi.json)" in text
+    commands = re.findall(r"^ *(curl .*)$", text.replace("\\\n", " "), re.MULTILINE)
+    shown = set()
+    for command in commands:
+        method = re.search(r" -X (\w+)", command)
+        [path] = re.findall(r'"\$S(/[^"?]*)', command)
+        method_name = method[1] if method else "GET"
+        shown.add((method_name, operation_for(method_name, path)[0]))
+    assert shown == {(m, t) for m, t, _ in operations()}
 
 
 # -- a running server -------------------------------------------------------------------------
