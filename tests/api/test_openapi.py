@@ -388,6 +388,10 @@ class Checked:
             assert errors(body, response["content"][media]["schema"]) == [], where
         if status < 300:
             self.succeeded.add((method, template))
+            sent = kw.get("json")
+            if sent is not None:  # what the server accepted, the document allows
+                schema = op["requestBody"]["content"]["application/json"]["schema"]
+                assert errors(sent, schema) == [], where
         return reply
 
 
