@@ -76,7 +76,6 @@ class DeviceActor:
 
     __slots__ = (
         "_cache",
-        "_in_flight",
         "_observations",
         "addr",
         "coap",
@@ -104,7 +103,6 @@ class DeviceActor:
         self.coap = sup.new_coap_endpoint(reliable=conn is not None)
         self.mailbox: Mailbox[Mail] = Mailbox(sup.mailbox_size)
         self.subscriptions: dict[str, set[str]] | None = None  # path -> owners
-        self._in_flight: tuple[bytes, Command] | None = None
         self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
         self._cache: dict[str, tuple[float, Outcome]] | None = None
 
@@ -193,7 +191,7 @@ class DeviceActor:
         """
         queue = self.queue
         started = False
-        if self._in_flight is None and (queue.queue and (self.conn is not None or self.addr)):
+        if queue.queue and (self.conn is not None or self.addr):
             cmd = queue.next_attempt(now, on_contact=on_contact)
             if cmd is not None:
                 self._start_attempt(cmd, now)
@@ -266,8 +264,7 @@ class DeviceActor:
             mid=cmd.mid,
             token=token,
         )
-        cmd.token = token
-        self._in_flight = (token, cmd)
+        cmd.token = token  # the command in flight is `queue.in_flight`; this is its exchange
         self.sup.persist_command(self.endpoint, cmd)
 
     def _handle_events(self, now: float) -> None:
@@ -278,19 +275,17 @@ class DeviceActor:
             elif isinstance(event, NotificationReceived):
                 self._notification(event.token, event.notification, now)
             elif isinstance(event, RequestFailed):
-                if self._in_flight is not None and self._in_flight[0] == event.token:
-                    self._in_flight = None
+                cmd = self.queue.in_flight
+                if cmd is not None and cmd.token == event.token:
                     self.queue.attempt_failed(Failure(event.reason), now)
             elif isinstance(event, RequestReceived):
                 self.sup.device_request(self, event.request, now)
             # RequestAcknowledged: the separate response will follow; nothing to do.
 
     def _response(self, token: bytes, response: Message, now: float) -> None:
-        in_flight = self._in_flight
-        if in_flight is None or in_flight[0] != token:
+        cmd = self.queue.in_flight
+        if cmd is None or cmd.token != token:
             return
-        self._in_flight = None
-        cmd = in_flight[1]
         outcome = from_response(
             response.code, response.payload, response.content_format, response.max_age
         )
@@ -330,8 +325,7 @@ class DeviceActor:
 
     def abandon_attempt(self, now: float) -> None:
         """The transport changed under an attempt in flight: it can no longer succeed."""
-        if self._in_flight is not None:
-            self._in_flight = None
+        if self.queue.in_flight is not None:
             self.queue.attempt_failed(Failure.UNREACHABLE, now)
 
     # -- observations ---------------------------------------------------------------------
@@ -362,7 +356,6 @@ class DeviceActor:
     def end(self, now: float, *, expired: bool) -> None:
         """The registration ended: finish every command (rules 8.2, 8.3) and stop."""
         self.queue.remove_all(now)
-        self._in_flight = None
         for cmd, outcome in self.queue.take_finished():
             self.sup.command_finished(self, cmd, outcome)
         self.flush()
