@@ -22,8 +22,10 @@ KINDS = (
 )
 
 Item = dict[str, object] | str
-#: (kind, item, owners): owners are the applications the event is for, None for all of them
-Event = tuple[str, Item, frozenset[str] | None]
+#: (kind, item, owners, seq): owners are the applications the event is for, None for all of
+#: them; seq numbers a durable event (an AsyncIDResponse kept in the store until a channel
+#: delivered it, see `Supervisor.events_delivered`), None for the others
+Event = tuple[str, Item, frozenset[str] | None, int | None]
 
 
 class EventStream:
@@ -41,12 +43,18 @@ class EventStream:
     def __len__(self) -> int:
         return len(self._events)
 
-    def publish(self, kind: str, item: Item, owners: frozenset[str] | None = None) -> None:
+    def publish(
+        self,
+        kind: str,
+        item: Item,
+        owners: frozenset[str] | None = None,
+        seq: int | None = None,
+    ) -> None:
         events = self._events
         if len(events) >= self.capacity:
             events.popleft()
             self.dropped += 1
-        events.append((kind, item, owners))
+        events.append((kind, item, owners, seq))
         self.published += 1
         self._waiter.set()
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
@@ -43,7 +44,7 @@ from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
-from dm_actor.store.base import PresubscriptionRecord, Snapshot, Store
+from dm_actor.store.base import EventRecord, PresubscriptionRecord, Snapshot, Store
 from dm_actor.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ MIN_EXPIRY, MAX_EXPIRY = 60, 2_592_000
 MAX_RETRY = 10
 _POST = Code.POST.value
 _CON = MessageType.CON.value
+_ASYNC = "async-responses"
+_json = msgspec.json.Encoder().encode
 _SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
 
 
@@ -141,6 +144,7 @@ class Supervisor:
         self._nursery: trio.Nursery | None = None
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._observe_counter = 0  # internal async-ids of Observe commands
+        self._event_seq = 0  # numbers the durable events (AsyncIDResponses)
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self.statistics = {"registrations": 0, "mailbox_overloaded": 0, "decode_errors": 0}
@@ -225,6 +229,11 @@ class Supervisor:
                 subscriptions.setdefault(path, set()).add(owner)
             for path in subscriptions:
                 self._queue_observe(restored, path, now)  # the old observations are gone
+        for event in snapshot.events:  # AsyncIDResponses owed to a channel: owed again
+            if event.kind == _ASYNC:
+                item = msgspec.json.decode(event.item)
+                self.events.publish(_ASYNC, item, frozenset((event.owner,)), event.seq)
+            self._event_seq = max(self._event_seq, event.seq)
         for owner, pres in snapshot.presubscriptions.items():
             self.presubscriptions[owner] = [
                 Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
@@ -539,11 +548,26 @@ class Supervisor:
     # -- what the actors report -------------------------------------------------------------
 
     def command_finished(self, actor: DeviceActor, cmd: Command, outcome: Outcome) -> None:
+        """The command ended: its AsyncIDResponse replaces it in the store, in the same
+        commit, and goes to the channel once durable; the channel's delivery forgets it
+        (`events_delivered`). A crash in between re-sends it after the restart, with the
+        same `seq` (at least once; `include_uid` lets a client drop the repeat)."""
         self.store.delete_command(actor.endpoint, cmd.async_id)
-        if not cmd.observe:
-            self.events.publish(
-                "async-responses", outcome.as_async_response(cmd.async_id), frozenset((cmd.owner,))
-            )
+        if cmd.observe:
+            return
+        item = outcome.as_async_response(cmd.async_id)
+        self._event_seq += 1
+        seq = self._event_seq
+        owner = cmd.owner
+        self.store.put_event(
+            EventRecord(owner, seq, _ASYNC, _json(item), self.now() + self.wall_offset)
+        )
+        owners = frozenset((owner,))
+        self._after_durable(lambda: self.events.publish(_ASYNC, item, owners, seq))
+
+    def events_delivered(self, owner: str, up_to: int) -> None:
+        """`owner`'s channel delivered its durable events up to `seq`: forget them."""
+        self.store.delete_events(owner, up_to)
 
     def notification(self, actor: DeviceActor, uri: str, outcome: Outcome) -> None:
         item: dict[str, object] = {"ep": actor.endpoint, "path": uri}

@@ -103,7 +103,7 @@ class Channel:
             self.dropped += 1
         transform = self._transform
         if transform is not None:
-            event = (event[0], transform(event[0], event[1]), None)
+            event = (event[0], transform(event[0], event[1]), None, event[3])
         events.append(event)
         self._ready.set()
 
@@ -123,7 +123,7 @@ class Channel:
         n = min(len(events), self.serialization.max_chunk_size)
         batch = [events.popleft() for _ in range(n)]
         groups: dict[str, list[Item]] = {}
-        for kind, item, _ in batch:
+        for kind, item, _, _ in batch:
             group = groups.get(kind)
             if group is None:
                 groups[kind] = [item]
@@ -185,8 +185,10 @@ class NotificationHub:
         wall_clock: Callable[[], float] = time.time,
         orphan_limit: int = 1000,
         orphan_ttl: float = 60.0,
+        on_delivered: Callable[[str, int], None] | None = None,
     ) -> None:
         self.events = events
+        self.on_delivered = on_delivered
         self.capacity = capacity
         self.wall_clock = wall_clock
         self.orphan_limit = orphan_limit
@@ -249,6 +251,13 @@ class NotificationHub:
                 else:
                     self.unrouted += 1
         return channel
+
+    def delivered(self, channel: Channel, batch: list[Event]) -> None:
+        """A delivery mechanism handed `batch` to its client: durable events may be forgotten."""
+        if self.on_delivered is not None:
+            last = max((event[3] for event in batch if event[3] is not None), default=None)
+            if last is not None:
+                self.on_delivered(channel.app, last)
 
     def reconfigure(self, channel: Channel, serialization: Serialization) -> None:
         """Serialize `channel`'s events arriving from now on with `serialization`."""

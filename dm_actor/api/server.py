@@ -62,7 +62,7 @@ class HttpServer:
     ) -> None:
         self.keys = api_keys
         self.options = options or HttpOptions()
-        self.hub = NotificationHub(sup.events)
+        self.hub = NotificationHub(sup.events, on_delivered=sup.events_delivered)
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
 
@@ -219,6 +219,7 @@ class HttpServer:
             except BaseException:
                 channel.unread(batch)
                 raise
+            self.hub.delivered(channel, batch)
             return conn.our_state is h11.DONE
         finally:
             channel.polling = False
@@ -308,6 +309,7 @@ class HttpServer:
                 except ConnectionClosed:
                     channel.unread(batch)
                     break
+                self.hub.delivered(channel, batch)
         finally:
             channel.detach(session)
         await self._close(ws, session.close_code or 1000)

@@ -323,6 +323,7 @@ class Webhooks:
                     except HttpError as exc:
                         error = str(exc)
                     if error is None:
+                        self.hub.delivered(channel, batch)
                         hook.failing_since = hook.last_error = None
                         delay = options.backoff_initial
                         continue

@@ -47,7 +47,7 @@ class Server:
 
     def take(self, kind: str | None = None) -> list[tuple[str, object]]:
         """The events published so far (of one kind), oldest first; the rest stay."""
-        self.pending.extend((kind, item) for kind, item, _ in self.events.take())
+        self.pending.extend((kind, item) for kind, item, _, _ in self.events.take())
         taken = [e for e in self.pending if kind is None or e[0] == kind]
         self.pending = [e for e in self.pending if not (kind is None or e[0] == kind)]
         return taken

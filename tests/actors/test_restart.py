@@ -52,7 +52,7 @@ def slow_jumps(clock: trio.testing.MockClock) -> None:
 def async_responses(events: EventStream) -> dict[str, dict[str, object]]:
     return {
         str(item["id"]): item
-        for kind, item, _ in events.take()
+        for kind, item, _, _ in events.take()
         if kind == "async-responses" and isinstance(item, dict)
     }
 
@@ -103,3 +103,27 @@ async def test_an_attempt_in_flight_is_resent_as_the_same_exchange(
     assert len(dev.executed) == 1  # the resend was answered from the device's dedup cache
     puts = [m for _, m in dev.arrivals if m.code == Code.PUT]
     assert len(puts) >= 2 and len({(m.mid, m.token) for m in puts}) == 1
+
+
+async def test_an_async_response_not_yet_delivered_is_owed_after_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    slow_jumps(autojump_clock)
+    scope, first, events = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "dev", lifetime=3600)
+    await dev.start(nursery)
+    await dev.register()
+    await first.supervisor.submit("dev", "GET", "/3/0/1", async_id="a", owner="app")
+    await trio.sleep(1)
+    [(kind, item, owners, seq)] = [e for e in events.take() if e[0] == "async-responses"]
+    assert (item["id"], owners) == ("a", frozenset({"app"}))  # type: ignore[index]
+    scope.cancel()  # no channel delivered it before the daemon stopped
+    await trio.sleep(1)
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    again = [e for e in events.take() if e[0] == "async-responses"]
+    assert again == [(kind, item, owners, seq)]  # the same response, the same seq
+    assert seq is not None
+    second.supervisor.events_delivered("app", seq)  # now a channel delivers it
+    await second.supervisor.store.durable()
+    assert second.supervisor.store.load().events == []

@@ -138,7 +138,7 @@ async def test_unsubscribe_cancels_the_observation(
     await server.sup.subscribe("dev", "/3303/0/5700", owner="app-b")
     await trio.sleep(1)
     events = server.events.take()
-    assert {owners for kind, _, owners in events if kind == "notifications"} == {
+    assert {owners for kind, _, owners, _ in events if kind == "notifications"} == {
         frozenset({"app-a", "app-b"})
     }
     assert server.sup.unsubscribe("dev", "/3303/0/5700", owner="app-a")

@@ -9,9 +9,20 @@ import trio
 import trio.testing
 
 from dm_actor.coap.numbers import Code
+from dm_actor.store.memory import MemoryStore
 from tests.actors.support import Device
 
-from .client import KEY_A, KEY_B, Api, HttpClient, close_code, start_api, websocket
+from .client import (
+    KEY_A,
+    KEY_B,
+    KEYS,
+    Api,
+    HttpClient,
+    close_code,
+    next_message,
+    start_api,
+    websocket,
+)
 
 
 async def online(api: Api, nursery: trio.Nursery, ep: str = "dev", **kw: object) -> Device:
@@ -105,3 +116,25 @@ async def test_websocket_without_channel_closes_1011(
     api = await start_api(nursery)
     async with websocket(api, ["wss", f"pelion_{KEY_B}"]) as ws:
         assert await close_code(ws) == 1011
+
+
+async def test_a_delivered_async_response_is_forgotten_by_the_store(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    store = api.sup.store
+    assert isinstance(store, MemoryStore)
+    await online(api, nursery)
+    async with api.client() as client:
+        await client.request("PUT", "/v2/notification/websocket")  # a channel, not connected
+    owner = KEYS.owner(KEY_A)
+    assert owner is not None
+    await api.sup.submit("dev", "GET", "/3/0/1", async_id="a", owner=owner)
+    await trio.sleep(1)
+    assert [e.seq for e in store.load().events] == [1]  # owed until a client takes it
+    async with websocket(api, ["wss", f"pelion_{KEY_A}"]) as ws:
+        message = await next_message(ws)
+        while "async-responses" not in message:
+            message = await next_message(ws)
+    assert message["async-responses"][0]["id"] == "a"
+    assert store.load().events == []

@@ -37,7 +37,7 @@ class View:
         self.seen: list[tuple[str, object]] = []
 
     def take(self, kind: str) -> list[object]:
-        self.seen.extend((k, item) for k, item, _ in self.events.take(1_000_000))
+        self.seen.extend((k, item) for k, item, _, _ in self.events.take(1_000_000))
         taken = [item for k, item in self.seen if k == kind]
         self.seen = [(k, item) for k, item in self.seen if k != kind]
         return taken
