@@ -110,8 +110,9 @@ async def serve(
                     api_keys = await trio.to_thread.run_sync(
                         load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
                     )
+                channels = [] if snapshot is None else snapshot.channels
                 http_addr = await nursery.start(
-                    serve_http, sup, host, settings.server.http_port, api_keys
+                    serve_http, sup, host, settings.server.http_port, api_keys, None, channels
                 )
                 if api_keys.generated:
                     log.warning(

@@ -23,11 +23,13 @@ import trio
 
 from dm_actor.actors.events import KINDS
 from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
+from dm_actor.store.base import ChannelRecord
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from dm_actor.actors.events import Event, EventStream, Item
+    from dm_actor.store.base import Store
 
 WEB_SOCKET = "WEB_SOCKET"
 LONG_POLLING = "LONG_POLLING"
@@ -186,9 +188,11 @@ class NotificationHub:
         orphan_limit: int = 1000,
         orphan_ttl: float = 60.0,
         on_delivered: Callable[[str, int], None] | None = None,
+        store: Store | None = None,
     ) -> None:
         self.events = events
         self.on_delivered = on_delivered
+        self.store = store  # channels are kept there, so that they survive a restart
         self.capacity = capacity
         self.wall_clock = wall_clock
         self.orphan_limit = orphan_limit
@@ -242,6 +246,7 @@ class NotificationHub:
             app, mechanism, serialization, self.capacity, self._transform_for(serialization)
         )
         self.channels[app] = channel
+        self.persist(channel)
         kept = self.orphans.pop(app, None)
         if kept:
             oldest = trio.current_time() - self.orphan_ttl
@@ -263,11 +268,26 @@ class NotificationHub:
         """Serialize `channel`'s events arriving from now on with `serialization`."""
         channel.serialization = serialization
         channel._transform = self._transform_for(serialization)
+        self.persist(channel)
+
+    def persist(
+        self, channel: Channel, url: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        """Keep `channel` (a callback's `url` and `headers` too) in the store."""
+        if self.store is not None:
+            self.store.put_channel(
+                ChannelRecord(
+                    channel.app, channel.mechanism, self.wall_clock(), url, headers or {},
+                    _encode(channel.serialization).decode(),
+                )
+            )  # fmt: skip
 
     def delete(self, app: str, code: int = 1000) -> Channel | None:
         channel = self.channels.pop(app, None)
         if channel is not None:
             channel.close(code)
+            if self.store is not None:
+                self.store.delete_channel(app)  # and the events it still owed
         return channel
 
     def _transform_for(self, serialization: Serialization) -> Callable[[str, Item], Item] | None:

@@ -18,18 +18,30 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
 
 import h11
+import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
-from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, Channel, NotificationHub, Session
+from dm_actor.api.channels import (
+    CALLBACK,
+    LONG_POLLING,
+    WEB_SOCKET,
+    Channel,
+    NotificationHub,
+    Session,
+)
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, text
-from dm_actor.api.webhook import WebhookOptions
+from dm_actor.api.schemas import Serialization
+from dm_actor.api.webhook import WebhookOptions, parse_target
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from dm_actor.actors.device import Address
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.api.auth import ApiKeys
+    from dm_actor.store.base import ChannelRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +70,44 @@ class HttpServer:
     """The HTTP side of the server: REST handlers, the hub, and the per-connection loop."""
 
     def __init__(
-        self, sup: Supervisor, api_keys: ApiKeys, options: HttpOptions | None = None
+        self,
+        sup: Supervisor,
+        api_keys: ApiKeys,
+        options: HttpOptions | None = None,
+        channels: Sequence[ChannelRecord] = (),
     ) -> None:
         self.keys = api_keys
         self.options = options or HttpOptions()
-        self.hub = NotificationHub(sup.events, on_delivered=sup.events_delivered)
+        self.hub = NotificationHub(sup.events, on_delivered=sup.events_delivered, store=sup.store)
         self.api = Api.create(sup, self.hub, self.options.webhook)
+        self.restored = list(channels)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.hub.run)
+            self._restore_channels()
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)
             await trio.serve_listeners(self.connection, listeners)
+
+    def _restore_channels(self) -> None:
+        """Reopen the channels the store kept; a callback resumes delivering at once."""
+        for record in self.restored:
+            try:
+                serialization = msgspec.json.decode(
+                    record.serialization or "{}", type=Serialization
+                )
+                if record.mechanism == CALLBACK and record.url is not None:
+                    target = parse_target(record.url, record.headers)
+                    self.api.webhooks.start(record.owner, target, serialization)
+                elif record.mechanism in (WEB_SOCKET, LONG_POLLING):
+                    self.hub.open(record.owner, record.mechanism, serialization)
+            except (msgspec.ValidationError, ValueError) as exc:
+                log.warning("stored channel of %s not restored: %s", record.owner, exc)
+        self.restored = []
 
     # -- one connection -------------------------------------------------------------------
 
@@ -366,6 +400,7 @@ async def serve_http(
     port: int,
     api_keys: ApiKeys,
     options: HttpOptions | None = None,
+    channels: Sequence[ChannelRecord] = (),
     *,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -374,4 +409,5 @@ async def serve_http(
     Start it with `address = await nursery.start(serve_http, sup, host, port, keys)`; it runs
     until cancelled. It is the only reader of `supervisor.events`.
     """
-    await HttpServer(supervisor, api_keys, options).run(host, port, task_status=task_status)
+    server = HttpServer(supervisor, api_keys, options, channels)
+    await server.run(host, port, task_status=task_status)

@@ -283,12 +283,20 @@ class Webhooks:
         if hook is not None:
             hub.reconfigure(hub.channels[app], serialization)
             hook.retarget(target)
+            hub.persist(hub.channels[app], target.url, dict(target.headers))
             return None
+        self.start(app, target, serialization)
+        return None
+
+    def start(self, app: str, target: Target, serialization: Serialization) -> None:
+        """Open `app`'s callback channel to `target` and its delivery task (no test PUT: a
+        registration that passed it, or one restored from the store)."""
+        hub = self.hub
         channel = hub.open(app, CALLBACK, serialization)
+        hub.persist(channel, target.url, dict(target.headers))
         channel.extra = hook = Webhook(target)
         assert hub.nursery is not None, "the hub is not running"
         hub.nursery.start_soon(self.deliver, channel, hook)
-        return None
 
     def delete(self, app: str) -> bool:
         """Remove `app`'s callback channel, its queue and its delivery task."""

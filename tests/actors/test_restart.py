@@ -127,3 +127,54 @@ async def test_an_async_response_not_yet_delivered_is_owed_after_a_restart(
     second.supervisor.events_delivered("app", seq)  # now a channel delivers it
     await second.supervisor.store.durable()
     assert second.supervisor.store.load().events == []
+
+
+async def test_channels_and_owed_responses_survive_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from dm_actor.api import ApiKeys
+    from tests.api.client import HttpClient, next_message, websocket
+
+    slow_jumps(autojump_clock)
+    keys = ApiKeys(["ak_restart"])
+
+    async def start() -> tuple[trio.CancelScope, app.Listening]:
+        scope = trio.CancelScope()
+        text = settings_for(tmp_path) + "http_port = 0\n"
+
+        async def serve(*, task_status: trio.TaskStatus[app.Listening]) -> None:
+            with scope:
+                await app.serve(
+                    parse_settings(text), api_keys=keys, task_status=task_status,
+                    wall_clock=lambda: 1.7e9 + autojump_clock.current_time(),
+                )  # fmt: skip
+
+        return scope, await nursery.start(serve)
+
+    scope, first = await start()
+    assert first.http is not None
+    dev = Device(first.coap_udp, "dev", lifetime=3600)
+    await dev.start(nursery)
+    await dev.register()
+    async with HttpClient(first.http, "ak_restart") as client:
+        assert (await client.request("PUT", "/v2/notification/websocket")).status == 201
+        reply = await client.request(
+            "POST", "/v2/device-requests/dev?async-id=owed", json={"method": "GET", "uri": "/3/0/1"}
+        )
+        assert reply.status == 202
+    await trio.sleep(1)  # answered by the device; no socket is connected to take it
+    scope.cancel()
+    await trio.sleep(1)
+
+    _, second = await start()
+    assert second.http is not None
+    async with HttpClient(second.http, "ak_restart") as client:
+        assert (await client.request("GET", "/v2/notification/websocket")).status == 200
+    api = SimpleNamespace(addr=second.http)
+    async with websocket(api, ["wss", "pelion_ak_restart"]) as ws:  # type: ignore[arg-type]
+        message = await next_message(ws)
+        while "async-responses" not in message:
+            message = await next_message(ws)
+    assert [r["id"] for r in message["async-responses"]] == ["owed"]
