@@ -181,6 +181,9 @@ class Supervisor:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the sweeps and host the actors until cancelled."""
         self.wall_offset = self._wall_clock() - trio.current_time()
+        # durable events are numbered from the wall clock (microseconds), so numbers (and the
+        # uids made of them) are not reused after a restart
+        self._event_seq = max(self._event_seq, int(self._wall_clock() * 1e6))
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._expiry_sweeper)

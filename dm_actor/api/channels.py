@@ -40,6 +40,12 @@ _ENDPOINT_KINDS = frozenset(("registrations", "reg-updates"))
 _encode = msgspec.json.Encoder().encode
 
 
+def durable_uid(seq: int) -> str:
+    """The UUID-shaped `uid` of durable event `seq` (the same in every process)."""
+    h = f"{seq:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def iso_time(wall: float) -> str:
     """RFC 3339 UTC with milliseconds, as Pelion writes times."""
     return datetime.fromtimestamp(wall, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
@@ -79,7 +85,7 @@ class Channel:
         mechanism: str,
         serialization: Serialization,
         capacity: int,
-        transform: Callable[[str, Item], Item] | None,
+        transform: Callable[[str, Item, int | None], Item] | None,
     ) -> None:
         self.app = app
         self.mechanism = mechanism
@@ -105,7 +111,7 @@ class Channel:
             self.dropped += 1
         transform = self._transform
         if transform is not None:
-            event = (event[0], transform(event[0], event[1]), None, event[3])
+            event = (event[0], transform(event[0], event[1], event[3]), None, event[3])
         events.append(event)
         self._ready.set()
 
@@ -290,7 +296,9 @@ class NotificationHub:
                 self.store.delete_channel(app)  # and the events it still owed
         return channel
 
-    def _transform_for(self, serialization: Serialization) -> Callable[[str, Item], Item] | None:
+    def _transform_for(
+        self, serialization: Serialization
+    ) -> Callable[[str, Item, int | None], Item] | None:
         """How this channel's serialization options rewrite each event's item (None: as is)."""
         cfg = serialization.cfg
         as_object = cfg.deregistrations_as_object
@@ -301,7 +309,7 @@ class NotificationHub:
         p = self._uid_prefix
         prefix = f"{p[:8]}-{p[8:12]}-{p[12:16]}-{p[16:]}-"  # a UUID-shaped message id
 
-        def transform(kind: str, item: Item) -> Item:
+        def transform(kind: str, item: Item, seq: int | None) -> Item:
             if isinstance(item, str):
                 if kind not in _DEREGISTRATION_KINDS or not as_object:
                     return item
@@ -315,7 +323,8 @@ class NotificationHub:
                 if not original:
                     out.pop("original-ep", None)
             if uid:
-                out["uid"] = f"{prefix}{next(uids):012x}"
+                # a durable event keeps its uid across restarts: a repeat can be recognised
+                out["uid"] = durable_uid(seq) if seq is not None else f"{prefix}{next(uids):012x}"
             if timestamp:
                 out["timestamp"] = iso_time(clock())
             return out

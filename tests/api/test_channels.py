@@ -122,3 +122,11 @@ async def test_a_session_is_told_to_stop(nursery: trio.Nursery) -> None:
 
 def test_iso_time() -> None:
     assert iso_time(0.5) == "1970-01-01T00:00:00.500Z"
+
+
+def test_durable_uids_are_stable_and_uuid_shaped() -> None:
+    from dm_actor.api.channels import durable_uid
+
+    assert durable_uid(1795673419918713) == durable_uid(1795673419918713)
+    assert durable_uid(1) == "00000000-0000-0000-0000-000000000001"
+    assert durable_uid(2) != durable_uid(1)
