@@ -270,3 +270,20 @@ def test_serve_in_a_subprocess_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     assert proc.returncode == 0, err
     assert f"CoAP listening on udp://127.0.0.1:{port}" in err
     assert "SIGTERM: stopping" in err
+
+
+def test_a_corrupt_store_is_a_clear_error_and_exit_code_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = tmp_path / "dm-actor.sqlite3"
+    store.write_bytes(b"this is not a database, and nothing may overwrite it" * 100)
+    before = store.read_bytes()
+    code = main(
+        ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+         "--data-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "dm-actor: error:" in err
+    assert str(store) in err
+    assert store.read_bytes() == before  # nothing recreated, nothing lost
