@@ -103,6 +103,10 @@ async def serve(
             if snapshot is not None:
                 sup.restore(snapshot)
             if settings.server.gc_freeze_interval:
+                # young collections less often: a Register allocates a few dozen objects that
+                # live on; at (700, 10, 10) the collector was half the cost of a Register
+                # during a storm of 100k (docs/benchmarks.md)
+                gc.set_threshold(50_000, 50, 1000)
                 nursery.start_soon(freeze_long_lived, settings.server.gc_freeze_interval)
             http_addr = None
             if http:

@@ -771,6 +771,8 @@ class Supervisor:
         )
 
     def _apply_presubscriptions(self, actor: DeviceActor, now: float) -> None:
+        if not self.presubscriptions:
+            return
         for owner, presubscriptions in self.presubscriptions.items():
             for pre in presubscriptions:
                 if not pre.matches_device(actor.endpoint):
