@@ -29,6 +29,7 @@ from dm_actor.coap.message import (
 )
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
+from dm_actor.store.base import Store
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import Address, UdpEndpoint
 
@@ -53,9 +54,11 @@ class Server:
         return taken
 
 
-async def start_server(nursery: trio.Nursery, settings: Settings | None = None) -> Server:
+async def start_server(
+    nursery: trio.Nursery, settings: Settings | None = None, store: Store | None = None
+) -> Server:
     events = EventStream()
-    sup = Supervisor(settings or Settings(), events=events)
+    sup = Supervisor(settings or Settings(), events=events, store=store)
     await nursery.start(sup.run)
     udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
     addr = await nursery.start(udp.run)

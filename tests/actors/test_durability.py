@@ -7,13 +7,12 @@ import socket
 import trio
 import trio.testing
 
-from dm_actor.actors.events import EventStream
-from dm_actor.actors.supervisor import Accepted, Supervisor
+from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
-from dm_actor.config import Settings
 from dm_actor.store.memory import MemoryStore
-from dm_actor.transport.udp import UdpEndpoint
+
+from .support import start_server
 
 
 class GatedStore(MemoryStore):
@@ -43,11 +42,8 @@ async def test_register_is_answered_only_after_the_store_is_durable(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     store = GatedStore()
-    sup = Supervisor(Settings(), store=store, events=EventStream())
-    await nursery.start(sup.run)
-    udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
-    addr = await nursery.start(udp.run)
-    sup.attach_udp(udp.send)
+    server = await start_server(nursery, store=store)
+    sup, addr = server.sup, server.addr
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         await client.bind(("127.0.0.1", 0))
         await client.sendto(register_datagram(7), addr)
@@ -73,11 +69,8 @@ async def test_submit_returns_after_the_store_is_durable(
 ) -> None:
     store = GatedStore()
     store.gate.set()
-    sup = Supervisor(Settings(), store=store, events=EventStream())
-    await nursery.start(sup.run)
-    udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
-    addr = await nursery.start(udp.run)
-    sup.attach_udp(udp.send)
+    server = await start_server(nursery, store=store)
+    sup, addr = server.sup, server.addr
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         await client.bind(("127.0.0.1", 0))
         await client.sendto(register_datagram(8), addr)
