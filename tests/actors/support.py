@@ -10,6 +10,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -29,9 +30,11 @@ from dm_actor.coap.message import (
 )
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
-from dm_actor.store.base import Store
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import Address, UdpEndpoint
+
+if TYPE_CHECKING:
+    from dm_actor.store.base import Store
 
 OBJECTS = b"</1/0>,</3/0>,</3303/0>,</3311/0>"
 Handler = Callable[[Message], tuple[int, bytes, int | None] | None]
