@@ -137,6 +137,7 @@ class Supervisor:
         # (None while the answer waits for the store: retransmissions are dropped meanwhile)
         self._replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
         self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
+        self._held_limit = 100_000  # beyond it new Registers are shed until the store catches up
         self._held_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
         self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
@@ -147,7 +148,12 @@ class Supervisor:
         self._event_seq = 0  # numbers the durable events (AsyncIDResponses)
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
-        self.statistics = {"registrations": 0, "mailbox_overloaded": 0, "decode_errors": 0}
+        self.statistics = {
+            "registrations": 0,
+            "registrations_shed": 0,
+            "mailbox_overloaded": 0,
+            "decode_errors": 0,
+        }
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -315,6 +321,9 @@ class Supervisor:
         kind = reg_iface.classify(msg)
         now = self.now()
         if kind == "register":
+            if len(self._held) >= self._held_limit:
+                self.statistics["registrations_shed"] += 1  # the store is behind: the
+                return  # client retransmits (CoAP's own back-off is the back-pressure)
             code, options = self._register(msg, addr, conn, now, via=None)
             if addr is not None:  # until the answer is durable, retransmissions are dropped
                 self._cache_reply(addr, msg.mid, None)

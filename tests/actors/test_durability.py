@@ -88,3 +88,24 @@ async def test_submit_returns_after_the_store_is_durable(
     store.gate.set()
     await trio.sleep(0.1)
     assert done == [Accepted()]
+
+
+async def test_registers_are_shed_while_too_many_answers_wait_for_the_store(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    server = await start_server(nursery, store=store)
+    server.sup._held_limit = 1
+    clients = [trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    for client in clients:
+        await client.bind(("127.0.0.1", 0))
+    with clients[0], clients[1]:
+        await clients[0].sendto(register_datagram(1), server.addr)
+        await trio.sleep(1)
+        await clients[1].sendto(register_datagram(2).replace(b"ep=gated", b"ep=other"), server.addr)
+        await trio.sleep(1)
+        assert list(store.registrations) == ["gated"]  # the second one was not taken
+        assert server.sup.statistics["registrations_shed"] == 1
+        store.gate.set()
+        data, _ = await clients[0].recvfrom(2048)
+        assert decode(data).code == Code.CREATED
