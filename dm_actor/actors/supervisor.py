@@ -138,6 +138,7 @@ class Supervisor:
         self._replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
         self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
         self._held_limit = 100_000  # beyond it new Registers are shed until the store catches up
+        self._awaiting = 0  # answers held or being committed
         self._held_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
         self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
@@ -321,7 +322,7 @@ class Supervisor:
         kind = reg_iface.classify(msg)
         now = self.now()
         if kind == "register":
-            if len(self._held) >= self._held_limit:
+            if self._awaiting >= self._held_limit:
                 self.statistics["registrations_shed"] += 1  # the store is behind: the
                 return  # client retransmits (CoAP's own back-off is the back-pressure)
             code, options = self._register(msg, addr, conn, now, via=None)
@@ -407,6 +408,7 @@ class Supervisor:
     def _after_durable(self, send: Callable[[], None]) -> None:
         """Run `send` once every write made so far is durable (one group commit for many)."""
         self._held.append(send)
+        self._awaiting += 1
         self._held_wake.set()
 
     async def _release_replies(self) -> None:
@@ -417,6 +419,7 @@ class Supervisor:
             await self.store.durable()
             for send in batch:
                 send()
+            self._awaiting -= len(batch)
             del batch  # do not keep the last batch's requests alive while waiting
 
     def _new_reg_id(self) -> str:
