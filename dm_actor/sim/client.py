@@ -316,9 +316,11 @@ class SimDevice(ObjectTree):
         """When `on_timer` must be called next (inf: only when something arrives)."""
         state = self.state
         if state == REGISTERED:
-            at = self.update_at if self.req_token is None else _INF
-            if self.queue and self.awake_until < at:
-                at = self.awake_until
+            at = _INF
+            if self.req_token is None:  # as in `on_timer`: no Update nor sleep meanwhile
+                at = self.update_at
+                if self.queue and self.awake_until < at:
+                    at = self.awake_until
             observations = self.observations
             if observations:
                 for obs in observations.values():
