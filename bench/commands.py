@@ -12,7 +12,8 @@ round-robin over the devices.
 
 Latency: from writing the POST to decoding the AsyncIDResponse from the WebSocket (p50/p99);
 the 202's own round trip apart. Also the server's CPU share and µs of server CPU per command.
-`--compare-sqlite` runs everything again with `--store sqlite` and reports sqlite/memory.
+`--compare-sqlite` runs everything again with `--store sqlite` and reports sqlite/memory;
+`--commit-intervals 0 0.001` adds SQLite runs with those `[server] commit_interval` values.
 
     python bench/commands.py                          # 1k, 2k, 5k/s and max, memory store
     python bench/commands.py --rates 5000 --rounds 3 --compare-sqlite
@@ -30,8 +31,13 @@ from typing import Any
 import _harness as h
 
 
-def run(store: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    target = h.start_server(store=store)
+def run(
+    store: str, args: argparse.Namespace, interval: float | None = None
+) -> list[dict[str, Any]]:
+    config = None if interval is None else f"[server]\ncommit_interval = {interval}\n"
+    target = h.start_server(store=store, config=config)
+    if interval is not None:
+        store = f"sqlite {interval * 1000:g} ms"
     devices = h.start_devices(target)
     app = h.start_app(target)
     rows: list[dict[str, Any]] = []
@@ -76,17 +82,23 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--compare-sqlite", action="store_true")
+    parser.add_argument("--commit-intervals", type=float, nargs="*", default=[], metavar="S",
+                        help="also run --store sqlite with these [server] commit_interval "
+                             "values (seconds)")  # fmt: skip
     h.common_arguments(parser)
     args = parser.parse_args()
-    stores = [args.store] + (["sqlite"] if args.compare_sqlite and args.store != "sqlite" else [])
+    cases: list[tuple[str, float | None]] = [(args.store, None)]
+    if args.compare_sqlite and args.store != "sqlite":
+        cases.append(("sqlite", None))
+    cases += [("sqlite", interval) for interval in args.commit_intervals]
     by_case: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for _ in range(args.rounds):
-        for store in stores:
-            for r in run(store, args):
-                by_case.setdefault((store, str(r["offered"])), []).append(r)
+        for store, interval in cases:
+            for r in run(store, args, interval):
+                by_case.setdefault((r["store"], str(r["offered"])), []).append(r)
     rows = [h.best(rs, "answered_per_s") for rs in by_case.values()]
     for row in rows:
-        if row["store"] == "sqlite":
+        if row["store"] != "memory":
             mem = by_case.get(("memory", str(row["offered"])))
             if mem:
                 row["of_memory"] = round(row["answered_per_s"] / h.best(mem, "answered_per_s")

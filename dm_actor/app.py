@@ -87,7 +87,14 @@ async def serve(
     sqlite: SqliteStore | None = None
     if store is None and settings.server.store == "sqlite":
         path = Path(settings.server.data_dir) / STORE_FILE
-        store = sqlite = await trio.to_thread.run_sync(partial(SqliteStore, path, clock=wall_clock))
+        store = sqlite = await trio.to_thread.run_sync(
+            partial(
+                SqliteStore,
+                path,
+                commit_interval=settings.server.commit_interval,
+                clock=wall_clock,
+            )
+        )
     snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
     sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
     udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)

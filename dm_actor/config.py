@@ -35,6 +35,9 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     http_port: Port = 8080
     data_dir: str = "./dm-actor-data"
     store: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
+    # SQLite: at least this long between the starts of two commits, so that one fsync serves
+    # every write of the interval (0: commit back to back; more CPU under load)
+    commit_interval: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.002
     # move what is alive to the GC's permanent generation this often (0: never): with a
     # million devices a full collection otherwise stalls the loop for seconds
     gc_freeze_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0

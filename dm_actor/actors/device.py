@@ -76,6 +76,7 @@ class DeviceActor:
 
     __slots__ = (
         "_cache",
+        "_hold",
         "_observations",
         "addr",
         "coap",
@@ -105,6 +106,10 @@ class DeviceActor:
         self.subscriptions: dict[str, set[str]] | None = None  # path -> owners
         self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
         self._cache: dict[str, tuple[float, Outcome]] | None = None
+        # the store mark an attempt's Message ID and token were written at: nothing is sent
+        # to the device until that write is durable, so a restart can resend the same
+        # exchange (exactly once across a crash)
+        self._hold: int | None = None
 
     @property
     def endpoint(self) -> str:
@@ -127,12 +132,11 @@ class DeviceActor:
 
     async def _serve(self) -> None:
         mailbox = self.mailbox
-        started = self.pump(trio.current_time())  # pre-subscriptions, restored commands
+        store = self.sup.store
+        self.pump(trio.current_time())  # pre-subscriptions, restored commands
         while not mailbox.closed:
-            if started:
-                # an attempt's Message ID and token are durable before its first datagram
-                # leaves, so a restart can resend the same exchange (issue: exactly once)
-                await self.sup.store.durable()
+            if self._hold is not None:
+                await store.durable(self._hold)
                 self.flush()
             timer = self.coap.get_timer()  # not cached: a new transport replaces the endpoint
             if timer is None:
@@ -140,14 +144,10 @@ class DeviceActor:
             else:
                 with trio.move_on_at(timer):
                     await mailbox.wait()
-            started = self.step(trio.current_time())
+            self.step(trio.current_time())
 
-    def step(self, now: float) -> bool:
-        """Feed everything that arrived to the machines and act on their decisions.
-
-        Returns:
-            True when an attempt started: its bytes wait for the store (see `run`).
-        """
+    def step(self, now: float) -> None:
+        """Feed everything that arrived to the machines and act on their decisions."""
         coap = self.coap
         timer = coap.get_timer()
         if timer is not None and timer <= now:
@@ -174,7 +174,7 @@ class DeviceActor:
         if contact:
             self.queue.contact(now)
         self._handle_events(now)
-        return self.pump(now, on_contact=contact)
+        self.pump(now, on_contact=contact)
 
     def tell(self, mail: Mail) -> None:
         """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
@@ -183,11 +183,12 @@ class DeviceActor:
     # -- decisions ------------------------------------------------------------------------
 
     def pump(self, now: float, *, on_contact: bool = False) -> bool:
-        """Start the next attempt if the rules allow and publish what finished.
+        """Start the next attempt if the rules allow, publish what finished, send what may go.
 
         Returns:
-            True when an attempt started; its bytes are sent once the store is durable.
-            Otherwise what the endpoint has to send is sent now.
+            True when an attempt started. Its bytes (and anything after them) leave once
+            the store says its Message ID and token are durable: `flush` then, or the task
+            does when it next waits.
         """
         queue = self.queue
         started = False
@@ -195,14 +196,36 @@ class DeviceActor:
             cmd = queue.next_attempt(now, on_contact=on_contact)
             if cmd is not None:
                 self._start_attempt(cmd, now)
+                self._hold = self.sup.store.mark()
                 started = True
         for cmd, outcome in queue.take_finished():
             self.sup.command_finished(self, cmd, outcome)
-        if not started:
-            self.flush()
+        self.flush()
         return started
 
+    def start_now(self, now: float) -> bool:
+        """A command was just queued: start it at once if the rules allow (see `pump`).
+
+        The submitter calls this before its own write, so the acceptance record already
+        holds the attempt's Message ID and token and one commit serves both. Only an idle
+        actor (no mail, nothing held back) is started from outside: otherwise its task
+        decides, in the order the mail arrived.
+        """
+        mailbox = self.mailbox
+        if mailbox or mailbox.closed or self._hold is not None:
+            return False
+        if not self.pump(now):
+            return False
+        mailbox.put(Signal.WAKE)  # its task sends the bytes once they may go
+        return True
+
     def flush(self) -> None:
+        """Send what the endpoint has ready, unless it waits behind an attempt not yet durable."""
+        hold = self._hold
+        if hold is not None:
+            if not self.sup.store.is_durable(hold):
+                return
+            self._hold = None
         out = self.coap.datagrams_to_send()
         if not out:
             return

@@ -647,6 +647,9 @@ class Supervisor:
                 actor.queue.finish_now(cmd, fresh, now)
                 self._tell(actor, Signal.WAKE)
                 return Accepted()
+        if actor.start_now(now):  # one write: the command and its attempt's MID and token
+            await self.store.durable()
+            return Accepted()
         self.persist_command(device_id, cmd)
         await self.store.durable()
         self._tell(actor, Signal.WAKE)

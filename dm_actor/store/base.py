@@ -162,6 +162,14 @@ class Store(Protocol):
         """The channel took `owner`'s events up to sequence number `up_to`: forget them."""
         ...
 
-    async def durable(self) -> None:
-        """Return once every write buffered before this call is committed."""
+    def mark(self) -> int:
+        """A number for the writes buffered so far, for `is_durable` and `durable`."""
+        ...
+
+    def is_durable(self, mark: int) -> bool:
+        """True once every write buffered before `mark()` returned `mark` is committed."""
+        ...
+
+    async def durable(self, mark: int | None = None) -> None:
+        """Return once every write buffered before this call (or before `mark`) is committed."""
         ...

@@ -153,5 +153,11 @@ class MemoryStore:
             del self.events[owner]
             del self.event_bytes[owner]
 
-    async def durable(self) -> None:
+    def mark(self) -> int:
+        return 0
+
+    def is_durable(self, mark: int) -> bool:
+        return True
+
+    async def durable(self, mark: int | None = None) -> None:
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import trio
 import trio.testing
 
@@ -12,20 +13,38 @@ from dm_actor.coap.message import Message, decode, encode, path_options, query_o
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.store.memory import MemoryStore
 
-from .support import start_server
+from .support import Device, TcpDevice, start_server
 
 
 class GatedStore(MemoryStore):
-    """A memory store whose commits wait for the test to open the gate."""
+    """A memory store whose writes become durable when the test commits them (or, while
+    `open`, as soon as someone waits for them)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.gate = trio.Event()
+        self.open = False
         self.commits = 0
+        self.committed = 0  # the writes committed so far (a mark is a count of writes)
+        self._committed = trio.Event()
 
-    async def durable(self) -> None:
-        await self.gate.wait()
+    def commit(self) -> None:
         self.commits += 1
+        self.committed = self.writes
+        self._committed.set()
+        self._committed = trio.Event()
+
+    def mark(self) -> int:
+        return self.writes
+
+    def is_durable(self, mark: int) -> bool:
+        return mark <= self.committed
+
+    async def durable(self, mark: int | None = None) -> None:
+        target = self.writes if mark is None else mark
+        if self.open and not self.is_durable(target):
+            self.commit()
+        while not self.is_durable(target):
+            await self._committed.wait()
 
 
 def register_datagram(mid: int) -> bytes:
@@ -55,7 +74,7 @@ async def test_register_is_answered_only_after_the_store_is_durable(
             raise AssertionError("answered before the registration was durable")
         assert list(store.registrations) == ["gated"]
         assert sup.statistics["registrations"] == 1  # the retransmission made no second one
-        store.gate.set()
+        store.commit()
         data, _ = await client.recvfrom(2048)
         reply = decode(data)
         assert (reply.code, reply.mid, reply.location_path[0]) == (Code.CREATED, 7, "rd")
@@ -68,14 +87,14 @@ async def test_submit_returns_after_the_store_is_durable(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     store = GatedStore()
-    store.gate.set()
+    store.open = True
     server = await start_server(nursery, store=store)
     sup, addr = server.sup, server.addr
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         await client.bind(("127.0.0.1", 0))
         await client.sendto(register_datagram(8), addr)
         await client.recvfrom(2048)
-    store.gate = trio.Event()
+    store.open = False
     done: list[object] = []
 
     async def submit() -> None:
@@ -85,7 +104,7 @@ async def test_submit_returns_after_the_store_is_durable(
     await trio.sleep(10)
     assert done == []
     assert "a" in store.commands["gated"]  # written, not yet durable: no 202 yet
-    store.gate.set()
+    store.commit()
     await trio.sleep(0.1)
     assert done == [Accepted()]
 
@@ -106,6 +125,51 @@ async def test_registers_are_shed_while_too_many_answers_wait_for_the_store(
         await trio.sleep(1)
         assert list(store.registrations) == ["gated"]  # the second one was not taken
         assert server.sup.statistics["registrations_shed"] == 1
-        store.gate.set()
+        store.commit()
         data, _ = await clients[0].recvfrom(2048)
         assert decode(data).code == Code.CREATED
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_request_leaves_only_once_its_message_id_and_token_are_durable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, transport: str
+) -> None:
+    """Rule: a restart can resend the exchange in flight only if it was stored before it was
+    sent. Both ways an attempt starts: at once on submit (its MID and token are in the
+    acceptance's write) and from the queue after the command ahead of it finished."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = Device(server.addr, "dev") if transport == "udp" else TcpDevice(server.tcp_addr, "dev")
+    if isinstance(dev, TcpDevice):
+        await dev.connect(nursery)
+    else:
+        await dev.start(nursery)
+    await dev.register()
+    store.open = False
+    done: list[object] = []
+
+    async def submit(async_id: str, uri: str) -> None:
+        done.append(await server.sup.submit("dev", "GET", uri, async_id=async_id))
+
+    writes = store.writes
+    nursery.start_soon(submit, "a", "/3/0/1")
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(submit, "b", "/3/0/2")
+    await trio.sleep(10)
+    assert done == [] and dev.executed == []  # written, not durable: no 202, no request
+    assert store.writes == writes + 2  # one write per command, "a" with its attempt's MID
+    stored = store.commands["dev"]["a"]
+    assert stored.token is not None and (stored.mid is not None) is (transport == "udp")
+    store.commit()
+    await trio.sleep(0.1)
+    assert done == [Accepted(), Accepted()]
+    assert [e.path for e in dev.executed] == ["/3/0/1"]
+    await trio.sleep(10)  # "b" started after "a" finished: held until its write commits
+    assert [e.path for e in dev.executed] == ["/3/0/1"]
+    assert store.commands["dev"]["b"].token is not None
+    store.commit()
+    await trio.sleep(1)
+    assert [e.path for e in dev.executed] == ["/3/0/1", "/3/0/2"]
+    if isinstance(dev, TcpDevice):
+        await dev.disconnect()

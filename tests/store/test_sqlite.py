@@ -100,6 +100,62 @@ async def test_a_write_made_during_a_commit_waits_for_the_next(tmp_path: Path) -
     store.close()
 
 
+async def test_a_mark_is_durable_once_its_write_committed_not_before(tmp_path: Path) -> None:
+    """`mark()` names the writes so far; `is_durable`/`durable(mark)` answer for exactly
+    those, whatever was written after them (a device actor waits on its own write only)."""
+    path = tmp_path / "s.sqlite3"
+    store = SqliteStore(path)
+    async with running(store):
+        assert store.is_durable(store.mark())  # nothing written yet
+        store.put_command(command("ep", "first"))
+        first = store.mark()
+        assert not store.is_durable(first) and not committed(path, "first")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(store.durable)
+            await trio.testing.wait_all_tasks_blocked()  # "first" is being committed
+            store.put_command(command("ep", "second"))
+            second = store.mark()
+            assert second > first
+            await store.durable(first)
+            assert store.is_durable(first) and committed(path, "first")
+            assert not store.is_durable(second)  # (its commit may be under way already)
+            await store.durable(second)
+            assert store.is_durable(second) and committed(path, "second")
+    store.close()
+
+
+async def test_commits_start_at_least_the_commit_interval_apart(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Writes made while a commit interval runs wait for its end and share one transaction;
+    the first write after a quiet spell commits at once."""
+    autojump_clock.autojump_threshold = 0.05  # a commit runs in a thread: let it end first
+    store = SqliteStore(tmp_path / "s.sqlite3", commit_interval=0.5)
+    durable_at: dict[str, float] = {}
+
+    async def writer(async_id: str) -> None:
+        store.put_command(command("ep", async_id))
+        await store.durable()
+        durable_at[async_id] = trio.current_time()
+
+    async with running(store), trio.open_nursery() as nursery:
+        start = trio.current_time()
+        nursery.start_soon(writer, "a")
+        await trio.sleep(0.1)
+        for i in range(10):  # during a's interval
+            nursery.start_soon(writer, f"b{i}")
+            await trio.sleep(0.01)
+        await trio.sleep(5)  # quiet
+        quiet = trio.current_time()
+        nursery.start_soon(writer, "c")
+    assert durable_at["a"] - start <= 0.1  # at once (the test's next wake-up at the latest)
+    [b_at] = {t - start for k, t in durable_at.items() if k[0] == "b"}  # one commit for all
+    assert 0.5 <= b_at < 5  # not before the interval ended
+    assert durable_at["c"] - quiet < 0.5
+    assert store.transactions == 3
+    store.close()
+
+
 async def test_stopping_the_writer_commits_what_is_buffered(tmp_path: Path) -> None:
     path = tmp_path / "s.sqlite3"
     store = SqliteStore(path)
