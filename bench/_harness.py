@@ -87,9 +87,10 @@ class Proc:
         )
         self.pid = self.popen.pid
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time of the process so far."""
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    def cpu_seconds(self, *, main_thread: bool = False) -> float:
+        """User + system CPU time of the process (or of its main thread only) so far."""
+        stat = f"/proc/{self.pid}/task/{self.pid}/stat" if main_thread else f"/proc/{self.pid}/stat"
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / _CLK_TCK
 
     def rss(self) -> int:
@@ -263,16 +264,23 @@ class Meter:
 
     procs: dict[str, Proc]
     start_cpu: dict[str, float] = field(default_factory=dict)
+    start_main: dict[str, float] = field(default_factory=dict)
     start: float = 0.0
 
     def __enter__(self) -> Self:
         self.start_cpu = {k: p.cpu_seconds() for k, p in self.procs.items()}
+        self.start_main = {k: p.cpu_seconds(main_thread=True) for k, p in self.procs.items()}
         self.start = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.wall = time.monotonic() - self.start
         self.cpu = {k: p.cpu_seconds() - self.start_cpu[k] for k, p in self.procs.items()}
+        #: CPU seconds of threads other than the main one (the SQLite writer's worker thread)
+        self.other_threads = {
+            k: self.cpu[k] - (p.cpu_seconds(main_thread=True) - self.start_main[k])
+            for k, p in self.procs.items()
+        }
 
     def share(self, name: str) -> float:
         """The CPU time of `name` over the phase as a fraction of one core."""

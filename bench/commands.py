@@ -61,6 +61,10 @@ def run(
             r["offered"] = rate or "max"
             r["server_cpu_share"] = round(meter.share("server"), 3)
             r["server_us_per_cmd"] = round(meter.cpu["server"] / max(r["answered"], 1) * 1e6, 1)
+            # of which in threads other than the event loop's: the SQLite writer's commits
+            r["thread_us_per_cmd"] = round(
+                meter.other_threads["server"] / max(r["answered"], 1) * 1e6, 1
+            )
             r["devices_cpu_share"] = round(meter.share("devices"), 3)
             r["app_cpu_share"] = round(meter.share("app"), 3)
             print(f"{store} {r['offered']}/s: answered {r['answered_per_s']:,.0f}/s "
@@ -107,8 +111,8 @@ def main() -> None:
               "rounds": args.rounds, "machine": h.machine(), "results": rows}  # fmt: skip
     h.emit(result, rows, ["store", "offered", "answered_per_s", "e2e_p50_ms", "e2e_p99_ms",
                           "accept_p50_ms", "accept_p99_ms", "server_cpu_share",
-                          "server_us_per_cmd", "devices_cpu_share", "app_cpu_share",
-                          "of_memory"])  # fmt: skip
+                          "server_us_per_cmd", "thread_us_per_cmd", "devices_cpu_share",
+                          "app_cpu_share", "of_memory"])  # fmt: skip
 
 
 if __name__ == "__main__":

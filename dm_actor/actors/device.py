@@ -207,17 +207,16 @@ class DeviceActor:
         """A command was just queued: start it at once if the rules allow (see `pump`).
 
         The submitter calls this before its own write, so the acceptance record already
-        holds the attempt's Message ID and token and one commit serves both. Only an idle
-        actor (no mail, nothing held back) is started from outside: otherwise its task
+        holds the attempt's Message ID and token and one commit serves both. Once that is
+        durable it calls `flush`, then wakes the task (which must arm the retransmission
+        timer, and sends the bytes itself if the submitter was cancelled first). Only an
+        idle actor (no mail, nothing held back) is started from outside: otherwise its task
         decides, in the order the mail arrived.
         """
         mailbox = self.mailbox
         if mailbox or mailbox.closed or self._hold is not None:
             return False
-        if not self.pump(now):
-            return False
-        mailbox.put(Signal.WAKE)  # its task sends the bytes once they may go
-        return True
+        return self.pump(now)
 
     def flush(self) -> None:
         """Send what the endpoint has ready, unless it waits behind an attempt not yet durable."""

@@ -648,7 +648,11 @@ class Supervisor:
                 self._tell(actor, Signal.WAKE)
                 return Accepted()
         if actor.start_now(now):  # one write: the command and its attempt's MID and token
-            await self.store.durable()
+            try:
+                await self.store.durable()
+                actor.flush()  # the request leaves with the 202
+            finally:
+                self._tell(actor, Signal.WAKE)
             return Accepted()
         self.persist_command(device_id, cmd)
         await self.store.durable()

@@ -13,7 +13,7 @@ from dm_actor.coap.message import Message, decode, encode, path_options, query_o
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.store.memory import MemoryStore
 
-from .support import Device, TcpDevice, start_server
+from .support import Device, TcpDevice, responses, start_server
 
 
 class GatedStore(MemoryStore):
@@ -173,3 +173,25 @@ async def test_a_request_leaves_only_once_its_message_id_and_token_are_durable(
     assert [e.path for e in dev.executed] == ["/3/0/1", "/3/0/2"]
     if isinstance(dev, TcpDevice):
         await dev.disconnect()
+
+
+async def test_a_request_started_on_submit_leaves_even_if_the_submitter_is_cancelled(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The HTTP client went away while its 202 waited for the store: the command was
+    accepted into the store all the same, so the device gets it once the write is durable."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = Device(server.addr, "dev")
+    await dev.start(nursery)
+    await dev.register()
+    store.open = False
+    with trio.move_on_after(5):
+        await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
+    assert dev.executed == []
+    store.open = True
+    store.commit()
+    await trio.sleep(1)
+    assert [e.path for e in dev.executed] == ["/3/0/1"]
+    assert responses(server)["a"]["status"] == 200
