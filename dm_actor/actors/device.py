@@ -56,6 +56,10 @@ _CONTENT_FORMAT = OptionNumber.CONTENT_FORMAT.value
 _ACCEPT = OptionNumber.ACCEPT.value
 _RST = 3
 _CACHE_LIMIT = 8
+#: Message IDs are reserved in the store this many at a time (one write per block), so that
+#: after a restart a device's new requests start past every MID the old process may have
+#: sent it: a reused MID would be answered from the device's deduplication cache.
+MID_BLOCK = 256
 
 
 class Signal(enum.Enum):
@@ -77,6 +81,7 @@ class DeviceActor:
     __slots__ = (
         "_cache",
         "_hold",
+        "_mid_limit",
         "_observations",
         "addr",
         "coap",
@@ -110,6 +115,7 @@ class DeviceActor:
         # to the device until that write is durable, so a restart can resend the same
         # exchange (exactly once across a crash)
         self._hold: int | None = None
+        self._mid_limit: int | None = None  # the first Message ID not reserved in the store
 
     @property
     def endpoint(self) -> str:
@@ -276,7 +282,7 @@ class DeviceActor:
             token = cmd.token  # the same exchange again, same Message ID (see Command.mid)
         else:
             cmd.exchange_at = now
-            cmd.mid = coap.next_mid() if not coap.reliable else None
+            cmd.mid = None if coap.reliable else self._new_mid()
         token = coap.send_request(
             _METHODS[cmd.method],
             tuple(sorted(options, key=lambda o: o[0])),
@@ -288,6 +294,14 @@ class DeviceActor:
         )
         cmd.token = token  # the command in flight is `queue.in_flight`; this is its exchange
         self.sup.persist_command(self.endpoint, cmd)
+
+    def _new_mid(self) -> int:
+        mid = self.coap.next_mid()
+        limit = self._mid_limit
+        if limit is None or not 0 < (limit - mid) & 0xFFFF <= MID_BLOCK:
+            limit = self._mid_limit = (mid + MID_BLOCK) & 0xFFFF
+            self.sup.store.put_next_mid(self.endpoint, limit)  # durable with the attempt
+        return mid
 
     def _handle_events(self, now: float) -> None:
         coap = self.coap

@@ -161,13 +161,13 @@ class Supervisor:
     def attach_udp(self, send: Callable[[bytes, Address], None]) -> None:
         self._udp_send = send
 
-    def new_coap_endpoint(self, *, reliable: bool) -> CoapEndpoint:
+    def new_coap_endpoint(self, *, reliable: bool, mid_start: int | None = None) -> CoapEndpoint:
         seed = secrets.randbits(32)
         return CoapEndpoint(
             self.params,
             reliable=reliable,
             rng=None if self.params.ack_random_factor == 1.0 else self._rng,
-            mid_start=seed & 0xFFFF,
+            mid_start=seed & 0xFFFF if mid_start is None else mid_start,
             token_seed=seed,
             dedup_limit=16,
         )
@@ -210,8 +210,10 @@ class Supervisor:
         Devices come back without an address: nothing is sent to them until their next
         contact (an Update naming their registration id, or a Register). A command that was in
         flight at the crash goes back to the head with its Message ID and token, so a resend
-        within EXCHANGE_LIFETIME is the same exchange (the device's deduplication answers).
-        Expiry that passed while the server was down is caught by the sweeps.
+        within EXCHANGE_LIFETIME is the same exchange (the device's deduplication answers);
+        new requests take Message IDs from the device's stored reservation on, never one the
+        old process may have sent within that lifetime. Expiry that passed while the server
+        was down is caught by the sweeps.
         """
         now = self.now()
         offset = self.wall_offset
@@ -221,6 +223,9 @@ class Supervisor:
             queue.reachable = False
             queue.awake_until = 0.0
             actor = DeviceActor(self, reg, queue, None, None)
+            next_mid = snapshot.next_mids.get(reg.endpoint)
+            if next_mid is not None:  # past every MID the old process may have sent it
+                actor.coap = self.new_coap_endpoint(reliable=False, mid_start=next_mid)
             self.by_endpoint[reg.endpoint] = actor
             self.by_reg_id[reg.reg_id] = actor
             self._watch_lifetime(reg)

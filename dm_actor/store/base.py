@@ -112,6 +112,7 @@ class Snapshot(msgspec.Struct):
     channels: list[ChannelRecord] = []
     api_keys: list[ApiKeyRecord] = []
     events: list[EventRecord] = []  # by owner, then seq; none older than the event lifetime
+    next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
 
 
 class Store(Protocol):
@@ -127,6 +128,11 @@ class Store(Protocol):
 
     def put_command(self, record: CommandRecord) -> None:
         """Insert or replace (by endpoint and async-id) a queued command."""
+        ...
+
+    def put_next_mid(self, endpoint: str, mid: int) -> None:
+        """The server may send `endpoint` Message IDs up to `mid` (excluded): after a restart
+        its requests start at `mid`. Forgotten with the registration."""
         ...
 
     def delete_command(self, endpoint: str, async_id: str) -> None: ...

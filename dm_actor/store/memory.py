@@ -45,6 +45,7 @@ class MemoryStore:
         self.api_keys: dict[str, ApiKeyRecord] = {}  # key ->
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq -> (put order)
         self.event_bytes: dict[str, int] = {}  # owner -> bytes of its events' items
+        self.next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
         self.writes = 0
         self.clock = clock
         self.event_lifetime = event_lifetime
@@ -69,6 +70,7 @@ class MemoryStore:
             list(self.channels.values()),
             list(self.api_keys.values()),
             events,
+            dict(self.next_mids),
         )
 
     def put_registration(self, record: RegistrationRecord) -> None:
@@ -79,10 +81,15 @@ class MemoryStore:
         self.writes += 1
         self.registrations.pop(endpoint, None)
         self.commands.pop(endpoint, None)
+        self.next_mids.pop(endpoint, None)
 
     def put_command(self, record: CommandRecord) -> None:
         self.writes += 1
         self.commands.setdefault(record.endpoint, {})[record.async_id] = record
+
+    def put_next_mid(self, endpoint: str, mid: int) -> None:
+        self.writes += 1
+        self.next_mids[endpoint] = mid
 
     def delete_command(self, endpoint: str, async_id: str) -> None:
         self.writes += 1

@@ -103,8 +103,17 @@ CREATE TRIGGER event_replaced AFTER UPDATE ON events BEGIN
 END;
 """
 
+#: Version 3: per device, the first Message ID not reserved by the running server: after a
+#: restart its requests start there, clear of every MID sent in the last EXCHANGE_LIFETIME.
+V3 = """
+CREATE TABLE next_mids (
+    endpoint TEXT PRIMARY KEY,
+    mid INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2)
+MIGRATIONS = (V1, V2, V3)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)

@@ -95,6 +95,7 @@ class _Batch:
         "count",
         "event_cuts",
         "events",
+        "next_mids",
         "presubscriptions",
         "regs",
         "seq",
@@ -106,7 +107,8 @@ class _Batch:
         self.seq = seq
         self.count = 0  # writes recorded, before coalescing
         self.regs: dict[str, RegistrationRecord | None] = {}  # None: delete
-        self.wiped: set[str] = set()  # endpoints whose stored commands go
+        self.wiped: set[str] = set()  # endpoints whose stored commands (and next MID) go
+        self.next_mids: dict[str, int] = {}  # endpoint -> mid, after the wipes
         self.cmds: dict[tuple[str, str], CommandRecord] = {}  # in first-put order
         self.cmd_index: dict[str, list[str]] = {}  # endpoint -> async-ids put in cmds
         self.cmd_deletes: set[tuple[str, str]] = set()  # applied before the puts
@@ -219,6 +221,7 @@ class SqliteStore:
                         (self.clock() - self.event_lifetime,),
                     )
                 ],
+                next_mids=dict(db.execute("SELECT endpoint, mid FROM next_mids")),
             )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the store: {exc}") from exc
@@ -243,6 +246,7 @@ class SqliteStore:
         batch = self._filling()
         batch.regs[endpoint] = None
         batch.wiped.add(endpoint)
+        batch.next_mids.pop(endpoint, None)
         cmds = batch.cmds
         for async_id in batch.cmd_index.pop(endpoint, ()):
             cmds.pop((endpoint, async_id), None)
@@ -254,6 +258,9 @@ class SqliteStore:
         if key not in batch.cmds:
             batch.cmd_index.setdefault(record.endpoint, []).append(record.async_id)
         batch.cmds[key] = record
+
+    def put_next_mid(self, endpoint: str, mid: int) -> None:
+        self._filling().next_mids[endpoint] = mid
 
     def delete_command(self, endpoint: str, async_id: str) -> None:
         batch = self._filling()
@@ -384,7 +391,12 @@ class SqliteStore:
                     [msgspec.structs.astuple(r) for r in b.regs.values() if r is not None],
                 )
             if b.wiped:
-                db.executemany("DELETE FROM commands WHERE endpoint = ?", [(e,) for e in b.wiped])
+                wiped = [(e,) for e in b.wiped]
+                db.executemany("DELETE FROM commands WHERE endpoint = ?", wiped)
+                db.executemany("DELETE FROM next_mids WHERE endpoint = ?", wiped)
+            if b.next_mids:
+                db.executemany("INSERT OR REPLACE INTO next_mids VALUES (?, ?)",
+                               b.next_mids.items())  # fmt: skip
             if b.cmd_deletes:
                 db.executemany(
                     "DELETE FROM commands WHERE endpoint = ? AND async_id = ?", b.cmd_deletes

@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.actors.device import MID_BLOCK
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
@@ -158,9 +159,15 @@ async def test_a_request_leaves_only_once_its_message_id_and_token_are_durable(
     nursery.start_soon(submit, "b", "/3/0/2")
     await trio.sleep(10)
     assert done == [] and dev.executed == []  # written, not durable: no 202, no request
-    assert store.writes == writes + 2  # one write per command, "a" with its attempt's MID
+    # one write per command, "a" with its attempt's MID and token (and over UDP the device's
+    # first block of Message IDs reserved)
+    assert store.writes == writes + 2 + (transport == "udp")
     stored = store.commands["dev"]["a"]
     assert stored.token is not None and (stored.mid is not None) is (transport == "udp")
+    if stored.mid is not None:
+        assert store.next_mids["dev"] == (stored.mid + MID_BLOCK) & 0xFFFF
+    else:
+        assert "dev" not in store.next_mids  # TCP has no Message IDs to reserve
     store.commit()
     await trio.sleep(0.1)
     assert done == [Accepted(), Accepted()]

@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from dm_actor import app
+from dm_actor.actors.device import MID_BLOCK
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.numbers import Code
@@ -178,3 +179,34 @@ async def test_channels_and_owed_responses_survive_a_restart(
         while "async-responses" not in message:
             message = await next_message(ws)
     assert [r["id"] for r in message["async-responses"]] == ["owed"]
+
+
+async def test_after_a_restart_new_requests_never_reuse_a_recent_message_id(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A MID the old process sent within EXCHANGE_LIFETIME would be answered from the
+    device's deduplication cache with the old answer. MIDs are reserved in the store in
+    blocks; the restarted server starts past the reserved block."""
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "dev", lifetime=3600)
+    await dev.start(nursery)
+    await dev.register()
+    for i in range(3):
+        await first.supervisor.submit("dev", "GET", f"/3/0/{i}", async_id=f"old{i}")
+        await trio.sleep(1)
+    old = [m.mid for _, m in dev.arrivals if m.code == Code.GET]
+    assert len(old) == 3
+    scope.cancel()
+    await trio.sleep(10)  # back well within the device's 247 s
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    dev.server = second.coap_udp
+    assert (await dev.update()).code == Code.CHANGED
+    for i in range(3):
+        await second.supervisor.submit("dev", "GET", f"/3/0/{i}", async_id=f"new{i}")
+        await trio.sleep(1)
+    new = [m.mid for _, m in dev.arrivals if m.code == Code.GET][3:]
+    assert new == [(old[0] + MID_BLOCK + i) & 0xFFFF for i in range(3)]
+    answers = async_responses(events)
+    assert [answers[f"new{i}"]["status"] for i in range(3)] == [200] * 3

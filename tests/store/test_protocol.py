@@ -233,6 +233,26 @@ def _normal(snap: Snapshot) -> Snapshot:
     return snap
 
 
+async def test_next_mids_round_trip_and_go_with_the_registration(backend: Backend) -> None:
+    store = backend.open()
+    async with running(store):
+        store.put_registration(registration("a"))
+        store.put_registration(registration("b"))
+        store.put_next_mid("a", 300)
+        store.put_next_mid("a", 556)  # the next block
+        store.put_next_mid("b", 65535)
+        await store.durable()
+        store.delete_registration("b")
+        store.put_next_mid("b", 0)  # registered again: a new reservation in the same batch
+        store.put_next_mid("c", 7)
+        store.delete_registration("c")
+        await store.durable()
+        assert store.load().next_mids == {"a": 556, "b": 0}
+        store.delete_registration("a")
+        await store.durable()
+    assert backend.reopen(store).next_mids == {"b": 0}
+
+
 async def test_random_writes_match_the_memory_store(tmp_path: Path) -> None:
     """Random interleavings of every write, with commits at random points, on small key
     spaces so that coalescing happens all the time: SQLite ends where MemoryStore ends."""
@@ -270,6 +290,8 @@ def _random_write(
         elif op in (2, 3, 4):  # the acceptance time stays with a queued command
             at = accepted.setdefault((ep, aid), float(n))
             store.put_command(command(ep, aid, at=at, attempts=n, mid=n))
+            if op == 4:
+                store.put_next_mid(ep, n)
         elif op == 5:
             store.delete_command(ep, aid)
         elif op == 6:

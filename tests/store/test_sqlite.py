@@ -228,17 +228,42 @@ async def test_a_version_1_store_is_migrated_with_its_data(tmp_path: Path) -> No
     ]
     assert snap.commands == [command("dev-1", "c1"), command("dev-1", "c2", at=2.0, attempts=1)]
     assert snap.subscriptions == {"dev-1": [("/3/0/9", "app-1")]}
-    async with running(store):  # the version 2 parts work
+    async with running(store):  # the version 2 and 3 parts work
         store.put_command(command("dev-1", "c1", mid=42, token=b"tk"))
         store.put_channel(ChannelRecord("app-1", "WEB_SOCKET", 5.0))
         store.put_event(EventRecord("app-1", 1, "notifications", b"{}", store.clock()))
+        store.put_next_mid("dev-1", 298)
         await store.durable()
     store.close()
     store = SqliteStore(path)
     snap = store.load()
     assert snap.commands[0].mid == 42 and snap.commands[0].token == b"tk"
     assert len(snap.channels) == 1 and len(snap.events) == 1
-    assert store._db.execute("PRAGMA user_version").fetchone() == (2,)
+    assert snap.next_mids == {"dev-1": 298}
+    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,) == (3,)
+    store.close()
+
+
+async def test_a_version_2_store_is_migrated_with_its_data(tmp_path: Path) -> None:
+    """Version 2 is what the first release with durability wrote."""
+    path = tmp_path / "v2.sqlite3"
+    write_v1_store(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(schema.V2)
+    db.execute("PRAGMA user_version = 2")
+    db.execute("UPDATE commands SET mid = 42, token = x'746B' WHERE async_id = 'c1'")
+    db.execute("INSERT INTO events VALUES ('app-1', 1, 'async-responses', x'7B7D', 1e12)")
+    db.close()
+    store = SqliteStore(path)
+    snap = store.load()
+    assert snap.commands[0] == command("dev-1", "c1", mid=42, token=b"tk")
+    assert [e.seq for e in snap.events] == [1]
+    assert snap.next_mids == {}  # none reserved: a restored device starts at a random MID
+    async with running(store):
+        store.put_next_mid("dev-1", 7)
+        await store.durable()
+    assert store.load().next_mids == {"dev-1": 7}
+    assert store._db.execute("PRAGMA user_version").fetchone() == (3,)
     store.close()
 
 
