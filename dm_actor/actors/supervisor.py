@@ -137,7 +137,9 @@ class Supervisor:
         # (None while the answer waits for the store: retransmissions are dropped meanwhile)
         self._replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
         self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
-        self._held_limit = 100_000  # beyond it new Registers are shed until the store catches up
+        # beyond this many answers waiting for the store, or writes not yet committed (a
+        # stalled disk), new Registers are shed and new commands refused until it catches up
+        self._held_limit = 100_000
         self._awaiting = 0  # answers held or being committed
         self._held_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
@@ -327,7 +329,7 @@ class Supervisor:
         kind = reg_iface.classify(msg)
         now = self.now()
         if kind == "register":
-            if self._awaiting >= self._held_limit:
+            if self._store_behind():
                 self.statistics["registrations_shed"] += 1  # the store is behind: the
                 return  # client retransmits (CoAP's own back-off is the back-pressure)
             code, options = self._register(msg, addr, conn, now, via=None)
@@ -409,6 +411,10 @@ class Supervisor:
         else:
             actor.coap.respond(request, code, options, b"", now)
             actor.flush()
+
+    def _store_behind(self) -> bool:
+        limit = self._held_limit
+        return self._awaiting >= limit or self.store.backlog() >= limit
 
     def _after_durable(self, send: Callable[[], None]) -> None:
         """Run `send` once every write made so far is durable (one group commit for many)."""
@@ -634,6 +640,8 @@ class Supervisor:
         checked = self._check_uri(actor, method, uri, payload)
         if isinstance(checked, Rejected):
             return checked
+        if self._store_behind():
+            return Rejected(503, "STORE_IS_BEHIND")  # nothing is accepted that it cannot keep
         now = self.now()
         cmd = self._command(actor, async_id, method, checked, payload, content_format, accept,
                             retry, expiry, now, owner=owner)  # fmt: skip
@@ -717,6 +725,8 @@ class Supervisor:
         checked = self._check_uri(actor, "GET", path, b"")
         if isinstance(checked, Rejected):
             return checked
+        if self._store_behind():
+            return Rejected(503, "STORE_IS_BEHIND")
         if self._add_subscription(actor, checked, owner, self.now()) is Verdict.QUEUE_IS_FULL:
             return Rejected(429, "QUEUE_IS_FULL")
         await self.store.durable()

@@ -172,6 +172,10 @@ class Store(Protocol):
         """A number for the writes buffered so far, for `is_durable` and `durable`."""
         ...
 
+    def backlog(self) -> int:
+        """Writes buffered and not yet committed (it grows while the disk stalls)."""
+        ...
+
     def is_durable(self, mark: int) -> bool:
         """True once every write buffered before `mark()` returned `mark` is committed."""
         ...

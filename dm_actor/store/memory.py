@@ -163,6 +163,9 @@ class MemoryStore:
     def mark(self) -> int:
         return 0
 
+    def backlog(self) -> int:
+        return 0
+
     def is_durable(self, mark: int) -> bool:
         return True
 

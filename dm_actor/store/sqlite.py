@@ -170,6 +170,7 @@ class SqliteStore:
         self.event_bytes_cap = event_bytes_cap
         self.transactions = 0  # committed by the writer
         self.writes = 0  # recorded by put_*/delete_*/set_*, before coalescing
+        self._committed_writes = 0
         self._batches = collections.deque([_Batch(1)])  # the last one is being filled
         self._committed = 0  # seq of the last committed batch
         self._committed_event = trio.Event()
@@ -316,6 +317,9 @@ class SqliteStore:
     def is_durable(self, mark: int) -> bool:
         return self._committed >= mark
 
+    def backlog(self) -> int:
+        return self.writes - self._committed_writes
+
     async def durable(self, mark: int | None = None) -> None:
         """Return once every write recorded before this call (or before `mark`) is committed.
 
@@ -372,6 +376,7 @@ class SqliteStore:
             self._committed_event.set()
             raise self._failure from exc
         self._committed = batch.seq
+        self._committed_writes += batch.count
         self.transactions += 1
         committed, self._committed_event = self._committed_event, trio.Event()
         committed.set()

@@ -30,6 +30,7 @@ from dm_actor.coap.message import (
 )
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
+from dm_actor.store.memory import MemoryStore
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import Address, UdpEndpoint
 
@@ -303,3 +304,37 @@ def _default_answer(req: Message) -> tuple[int, bytes, int | None]:
     if req.code in (Code.PUT, Code.POST):
         return Code.CHANGED, b"", None
     return Code.DELETED, b"", None
+
+
+class GatedStore(MemoryStore):
+    """A memory store whose writes become durable when the test commits them (or, while
+    `open`, as soon as someone waits for them)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open = False
+        self.commits = 0
+        self.committed = 0  # the writes committed so far (a mark is a count of writes)
+        self._committed = trio.Event()
+
+    def commit(self) -> None:
+        self.commits += 1
+        self.committed = self.writes
+        self._committed.set()
+        self._committed = trio.Event()
+
+    def mark(self) -> int:
+        return self.writes
+
+    def is_durable(self, mark: int) -> bool:
+        return mark <= self.committed
+
+    def backlog(self) -> int:
+        return self.writes - self.committed
+
+    async def durable(self, mark: int | None = None) -> None:
+        target = self.writes if mark is None else mark
+        if self.open and not self.is_durable(target):
+            self.commit()
+        while not self.is_durable(target):
+            await self._committed.wait()

@@ -12,40 +12,8 @@ from dm_actor.actors.device import MID_BLOCK
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
-from dm_actor.store.memory import MemoryStore
 
-from .support import Device, TcpDevice, responses, start_server
-
-
-class GatedStore(MemoryStore):
-    """A memory store whose writes become durable when the test commits them (or, while
-    `open`, as soon as someone waits for them)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.open = False
-        self.commits = 0
-        self.committed = 0  # the writes committed so far (a mark is a count of writes)
-        self._committed = trio.Event()
-
-    def commit(self) -> None:
-        self.commits += 1
-        self.committed = self.writes
-        self._committed.set()
-        self._committed = trio.Event()
-
-    def mark(self) -> int:
-        return self.writes
-
-    def is_durable(self, mark: int) -> bool:
-        return mark <= self.committed
-
-    async def durable(self, mark: int | None = None) -> None:
-        target = self.writes if mark is None else mark
-        if self.open and not self.is_durable(target):
-            self.commit()
-        while not self.is_durable(target):
-            await self._committed.wait()
+from .support import Device, GatedStore, TcpDevice, responses, start_server
 
 
 def register_datagram(mid: int) -> bytes:

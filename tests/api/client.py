@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.config import Settings
+    from dm_actor.store.base import Store
     from dm_actor.transport.udp import Address
 
 KEY_A = "ak_test_a"
@@ -205,7 +206,8 @@ async def start_api(
     settings: Settings | None = None,
     options: HttpOptions | None = None,
     keys: ApiKeys = KEYS,
+    store: Store | None = None,
 ) -> Api:
-    server = await start_server(nursery, settings)
+    server = await start_server(nursery, settings, store)
     addr = await nursery.start(serve_http, server.sup, "127.0.0.1", 0, keys, options)
     return Api(server, addr)

@@ -10,6 +10,7 @@ import trio.testing
 
 from dm_actor.api.server import HttpOptions
 from dm_actor.config import parse_settings
+from tests.actors.support import GatedStore
 
 from .client import KEY_A, HttpClient, raw_exchange, start_api
 from .test_flow import online, pull
@@ -232,3 +233,45 @@ async def test_keep_alive_survives_an_idle_timeout(
         await trio.sleep(11)  # the server closed the idle connection; the client reconnects
         assert (await client.request("GET", "/v3/devices")).status == 200
     assert client.connections == 2
+
+
+async def test_a_stalled_store_refuses_new_commands_with_503_and_keeps_the_accepted(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The disk stalls: writes pile up uncommitted. Past the limit new commands and
+    subscriptions get 503 STORE_IS_BEHIND instead of growing memory; what was accepted
+    before goes through once the store catches up."""
+    store = GatedStore()
+    store.open = True
+    api = await start_api(nursery, store=store)
+    dev = await online(api, nursery)
+    store.open = False
+    statuses: list[int] = []
+
+    async def post(i: int) -> None:
+        async with api.client() as client:
+            reply = await client.request(
+                "POST",
+                f"/v2/device-requests/dev?async-id=s{i}",
+                json={"method": "GET", "uri": f"/3/0/{i}"},
+            )
+            statuses.append(reply.status)
+
+    for i in range(2):
+        nursery.start_soon(post, i)
+    await trio.sleep(5)
+    assert statuses == []  # waiting for the store
+    api.sup._held_limit = store.backlog()  # the limit is reached
+    async with api.client() as client:
+        reply = await client.request("POST", "/v2/device-requests/dev?async-id=s9", json=GET_1)
+        assert (reply.status, reply.text) == (503, "STORE_IS_BEHIND")
+        reply = await client.request("PUT", "/v2/subscriptions/dev/3/0/9")
+        assert (reply.status, reply.text) == (503, "STORE_IS_BEHIND")
+    store.open = True
+    store.commit()
+    await trio.sleep(5)
+    assert statuses == [202, 202]
+    assert sorted(e.path for e in dev.executed) == ["/3/0/0", "/3/0/1"]
+    async with api.client() as client:
+        reply = await client.request("POST", "/v2/device-requests/dev?async-id=s9", json=GET_1)
+        assert reply.status == 202

@@ -110,6 +110,7 @@ async def test_a_mark_is_durable_once_its_write_committed_not_before(tmp_path: P
         store.put_command(command("ep", "first"))
         first = store.mark()
         assert not store.is_durable(first) and not committed(path, "first")
+        assert store.backlog() == 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.durable)
             await trio.testing.wait_all_tasks_blocked()  # "first" is being committed
@@ -121,6 +122,7 @@ async def test_a_mark_is_durable_once_its_write_committed_not_before(tmp_path: P
             assert not store.is_durable(second)  # (its commit may be under way already)
             await store.durable(second)
             assert store.is_durable(second) and committed(path, "second")
+            assert store.backlog() == 0
     store.close()
 
 
