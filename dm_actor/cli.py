@@ -2,8 +2,9 @@
 
 `main()` is the only entry point; it returns the process exit code (0: stopped by SIGINT or
 SIGTERM, 1: a socket could not be opened, 2: bad settings, 3: the store in the data
-directory is corrupt, unreadable or from a newer version), printing a one-line error, and
-never calls `sys.exit` itself (argparse does, for bad flags and `--version`).
+directory is corrupt, unreadable, from a newer version or in use by another process),
+printing a one-line error, and never calls `sys.exit` itself (argparse does, for bad flags
+and `--version`).
 Log records of `dm_actor` go to stderr while the server runs; nothing is configured at import.
 """
 

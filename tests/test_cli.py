@@ -23,6 +23,7 @@ from dm_actor.cli import build_parser, main, settings_from_args
 from dm_actor.coap.message import Message, decode, encode, path_options
 from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
 from dm_actor.config import ConfigError, Settings, load_settings
+from dm_actor.store.sqlite import SqliteStore
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -287,3 +288,19 @@ def test_a_corrupt_store_is_a_clear_error_and_exit_code_3(
     assert "dm-actor: error:" in err
     assert str(store) in err
     assert store.read_bytes() == before  # nothing recreated, nothing lost
+
+
+def test_a_data_directory_in_use_is_a_clear_error_and_exit_code_3(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    running = SqliteStore(tmp_path / "dm-actor.sqlite3")  # as another daemon holds it
+    try:
+        code = main(
+            ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+             "--data-dir", str(tmp_path)]
+        )  # fmt: skip
+    finally:
+        running.close()
+    assert code == 3
+    err = capsys.readouterr().err
+    assert f"in use by another process (pid {os.getpid()})" in err

@@ -13,9 +13,10 @@ Durability: `journal_mode=WAL` with `synchronous=FULL`, so each commit fsyncs th
 gateway losing power must not lose an accepted command.
 
 Opening checks the file before using it: a file that is not SQLite, a SQLite file that is not
-ours, a newer schema, a damaged file (`PRAGMA quick_check`) or one we may not read and write
-raises `StoreError`, naming the file. Nothing is ever recreated or dropped. An older schema is
-migrated in place, one transaction per version (see `dm_actor.store.schema`).
+ours, a newer schema, a damaged file (`PRAGMA quick_check`), one we may not read and write, or
+one another process holds (its `.lock` file) raises `StoreError`, naming the file. Nothing is
+ever recreated or dropped. An older schema is migrated in place, one transaction per version
+(see `dm_actor.store.schema`).
 
 This module never decides what to store or when a write must be durable; the actors do.
 """
@@ -23,6 +24,7 @@ This module never decides what to store or when a write must be durable; the act
 from __future__ import annotations
 
 import collections
+import fcntl
 import math
 import os
 import sqlite3
@@ -177,11 +179,13 @@ class SqliteStore:
         self._kick = trio.Event()  # set when a write is recorded
         self._failure: StoreError | None = None
         self._last_commit = -math.inf  # when the last transaction started (Trio time)
-        self._db = _open(self.path, check=check)
+        self._db, self._lock = _open(self.path, check=check)
 
     def close(self) -> None:
-        """Close the file. Writes not yet committed are lost: stop the writer first."""
+        """Close the file and release its lock. Writes not yet committed are lost: stop the
+        writer first."""
         self._db.close()
+        os.close(self._lock)
 
     # ----------------------------------------------------------------------------- reading
 
@@ -480,8 +484,9 @@ class SqliteStore:
                 db.execute(_CAP_EVENTS, (owner, cap))
 
 
-def _open(path: Path, *, check: bool) -> sqlite3.Connection:
-    """Open `path` read-write, refuse what is not ours, migrate to the current schema."""
+def _open(path: Path, *, check: bool) -> tuple[sqlite3.Connection, int]:
+    """Lock `path`, open it read-write, refuse what is not ours, migrate to the current
+    schema. Returns the connection and the lock's file descriptor."""
     try:  # the OS says plainly why a file cannot be opened; SQLite does not
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     except FileNotFoundError as exc:
@@ -491,16 +496,45 @@ def _open(path: Path, *, check: bool) -> sqlite3.Connection:
     except OSError as exc:
         raise StoreError(f"{path}: cannot open the store for reading and writing: "
                          f"{exc.strerror}") from exc  # fmt: skip
+    lock = _lock(path)
     try:
-        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
-    try:
-        _prepare(db, path, check=check)
+        try:
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+        try:
+            _prepare(db, path, check=check)
+        except BaseException:
+            db.close()
+            raise
     except BaseException:
-        db.close()
+        os.close(lock)
         raise
-    return db
+    return db, lock
+
+
+def _lock(path: Path) -> int:
+    """Take the store's lock file (`<store>.lock`, holding our pid) or say who holds it.
+
+    Two daemons on one store would each believe their queues are the truth: one is refused.
+    An advisory `flock`, released by the kernel when the process dies (kill -9 included).
+    """
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"{lock_path}: cannot open the lock file: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreError(
+            f"{path}: in use by another process (pid {holder}): one daemon per data directory"
+        ) from exc
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
 
 
 def _prepare(db: sqlite3.Connection, path: Path, *, check: bool) -> None:

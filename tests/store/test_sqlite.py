@@ -389,3 +389,13 @@ def test_a_directory_or_a_missing_directory(tmp_path: Path) -> None:
         SqliteStore(tmp_path)
     with pytest.raises(StoreError, match="does not exist"):
         SqliteStore(tmp_path / "missing" / "s.sqlite3")
+
+
+def test_a_store_in_use_by_another_daemon_is_refused(tmp_path: Path) -> None:
+    """Two daemons on one data directory would both think their queues are the truth."""
+    path = tmp_path / "s.sqlite3"
+    first = SqliteStore(path)
+    with pytest.raises(StoreError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+        SqliteStore(path)
+    first.close()  # (a killed process's lock goes with it: the kernel drops it)
+    SqliteStore(path).close()
