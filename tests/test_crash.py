@@ -18,11 +18,12 @@ printed, not asserted. Real time throughout (the daemon is another process): eve
 bounded. `DM_ACTOR_CRASH_SEED` picks another seed (it fixes the kill schedule and the
 commands; what the kills interrupt depends on timing).
 
-One hazard is measured, not removed: a restarted daemon draws its first Message ID per device
-at random (RFC 7252 4.4 asks only that), so a new request can share its Message ID with one the
-previous process sent within EXCHANGE_LIFETIME; the device would then answer it from its
-deduplication cache without executing it. The summary prints how many such pairs of exchanges
-the run had (each collides with probability 1/65536) and how many did collide.
+Message IDs: a new request must never share its Message ID with one the previous process sent
+the same device within EXCHANGE_LIFETIME (the device would answer it from its deduplication
+cache without executing it). The server reserves MIDs per device in the store and a restarted
+daemon starts past the reservation; the summary prints how many pairs of exchanges from two
+processes fell within the window (with random first MIDs each would collide with probability
+1/65536) and the test asserts that no MID was reused.
 """
 
 from __future__ import annotations
@@ -385,6 +386,7 @@ async def _crash_test(tmp_path: Path) -> None:
         for a in missing
     ]
     exposure = mid_exposure(fleet, kills)
+    reused = reused_mids(fleet)
     summary = "\n".join([
         f"crash test, seed {SEED}: {len(kills)} kills (kill -9), {daemon.starts} starts, "
         f"{ledger.connections} WebSocket connections; commands for "
@@ -403,8 +405,8 @@ async def _crash_test(tmp_path: Path) -> None:
         f"{len(not_run)}; resent as the same exchange after a restart "
         f"{resent_across_restart(fleet, kills)}",
         f"Message IDs: {exposure} pairs of exchanges from two processes within the device's "
-        f"deduplication window (expected collisions {exposure / 65536:.4f}), collided "
-        f"{reused_mids(fleet)}",
+        f"deduplication window (with random first MIDs {exposure / 65536:.4f} collisions "
+        f"expected), Message IDs reused {reused}",
         f"fleet {fleet.totals.as_dict()}; events delivered {dict(ledger.kinds)}",
         f"device states (transport, queue, state): "
         f"{dict(Counter((d.transport, d.queue, d.state) for d in fleet.devices))}",
@@ -418,6 +420,7 @@ async def _crash_test(tmp_path: Path) -> None:
     assert not missing, f"lost: {missing}\n{summary}"
     assert not duplicated, f"two responses: {duplicated}\n{summary}"
     assert not strays, f"responses to commands never sent: {strays}\n{summary}"
+    assert not reused, f"a Message ID reused within EXCHANGE_LIFETIME\n{summary}"
     assert not double_udp, f"executed twice: {double_udp}\n{summary}"
     assert not misplaced, f"executed where never sent: {misplaced}\n{summary}"
     assert not not_run, f"answered, never executed: {not_run}\n{summary}"
