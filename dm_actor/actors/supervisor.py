@@ -25,7 +25,7 @@ import msgspec
 import trio
 
 from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
-from dm_actor.actors.events import EventStream
+from dm_actor.actors.events import EventStream, Item
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import (
     command_from_record,
@@ -246,10 +246,9 @@ class Supervisor:
                 subscriptions.setdefault(path, set()).add(owner)
             for path in subscriptions:
                 self._queue_observe(restored, path, now)  # the old observations are gone
-        for event in snapshot.events:  # AsyncIDResponses owed to a channel: owed again
-            if event.kind == _ASYNC:
-                item = msgspec.json.decode(event.item)
-                self.events.publish(_ASYNC, item, frozenset((event.owner,)), event.seq)
+        for event in snapshot.events:  # events owed to a channel: owed again
+            item = msgspec.json.decode(event.item)
+            self.events.publish(event.kind, item, frozenset((event.owner,)), event.seq)
             self._event_seq = max(self._event_seq, event.seq)
         for owner, pres in snapshot.presubscriptions.items():
             self.presubscriptions[owner] = [
@@ -591,9 +590,19 @@ class Supervisor:
         owners = frozenset((owner,))
         self._after_durable(lambda: self.events.publish(_ASYNC, item, owners, seq))
 
-    def events_delivered(self, owner: str, up_to: int) -> None:
-        """`owner`'s channel delivered its durable events up to `seq`: forget them."""
-        self.store.delete_events(owner, up_to)
+    def events_delivered(self, owner: str, seqs: list[int]) -> None:
+        """`owner`'s channel delivered (or dropped) its stored events `seqs`: forget them."""
+        self.store.delete_events(owner, seqs)
+
+    def keep_event(self, owner: str, kind: str, item: Item) -> int:
+        """Store an event that waits in `owner`'s channel (see `NotificationHub.spill`), so
+        that it is still owed after a restart; returns its `seq`."""
+        self._event_seq += 1
+        seq = self._event_seq
+        self.store.put_event(
+            EventRecord(owner, seq, kind, _json(item), self.now() + self.wall_offset)
+        )
+        return seq
 
     def notification(self, actor: DeviceActor, uri: str, outcome: Outcome) -> None:
         item: dict[str, object] = {"ep": actor.endpoint, "path": uri}

@@ -3,7 +3,9 @@
 The hub is the only reader of the supervisor's `EventStream`. It fans every event out to the
 channel of each application the event is for (all of them when `owners` is None), into a
 bounded per-channel buffer: beyond `capacity` the oldest event is dropped and counted, so a
-slow or absent client never blocks a device. A delivery mechanism (a WebSocket session, a long
+slow or absent client never blocks a device. Every `spill_interval` the events still waiting
+in a channel are written to the store (`spill`): an application that is away does not lose
+them to a restart; a delivery forgets them again. A delivery mechanism (a WebSocket session, a long
 poll, a webhook task of `webhook.py`) waits on its channel and takes `NotificationMessage`s
 from it: up to `max_chunk_size` events grouped by kind, encoded once. A message that could not
 be delivered is put back with `unread`. This module never does network I/O.
@@ -73,10 +75,12 @@ class Channel:
         "dropped",
         "events",
         "extra",
+        "forget",
         "mechanism",
         "polling",
         "serialization",
         "session",
+        "unspilled",
     )
 
     def __init__(
@@ -98,6 +102,8 @@ class Channel:
         self.polling = False  # a long poll is pending
         self.session: Session | None = None  # the live WebSocket
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
+        self.unspilled = 0  # events pushed since the last spill that have no `seq`
+        self.forget: Callable[[str, list[int]], None] | None = None  # stored events dropped
         self._ready = trio.Event()
         self._transform = transform
 
@@ -107,13 +113,20 @@ class Channel:
     def push(self, event: Event) -> None:
         events = self.events
         if len(events) >= self.capacity:
-            events.popleft()
-            self.dropped += 1
+            self._dropped([events.popleft()])
         transform = self._transform
         if transform is not None:
             event = (event[0], transform(event[0], event[1], event[3]), None, event[3])
+        if event[3] is None:
+            self.unspilled += 1
         events.append(event)
         self._ready.set()
+
+    def _dropped(self, gone: list[Event]) -> None:
+        self.dropped += len(gone)
+        seqs = [event[3] for event in gone if event[3] is not None]
+        if seqs and self.forget is not None:
+            self.forget(self.app, seqs)
 
     def wake(self) -> None:
         self._ready.set()
@@ -143,10 +156,10 @@ class Channel:
 
     def unread(self, batch: list[Event]) -> None:
         """Put back a message that was not delivered, at the head, in order."""
-        self.events.extendleft(reversed(batch))
-        while len(self.events) > self.capacity:
-            self.events.pop()
-            self.dropped += 1
+        events = self.events
+        events.extendleft(reversed(batch))
+        if len(events) > self.capacity:
+            self._dropped([events.pop() for _ in range(len(events) - self.capacity)])
         self._ready.set()
 
     def attach(self, session: Session) -> Session | None:
@@ -193,11 +206,16 @@ class NotificationHub:
         wall_clock: Callable[[], float] = time.time,
         orphan_limit: int = 1000,
         orphan_ttl: float = 60.0,
-        on_delivered: Callable[[str, int], None] | None = None,
+        on_delivered: Callable[[str, list[int]], None] | None = None,
+        keep: Callable[[str, str, Item], int] | None = None,
+        spill_interval: float = 1.0,
         store: Store | None = None,
     ) -> None:
         self.events = events
         self.on_delivered = on_delivered
+        self.keep = keep
+        self.spill_interval = spill_interval
+        self._spill_due = trio.Event()  # set when events arrived (no timer while idle)
         self.store = store  # channels are kept there, so that they survive a restart
         self.capacity = capacity
         self.wall_clock = wall_clock
@@ -214,11 +232,15 @@ class NotificationHub:
         """Read the event stream forever, fanning events out; hosts delivery tasks too."""
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            if self.keep is not None:
+                nursery.start_soon(self._spill_every_interval)
             task_status.started()
             get = self.events.get
             channels = self.channels
             while True:
-                for event in await get(10_000):
+                batch = await get(10_000)
+                self._spill_due.set()
+                for event in batch:
                     owners = event[2]
                     if owners is None:
                         for channel in channels.values():
@@ -230,6 +252,40 @@ class NotificationHub:
                             self._orphan(owner, event)
                         else:
                             found.push(event)
+
+    async def _spill_every_interval(self) -> None:
+        while True:
+            await self._spill_due.wait()
+            await trio.sleep(self.spill_interval)
+            self._spill_due = trio.Event()
+            self.spill()
+
+    def spill(self) -> None:
+        """Store every event waiting in a channel that is not stored yet (with `keep`).
+
+        Events that a connected client takes within the interval never touch the disk; those
+        of an application that is away are kept within one interval, as the Pelion queue
+        keeps them (24 h, a size cap: the store enforces both). A stored event gets its
+        `seq`, and with `include_uid` its `uid` becomes the one it keeps across restarts.
+        """
+        keep = self.keep
+        if keep is None:
+            return
+        for channel in self.channels.values():
+            if not channel.unspilled:
+                continue
+            app = channel.app
+            kept: deque[Event] = deque()
+            for event in channel.events:
+                if event[3] is None:
+                    kind, item = event[0], event[1]
+                    seq = keep(app, kind, item)
+                    if isinstance(item, dict) and "uid" in item:  # (after a restart the
+                        item = {**item, "uid": durable_uid(seq)}  # uid is made from seq)
+                    event = (kind, item, None, seq)
+                kept.append(event)
+            channel.events = kept
+            channel.unspilled = 0
 
     def _orphan(self, app: str, event: Event) -> None:
         """Keep an event of `app`, which has no channel, for a while (bounded)."""
@@ -251,6 +307,7 @@ class NotificationHub:
         channel = Channel(
             app, mechanism, serialization, self.capacity, self._transform_for(serialization)
         )
+        channel.forget = self.on_delivered
         self.channels[app] = channel
         self.persist(channel)
         kept = self.orphans.pop(app, None)
@@ -261,14 +318,15 @@ class NotificationHub:
                     channel.push(event)
                 else:
                     self.unrouted += 1
+            self._spill_due.set()
         return channel
 
     def delivered(self, channel: Channel, batch: list[Event]) -> None:
         """A delivery mechanism handed `batch` to its client: durable events may be forgotten."""
         if self.on_delivered is not None:
-            last = max((event[3] for event in batch if event[3] is not None), default=None)
-            if last is not None:
-                self.on_delivered(channel.app, last)
+            seqs = [event[3] for event in batch if event[3] is not None]
+            if seqs:
+                self.on_delivered(channel.app, seqs)
 
     def reconfigure(self, channel: Channel, serialization: Serialization) -> None:
         """Serialize `channel`'s events arriving from now on with `serialization`."""

@@ -78,7 +78,9 @@ class HttpServer:
     ) -> None:
         self.keys = api_keys
         self.options = options or HttpOptions()
-        self.hub = NotificationHub(sup.events, on_delivered=sup.events_delivered, store=sup.store)
+        self.hub = NotificationHub(
+            sup.events, on_delivered=sup.events_delivered, keep=sup.keep_event, store=sup.store
+        )
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.restored = list(channels)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}

@@ -164,8 +164,8 @@ class Store(Protocol):
         """
         ...
 
-    def delete_events(self, owner: str, up_to: int) -> None:
-        """The channel took `owner`'s events up to sequence number `up_to`: forget them."""
+    def delete_events(self, owner: str, seqs: Sequence[int]) -> None:
+        """The channel delivered (or dropped) `owner`'s events `seqs`: forget them."""
         ...
 
     def mark(self) -> int:

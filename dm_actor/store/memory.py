@@ -149,13 +149,15 @@ class MemoryStore:
             size -= len(events.pop(next(iter(events))).item)
         self.event_bytes[owner] = size
 
-    def delete_events(self, owner: str, up_to: int) -> None:
+    def delete_events(self, owner: str, seqs: Sequence[int]) -> None:
         self.writes += 1
         events = self.events.get(owner)
         if events is None:
             return
-        for seq in [s for s in events if s <= up_to]:
-            self.event_bytes[owner] -= len(events.pop(seq).item)
+        for seq in seqs:
+            gone = events.pop(seq, None)
+            if gone is not None:
+                self.event_bytes[owner] -= len(gone.item)
         if not events:
             del self.events[owner]
             del self.event_bytes[owner]

@@ -52,7 +52,6 @@ from dm_actor.store.base import (
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-_ALL = 2**63 - 1  # an event cut that takes every event of an owner
 
 _REG_FIELDS = RegistrationRecord.__struct_fields__
 _CMD_FIELDS = CommandRecord.__struct_fields__
@@ -95,7 +94,8 @@ class _Batch:
         "cmd_index",
         "cmds",
         "count",
-        "event_cuts",
+        "event_deletes",
+        "event_wipes",
         "events",
         "next_mids",
         "presubscriptions",
@@ -118,7 +118,8 @@ class _Batch:
         self.presubscriptions: dict[str, Sequence[PresubscriptionRecord]] = {}
         self.channels: dict[str, ChannelRecord | None] = {}
         self.api_keys: dict[str, ApiKeyRecord | None] = {}
-        self.event_cuts: dict[str, int] = {}  # owner -> forget seq <= this, before the puts
+        self.event_wipes: set[str] = set()  # owners whose events all go, before the puts
+        self.event_deletes: dict[str, set[int]] = {}  # owner -> seqs to forget, before the puts
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq ->
 
 
@@ -291,7 +292,8 @@ class SqliteStore:
         batch = self._filling()
         batch.channels[owner] = None
         batch.events.pop(owner, None)
-        batch.event_cuts[owner] = _ALL
+        batch.event_deletes.pop(owner, None)
+        batch.event_wipes.add(owner)
 
     def put_api_key(self, record: ApiKeyRecord) -> None:
         self._filling().api_keys[record.key] = record
@@ -301,15 +303,20 @@ class SqliteStore:
 
     def put_event(self, record: EventRecord) -> None:
         """Keep an event until delivered, expired, or pushed out by the owner's byte cap."""
-        self._filling().events.setdefault(record.owner, {})[record.seq] = record
+        batch = self._filling()
+        batch.events.setdefault(record.owner, {})[record.seq] = record
+        deletes = batch.event_deletes.get(record.owner)
+        if deletes:
+            deletes.discard(record.seq)
 
-    def delete_events(self, owner: str, up_to: int) -> None:
-        """The channel took `owner`'s events up to sequence number `up_to`: forget them."""
+    def delete_events(self, owner: str, seqs: Sequence[int]) -> None:
+        """The channel delivered (or dropped) `owner`'s events `seqs`: forget them."""
         batch = self._filling()
         pending = batch.events.get(owner)
         if pending:
-            batch.events[owner] = {seq: e for seq, e in pending.items() if seq > up_to}
-        batch.event_cuts[owner] = max(up_to, batch.event_cuts.get(owner, up_to))
+            for seq in seqs:
+                pending.pop(seq, None)
+        batch.event_deletes.setdefault(owner, set()).update(seqs)
 
     # ------------------------------------------------------------------------------ commits
 
@@ -422,7 +429,7 @@ class SqliteStore:
                     [k for k, put in b.subs.items() if put],
                 )
             self._write_settings(db, b)
-            if b.event_cuts or b.events:
+            if b.event_wipes or b.event_deletes or b.events:
                 self._write_events(db, b)
             db.execute("COMMIT")
         except BaseException:
@@ -466,10 +473,14 @@ class SqliteStore:
                 )
 
     def _write_events(self, db: sqlite3.Connection, b: _Batch) -> None:
-        for owner, up_to in b.event_cuts.items():
-            db.execute("DELETE FROM events WHERE owner = ? AND seq <= ?", (owner, up_to))
-            if up_to == _ALL:
-                db.execute("DELETE FROM event_bytes WHERE owner = ?", (owner,))
+        for owner in b.event_wipes:
+            db.execute("DELETE FROM events WHERE owner = ?", (owner,))
+            db.execute("DELETE FROM event_bytes WHERE owner = ?", (owner,))
+        if b.event_deletes:
+            db.executemany(
+                "DELETE FROM events WHERE owner = ? AND seq = ?",
+                [(owner, seq) for owner, seqs in b.event_deletes.items() for seq in seqs],
+            )
         rows = [msgspec.structs.astuple(e) for per in b.events.values() for e in per.values()]
         if not rows:
             return

@@ -125,7 +125,7 @@ async def test_an_async_response_not_yet_delivered_is_owed_after_a_restart(
     again = [e for e in events.take() if e[0] == "async-responses"]
     assert again == [(kind, item, owners, seq)]  # the same response, the same seq
     assert seq is not None
-    second.supervisor.events_delivered("app", seq)  # now a channel delivers it
+    second.supervisor.events_delivered("app", [seq])  # now a channel delivers it
     await second.supervisor.store.durable()
     assert second.supervisor.store.load().events == []
 
@@ -133,7 +133,6 @@ async def test_an_async_response_not_yet_delivered_is_owed_after_a_restart(
 async def test_channels_and_owed_responses_survive_a_restart(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
-    from types import SimpleNamespace
 
     from dm_actor.api import ApiKeys
     from tests.api.client import HttpClient, next_message, websocket
@@ -173,8 +172,8 @@ async def test_channels_and_owed_responses_survive_a_restart(
     assert second.http is not None
     async with HttpClient(second.http, "ak_restart") as client:
         assert (await client.request("GET", "/v2/notification/websocket")).status == 200
-    api = SimpleNamespace(addr=second.http)
-    async with websocket(api, ["wss", "pelion_ak_restart"]) as ws:  # type: ignore[arg-type]
+    assert second.http is not None
+    async with websocket(second.http, ["wss", "pelion_ak_restart"]) as ws:
         message = await next_message(ws)
         while "async-responses" not in message:
             message = await next_message(ws)

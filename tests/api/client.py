@@ -141,13 +141,15 @@ class HttpClient:
 
 @asynccontextmanager
 async def websocket(
-    api: Api,
+    api: Api | Address,
     subprotocols: list[str] | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
 ) -> AsyncIterator[WebSocketConnection]:
-    """A trio-websocket client on the channel's socket. It owns its TCP stream and closes it
-    (trio-websocket's client leaves it open when the server closes first)."""
-    stream = await trio.open_tcp_stream(*api.addr[:2])
+    """A trio-websocket client on the channel's socket (of `api` or at an HTTP address). It
+    owns its TCP stream and closes it (trio-websocket's client leaves it open when the server
+    closes first)."""
+    addr = api.addr if isinstance(api, Api) else api
+    stream = await trio.open_tcp_stream(*addr[:2])
     async with stream, trio.open_nursery() as nursery:
         ws = await wrap_client_stream(
             nursery, stream, "127.0.0.1", WEBSOCKET_PATH, subprotocols=subprotocols,

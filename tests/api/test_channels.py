@@ -9,7 +9,14 @@ import trio
 import trio.testing
 
 from dm_actor.actors.events import EventStream
-from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, NotificationHub, Session, iso_time
+from dm_actor.api.channels import (
+    LONG_POLLING,
+    WEB_SOCKET,
+    NotificationHub,
+    Session,
+    durable_uid,
+    iso_time,
+)
 from dm_actor.api.schemas import Serialization, SerializationConfig
 
 
@@ -130,3 +137,88 @@ def test_durable_uids_are_stable_and_uuid_shaped() -> None:
     assert durable_uid(1795673419918713) == durable_uid(1795673419918713)
     assert durable_uid(1) == "00000000-0000-0000-0000-000000000001"
     assert durable_uid(2) != durable_uid(1)
+
+
+class Keeper:
+    """What the supervisor does for the hub: number and store waiting events."""
+
+    def __init__(self) -> None:
+        self.kept: dict[tuple[str, int], tuple[str, object]] = {}
+        self.seq = 100
+
+    def keep(self, owner: str, kind: str, item: object) -> int:
+        self.seq += 1
+        self.kept[owner, self.seq] = (kind, item)
+        return self.seq
+
+    def forget(self, owner: str, seqs: list[int]) -> None:
+        for seq in seqs:
+            del self.kept[owner, seq]
+
+
+async def test_events_waiting_in_a_channel_are_stored_and_forgotten_when_delivered(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A spill interval after they arrived, the events nobody took are stored (and only
+    once); delivering them forgets them; events taken within the interval never are."""
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget)
+    away = hub.open("away", WEB_SOCKET)
+    here = hub.open("here", WEB_SOCKET)
+    events.publish("registrations", {"ep": "d"})
+    events.publish("notifications", {"ep": "d", "path": "/3/0/9"}, frozenset({"away"}))
+    await trio.testing.wait_all_tasks_blocked()
+    _, batch = here.take()  # a connected client takes its event at once
+    hub.delivered(here, batch)
+    await trio.sleep(1.5)
+    assert sorted(keeper.kept.values(), key=str) == [
+        ("notifications", {"ep": "d", "path": "/3/0/9"}), ("registrations", {"ep": "d"})
+    ]  # fmt: skip
+    assert {owner for owner, _ in keeper.kept} == {"away"}
+    await trio.sleep(5)
+    assert len(keeper.kept) == 2  # stored once, not at every interval
+    message, batch = away.take()
+    assert json.loads(message) == {"notifications": [{"ep": "d", "path": "/3/0/9"}],
+                                   "registrations": [{"ep": "d"}]}  # fmt: skip
+    hub.delivered(away, batch)
+    assert keeper.kept == {}
+
+
+async def test_stored_events_dropped_by_the_bound_are_forgotten_too(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget,
+                                  capacity=3)  # fmt: skip
+    channel = hub.open("a", LONG_POLLING)
+    for i in range(3):
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.sleep(1.5)
+    assert len(keeper.kept) == 3
+    for i in range(3, 5):
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert [item for _, item in keeper.kept.values()] == [response(2)]  # r0, r1 dropped
+    assert channel.dropped == 2
+
+
+async def test_a_stored_event_keeps_its_uid_across_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """With include_uid, a stored event's uid is the one a restart gives it (made from its
+    seq), so a client that got it just before a crash can recognise the repeat."""
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget)
+    with_uid = Serialization(cfg=SerializationConfig(include_uid=True))
+    channel = hub.open("a", WEB_SOCKET, with_uid)
+    events.publish("registrations", {"ep": "d"}, frozenset({"a"}))
+    await trio.sleep(1.5)
+    [(_, seq)] = keeper.kept
+    message, _ = channel.take()
+    [item] = json.loads(message)["registrations"]
+    assert item["uid"] == durable_uid(seq)
+    # what a restarted server does with the stored event: the same uid
+    events.publish("registrations", {"ep": "d"}, frozenset({"a"}), seq)
+    await trio.testing.wait_all_tasks_blocked()
+    message, _ = channel.take()
+    assert json.loads(message)["registrations"][0]["uid"] == durable_uid(seq)

@@ -169,7 +169,7 @@ async def test_channels_keys_and_events(backend: Backend) -> None:
             store.put_event(EventRecord("app-1", seq, "notifications", b'{"n":%d}' % seq, now))
             store.put_event(EventRecord("app-2", seq, "registrations", b"{}", now))
         await store.durable()
-        store.delete_events("app-1", 3)  # delivered
+        store.delete_events("app-1", [3, 1, 2, 99])  # delivered (99: never stored)
         store.delete_channel("app-2")  # its queue goes with it
         store.delete_api_key("digest-2")
         store.put_event(EventRecord("app-1", 6, "async-responses", b"[]", now))
@@ -179,6 +179,24 @@ async def test_channels_keys_and_events(backend: Backend) -> None:
     assert snap.api_keys == [ApiKeyRecord("digest-1", "app-1", now)]
     assert [(e.owner, e.seq) for e in snap.events] == [("app-1", 4), ("app-1", 5), ("app-1", 6)]
     assert snap.events[0] == EventRecord("app-1", 4, "notifications", b'{"n":4}', now)
+
+
+async def test_delivered_events_are_forgotten_by_seq_in_any_order(backend: Backend) -> None:
+    """A channel's events are stored out of seq order (an AsyncIDResponse gets its seq before
+    it is published, a waiting event when it is spilled): deletes name exact seqs."""
+    store = backend.open()
+    now = backend.clock.now
+    async with running(store):
+        for seq in (10, 12, 11):
+            store.put_event(EventRecord("app", seq, "notifications", b"x", now))
+        await store.durable()
+        store.delete_events("app", [12])
+        store.put_event(EventRecord("app", 13, "notifications", b"y", now))
+        store.delete_events("app", [13])  # put and forgotten in one batch
+        store.delete_events("app", [14])
+        store.put_event(EventRecord("app", 14, "notifications", b"z", now))  # after its delete
+        await store.durable()
+    assert [e.seq for e in backend.reopen(store).events] == [10, 11, 14]
 
 
 async def test_events_expire_after_their_lifetime(backend: Backend) -> None:
@@ -305,7 +323,7 @@ def _random_write(
             store.put_channel(ChannelRecord(owner, "WEB_SOCKET", float(n)))
             store.put_api_key(ApiKeyRecord(f"k{aid}", owner, float(n)))
         elif n % 2:
-            store.delete_events(owner, n - rng.randrange(20))
+            store.delete_events(owner, [n - rng.randrange(30) for _ in range(5)])
         else:
             store.delete_channel(owner)
             store.delete_api_key(f"k{aid}")
