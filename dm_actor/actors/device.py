@@ -16,6 +16,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from dm_actor.actors.mailbox import Mailbox
+from dm_actor.coap.blockwise import (
+    Ask,
+    Block,
+    Block2Assembler,
+    Complete,
+    Failed,
+    get_block,
+    get_size,
+)
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.events import (
     NotificationReceived,
@@ -23,10 +32,10 @@ from dm_actor.coap.events import (
     RequestReceived,
     ResponseReceived,
 )
-from dm_actor.coap.message import Message, query_options, uint_bytes
+from dm_actor.coap.message import Message, Option, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.coap.observe import NotificationOrder
-from dm_actor.delivery.outcomes import Outcome, from_response
+from dm_actor.delivery.outcomes import INCOMPLETE, Outcome, from_response
 from dm_actor.delivery.queue import Command, DeviceQueue, Failure
 from dm_actor.lwm2m import path as lwm2m_path
 from dm_actor.lwm2m.errors import Lwm2mError
@@ -54,6 +63,10 @@ _METHODS = {"GET": Code.GET.value, "PUT": Code.PUT.value, "POST": Code.POST.valu
             "DELETE": Code.DELETE.value}  # fmt: skip
 _CONTENT_FORMAT = OptionNumber.CONTENT_FORMAT.value
 _ACCEPT = OptionNumber.ACCEPT.value
+_BLOCK2 = OptionNumber.BLOCK2.value
+_ETAG = OptionNumber.ETAG.value
+_SIZE2 = OptionNumber.SIZE2.value
+_BLOCK_SZX = 6  # ask for blocks of at most 1024 bytes
 _RST = 3
 _CACHE_LIMIT = 8
 #: Message IDs are reserved in the store this many at a time (one write per block), so that
@@ -75,6 +88,17 @@ class Signal(enum.Enum):
 Mail = bytes | Message | Signal
 
 
+class _Transfer:
+    """A response that arrives in blocks (RFC 7959 2.4), for the attempt in flight."""
+
+    __slots__ = ("assembler", "first", "token")
+
+    def __init__(self, first: Message) -> None:
+        self.assembler = Block2Assembler(szx=_BLOCK_SZX)
+        self.first = first  # the first block's response: its code, Observe, Content-Format
+        self.token = b""  # the exchange that asked for the latest block
+
+
 class DeviceActor:
     """One registered device. Create it with the supervisor; run `run()` in its nursery."""
 
@@ -83,6 +107,7 @@ class DeviceActor:
         "_hold",
         "_mid_limit",
         "_observations",
+        "_transfer",
         "addr",
         "coap",
         "conn",
@@ -116,6 +141,7 @@ class DeviceActor:
         # exchange (exactly once across a crash)
         self._hold: int | None = None
         self._mid_limit: int | None = None  # the first Message ID not reserved in the store
+        self._transfer: _Transfer | None = None
 
     @property
     def endpoint(self) -> str:
@@ -266,7 +292,7 @@ class DeviceActor:
         if len(cache) > _CACHE_LIMIT:
             del cache[next(iter(cache))]
 
-    def _start_attempt(self, cmd: Command, now: float) -> None:
+    def _request_options(self, cmd: Command) -> tuple[Option, ...]:
         uri, _, query = cmd.uri.partition("?")
         path = lwm2m_path.parse(uri)
         options = path.uri_path_options(self.reg.objects.alt_path)
@@ -276,6 +302,10 @@ class DeviceActor:
             options += ((_CONTENT_FORMAT, uint_bytes(cmd.content_format)),)
         if cmd.accept is not None:
             options += ((_ACCEPT, uint_bytes(cmd.accept)),)
+        return options
+
+    def _start_attempt(self, cmd: Command, now: float) -> None:
+        options = self._request_options(cmd)
         coap = self.coap
         token = None
         if cmd.exchange_at is not None and now - cmd.exchange_at < self.sup.resend_window:
@@ -312,7 +342,12 @@ class DeviceActor:
                 self._notification(event.token, event.notification, now)
             elif isinstance(event, RequestFailed):
                 cmd = self.queue.in_flight
-                if cmd is not None and cmd.token == event.token:
+                transfer = self._transfer
+                if cmd is not None and (
+                    cmd.token == event.token
+                    or (transfer is not None and transfer.token == event.token)
+                ):
+                    self._transfer = None  # a retry asks from the first block again
                     self.queue.attempt_failed(Failure(event.reason), now)
             elif isinstance(event, RequestReceived):
                 self.sup.device_request(self, event.request, now)
@@ -320,8 +355,18 @@ class DeviceActor:
 
     def _response(self, token: bytes, response: Message, now: float) -> None:
         cmd = self.queue.in_flight
-        if cmd is None or cmd.token != token:
+        if cmd is None:
             return
+        transfer = self._transfer
+        if token != cmd.token and (transfer is None or token != transfer.token):
+            return
+        if transfer is not None or response.option(_BLOCK2) is not None:
+            whole = self._reassemble(cmd, response, now)
+            if whole is None:
+                return  # the next block was asked for, or the transfer failed
+            response = whole
+            if cmd.token is not None:
+                token = cmd.token  # the observation (if any) is the first exchange's
         outcome = from_response(
             response.code, response.payload, response.content_format, response.max_age
         )
@@ -340,6 +385,55 @@ class DeviceActor:
                 log.info("%s refused to be observed on %s: %d", self.endpoint, uri, outcome.status)
         if cmd.method == "GET" and "?" not in uri:
             self._remember(uri, outcome, now)
+
+    def _reassemble(self, cmd: Command, response: Message, now: float) -> Message | None:
+        """Feed one block of the answer; the whole answer once the last block arrived.
+
+        The next block is asked for with the same request plus Block2, as a new exchange
+        (its Message ID and token are the transfer's, not the command's: a retry after a
+        crash resends the command's first exchange, whose answer the device has cached).
+        A transfer the device breaks (wrong offsets, a changing body, an error on a later
+        block, a body over 1 MiB) ends the command with 502 BLOCKWISE_TRANSFER_FAILED.
+        """
+        transfer = self._transfer
+        if transfer is None:
+            transfer = self._transfer = _Transfer(response)
+        step: Complete | Ask | Failed
+        if response.code >> 5 != 2 and transfer.token:
+            step = Failed(
+                f"a later block was answered {response.code >> 5}.{response.code & 31:02d}"
+            )
+        else:
+            try:
+                block = get_block(response, _BLOCK2)
+            except DecodeError as exc:
+                step = Failed(str(exc))
+            else:
+                step = transfer.assembler.feed(
+                    block, response.payload, response.option(_ETAG), get_size(response, _SIZE2)
+                )
+        if isinstance(step, Ask):
+            transfer.token = self._ask_block(cmd, step.block, now)
+            return None
+        self._transfer = None
+        if isinstance(step, Complete):
+            return transfer.first._replace(payload=step.body)
+        log.warning("%s: block-wise answer to %s failed: %s", self.endpoint, cmd.uri, step.reason)
+        self.queue.attempt_succeeded(INCOMPLETE, now)
+        return None
+
+    def _ask_block(self, cmd: Command, block: Block, now: float) -> bytes:
+        options = (*self._request_options(cmd), block.option(_BLOCK2))
+        coap = self.coap
+        token = coap.send_request(
+            _METHODS[cmd.method],
+            tuple(sorted(options, key=lambda o: o[0])),
+            cmd.payload,
+            now,
+            mid=None if coap.reliable else self._new_mid(),
+        )
+        self._hold = self.sup.store.mark()  # a new block of Message IDs may have been reserved
+        return token
 
     def _notification(self, token: bytes, message: Message, now: float) -> None:
         observations = self._observations
@@ -361,6 +455,7 @@ class DeviceActor:
 
     def abandon_attempt(self, now: float) -> None:
         """The transport changed under an attempt in flight: it can no longer succeed."""
+        self._transfer = None
         if self.queue.in_flight is not None:
             self.queue.attempt_failed(Failure.UNREACHABLE, now)
 

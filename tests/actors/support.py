@@ -17,6 +17,7 @@ import trio
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Supervisor
 from dm_actor.coap import framing_tcp
+from dm_actor.coap.blockwise import get_block, slice_block2
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.events import RequestFailed, RequestReceived, ResponseReceived
 from dm_actor.coap.message import (
@@ -102,6 +103,8 @@ class _Client:
     objects: bytes = OBJECTS
     handler: Handler | None = None
     answer: bool = True  # False: receive requests but never answer (a hung device)
+    block_szx: int | None = None  # answer bodies over 16 << block_szx bytes in blocks
+    broken_blocks: bool = False  # ... and always with the first block, whatever was asked
     observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
     observe_seq: int = 1
     executed: list[Executed] = field(default_factory=list)
@@ -140,6 +143,12 @@ class _Client:
             options = ((OptionNumber.OBSERVE, uint_bytes(self.observe_seq)), *options)
         elif req.observe == 1:
             self.observers.pop(path, None)
+        if self.block_szx is not None:
+            asked = get_block(req, OptionNumber.BLOCK2)
+            if asked is not None or len(payload) > 16 << self.block_szx:
+                asked = None if self.broken_blocks else asked
+                block, payload = slice_block2(payload, asked, self.block_szx)
+                options = tuple(sorted((*options, block.option(OptionNumber.BLOCK2))))
         self.coap.respond(req, code, options, payload, now)
 
     async def request(self, code: int, path: str, query: str = "", payload: bytes = b"") -> Message:

@@ -1,0 +1,120 @@
+"""Answers larger than a datagram arrive in blocks (RFC 7959 2.4): the server asks for every
+block and the AsyncIDResponse carries the whole body, never the first block alone."""
+
+from __future__ import annotations
+
+import base64
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+import trio.testing
+
+from dm_actor.coap.blockwise import get_block
+from dm_actor.coap.numbers import Code, OptionNumber
+
+from .support import Device, Executed, TcpDevice, responses, start_server
+
+if TYPE_CHECKING:
+    from dm_actor.coap.message import Message
+
+BODY = bytes(range(256)) * 12 + b"tail"  # 3076 bytes: six blocks of 512 and a short one
+
+
+def big_value(req: Message) -> tuple[int, bytes, int | None]:
+    return Code.CONTENT, BODY, 42  # application/octet-stream
+
+
+def blocks_asked(executed: list[Executed]) -> int:
+    return sum(e.path == "/3/0/1" for e in executed)
+
+
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_a_large_answer_is_read_block_by_block(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, transport: str
+) -> None:
+    server = await start_server(nursery)
+    kw = {"handler": big_value, "block_szx": 5}
+    dev = (Device(server.addr, "dev", **kw) if transport == "udp"  # type: ignore[arg-type]
+           else TcpDevice(server.tcp_addr, "dev", **kw))  # type: ignore[arg-type]  # fmt: skip
+    if isinstance(dev, TcpDevice):
+        await dev.connect(nursery)
+    else:
+        await dev.start(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="big")
+    await trio.sleep(5)
+    answer = responses(server)["big"]
+    assert answer["status"] == 200 and answer["ct"] == "application/octet-stream"
+    assert base64.b64decode(str(answer["payload"])) == BODY
+    assert blocks_asked(dev.executed) == 7  # 6 x 512 + 4 bytes
+    if isinstance(dev, TcpDevice):
+        await dev.disconnect()
+
+
+async def test_a_lost_block_is_asked_again_and_the_body_is_whole(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5, loss=0.3)
+    await dev.start(nursery)
+    while (await dev.register()).code != Code.CREATED:
+        pass
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="big", retry=3)
+    await trio.sleep(600)
+    answer = responses(server)["big"]
+    assert base64.b64decode(str(answer["payload"])) == BODY
+    assert blocks_asked(dev.executed) >= 7
+
+
+async def test_the_next_block_is_asked_with_the_same_request_and_a_fresh_exchange(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="big")
+    await trio.sleep(5)
+    gets = [m for _, m in dev.arrivals if m.code == Code.GET]
+    asked = [get_block(m, OptionNumber.BLOCK2) for m in gets]
+    assert asked[0] is None  # the command itself
+    assert [(b.num, b.szx) for b in asked[1:] if b is not None] == [(n, 5) for n in range(1, 7)]
+    assert len({m.mid for m in gets}) == len({m.token for m in gets}) == 7
+    assert {m.uri_path for m in gets} == {("3", "0", "1")}
+
+
+async def test_a_device_that_breaks_the_transfer_ends_it_with_502(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """It answers every block request with the first block again: after a few retries the
+    command ends with 502 BLOCKWISE_TRANSFER_FAILED, not with a truncated 200."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5, broken_blocks=True)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="big")
+    await trio.sleep(5)
+    answer = responses(server)["big"]
+    assert (answer["status"], answer["error"]) == (502, "BLOCKWISE_TRANSFER_FAILED")
+    assert "payload" not in answer
+    assert server.sup.by_endpoint["dev"].queue.in_flight is None  # the device is free again
+
+
+async def test_an_observation_whose_first_answer_comes_in_blocks(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The whole first value is notified, and the observation (the first exchange's token)
+    keeps matching the device's later notifications."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", "app")
+    await trio.sleep(5)
+    [(_, first)] = server.take("notifications")
+    assert isinstance(first, dict) and base64.b64decode(str(first["payload"])) == BODY
+    await dev.notify("/3/0/1", b"small now")
+    await trio.sleep(1)
+    [(_, later)] = server.take("notifications")
+    assert isinstance(later, dict) and base64.b64decode(str(later["payload"])) == b"small now"
