@@ -107,6 +107,7 @@ class DeviceActor:
         "_hold",
         "_mid_limit",
         "_observations",
+        "_pending",
         "_transfer",
         "addr",
         "coap",
@@ -140,6 +141,7 @@ class DeviceActor:
         # to the device until that write is durable, so a restart can resend the same
         # exchange (exactly once across a crash)
         self._hold: int | None = None
+        self._pending: Command | None = None  # that attempt: decided and stored, not yet sent
         self._mid_limit: int | None = None  # the first Message ID not reserved in the store
         self._transfer: _Transfer | None = None
 
@@ -169,7 +171,7 @@ class DeviceActor:
         while not mailbox.closed:
             if self._hold is not None:
                 await store.durable(self._hold)
-                self.flush()
+                self.flush(trio.current_time())
             timer = self.coap.get_timer()  # not cached: a new transport replaces the endpoint
             if timer is None:
                 await mailbox.wait()
@@ -197,10 +199,12 @@ class DeviceActor:
                 self.queue.sweep(now)
             elif mail is Signal.UNREACHABLE:
                 coap.peer_unreachable(now)
+                self._fail_pending(now)
             elif mail is Signal.DISCONNECTED:
                 self.conn = None
                 self.queue.disconnected()
                 coap.peer_unreachable(now)
+                self._fail_pending(now)
             elif mail is Signal.EXPIRED:
                 self.end(now, expired=True)
         if contact:
@@ -218,9 +222,9 @@ class DeviceActor:
         """Start the next attempt if the rules allow, publish what finished, send what may go.
 
         Returns:
-            True when an attempt started. Its bytes (and anything after them) leave once
-            the store says its Message ID and token are durable: `flush` then, or the task
-            does when it next waits.
+            True when an attempt started. It is sent (and anything after it) once the store
+            says its Message ID and token are durable: `flush` then, or the task does when
+            it next waits.
         """
         queue = self.queue
         started = False
@@ -232,31 +236,44 @@ class DeviceActor:
                 started = True
         for cmd, outcome in queue.take_finished():
             self.sup.command_finished(self, cmd, outcome)
-        self.flush()
+        self.flush(now)
         return started
 
-    def start_now(self, now: float) -> bool:
-        """A command was just queued: start it at once if the rules allow (see `pump`).
+    def start_now(self, cmd: Command, now: float) -> bool:
+        """`cmd` was just queued: start its attempt at once if the rules allow (see `pump`).
 
         The submitter calls this before its own write, so the acceptance record already
         holds the attempt's Message ID and token and one commit serves both. Once that is
-        durable it calls `flush`, then wakes the task (which must arm the retransmission
-        timer, and sends the bytes itself if the submitter was cancelled first). Only an
-        idle actor (no mail, nothing held back) is started from outside: otherwise its task
-        decides, in the order the mail arrived.
+        durable it calls `flush` (which sends the request), then wakes the task (which arms
+        the retransmission timer, and sends the request itself if the submitter was
+        cancelled first). Only an idle actor with nothing else queued (no mail, nothing held
+        back) is started from outside: otherwise its task decides, in the order the mail
+        arrived.
+
+        Returns:
+            True when `cmd` itself is the attempt that started.
         """
         mailbox = self.mailbox
-        if mailbox or mailbox.closed or self._hold is not None:
+        queue = self.queue
+        if mailbox or mailbox.closed or self._hold is not None or queue.in_flight is not None:
             return False
-        return self.pump(now)
+        if len(queue.queue) != 1 or queue.queue[0] is not cmd:
+            return False
+        return self.pump(now) and self._pending is cmd
 
-    def flush(self) -> None:
-        """Send what the endpoint has ready, unless it waits behind an attempt not yet durable."""
+    def flush(self, now: float) -> None:
+        """Send what the endpoint has ready, unless it waits behind an attempt not yet
+        durable; the attempt itself first, if it is still the one in flight."""
         hold = self._hold
         if hold is not None:
             if not self.sup.store.is_durable(hold):
                 return
             self._hold = None
+            pending = self._pending
+            if pending is not None:
+                self._pending = None
+                if self.queue.in_flight is pending:  # else it ended before it could leave
+                    self._transmit(pending, now)
         out = self.coap.datagrams_to_send()
         if not out:
             return
@@ -305,25 +322,38 @@ class DeviceActor:
         return options
 
     def _start_attempt(self, cmd: Command, now: float) -> None:
-        options = self._request_options(cmd)
-        coap = self.coap
-        token = None
-        if cmd.exchange_at is not None and now - cmd.exchange_at < self.sup.resend_window:
-            token = cmd.token  # the same exchange again, same Message ID (see Command.mid)
-        else:
+        """Decide the attempt's exchange and store it; `flush` sends it once durable."""
+        if (
+            cmd.token is None
+            or cmd.exchange_at is None
+            or (now - cmd.exchange_at >= self.sup.resend_window)
+        ):
+            coap = self.coap
             cmd.exchange_at = now
             cmd.mid = None if coap.reliable else self._new_mid()
-        token = coap.send_request(
+            cmd.token = coap.next_token()
+        # else the same exchange again: same Message ID and token (see Command.mid)
+        self.sup.persist_command(self.endpoint, cmd)
+        self._pending = cmd
+
+    def _transmit(self, cmd: Command, now: float) -> None:
+        self.coap.send_request(
             _METHODS[cmd.method],
-            tuple(sorted(options, key=lambda o: o[0])),
+            tuple(sorted(self._request_options(cmd), key=lambda o: o[0])),
             cmd.payload,
             now,
             observe=cmd.observe,
             mid=cmd.mid,
-            token=token,
+            token=cmd.token,
         )
-        cmd.token = token  # the command in flight is `queue.in_flight`; this is its exchange
-        self.sup.persist_command(self.endpoint, cmd)
+
+    def _fail_pending(self, now: float) -> None:
+        """The device became unreachable before the stored attempt could leave: it fails
+        as a sent one would (rule 3.4)."""
+        cmd = self._pending
+        if cmd is not None and self.queue.in_flight is cmd:
+            self._pending = None
+            self.queue.attempt_failed(Failure.UNREACHABLE, now)
 
     def _new_mid(self) -> int:
         mid = self.coap.next_mid()
@@ -456,6 +486,7 @@ class DeviceActor:
     def abandon_attempt(self, now: float) -> None:
         """The transport changed under an attempt in flight: it can no longer succeed."""
         self._transfer = None
+        self._pending = None
         if self.queue.in_flight is not None:
             self.queue.attempt_failed(Failure.UNREACHABLE, now)
 
@@ -489,6 +520,6 @@ class DeviceActor:
         self.queue.remove_all(now)
         for cmd, outcome in self.queue.take_finished():
             self.sup.command_finished(self, cmd, outcome)
-        self.flush()
+        self.flush(now)
         self.mailbox.close()
         self.sup.device_ended(self, expired=expired)

@@ -403,13 +403,14 @@ class Supervisor:
         if kind == "register" or kind == "deregister":
             # the 2.01 / 2.02 promises what the store holds: answer once it is durable
             def answer() -> None:
-                actor.coap.respond(request, code, options, b"", now)
-                actor.flush()
+                later = self.now()
+                actor.coap.respond(request, code, options, b"", later)
+                actor.flush(later)
 
             self._after_durable(answer)
         else:
             actor.coap.respond(request, code, options, b"", now)
-            actor.flush()
+            actor.flush(now)
 
     def _store_behind(self) -> bool:
         limit = self._held_limit
@@ -669,10 +670,10 @@ class Supervisor:
                 actor.queue.finish_now(cmd, fresh, now)
                 self._tell(actor, Signal.WAKE)
                 return Accepted()
-        if actor.start_now(now):  # one write: the command and its attempt's MID and token
+        if actor.start_now(cmd, now):  # one write: the command and its attempt's MID, token
             try:
                 await self.store.durable()
-                actor.flush()  # the request leaves with the 202
+                actor.flush(self.now())  # the request leaves with the 202
             finally:
                 self._tell(actor, Signal.WAKE)
             return Accepted()

@@ -506,6 +506,11 @@ class CoapEndpoint:
         """Allocate a Message ID for a request the caller will send with `send_request(mid=)`."""
         return self._new_mid()
 
+    def next_token(self) -> bytes:
+        """Allocate a token for a request the caller will send with `send_request(token=)`
+        (e.g. once it has stored it)."""
+        return self._new_token()
+
     def _new_mid(self) -> int:
         mid = self._mid
         by_mid = self._by_mid

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -169,4 +170,83 @@ async def test_a_request_started_on_submit_leaves_even_if_the_submitter_is_cance
     store.commit()
     await trio.sleep(1)
     assert [e.path for e in dev.executed] == ["/3/0/1"]
+    assert responses(server)["a"]["status"] == 200
+
+
+async def test_a_202_always_means_the_command_is_in_the_store(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A subscription's Observe waits at the head of an idle device's queue for its write to
+    commit when a command arrives: the command is not the one that starts, so it is written
+    on its own before its 202 (it was not, once)."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = Device(server.addr, "dev")
+    await dev.start(nursery)
+    await dev.register()
+    store.open = False
+    done: list[object] = []
+
+    async def subscribe() -> None:
+        done.append(await server.sup.subscribe("dev", "/3/0/1", "app"))
+
+    async def submit() -> None:
+        done.append(await server.sup.submit("dev", "PUT", "/3/0/2", async_id="c", payload=b"x",
+                                            content_format=0))  # fmt: skip
+
+    nursery.start_soon(subscribe)
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(submit)
+    await trio.testing.wait_all_tasks_blocked()
+    assert "c" in store.commands["dev"]  # written before anyone waits for the commit
+    store.open = True
+    store.commit()
+    await trio.sleep(1)
+    assert done == [Accepted(), Accepted()]
+    assert sorted(e.path for e in dev.executed) == ["/3/0/1", "/3/0/2"]
+
+
+async def test_an_attempt_that_ended_before_its_write_committed_is_never_sent(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The device de-registers while its Reboot waits for the store: the command ends with
+    DEVICE_REMOVED_REGISTRATION and the Reboot must not reach the device afterwards."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = Device(server.addr, "dev")
+    await dev.start(nursery)
+    await dev.register()
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "POST", "/3/0/4", async_id="reboot"))
+    await trio.testing.wait_all_tasks_blocked()
+    nursery.start_soon(dev.deregister)
+    await trio.sleep(1)
+    store.open = True
+    store.commit()
+    await trio.sleep(5)
+    assert [e.path for e in dev.executed] == []
+    assert responses(server)["reboot"]["error"] == "DEVICE_REMOVED_REGISTRATION"
+
+
+async def test_a_request_held_by_a_slow_disk_is_timed_from_when_it_leaves(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The store stalls for longer than MAX_TRANSMIT_WAIT: once the write commits the request
+    goes out once, with its retransmission timer starting then (not already expired)."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = Device(server.addr, "dev")
+    await dev.start(nursery)
+    await dev.register()
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
+    await trio.sleep(200)
+    assert dev.arrivals[-1][1].code != Code.GET  # nothing sent while the disk stalls
+    store.open = True
+    store.commit()
+    await trio.sleep(1)
+    assert [m.code for _, m in dev.arrivals].count(Code.GET) == 1  # no instant retransmission
     assert responses(server)["a"]["status"] == 200
