@@ -95,11 +95,11 @@ async def serve(
                 clock=wall_clock,
             )
         )
-    snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
-    sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
-    udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)
-    tcp = TcpListener(host, port, sup.on_tcp_message, sup.on_tcp_closed)
     try:
+        snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
+        sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
+        udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)
+        tcp = TcpListener(host, port, sup.on_tcp_message, sup.on_tcp_closed)
         async with trio.open_nursery() as nursery:
             if sqlite is not None:
                 await nursery.start(sqlite.run)

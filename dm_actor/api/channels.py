@@ -80,6 +80,7 @@ class Channel:
         "polling",
         "serialization",
         "session",
+        "spill_due",
         "unspilled",
     )
 
@@ -104,6 +105,7 @@ class Channel:
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
         self.unspilled = 0  # events pushed since the last spill that have no `seq`
         self.forget: Callable[[str, list[int]], None] | None = None  # stored events dropped
+        self.spill_due: Callable[[], None] | None = None  # events without a seq came back
         self._ready = trio.Event()
         self._transform = transform
 
@@ -158,6 +160,11 @@ class Channel:
         """Put back a message that was not delivered, at the head, in order."""
         events = self.events
         events.extendleft(reversed(batch))
+        unstored = sum(event[3] is None for event in batch)
+        if unstored:  # (a spill may have run while they were out)
+            self.unspilled += unstored
+            if self.spill_due is not None:
+                self.spill_due()
         if len(events) > self.capacity:
             self._dropped([events.pop() for _ in range(len(events) - self.capacity)])
         self._ready.set()
@@ -228,12 +235,23 @@ class NotificationHub:
         self._uid_prefix = secrets.token_hex(10)
         self._uids = itertools.count(1)
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Read the event stream forever, fanning events out; hosts delivery tasks too."""
+    async def run(
+        self,
+        *,
+        before: Callable[[], None] | None = None,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Read the event stream forever, fanning events out; hosts delivery tasks too.
+
+        `before` runs once the hub can host delivery tasks and before it reads anything:
+        channels restored there get the events a restart owes them (not the orphans' bound).
+        """
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             if self.keep is not None:
                 nursery.start_soon(self._spill_every_interval)
+            if before is not None:
+                before()
             task_status.started()
             get = self.events.get
             channels = self.channels
@@ -252,6 +270,9 @@ class NotificationHub:
                             self._orphan(owner, event)
                         else:
                             found.push(event)
+
+    def _wake_spill(self) -> None:
+        self._spill_due.set()
 
     async def _spill_every_interval(self) -> None:
         while True:
@@ -279,10 +300,7 @@ class NotificationHub:
             for event in channel.events:
                 if event[3] is None:
                     kind, item = event[0], event[1]
-                    seq = keep(app, kind, item)
-                    if isinstance(item, dict) and "uid" in item:  # (after a restart the
-                        item = {**item, "uid": durable_uid(seq)}  # uid is made from seq)
-                    event = (kind, item, None, seq)
+                    event = (kind, item, None, keep(app, kind, item))  # as it was (its uid)
                 kept.append(event)
             channel.events = kept
             channel.unspilled = 0
@@ -308,6 +326,7 @@ class NotificationHub:
             app, mechanism, serialization, self.capacity, self._transform_for(serialization)
         )
         channel.forget = self.on_delivered
+        channel.spill_due = self._wake_spill
         self.channels[app] = channel
         self.persist(channel)
         kept = self.orphans.pop(app, None)
@@ -380,10 +399,11 @@ class NotificationHub:
                 out = dict(item)
                 if not original:
                     out.pop("original-ep", None)
-            if uid:
-                # a durable event keeps its uid across restarts: a repeat can be recognised
+            # a stored event keeps its uid (and timestamp) across restarts: an event stored
+            # after its transform has them already, an AsyncIDResponse's uid is made from seq
+            if uid and "uid" not in out:
                 out["uid"] = durable_uid(seq) if seq is not None else f"{prefix}{next(uids):012x}"
-            if timestamp:
+            if timestamp and "timestamp" not in out:
                 out["timestamp"] = iso_time(clock())
             return out
 

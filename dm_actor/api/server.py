@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, unquote
@@ -88,8 +89,8 @@ class HttpServer:
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.hub.run)
-            self._restore_channels()
+            # the stored channels are open before the hub reads the events owed to them
+            await nursery.start(partial(self.hub.run, before=self._restore_channels))
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)

@@ -186,7 +186,9 @@ class SqliteStore:
         """Close the file and release its lock. Writes not yet committed are lost: stop the
         writer first."""
         self._db.close()
-        os.close(self._lock)
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
 
     # ----------------------------------------------------------------------------- reading
 

@@ -202,23 +202,52 @@ async def test_stored_events_dropped_by_the_bound_are_forgotten_too(
     assert channel.dropped == 2
 
 
-async def test_a_stored_event_keeps_its_uid_across_a_restart(
+async def test_a_stored_event_keeps_its_uid_and_timestamp_across_a_restart(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """With include_uid, a stored event's uid is the one a restart gives it (made from its
-    seq), so a client that got it just before a crash can recognise the repeat."""
+    """With include_uid, an event taken, put back (delivery failed), stored, and sent again
+    after a restart carries the same uid and timestamp each time: the client can recognise
+    the repeat. An AsyncIDResponse's uid is made from its seq."""
     keeper = Keeper()
     events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget)
-    with_uid = Serialization(cfg=SerializationConfig(include_uid=True))
-    channel = hub.open("a", WEB_SOCKET, with_uid)
+    options = Serialization(cfg=SerializationConfig(include_uid=True, include_timestamp=True))
+    channel = hub.open("a", WEB_SOCKET, options)
     events.publish("registrations", {"ep": "d"}, frozenset({"a"}))
+    events.publish("async-responses", response(1), frozenset({"a"}), 7)
+    await trio.testing.wait_all_tasks_blocked()
+    message, batch = channel.take()
+    first = json.loads(message)
+    assert first["async-responses"][0]["uid"] == durable_uid(7)
+    channel.unread(batch)  # the delivery failed
     await trio.sleep(1.5)
-    [(_, seq)] = keeper.kept
+    [(_, seq), *_] = keeper.kept
+    [(kind, stored)] = [v for k, v in keeper.kept.items() if k == ("a", seq)]
     message, _ = channel.take()
-    [item] = json.loads(message)["registrations"]
-    assert item["uid"] == durable_uid(seq)
-    # what a restarted server does with the stored event: the same uid
-    events.publish("registrations", {"ep": "d"}, frozenset({"a"}), seq)
+    assert json.loads(message) == first
+    # what a restarted server does with the stored events: the same uids and timestamps
+    events.publish(kind, stored, frozenset({"a"}), seq)  # type: ignore[arg-type]
+    events.publish("async-responses", response(1), frozenset({"a"}), 7)
     await trio.testing.wait_all_tasks_blocked()
     message, _ = channel.take()
-    assert json.loads(message)["registrations"][0]["uid"] == durable_uid(seq)
+    assert json.loads(message) == first
+
+
+async def test_events_put_back_after_a_spill_are_stored_at_the_next(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A webhook's delivery is out when the spill runs, then fails: its events come back
+    without a seq and are stored a spill interval later (not only when a new event comes)."""
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget)
+    channel = hub.open("a", LONG_POLLING)
+    events.publish("registrations", {"ep": "d"}, frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    _, batch = channel.take()  # out for delivery ...
+    await trio.sleep(1.5)  # ... while the spill runs: nothing waits in the channel
+    assert keeper.kept == {}
+    channel.unread(batch)  # the delivery failed
+    await trio.sleep(1.5)
+    assert list(keeper.kept.values()) == [("registrations", {"ep": "d"})]
+    _, batch = channel.take()
+    hub.delivered(channel, batch)
+    assert keeper.kept == {}

@@ -10,6 +10,8 @@ import trio.testing
 from dm_actor import app
 from dm_actor.api.auth import ApiKeys
 from dm_actor.config import parse_settings
+from dm_actor.store.base import ChannelRecord, EventRecord
+from dm_actor.store.sqlite import SqliteStore
 from tests.actors.support import Device
 
 from .client import KEY_A, HttpClient, next_message, websocket
@@ -76,3 +78,32 @@ async def test_events_owed_to_an_absent_application_are_delivered_after_a_restar
     assert registered["ep"] == updated["ep"] == "dev"
     assert registered["uid"] != updated["uid"]
     assert set(message) == {"registrations", "reg-updates"}  # nothing else, nothing twice
+
+
+async def test_every_stored_event_reaches_its_restored_channel(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """More events are owed than the hub keeps for an application without a channel (1000):
+    the stored channels are open before the hub reads, so all of them arrive, in order."""
+    autojump_clock.autojump_threshold = 0.05
+    store = SqliteStore(tmp_path / app.STORE_FILE, clock=lambda: 1.7e9)  # as the server
+    async with trio.open_nursery() as writer:
+        await writer.start(store.run)
+        owner = ApiKeys([KEY_A]).owner(KEY_A)
+        assert owner is not None
+        store.put_channel(ChannelRecord(owner, "WEB_SOCKET", 1.7e9))
+        for seq in range(1, 1501):
+            item = b'{"ep":"d%d"}' % seq
+            store.put_event(EventRecord(owner, seq, "registrations", item, 1.7e9))
+        await store.durable()
+        writer.cancel_scope.cancel()
+    store.close()
+
+    _, listening = await run_server(nursery, tmp_path, autojump_clock)
+    assert listening.http is not None
+    got: list[str] = []
+    async with websocket(listening.http, ["wss", f"pelion_{KEY_A}"]) as ws:
+        with trio.move_on_after(10):
+            while len(got) < 1500:
+                got += [item["ep"] for item in (await next_message(ws))["registrations"]]
+    assert got == [f"d{seq}" for seq in range(1, 1501)]
