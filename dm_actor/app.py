@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from dm_actor.actors.supervisor import Supervisor
-from dm_actor.api import ApiKeys, load_api_keys, serve_http
+from dm_actor.api import ApiKeys, HttpOptions, load_api_keys, serve_http
 from dm_actor.store.sqlite import SqliteStore
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import UdpEndpoint
@@ -122,8 +122,9 @@ async def serve(
                         load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
                     )
                 channels = [] if snapshot is None else snapshot.channels
+                options = HttpOptions(max_connections=settings.api.max_connections)
                 http_addr = await nursery.start(
-                    serve_http, sup, host, settings.server.http_port, api_keys, None, channels
+                    serve_http, sup, host, settings.server.http_port, api_keys, options, channels
                 )
                 if api_keys.generated:
                     log.warning(

@@ -74,6 +74,9 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # access keys accepted on every call (with --api-key and DM_ACTOR_API_KEY); with none,
     # a key is generated on the first start and kept in the data directory
     keys: list[str] = msgspec.field(default_factory=list)
+    # HTTP connections served at once; more wait in the kernel's accept queue (each served
+    # one costs a task and its buffers: a connection flood must not grow memory unbounded)
+    max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1024
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -10,6 +10,7 @@ the server keeps serving. The application logic lives in `routes.py`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from dataclasses import dataclass, field
@@ -64,7 +65,12 @@ class HttpOptions:
     idle_timeout: float = 600.0  # a keep-alive connection with no request is closed
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
+    max_connections: int = 1024  # served at once; more wait in the kernel's accept queue
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
+
+
+#: accept() errors that mean "out of resources for now" (trio's serve_listeners pauses too)
+_ACCEPT_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 class HttpServer:
@@ -94,7 +100,34 @@ class HttpServer:
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)
-            await trio.serve_listeners(self.connection, listeners)
+            slots = trio.Semaphore(self.options.max_connections)
+            for listener in listeners:
+                nursery.start_soon(self._accept, listener, slots, nursery)
+
+    async def _accept(
+        self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
+    ) -> None:
+        """Accept while fewer than `max_connections` are served: beyond, new connections
+        wait in the kernel's (bounded) accept queue, so a connection flood costs no task."""
+        async with listener:
+            while True:
+                await slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:  # out of descriptors or memory: wait, as trio does
+                    slots.release()
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
+                        raise
+                    log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                nursery.start_soon(self._serve, stream, slots)
+
+    async def _serve(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+        try:
+            await self.connection(stream)
+        finally:
+            slots.release()
 
     def _restore_channels(self) -> None:
         """Reopen the channels the store kept; a callback resumes delivering at once."""

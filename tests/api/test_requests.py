@@ -275,3 +275,28 @@ async def test_a_stalled_store_refuses_new_commands_with_503_and_keeps_the_accep
     async with api.client() as client:
         reply = await client.request("POST", "/v2/device-requests/dev?async-id=s9", json=GET_1)
         assert reply.status == 202
+
+
+async def test_connections_beyond_the_limit_wait_to_be_accepted(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """At `max_connections` the server stops accepting: a further client waits in the
+    kernel's accept queue (no task, no buffers) and is served once a connection closes."""
+    api = await start_api(nursery, options=HttpOptions(max_connections=2))
+    first, second = api.client(), api.client()
+    for client in (first, second):
+        await client.__aenter__()
+        assert (await client.request("GET", "/v3/devices")).status == 200
+    served: list[int] = []
+
+    async def third() -> None:
+        async with api.client() as client:
+            served.append((await client.request("GET", "/v3/devices")).status)
+
+    nursery.start_soon(third)
+    await trio.sleep(60)
+    assert served == []  # not accepted while two are open
+    await first.aclose()
+    await trio.sleep(1)
+    assert served == [200]
+    await second.aclose()
