@@ -6,6 +6,7 @@ seconds, so that they mean the same after a restart. `offset` is wall minus Trio
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 
 from dm_actor.delivery.queue import Command
@@ -71,6 +72,7 @@ def registration_record(reg: Registration, offset: float) -> RegistrationRecord:
         links=links_text(reg.objects),
         registered_at=reg.registered_at + offset,
         updated_at=reg.updated_at + offset,
+        endpoint_type=reg.endpoint_type,
     )
 
 
@@ -86,4 +88,5 @@ def registration_from_record(rec: RegistrationRecord, offset: float) -> Registra
         objects=registered_objects(parse_links(rec.links)),
         registered_at=rec.registered_at - offset,
         updated_at=rec.updated_at - offset,
+        endpoint_type=None if rec.endpoint_type is None else sys.intern(rec.endpoint_type),
     )

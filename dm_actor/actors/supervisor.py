@@ -90,8 +90,13 @@ class Presubscription:
     endpoint_type: str | None = None
     resource_paths: tuple[str, ...] = ()
 
-    def matches_device(self, endpoint: str) -> bool:
-        return self.endpoint_name is None or _match(self.endpoint_name, endpoint)
+    def matches_device(self, endpoint: str, endpoint_type: str | None = None) -> bool:
+        """Both given patterns match (a pattern may end with `*`)."""
+        if self.endpoint_name is not None and not _match(self.endpoint_name, endpoint):
+            return False
+        return self.endpoint_type is None or (
+            endpoint_type is not None and _match(self.endpoint_type, endpoint_type)
+        )
 
 
 def _match(pattern: str, value: str) -> bool:
@@ -819,7 +824,7 @@ class Supervisor:
             return
         for owner, presubscriptions in self.presubscriptions.items():
             for pre in presubscriptions:
-                if not pre.matches_device(actor.endpoint):
+                if not pre.matches_device(actor.endpoint, actor.reg.endpoint_type):
                     continue
                 for pattern in pre.resource_paths:
                     for path in self._expand(actor, pattern):
@@ -858,9 +863,12 @@ def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
 
 def registration_item(reg: Registration) -> dict[str, object]:
     """The Pelion `EndpointData` of a registration event."""
-    resources = _resources(reg.objects)
-    return {"ep": reg.endpoint, "original-ep": reg.endpoint, "q": reg.queue_mode,
-            "resources": resources}  # fmt: skip
+    item: dict[str, object] = {"ep": reg.endpoint, "original-ep": reg.endpoint}
+    if reg.endpoint_type is not None:
+        item["ept"] = reg.endpoint_type
+    item["q"] = reg.queue_mode
+    item["resources"] = _resources(reg.objects)
+    return item
 
 
 def _tcp_frame(msg: Message) -> bytes:

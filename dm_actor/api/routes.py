@@ -495,6 +495,7 @@ class Api:
         return DeviceData(
             id=reg.endpoint,
             endpoint_name=reg.endpoint,
+            endpoint_type=reg.endpoint_type or "",
             created_at=self.wall(reg.registered_at),
             updated_at=self.wall(reg.updated_at),
             lwm2m_version=reg.lwm2m_version,

@@ -48,7 +48,7 @@ Response = tuple[int, tuple["Option", ...]]
 _VERSIONS = {v: v for v in SUPPORTED_VERSIONS}
 _TRANSPORTS_1_0 = frozenset("UST")  # T is not LwM2M 1.0, but TCP clients send it
 _TRANSPORTS_1_1 = frozenset("UTSN")
-_KNOWN_PARAMS = frozenset(("ep", "lt", "lwm2m", "b", "sms", "Q"))
+_KNOWN_PARAMS = frozenset(("ep", "lt", "lwm2m", "b", "sms", "Q", "et"))  # et: Pelion's type
 _LOCATION_PATH = OptionNumber.LOCATION_PATH.value
 _POST = Code.POST.value
 _DELETE = Code.DELETE.value
@@ -70,6 +70,7 @@ class RegisterRequest:
         binding: the `b` parameter as sent (`"U"` when absent), Q included.
         queue_mode: Q in `b` (LwM2M 1.0) or the `Q` parameter (LwM2M 1.1+).
         sms: the MSISDN, or None.
+        endpoint_type: the `et` parameter (Pelion's endpoint type, e.g. `default`), or None.
     """
 
     endpoint: str
@@ -79,6 +80,7 @@ class RegisterRequest:
     queue_mode: bool
     sms: str | None
     objects: RegisteredObjects
+    endpoint_type: str | None = None
 
     @property
     def transports(self) -> str:
@@ -123,6 +125,7 @@ class Registration:
     objects: RegisteredObjects
     registered_at: float
     updated_at: float
+    endpoint_type: str | None = None
 
     @classmethod
     def from_request(cls, request: RegisterRequest, reg_id: str, now: float) -> Registration:
@@ -138,6 +141,7 @@ class Registration:
             objects=request.objects,
             registered_at=now,
             updated_at=now,
+            endpoint_type=request.endpoint_type,
         )
 
     @property
@@ -208,7 +212,7 @@ def classify(msg: Message) -> Interface | None:
 def parse_register(
     msg: Message, default_lifetime: int = 86400
 ) -> RegisterRequest | RegistrationError:
-    """Read a Register (`POST /rd?ep=&lt=&lwm2m=&b=&sms=&Q` with link-format objects).
+    """Read a Register (`POST /rd?ep=&lt=&lwm2m=&b=&sms=&Q&et=` with link-format objects).
 
     Args:
         msg: the decoded request.
@@ -237,6 +241,7 @@ def parse_register(
         binding = _binding(params, _TRANSPORTS_1_0 if version == "1.0" else _TRANSPORTS_1_1)
         sms = _sms(params)
         queue = _queue_param(params)
+        endpoint_type = params.get("et") or None  # (few distinct values: shared strings)
         if not msg.payload:
             raise _Refusal(Code.BAD_REQUEST, "Register without object links")
         objects = _objects(msg)
@@ -251,6 +256,7 @@ def parse_register(
         queue_mode=queue or "Q" in binding,
         sms=sms,
         objects=objects,
+        endpoint_type=None if endpoint_type is None else sys.intern(endpoint_type),
     )
 
 

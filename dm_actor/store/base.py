@@ -39,6 +39,7 @@ class RegistrationRecord(msgspec.Struct, frozen=True):
     links: str  # the registration payload, link-format
     registered_at: float
     updated_at: float
+    endpoint_type: str | None = None
 
 
 class CommandRecord(msgspec.Struct, frozen=True):

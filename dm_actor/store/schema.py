@@ -112,8 +112,13 @@ CREATE TABLE next_mids (
 ) WITHOUT ROWID;
 """
 
+#: Version 4: the endpoint type (`et`) a device registered with, for pre-subscriptions.
+V4 = """
+ALTER TABLE registrations ADD COLUMN endpoint_type TEXT;
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2, V3)
+MIGRATIONS = (V1, V2, V3, V4)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)

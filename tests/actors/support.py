@@ -103,6 +103,7 @@ class _Client:
     objects: bytes = OBJECTS
     handler: Handler | None = None
     answer: bool = True  # False: receive requests but never answer (a hung device)
+    endpoint_type: str | None = None  # sent as `et` in the Register
     block_szx: int | None = None  # answer bodies over 16 << block_szx bytes in blocks
     broken_blocks: bool = False  # ... and always with the first block, whatever was asked
     observers: dict[str, bytes] = field(default_factory=dict)  # path -> the server's token
@@ -181,6 +182,8 @@ class _Client:
 
     async def register(self, lwm2m: str = "1.1") -> Message:
         query = f"ep={self.endpoint}&lt={self.lifetime}&lwm2m={lwm2m}&b={self.binding}"
+        if self.endpoint_type is not None:
+            query += f"&et={self.endpoint_type}"
         response = await self.request(Code.POST, "/rd", query, self.objects)
         if response.code == Code.CREATED:
             self.location = "/" + "/".join(response.location_path)

@@ -81,6 +81,36 @@ async def test_rule_9_2_presubscriptions_apply_to_matching_devices(
     assert sorted(other.observers) == ["/3/0"]
 
 
+async def test_rule_9_2_presubscriptions_match_the_endpoint_type(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pelion's `endpoint-type` is the `et` a device registered with; the registration event
+    carries it as `ept`."""
+    server = await start_server(nursery)
+    server.sup.set_presubscriptions(
+        "",
+        [
+            Presubscription(None, "Light", ("/3311/0/5850",)),
+            Presubscription("sensor-*", "Sens*", ("/3303/0/5700",)),
+        ],
+    )
+    lamp = Device(server.addr, "lamp-1", endpoint_type="Light")
+    sensor = Device(server.addr, "sensor-1", endpoint_type="Sensor")
+    untyped = Device(server.addr, "sensor-2")
+    for dev in (lamp, sensor, untyped):
+        await dev.start(nursery)
+        await dev.register()
+    await trio.sleep(1)
+    assert list(lamp.observers) == ["/3311/0/5850"]
+    assert list(sensor.observers) == ["/3303/0/5700"]
+    assert untyped.observers == {}
+    events = {}
+    for _, item in server.take("registrations"):
+        assert isinstance(item, dict)
+        events[item["ep"]] = item
+    assert (events["lamp-1"]["ept"], "ept" in events["sensor-2"]) == ("Light", False)
+
+
 async def test_rule_9_3_register_again_observes_again(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -229,6 +229,17 @@ def test_register_bindings(
     )
 
 
+def test_register_endpoint_type() -> None:
+    """Pelion clients send their endpoint type as `et`; pre-subscriptions match on it."""
+    req = parse_register(request("ep=dev&et=Light"))
+    assert isinstance(req, RegisterRequest), req
+    assert req.endpoint_type == "Light"
+    for query in ("ep=dev", "ep=dev&et=", "ep=dev&et"):
+        req = parse_register(request(query))
+        assert isinstance(req, RegisterRequest), req
+        assert req.endpoint_type is None
+
+
 def test_register_extra_parameters_and_options_are_ignored() -> None:
     msg = request("ep=dev&lt=300&aid=1&iep=x&est=y&sms=%2B4912345&foo").with_options(
         (_URI_PORT, b"\x16\x44")

@@ -12,6 +12,7 @@ from dm_actor.store.base import (
     ChannelRecord,
     EventRecord,
     PresubscriptionRecord,
+    RegistrationRecord,
     Snapshot,
     Store,
 )
@@ -39,6 +40,17 @@ async def test_registrations_round_trip(backend: Backend) -> None:
         "b": registration("b", lifetime=60, at=5.0),
     }
     assert all(type(r.queue_mode) is bool for r in snap.registrations)
+
+
+async def test_a_registration_keeps_its_endpoint_type(backend: Backend) -> None:
+    store = backend.open()
+    typed = RegistrationRecord("t", "r-t", 60, "1.1", "U", False, "</3/0>", 1.0, 1.0, "Light")
+    async with running(store):
+        store.put_registration(typed)
+        store.put_registration(registration("u"))
+        await store.durable()
+    snap = backend.reopen(store)
+    assert {r.endpoint: r.endpoint_type for r in snap.registrations} == {"t": "Light", "u": None}
 
 
 async def test_commands_keep_every_field(backend: Backend) -> None:

@@ -242,7 +242,7 @@ async def test_a_version_1_store_is_migrated_with_its_data(tmp_path: Path) -> No
     assert snap.commands[0].mid == 42 and snap.commands[0].token == b"tk"
     assert len(snap.channels) == 1 and len(snap.events) == 1
     assert snap.next_mids == {"dev-1": 298}
-    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,) == (3,)
+    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,) == (4,)
     store.close()
 
 
@@ -265,7 +265,7 @@ async def test_a_version_2_store_is_migrated_with_its_data(tmp_path: Path) -> No
         store.put_next_mid("dev-1", 7)
         await store.durable()
     assert store.load().next_mids == {"dev-1": 7}
-    assert store._db.execute("PRAGMA user_version").fetchone() == (3,)
+    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
     store.close()
 
 
