@@ -14,6 +14,7 @@ be delivered is put back with `unread`. This module never does network I/O.
 from __future__ import annotations
 
 import itertools
+import logging
 import secrets
 import time
 from collections import deque
@@ -36,6 +37,11 @@ if TYPE_CHECKING:
 WEB_SOCKET = "WEB_SOCKET"
 LONG_POLLING = "LONG_POLLING"
 CALLBACK = "CALLBACK"
+
+#: Pelion's channel lifetimes without a consumer (seconds); see `NotificationHub`
+IDLE_EXPIRY = {WEB_SOCKET: 24 * 3600.0, LONG_POLLING: 600.0}
+_EXPIRY_SWEEP = 60.0
+log = logging.getLogger(__name__)
 
 _DEREGISTRATION_KINDS = frozenset(("de-registrations", "registrations-expired"))
 _ENDPOINT_KINDS = frozenset(("registrations", "reg-updates"))
@@ -76,6 +82,7 @@ class Channel:
         "events",
         "extra",
         "forget",
+        "idle_since",
         "mechanism",
         "polling",
         "serialization",
@@ -101,6 +108,7 @@ class Channel:
         self.delivered = 0
         self.closed = False
         self.polling = False  # a long poll is pending
+        self.idle_since: float | None = trio.current_time()  # no consumer since (None: one)
         self.session: Session | None = None  # the live WebSocket
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
         self.unspilled = 0  # events pushed since the last spill that have no `seq`
@@ -175,12 +183,19 @@ class Channel:
         if previous is not None:
             previous.close_code = 1001
         self.session = session
+        self.idle_since = None
         self._ready.set()
         return previous
 
     def detach(self, session: Session) -> None:
         if self.session is session:
             self.session = None
+            self.idle_since = trio.current_time()
+
+    def poll(self, *, pending: bool) -> None:
+        """A long poll started (`pending`) or ended."""
+        self.polling = pending
+        self.idle_since = None if pending else trio.current_time()
 
     def close(self, code: int = 1000) -> None:
         """The channel was deleted: its buffer is dropped and its consumer told `code`."""
@@ -198,6 +213,10 @@ class NotificationHub:
         events: the supervisor's event stream (the hub is its only reader).
         capacity: events kept per channel before the oldest are dropped.
         wall_clock: the wall clock for `include_timestamp` (injected for tests).
+        idle_expiry: how long a channel of each mechanism lives without a consumer: a
+            WebSocket channel 24 h without a socket, a long-poll channel 10 min without a
+            poll (Pelion's limits); then it is deleted with its queue. Callbacks expire
+            after 24 h of failures (`webhook.py`).
         orphan_limit: events kept for an application without a channel (its own events
             only: async responses, its subscriptions' notifications) ...
         orphan_ttl: ... for at most this many seconds; a channel opened meanwhile gets them.
@@ -216,6 +235,7 @@ class NotificationHub:
         on_delivered: Callable[[str, list[int]], None] | None = None,
         keep: Callable[[str, str, Item], int] | None = None,
         spill_interval: float = 1.0,
+        idle_expiry: dict[str, float] | None = None,
         store: Store | None = None,
     ) -> None:
         self.events = events
@@ -223,6 +243,8 @@ class NotificationHub:
         self.keep = keep
         self.spill_interval = spill_interval
         self._spill_due = trio.Event()  # set when events arrived (no timer while idle)
+        self.idle_expiry = IDLE_EXPIRY if idle_expiry is None else idle_expiry
+        self.expired = 0  # channels deleted for want of a consumer
         self.store = store  # channels are kept there, so that they survive a restart
         self.capacity = capacity
         self.wall_clock = wall_clock
@@ -250,6 +272,7 @@ class NotificationHub:
             self.nursery = nursery
             if self.keep is not None:
                 nursery.start_soon(self._spill_every_interval)
+            nursery.start_soon(self._expire_idle_channels)
             if before is not None:
                 before()
             task_status.started()
@@ -270,6 +293,21 @@ class NotificationHub:
                             self._orphan(owner, event)
                         else:
                             found.push(event)
+
+    async def _expire_idle_channels(self) -> None:
+        """Delete, once a minute, the channels idle for longer than their `idle_expiry`."""
+        expiry = self.idle_expiry
+        while True:
+            await trio.sleep(_EXPIRY_SWEEP)
+            now = trio.current_time()
+            for app, channel in list(self.channels.items()):
+                limit = expiry.get(channel.mechanism)
+                idle = channel.idle_since
+                if limit is not None and idle is not None and now - idle >= limit:
+                    log.info("%s channel of %s idle for %.0f s: deleted", channel.mechanism,
+                             app, now - idle)  # fmt: skip
+                    self.delete(app)
+                    self.expired += 1
 
     def _wake_spill(self) -> None:
         self._spill_due.set()

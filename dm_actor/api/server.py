@@ -276,7 +276,7 @@ class HttpServer:
         if channel.polling:
             await self._send(conn, stream, text(409, "A long poll is already pending."))
             return conn.our_state is h11.DONE
-        channel.polling = True
+        channel.poll(pending=True)
         try:
             if not channel.events and not await self._wait_or_hang_up(channel, stream):
                 return False
@@ -292,7 +292,7 @@ class HttpServer:
             self.hub.delivered(channel, batch)
             return conn.our_state is h11.DONE
         finally:
-            channel.polling = False
+            channel.poll(pending=False)
 
     async def _wait_or_hang_up(self, channel: Channel, stream: trio.SocketStream) -> bool:
         """Wait for events until the poll timeout; False if the client hung up meanwhile."""

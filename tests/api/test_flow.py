@@ -138,3 +138,19 @@ async def test_a_delivered_async_response_is_forgotten_by_the_store(
             message = await next_message(ws)
     assert message["async-responses"][0]["id"] == "a"
     assert store.load().events == []
+
+
+async def test_a_long_poll_channel_without_a_poll_for_10_minutes_is_deleted(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pelion's long-poll channel lifetime: 10 min without a poll. While it lives, another
+    channel type is refused; once it expired, a WebSocket channel can be made."""
+    api = await start_api(nursery)
+    async with api.client() as client:
+        await client.request("GET", "/v2/notification/pull")  # creates the channel
+        await trio.sleep(9 * 60)
+        await client.request("GET", "/v2/notification/pull")  # refreshes it (30 s poll)
+        await trio.sleep(9 * 60)
+        assert (await client.request("PUT", "/v2/notification/websocket")).status == 400
+        await trio.sleep(2 * 60)
+        assert (await client.request("PUT", "/v2/notification/websocket")).status == 201

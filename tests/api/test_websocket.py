@@ -139,3 +139,22 @@ async def test_server_pings_and_deleting_the_channel_closes_1000(
             assert (await client.request("DELETE", "/v2/notification/websocket")).status == 204
             assert (await client.request("DELETE", "/v2/notification/websocket")).status == 404
         assert await close_code(ws) == 1000
+
+
+async def test_a_channel_without_a_socket_for_24_hours_is_deleted(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pelion's WebSocket channel lifetime: 24 h with no open socket (the queue is kept while
+    the gaps are shorter)."""
+    api = await start_api(nursery)
+    await put_channel(api)
+    await trio.sleep(23 * 3600)
+    async with websocket(api, ["wss", f"pelion_{KEY_A}"]) as ws:  # a gap under 24 h: kept
+        await trio.sleep(1)
+    await trio.sleep(23 * 3600)
+    async with api.client() as client:
+        assert (await client.request("GET", "/v2/notification/websocket")).status == 200
+        await trio.sleep(3600 + 120)  # now 24 h without a socket
+        assert (await client.request("GET", "/v2/notification/websocket")).status == 404
+    async with websocket(api, ["wss", f"pelion_{KEY_A}"]) as ws:
+        assert await close_code(ws) == 1011  # PUT it again first
