@@ -263,8 +263,17 @@ def test_serve_in_a_subprocess_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
                     continue
             assert reply == Message(MessageType.ACK, Code.NOT_FOUND, 0x0F0F, b"up")
             assert data_dir.is_dir()
+            # CoAP answers before the HTTP side is up: wait for the startup to finish (the
+            # line comes, or the process ends), else SIGTERM may cut the startup short
+            assert proc.stderr is not None
+            started = ""
+            while line := proc.stderr.readline():
+                started += line
+                if "CoAP listening" in line:
+                    break
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            err = started + err
         finally:
             if proc.poll() is None:
                 proc.kill()
