@@ -89,14 +89,16 @@ Mail = bytes | Message | Signal
 
 
 class _Transfer:
-    """A response that arrives in blocks (RFC 7959 2.4), for the attempt in flight."""
+    """A body that arrives in blocks (RFC 7959 2.4): the answer to the attempt in flight, or
+    a notification (RFC 7959 2.6) whose rest is fetched with GETs."""
 
-    __slots__ = ("assembler", "first", "token")
+    __slots__ = ("assembler", "first", "token", "uri")
 
-    def __init__(self, first: Message) -> None:
+    def __init__(self, first: Message, uri: str = "") -> None:
         self.assembler = Block2Assembler(szx=_BLOCK_SZX)
         self.first = first  # the first block's response: its code, Observe, Content-Format
         self.token = b""  # the exchange that asked for the latest block
+        self.uri = uri  # a notification's observed path (its observation's token: `first`)
 
 
 class DeviceActor:
@@ -104,6 +106,7 @@ class DeviceActor:
 
     __slots__ = (
         "_cache",
+        "_fetches",
         "_hold",
         "_mid_limit",
         "_observations",
@@ -144,6 +147,8 @@ class DeviceActor:
         self._pending: Command | None = None  # that attempt: decided and stored, not yet sent
         self._mid_limit: int | None = None  # the first Message ID not reserved in the store
         self._transfer: _Transfer | None = None
+        # notifications whose rest is being fetched, by the fetching exchange's token
+        self._fetches: dict[bytes, tuple[bytes, _Transfer]] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -201,10 +206,10 @@ class DeviceActor:
                 coap.peer_unreachable(now)
                 self._fail_pending(now)
             elif mail is Signal.DISCONNECTED:
-                self.conn = None
-                self.queue.disconnected()
-                coap.peer_unreachable(now)
-                self._fail_pending(now)
+                if self.conn is None:  # (else the device has reconnected meanwhile)
+                    self.queue.disconnected()
+                    coap.peer_unreachable(now)
+                    self._fail_pending(now)
             elif mail is Signal.EXPIRED:
                 self.end(now, expired=True)
         if contact:
@@ -259,7 +264,7 @@ class DeviceActor:
             return False
         if len(queue.queue) != 1 or queue.queue[0] is not cmd:
             return False
-        return self.pump(now) and self._pending is cmd
+        return self.pump(now) and queue.in_flight is cmd
 
     def flush(self, now: float) -> None:
         """Send what the endpoint has ready, unless it waits behind an attempt not yet
@@ -360,12 +365,24 @@ class DeviceActor:
         limit = self._mid_limit
         if limit is None or not 0 < (limit - mid) & 0xFFFF <= MID_BLOCK:
             limit = self._mid_limit = (mid + MID_BLOCK) & 0xFFFF
-            self.sup.store.put_next_mid(self.endpoint, limit)  # durable with the attempt
+            store = self.sup.store
+            store.put_next_mid(self.endpoint, limit)
+            self._hold = store.mark()  # nothing with a MID of the new block before it is stored
         return mid
 
     def _handle_events(self, now: float) -> None:
         coap = self.coap
         while (event := coap.next_event()) is not None:
+            fetches = self._fetches
+            if fetches and isinstance(event, ResponseReceived | RequestFailed):
+                fetch = fetches.pop(event.token, None)
+                if fetch is not None:
+                    if isinstance(event, ResponseReceived):
+                        self._fetched(fetch[0], fetch[1], event.response, now)
+                    else:
+                        log.info("%s: fetching the rest of a notification of %s failed: %s",
+                                 self.endpoint, fetch[1].uri, event.reason)  # fmt: skip
+                    continue
             if isinstance(event, ResponseReceived):
                 self._response(event.token, event.response, now)
             elif isinstance(event, NotificationReceived):
@@ -377,7 +394,9 @@ class DeviceActor:
                     cmd.token == event.token
                     or (transfer is not None and transfer.token == event.token)
                 ):
-                    self._transfer = None  # a retry asks from the first block again
+                    if transfer is not None:  # a retry asks from the first block again
+                        self._transfer = None
+                        self._forget_observation(cmd)
                     self.queue.attempt_failed(Failure(event.reason), now)
             elif isinstance(event, RequestReceived):
                 self.sup.device_request(self, event.request, now)
@@ -449,21 +468,80 @@ class DeviceActor:
         if isinstance(step, Complete):
             return transfer.first._replace(payload=step.body)
         log.warning("%s: block-wise answer to %s failed: %s", self.endpoint, cmd.uri, step.reason)
+        self._forget_observation(cmd)
         self.queue.attempt_succeeded(INCOMPLETE, now)
         return None
 
+    def _forget_observation(self, cmd: Command) -> None:
+        """An Observe whose first answer never came whole: the endpoint may already hold the
+        observation (the first block had Observe); drop it, or it would stay live unseen."""
+        if cmd.observe and cmd.token is not None:
+            self.coap.cancel_observation(cmd.token)
+
     def _ask_block(self, cmd: Command, block: Block, now: float) -> bytes:
-        options = (*self._request_options(cmd), block.option(_BLOCK2))
+        """The next block of the answer to `cmd`: the same request with Block2 and, as in
+        RFC 7959's examples, without the request's body (a POST is not sent again whole)."""
+        options = self._request_options(cmd)
+        if cmd.payload:
+            options = tuple(o for o in options if o[0] != _CONTENT_FORMAT)
+        return self._send_block_request(_METHODS[cmd.method], options, block, now)
+
+    def _send_block_request(
+        self, code: int, options: tuple[Option, ...], block: Block, now: float
+    ) -> bytes:
         coap = self.coap
-        token = coap.send_request(
-            _METHODS[cmd.method],
-            tuple(sorted(options, key=lambda o: o[0])),
-            cmd.payload,
+        return coap.send_request(
+            code,
+            tuple(sorted((*options, block.option(_BLOCK2)), key=lambda o: o[0])),
+            b"",
             now,
             mid=None if coap.reliable else self._new_mid(),
         )
-        self._hold = self.sup.store.mark()  # a new block of Message IDs may have been reserved
-        return token
+
+    def _fetch_rest(self, observation: bytes, uri: str, message: Message, now: float) -> None:
+        """A notification came in blocks: fetch the rest with GETs (RFC 7959 2.6) and notify
+        the whole value then. A newer notification of the same path replaces the fetch."""
+        fetches = self._fetches
+        if fetches is None:
+            fetches = self._fetches = {}
+        for token, (obs, _) in list(fetches.items()):
+            if obs == observation:
+                del fetches[token]
+        if len(fetches) >= _CACHE_LIMIT:
+            del fetches[next(iter(fetches))]
+        self._fetched(observation, _Transfer(message, uri), message, now)
+
+    def _fetched(
+        self, observation: bytes, transfer: _Transfer, response: Message, now: float
+    ) -> None:
+        step: Complete | Ask | Failed
+        if response.code >> 5 != 2:
+            step = Failed(f"a block was answered {response.code >> 5}.{response.code & 31:02d}")
+        else:
+            try:
+                block = get_block(response, _BLOCK2)
+            except DecodeError as exc:
+                step = Failed(str(exc))
+            else:
+                step = transfer.assembler.feed(
+                    block, response.payload, response.option(_ETAG), get_size(response, _SIZE2)
+                )
+        uri = transfer.uri
+        if isinstance(step, Ask):
+            options = lwm2m_path.parse(uri).uri_path_options(self.reg.objects.alt_path)
+            token = self._send_block_request(_METHODS["GET"], options, step.block, now)
+            fetches = self._fetches
+            assert fetches is not None
+            fetches[token] = (observation, transfer)
+            return
+        if isinstance(step, Failed):
+            log.warning("%s: a notification of %s in blocks failed: %s", self.endpoint, uri,
+                        step.reason)  # fmt: skip
+            return
+        first = transfer.first
+        outcome = from_response(first.code, step.body, first.content_format, first.max_age)
+        self._remember(uri, outcome, now)
+        self.sup.notification(self, uri, outcome)
 
     def _notification(self, token: bytes, message: Message, now: float) -> None:
         observations = self._observations
@@ -480,6 +558,9 @@ class DeviceActor:
         if outcome.status != 200 or seq is None:
             assert observations is not None
             del observations[token]
+        if message.option(_BLOCK2) is not None and outcome.status == 200:
+            self._fetch_rest(token, uri, message, now)  # never notify or cache a part
+            return
         self._remember(uri, outcome, now)
         self.sup.notification(self, uri, outcome)
 

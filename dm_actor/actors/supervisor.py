@@ -315,6 +315,7 @@ class Supervisor:
     def on_tcp_closed(self, conn: TcpConnection) -> None:
         actor = self.by_conn.pop(conn, None)
         if actor is not None and actor.conn is conn:
+            actor.conn = None  # now: a reconnect may bind a new one before the actor reads this
             self._tell(actor, Signal.DISCONNECTED)
 
     def _tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:

@@ -66,6 +66,7 @@ class HttpOptions:
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
     max_connections: int = 1024  # served at once; more wait in the kernel's accept queue
+    crowded_idle_timeout: float = 5.0  # ... and while they do, idle connections get this long
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
 
 
@@ -91,6 +92,8 @@ class HttpServer:
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.restored = list(channels)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
+        self._reading: set[trio.CancelScope] = set()  # connections waiting for client bytes
+        self._slots: trio.Semaphore | None = None  # free connection slots, once running
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -100,7 +103,7 @@ class HttpServer:
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)
-            slots = trio.Semaphore(self.options.max_connections)
+            slots = self._slots = trio.Semaphore(self.options.max_connections)
             for listener in listeners:
                 nursery.start_soon(self._accept, listener, slots, nursery)
 
@@ -111,17 +114,35 @@ class HttpServer:
         wait in the kernel's (bounded) accept queue, so a connection flood costs no task."""
         async with listener:
             while True:
-                await slots.acquire()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:  # out of descriptors or memory: wait, as trio does
-                    slots.release()
                     if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
                         raise
                     log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
                     await trio.sleep(0.1)
                     continue
+                if not slots.value:
+                    self._crowded()
+                try:
+                    await slots.acquire()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
                 nursery.start_soon(self._serve, stream, slots)
+
+    def _idle_timeout(self) -> float:
+        slots = self._slots
+        if slots is not None and not slots.value and slots.statistics().tasks_waiting:
+            return self.options.crowded_idle_timeout
+        return self.options.idle_timeout
+
+    def _crowded(self) -> None:
+        """Every slot is taken: idle keep-alive connections (and slow uploads) get
+        `crowded_idle_timeout` to send something, so idle sockets cannot lock others out."""
+        deadline = trio.current_time() + self.options.crowded_idle_timeout
+        for scope in self._reading:
+            scope.deadline = min(scope.deadline, deadline)
 
     async def _serve(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
         try:
@@ -169,8 +190,12 @@ class HttpServer:
                 await stream.send_all(
                     conn.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
-            with trio.fail_after(self.options.idle_timeout):
-                data = await stream.receive_some(_RECEIVE_SIZE)
+            with trio.fail_after(self._idle_timeout()) as scope:
+                self._reading.add(scope)
+                try:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                finally:
+                    self._reading.discard(scope)
             conn.receive_data(data)
 
     async def _request(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:

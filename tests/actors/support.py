@@ -166,14 +166,18 @@ class _Client:
     async def notify(
         self, path: str, payload: bytes, *, seq: int | None = None, confirmable: bool = False
     ) -> None:
-        """Send a notification to the server's observation of `path` (text/plain)."""
+        """Send a notification to the server's observation of `path` (text/plain); with
+        `block_szx`, a long one as its first block (RFC 7959 2.6)."""
         if seq is None:
             self.observe_seq += 1
             seq = self.observe_seq
-        options = (
+        options: tuple[Option, ...] = (
             (OptionNumber.OBSERVE, uint_bytes(seq)),
             (OptionNumber.CONTENT_FORMAT, uint_bytes(0)),
         )
+        if self.block_szx is not None and len(payload) > 16 << self.block_szx:
+            block, payload = slice_block2(payload, None, self.block_szx)
+            options = tuple(sorted((*options, block.option(OptionNumber.BLOCK2))))
         self.coap.notify(
             self.observers[path], Code.CONTENT, options, payload, trio.current_time(),
             confirmable=confirmable,

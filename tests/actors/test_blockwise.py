@@ -11,7 +11,7 @@ import trio
 import trio.testing
 
 from dm_actor.coap.blockwise import get_block
-from dm_actor.coap.numbers import Code, OptionNumber
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
 from .support import Device, Executed, TcpDevice, responses, start_server
 
@@ -118,3 +118,64 @@ async def test_an_observation_whose_first_answer_comes_in_blocks(
     await trio.sleep(1)
     [(_, later)] = server.take("notifications")
     assert isinstance(later, dict) and base64.b64decode(str(later["payload"])) == b"small now"
+
+
+async def test_a_notification_in_blocks_is_notified_whole(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """RFC 7959 2.6: a notification carries the first block; the server GETs the rest and
+    notifies (and caches) the whole value, never a part."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", "app")
+    await trio.sleep(5)
+    server.take("notifications")
+    asked = len(dev.executed)
+    await dev.notify("/3/0/1", BODY)
+    await trio.sleep(5)
+    [(_, item)] = server.take("notifications")
+    assert isinstance(item, dict) and base64.b64decode(str(item["payload"])) == BODY
+    assert len(dev.executed) - asked == 6  # blocks 1..6 fetched with GETs
+    fetches = [m for _, m in dev.arrivals if m.code == Code.GET][-6:]
+    assert all(m.observe is None for m in fetches)  # plain GETs, not a second observation
+    cached = server.sup.by_endpoint["dev"].cached("/3/0/1", trio.current_time())
+    assert cached is not None and cached.payload == BODY
+
+
+async def test_later_blocks_of_a_post_answer_do_not_repeat_the_post_body(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The follow-up requests carry Block2 and no body (RFC 7959's examples): a device that
+    treated each one as a new POST would at least not get the arguments again."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "POST", "/3/0/1", async_id="p", payload=b"arg",
+                            content_format=0)  # fmt: skip
+    await trio.sleep(5)
+    assert base64.b64decode(str(responses(server)["p"]["payload"])) == BODY
+    posts = [m for _, m in dev.arrivals if m.code == Code.POST]
+    assert [m.payload for m in posts] == [b"arg"] + [b""] * 6
+    assert all(m.content_format is None for m in posts[1:])
+
+
+async def test_an_observation_whose_first_answer_breaks_is_not_left_behind(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The first block had Observe, the transfer then failed: the server must not keep an
+    observation it never registered (the device's next notification gets a Reset)."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5, broken_blocks=True)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", "app")
+    await trio.sleep(5)
+    assert server.take("notifications") == []
+    dev.block_szx = None
+    await dev.notify("/3/0/1", b"small", confirmable=True)
+    await trio.sleep(1)
+    assert server.take("notifications") == []
+    assert dev.arrivals[-1][1].mtype == MessageType.RST

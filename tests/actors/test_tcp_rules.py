@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import trio
 import trio.testing
 
+from dm_actor.actors.device import Signal
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.numbers import Code
 
-from .support import TcpDevice, responses, start_server
+from .support import GatedStore, TcpDevice, responses, start_server
 
 
 async def test_tcp_device_registers_and_answers(
@@ -79,4 +82,42 @@ async def test_rule_6_tcp_queue_mode_waits_for_wake_up(
     await dev.update()
     await trio.sleep(1)
     assert responses(server)["a"]["status"] == 200
+    await dev.disconnect()
+
+
+async def test_a_reconnect_while_the_actor_is_busy_keeps_the_new_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The connection closes and the device reconnects and updates before the actor read the
+    close (it waited for the store): the close must not take the new connection away."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
+    await trio.sleep(0.1)
+    actor = server.sup.by_endpoint["dev"]
+    actor.tell(Signal.WAKE)  # the actor's task now waits for the attempt's write
+    await trio.sleep(0.1)
+    await dev.disconnect()
+    await trio.sleep(0.1)
+    await dev.connect(nursery)
+    updated: list[int] = []
+
+    async def update() -> None:
+        updated.append((await dev.update()).code)
+
+    nursery.start_soon(update)
+    await trio.sleep(0.5)
+    store.open = True
+    store.commit()
+    await trio.sleep(30)
+    assert updated == [Code.CHANGED]
+    assert actor.conn is not None
+    await server.sup.submit("dev", "GET", "/3/0/2", async_id="b")
+    await trio.sleep(5)
+    assert responses(server)["b"]["status"] == 200
     await dev.disconnect()

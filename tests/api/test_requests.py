@@ -277,12 +277,14 @@ async def test_a_stalled_store_refuses_new_commands_with_503_and_keeps_the_accep
         assert reply.status == 202
 
 
-async def test_connections_beyond_the_limit_wait_to_be_accepted(
+async def test_connections_beyond_the_limit_wait_and_idle_ones_make_room(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """At `max_connections` the server stops accepting: a further client waits in the
-    kernel's accept queue (no task, no buffers) and is served once a connection closes."""
-    api = await start_api(nursery, options=HttpOptions(max_connections=2))
+    """At `max_connections` the server takes no more: a further client waits (no task, no
+    buffers), and connections that sit idle meanwhile are closed after
+    `crowded_idle_timeout` (not the usual 10 min), so idle sockets cannot lock others out."""
+    options = HttpOptions(max_connections=2, crowded_idle_timeout=5.0)
+    api = await start_api(nursery, options=options)
     first, second = api.client(), api.client()
     for client in (first, second):
         await client.__aenter__()
@@ -294,9 +296,20 @@ async def test_connections_beyond_the_limit_wait_to_be_accepted(
             served.append((await client.request("GET", "/v3/devices")).status)
 
     nursery.start_soon(third)
-    await trio.sleep(60)
-    assert served == []  # not accepted while two are open
+    await trio.sleep(4)
+    assert served == []  # waiting: both slots are taken
+    await trio.sleep(2)
+    assert served == [200]  # the idle ones were closed after 5 s
     await first.aclose()
-    await trio.sleep(1)
-    assert served == [200]
     await second.aclose()
+
+
+async def test_without_crowding_an_idle_connection_stays_open(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery, options=HttpOptions(max_connections=2))
+    async with api.client() as client:
+        assert (await client.request("GET", "/v3/devices")).status == 200
+        await trio.sleep(500)  # under the 600 s idle timeout
+        assert (await client.request("GET", "/v3/devices")).status == 200
+        assert client.connections == 1  # the same connection both times
