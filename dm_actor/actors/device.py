@@ -81,7 +81,6 @@ class Signal(enum.Enum):
     WAKE = "wake"  # something was submitted: try to deliver
     SWEEP = "sweep"  # finish expired commands (rule 5.2)
     UNREACHABLE = "unreachable"  # ICMP port-unreachable for a datagram we sent
-    DISCONNECTED = "disconnected"  # the TCP connection closed
     EXPIRED = "expired"  # the registration's lifetime ran out (rule 8.3)
 
 
@@ -205,11 +204,6 @@ class DeviceActor:
             elif mail is Signal.UNREACHABLE:
                 coap.peer_unreachable(now)
                 self._fail_pending(now)
-            elif mail is Signal.DISCONNECTED:
-                if self.conn is None:  # (else the device has reconnected meanwhile)
-                    self.queue.disconnected()
-                    coap.peer_unreachable(now)
-                    self._fail_pending(now)
             elif mail is Signal.EXPIRED:
                 self.end(now, expired=True)
         if contact:
@@ -504,12 +498,20 @@ class DeviceActor:
         fetches = self._fetches
         if fetches is None:
             fetches = self._fetches = {}
-        for token, (obs, _) in list(fetches.items()):
-            if obs == observation:
-                del fetches[token]
         if len(fetches) >= _CACHE_LIMIT:
-            del fetches[next(iter(fetches))]
+            gone = fetches.pop(next(iter(fetches)))
+            log.info("%s: too many notifications in blocks: %s not completed", self.endpoint,
+                     gone[1].uri)  # fmt: skip
         self._fetched(observation, _Transfer(message, uri), message, now)
+
+    def _drop_fetches(self, observation: bytes) -> None:
+        """A newer notification (or the observation's end) makes a fetch of an older one
+        pointless: it must never be notified after the newer value."""
+        fetches = self._fetches
+        if fetches:
+            for token, (obs, _) in list(fetches.items()):
+                if obs == observation:
+                    del fetches[token]
 
     def _fetched(
         self, observation: bytes, transfer: _Transfer, response: Message, now: float
@@ -558,16 +560,38 @@ class DeviceActor:
         if outcome.status != 200 or seq is None:
             assert observations is not None
             del observations[token]
+        self._drop_fetches(token)  # this one is newer than any being fetched
         if message.option(_BLOCK2) is not None and outcome.status == 200:
             self._fetch_rest(token, uri, message, now)  # never notify or cache a part
             return
         self._remember(uri, outcome, now)
         self.sup.notification(self, uri, outcome)
 
+    def connection_lost(self, now: float) -> None:
+        """The TCP connection closed. The supervisor calls this at once, before a reconnect
+        can be bound, so nothing of it can be mistaken for the new connection's: what
+        arrived on it is handled first, what was sent on it fails (rule 3.4), the device is
+        unreachable until its next contact, and its observations die with the connection
+        (RFC 8323) and are made again then."""
+        self.step(now)
+        if self.mailbox.closed:
+            return
+        self.conn = None
+        self.queue.disconnected()
+        self.coap.peer_unreachable(now)
+        self._fail_pending(now)
+        self._fetches = None
+        self._handle_events(now)
+        if self._observations:
+            self.forget_observations()
+            self.sup.observe_again(self, now)
+        self.pump(now)
+
     def abandon_attempt(self, now: float) -> None:
         """The transport changed under an attempt in flight: it can no longer succeed."""
         self._transfer = None
         self._pending = None
+        self._fetches = None
         if self.queue.in_flight is not None:
             self.queue.attempt_failed(Failure.UNREACHABLE, now)
 
@@ -586,6 +610,7 @@ class DeviceActor:
             if observed == uri:
                 del observations[token]
                 self.coap.cancel_observation(token)
+                self._drop_fetches(token)
 
     def forget_observations(self) -> None:
         """The device re-registered: its observations are gone (rule 9.3)."""
@@ -593,6 +618,7 @@ class DeviceActor:
             for token in self._observations:
                 self.coap.cancel_observation(token)
             self._observations = None
+        self._fetches = None
 
     # -- the end --------------------------------------------------------------------------
 

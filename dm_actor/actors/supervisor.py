@@ -315,8 +315,8 @@ class Supervisor:
     def on_tcp_closed(self, conn: TcpConnection) -> None:
         actor = self.by_conn.pop(conn, None)
         if actor is not None and actor.conn is conn:
-            actor.conn = None  # now: a reconnect may bind a new one before the actor reads this
-            self._tell(actor, Signal.DISCONNECTED)
+            actor.connection_lost(self.now())  # now: before a reconnect can be bound
+            self._tell(actor, Signal.WAKE)  # its task re-arms its timer
 
     def _tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:
         try:
@@ -475,8 +475,7 @@ class Supervisor:
             actor.queue.queue_mode = reg.queue_mode
             self._bind(actor, addr, conn)
             actor.forget_observations()
-            for path in sorted(actor.subscriptions or ()):
-                self._queue_observe(actor, path, now)  # rule 9.3
+            self.observe_again(actor, now)  # rule 9.3
             actor.queue.contact(now)
             if via is not actor:
                 self._tell(actor, Signal.WAKE)
@@ -748,6 +747,12 @@ class Supervisor:
         await self.store.durable()
         self._tell(actor, Signal.WAKE)
         return Accepted()
+
+    def observe_again(self, actor: DeviceActor, now: float) -> None:
+        """The device's observations are gone (it registered again, or its TCP connection
+        closed): queue an Observe for every subscribed path (rule 9.3)."""
+        for path in sorted(actor.subscriptions or ()):
+            self._queue_observe(actor, path, now)
 
     def _add_subscription(self, actor: DeviceActor, path: str, owner: str, now: float) -> Verdict:
         subscriptions = actor.subscriptions

@@ -179,3 +179,25 @@ async def test_an_observation_whose_first_answer_breaks_is_not_left_behind(
     await trio.sleep(1)
     assert server.take("notifications") == []
     assert dev.arrivals[-1][1].mtype == MessageType.RST
+
+
+async def test_a_newer_small_notification_wins_over_a_fetch_in_progress(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A value in blocks is being fetched when a newer, small value is notified: the older
+    value is never notified after it (nor cached)."""
+    server = await start_server(nursery)
+    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
+    await dev.start(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", "app")
+    await trio.sleep(5)
+    server.take("notifications")
+    await dev.notify("/3/0/1", BODY)  # the server starts fetching the rest ...
+    await dev.notify("/3/0/1", b"newer")  # ... and a newer value arrives meanwhile
+    await trio.sleep(5)
+    values = [base64.b64decode(str(item["payload"]))  # type: ignore[index]
+              for _, item in server.take("notifications")]  # fmt: skip
+    assert values == [b"newer"]
+    cached = server.sup.by_endpoint["dev"].cached("/3/0/1", trio.current_time())
+    assert cached is None or cached.payload == b"newer"

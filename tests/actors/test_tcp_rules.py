@@ -9,6 +9,8 @@ import trio.testing
 
 from dm_actor.actors.device import Signal
 from dm_actor.actors.supervisor import Accepted
+from dm_actor.coap import framing_tcp
+from dm_actor.coap.message import Message, path_options
 from dm_actor.coap.numbers import Code
 
 from .support import GatedStore, TcpDevice, responses, start_server
@@ -120,4 +122,66 @@ async def test_a_reconnect_while_the_actor_is_busy_keeps_the_new_connection(
     await server.sup.submit("dev", "GET", "/3/0/2", async_id="b")
     await trio.sleep(5)
     assert responses(server)["b"]["status"] == 200
+    await dev.disconnect()
+
+
+class _Conn:
+    """A TCP connection as the supervisor sees one (the frames it would send)."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    @property
+    def peer(self) -> tuple[str, int]:
+        return ("127.0.0.1", 1)
+
+    def send_frame_nowait(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+async def test_a_close_and_a_reconnect_read_before_the_actor_runs(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The request sent on the closed connection fails at once (rule 3.4), not 93 s later,
+    and the device, connected again, gets the next command right away."""
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
+    await dev.connect(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
+    await trio.sleep(0.5)
+    actor = server.sup.by_endpoint["dev"]
+    assert actor.conn is not None
+    server.sup.on_tcp_closed(actor.conn)  # both before the actor's task runs again
+    conn2 = _Conn()
+    update = tuple(sorted(path_options(dev.location), key=lambda o: o[0]))
+    server.sup.on_tcp_message(conn2, Message(0, Code.POST, 0, b"\x01", update))
+    await trio.sleep(1)
+    assert responses(server)["a"]["error"] == "NOT_CONNECTED"
+    await server.sup.submit("dev", "GET", "/3/0/2", async_id="b")
+    await trio.sleep(1)
+    decoder = framing_tcp.StreamDecoder()
+    for frame in conn2.frames:
+        decoder.receive_data(frame)
+    sent = []
+    while (msg := decoder.next_message()) is not None:
+        sent.append(msg.code)
+    assert Code.GET in sent  # "b" went out on the new connection
+    await dev.disconnect()
+
+
+async def test_a_close_is_never_lost_to_a_full_mailbox(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    actor = server.sup.by_endpoint["dev"]
+    for _ in range(server.sup.mailbox_size):
+        actor.tell(Signal.SWEEP)  # a burst the actor has not read yet
+    assert actor.conn is not None
+    server.sup.on_tcp_closed(actor.conn)
+    await trio.sleep(1)
+    assert not actor.queue.reachable  # known at once: commands wait for the next contact
     await dev.disconnect()
