@@ -573,7 +573,12 @@ class DeviceActor:
         arrived on it is handled first, what was sent on it fails (rule 3.4), the device is
         unreachable until its next contact, and its observations die with the connection
         (RFC 8323) and are made again then."""
-        self.step(now)
+        try:
+            self.step(now)
+        except (DecodeError, Lwm2mError) as exc:  # as in `run`: the device's fault ends it
+            log.exception("device %s failed: %s", self.endpoint, exc)
+            if not self.mailbox.closed:
+                self.end(now, expired=False)
         if self.mailbox.closed:
             return
         self.conn = None
