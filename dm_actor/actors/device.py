@@ -347,12 +347,12 @@ class DeviceActor:
         )
 
     def _fail_pending(self, now: float) -> None:
-        """The device became unreachable before the stored attempt could leave: it fails
-        as a sent one would (rule 3.4)."""
+        """The device became unreachable before the stored attempt could leave: it goes
+        back to the queue without using up a retry (rule 3.4)."""
         cmd = self._pending
         if cmd is not None and self.queue.in_flight is cmd:
             self._pending = None
-            self.queue.attempt_failed(Failure.UNREACHABLE, now)
+            self.queue.attempt_not_sent()
 
     def _new_mid(self) -> int:
         mid = self.coap.next_mid()
@@ -573,16 +573,25 @@ class DeviceActor:
         arrived on it is handled first, what was sent on it fails (rule 3.4), the device is
         unreachable until its next contact, and its observations die with the connection
         (RFC 8323) and are made again then."""
+        self.conn = None  # first: nothing may start on (or be answered over) the closed one
         try:
             self.step(now)
         except (DecodeError, Lwm2mError) as exc:  # as in `run`: the device's fault ends it
             log.exception("device %s failed: %s", self.endpoint, exc)
             if not self.mailbox.closed:
                 self.end(now, expired=False)
-        if self.mailbox.closed:
-            return
-        self.conn = None
+        if self.mailbox.closed or self.has_transport():
+            return  # (ended, or its last mail bound it anew)
         self.queue.disconnected()
+        self.transport_lost(now)
+
+    def has_transport(self) -> bool:
+        return self.conn is not None or self.addr is not None
+
+    def transport_lost(self, now: float) -> None:
+        """The connection requests were sent on is gone (closed, or replaced by another
+        connection or by UDP): they fail now (rule 3.4), an attempt not yet sent waits for
+        the next transport, and observations are made again (RFC 8323: they die with it)."""
         self.coap.peer_unreachable(now)
         self._fail_pending(now)
         self._fetches = None

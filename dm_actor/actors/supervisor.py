@@ -317,6 +317,7 @@ class Supervisor:
         if actor is not None and actor.conn is conn:
             actor.connection_lost(self.now())  # now: before a reconnect can be bound
             self._tell(actor, Signal.WAKE)  # its task re-arms its timer
+        self.by_conn.pop(conn, None)  # (in case its last mail bound it again)
 
     def _tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:
         try:
@@ -489,7 +490,9 @@ class Supervisor:
     def _bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
         if actor.addr is not None and actor.addr != addr and self.by_addr.get(actor.addr) is actor:
             del self.by_addr[actor.addr]
-        if actor.conn is not None and actor.conn is not conn:
+        replaced = actor.conn is not None and actor.conn is not conn
+        if replaced:
+            assert actor.conn is not None
             self.by_conn.pop(actor.conn, None)
         reliable = conn is not None
         if actor.coap.reliable != reliable:
@@ -497,6 +500,8 @@ class Supervisor:
             actor.abandon_attempt(self.now())
         actor.addr = addr
         actor.conn = conn
+        if replaced:  # a new connection (or UDP) before the old one was seen to close
+            actor.transport_lost(self.now())
         if addr is not None:
             previous = self.by_addr.get(addr)
             if previous is not None and previous is not actor:
@@ -779,8 +784,11 @@ class Supervisor:
             return Verdict.DUPLICATE
         self._observe_counter += 1
         async_id = f"{_SUBSCRIPTION_PREFIX}{self._observe_counter}"
+        # an Observe waits for the device as long as the longest command may: a subscription
+        # outlives registrations (rule 9.3) and a device away for days (after its connection
+        # closed, say) is observed again when it is back
         cmd = self._command(actor, async_id, "GET", path, b"", None, None,
-                            None, None, now, observe=True)  # fmt: skip
+                            None, MAX_EXPIRY, now, observe=True)  # fmt: skip
         verdict = queue.submit(cmd, now)
         if verdict is Verdict.ACCEPTED:
             self.persist_command(actor.endpoint, cmd)

@@ -208,6 +208,19 @@ class DeviceQueue:
             self.queue.insert(0, cmd)
         return cmd
 
+    def attempt_not_sent(self) -> Command:
+        """The attempt in flight never left: the device became unreachable before it could
+        be sent. It goes back to the head without using up a retry (rule 3.4); the device
+        is believed unreachable until its next contact."""
+        cmd = self._take_in_flight()
+        cmd.attempts -= 1
+        if not cmd.attempts:
+            cmd.last_attempt_at = None  # never attempted: no resend grace to wait for
+        self.reachable = False
+        self.awake_until = 0.0
+        self.queue.insert(0, cmd)
+        return cmd
+
     def sweep(self, now: float) -> None:
         """Finish every expired command that is not in flight (rule 5.2)."""
         if not any(cmd.expired(now) for cmd in self.queue):

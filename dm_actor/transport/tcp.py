@@ -207,8 +207,10 @@ class TcpListener:
                 await conn._write_loop(stream)
                 nursery.cancel_scope.cancel()
         finally:
-            self._on_closed(conn)
-            await stream.aclose()
+            try:
+                self._on_closed(conn)
+            finally:
+                await stream.aclose()
 
     async def _read_loop(self, conn: TcpConnection, stream: trio.SocketStream) -> None:
         decoder = StreamDecoder(self._max_message_size)

@@ -10,10 +10,11 @@ import trio.testing
 from dm_actor.actors.device import Signal
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap import framing_tcp
-from dm_actor.coap.message import Message, path_options
+from dm_actor.coap.message import Message, path_options, query_options
 from dm_actor.coap.numbers import Code
+from dm_actor.transport.tcp import TcpConnection
 
-from .support import GatedStore, TcpDevice, responses, start_server
+from .support import OBJECTS, GatedStore, TcpDevice, responses, start_server
 
 
 async def test_tcp_device_registers_and_answers(
@@ -184,4 +185,123 @@ async def test_a_close_is_never_lost_to_a_full_mailbox(
     server.sup.on_tcp_closed(actor.conn)
     await trio.sleep(1)
     assert not actor.queue.reachable  # known at once: commands wait for the next contact
+    await dev.disconnect()
+
+
+async def test_an_attempt_not_yet_sent_when_the_connection_closes_keeps_its_retry(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Rule 3.4: a TCP device with no connection: nothing sent, no retry used."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    await dev.register()
+    await trio.sleep(1)
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
+    await trio.sleep(0.1)
+    actor = server.sup.by_endpoint["dev"]
+    assert actor.conn is not None
+    server.sup.on_tcp_closed(actor.conn)
+    store.open = True
+    store.commit()
+    await trio.sleep(1)
+    assert "a" not in responses(server)
+    assert all(e.path != "/3/0/1" for e in dev.executed)
+    assert actor.queue.queue and actor.queue.queue[0].async_id == "a", "never sent, yet finished"
+    await dev.disconnect()
+
+
+async def test_an_answer_read_with_the_close_does_not_start_the_next_command(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
+    await dev.connect(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
+    await server.sup.submit("dev", "GET", "/3/0/2", async_id="b")
+    await trio.sleep(0.5)
+    actor = server.sup.by_endpoint["dev"]
+    conn = actor.conn
+    assert isinstance(conn, TcpConnection) and actor.queue.in_flight is not None
+    token = actor.queue.in_flight.token
+    assert token is not None
+    server.sup.on_tcp_message(conn, Message(0, Code.CONTENT, 0, token, (), b"42"))
+    conn.close()  # as TcpListener does before on_closed
+    server.sup.on_tcp_closed(conn)
+    await trio.sleep(1)
+    r = responses(server)
+    assert r["a"]["status"] == 200
+    assert "b" not in r, f"b never sent, yet finished: {r.get('b')}"
+    await dev.disconnect()
+
+
+async def test_a_closed_connection_is_forgotten_even_with_a_register_in_the_mailbox(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    await dev.register()
+    actor = server.sup.by_endpoint["dev"]
+    conn = actor.conn
+    assert conn is not None
+    opts = tuple(
+        sorted(path_options("/rd") + query_options("ep=dev&lt=86400&b=T"), key=lambda o: o[0])
+    )
+    server.sup.on_tcp_message(conn, Message(0, Code.POST, 0, b"\x09", opts, OBJECTS))
+    server.sup.on_tcp_closed(conn)
+    await trio.sleep(1)
+    assert conn not in server.sup.by_conn, "dead connection still routed to the actor"
+    await dev.disconnect()
+
+
+async def test_an_update_on_a_new_connection_makes_the_observations_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", owner="o")
+    await trio.sleep(1)
+    actor = server.sup.by_endpoint["dev"]
+    assert actor.observed_paths() == {"/3/0/1"}
+    old_stream = dev.stream
+    old_scope = dev._scope
+    dev.stream = None
+    dev._scope = None
+    await dev.connect(nursery)  # second connection; the first stays open
+    assert (await dev.update()).code == Code.CHANGED
+    await trio.sleep(1)
+    assert old_scope is not None and old_stream is not None
+    old_scope.cancel()
+    await old_stream.aclose()
+    await trio.sleep(5)
+    observes = [e for e in dev.executed if e.path == "/3/0/1"]
+    assert len(observes) == 2, (
+        "the observation died with the old connection and is never made again"
+    )
+    await dev.disconnect()
+
+
+async def test_a_device_away_for_hours_is_observed_again_when_back(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    await dev.register()
+    await server.sup.subscribe("dev", "/3/0/1", owner="o")
+    await trio.sleep(1)
+    await dev.disconnect()
+    await trio.sleep(7300)
+    await dev.connect(nursery)
+    assert (await dev.update()).code == Code.CHANGED
+    await trio.sleep(5)
+    observes = [e for e in dev.executed if e.path == "/3/0/1"]
+    assert len(observes) == 2, "subscription kept but never observed again"
     await dev.disconnect()

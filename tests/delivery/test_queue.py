@@ -135,3 +135,18 @@ def test_recent_memory_is_bounded() -> None:
         q.next_attempt(i)
         q.attempt_succeeded(OK, i)
     assert q._recent is not None and len(q._recent) == POLICY.recent_limit
+
+
+def test_an_attempt_that_never_left_keeps_its_retry() -> None:
+    """Rule 3.4: the transport went away before the attempt could be sent: no retry is used
+    and there is no resend grace to wait for; the device is unreachable until a contact."""
+    q = DeviceQueue(POLICY, queue_mode=False, now=0)
+    q.submit(cmd("a", retry=0), 0)
+    a = q.next_attempt(1)
+    assert a is not None and (a.attempts, a.attempts_left) == (1, 1)
+    q.attempt_not_sent()
+    assert q.in_flight is None and q.take_finished() == []
+    assert (a.attempts, a.attempts_left, a.last_attempt_at) == (0, 1, None)
+    assert not q.reachable and q.next_attempt(2) is None
+    q.contact(3)
+    assert q.next_attempt(3, on_contact=True) is a  # at once: never attempted before
