@@ -602,12 +602,17 @@ class DeviceActor:
         self.pump(now)
 
     def abandon_attempt(self, now: float) -> None:
-        """The transport changed under an attempt in flight: it can no longer succeed."""
+        """The transport changed under an attempt in flight: it can no longer succeed (one
+        not yet sent keeps its retry, rule 3.4)."""
+        pending, self._pending = self._pending, None
         self._transfer = None
-        self._pending = None
         self._fetches = None
-        if self.queue.in_flight is not None:
-            self.queue.attempt_failed(Failure.UNREACHABLE, now)
+        in_flight = self.queue.in_flight
+        if in_flight is not None:
+            if in_flight is pending:
+                self.queue.attempt_not_sent()
+            else:
+                self.queue.attempt_failed(Failure.UNREACHABLE, now)
 
     # -- observations ---------------------------------------------------------------------
 

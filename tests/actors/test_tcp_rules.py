@@ -14,7 +14,7 @@ from dm_actor.coap.message import Message, path_options, query_options
 from dm_actor.coap.numbers import Code
 from dm_actor.transport.tcp import TcpConnection
 
-from .support import OBJECTS, GatedStore, TcpDevice, responses, start_server
+from .support import OBJECTS, Device, GatedStore, TcpDevice, responses, start_server
 
 
 async def test_tcp_device_registers_and_answers(
@@ -305,3 +305,25 @@ async def test_a_device_away_for_hours_is_observed_again_when_back(
     observes = [e for e in dev.executed if e.path == "/3/0/1"]
     assert len(observes) == 2, "subscription kept but never observed again"
     await dev.disconnect()
+
+
+async def test_an_attempt_not_yet_sent_when_the_device_moves_to_udp_keeps_its_retry(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    tcp = TcpDevice(server.tcp_addr, "dev")
+    await tcp.connect(nursery)
+    await tcp.register()
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
+    await trio.sleep(0.1)  # decided, waiting for its write
+    udp = Device(server.addr, "dev")
+    await udp.start(nursery)
+    store.open = True  # the UDP Register's answer commits everything (after its binding)
+    assert (await udp.register()).code == Code.CREATED  # the same device, now over UDP
+    await trio.sleep(5)
+    assert responses(server)["a"]["status"] == 200  # sent over UDP with its one attempt
+    assert [e.path for e in udp.executed] == ["/3/0/1"] and tcp.executed == []
+    await tcp.disconnect()
