@@ -268,11 +268,11 @@ class DeviceActor:
             if not self.sup.store.is_durable(hold):
                 return
             self._hold = None
-            pending = self._pending
-            if pending is not None:
-                self._pending = None
-                if self.queue.in_flight is pending:  # else it ended before it could leave
-                    self._transmit(pending, now)
+        pending = self._pending  # (set only with a hold: durable once the hold is gone)
+        if pending is not None and self.has_transport():  # (else it keeps its retry)
+            self._pending = None
+            if self.queue.in_flight is pending:  # else it ended before it could leave
+                self._transmit(pending, now)
         out = self.coap.datagrams_to_send()
         if not out:
             return
@@ -322,12 +322,13 @@ class DeviceActor:
 
     def _start_attempt(self, cmd: Command, now: float) -> None:
         """Decide the attempt's exchange and store it; `flush` sends it once durable."""
+        coap = self.coap
         if (
             cmd.token is None
             or cmd.exchange_at is None
             or (now - cmd.exchange_at >= self.sup.resend_window)
+            or (cmd.mid is None and not coap.reliable)  # decided for TCP, now over UDP
         ):
-            coap = self.coap
             cmd.exchange_at = now
             cmd.mid = None if coap.reliable else self._new_mid()
             cmd.token = coap.next_token()
@@ -574,16 +575,21 @@ class DeviceActor:
         unreachable until its next contact, and its observations die with the connection
         (RFC 8323) and are made again then."""
         self.conn = None  # first: nothing may start on (or be answered over) the closed one
+        self.drain(now)
+        if self.mailbox.closed or self.has_transport():
+            return  # (ended, or its last mail bound it anew)
+        self.queue.disconnected()
+        self.transport_lost(now)
+
+    def drain(self, now: float) -> None:
+        """Handle the mail that came before the transport changed (outside the task: the
+        supervisor calls it when a connection closes or is replaced)."""
         try:
             self.step(now)
         except (DecodeError, Lwm2mError) as exc:  # as in `run`: the device's fault ends it
             log.exception("device %s failed: %s", self.endpoint, exc)
             if not self.mailbox.closed:
                 self.end(now, expired=False)
-        if self.mailbox.closed or self.has_transport():
-            return  # (ended, or its last mail bound it anew)
-        self.queue.disconnected()
-        self.transport_lost(now)
 
     def has_transport(self) -> bool:
         return self.conn is not None or self.addr is not None

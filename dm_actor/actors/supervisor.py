@@ -490,18 +490,22 @@ class Supervisor:
     def _bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
         if actor.addr is not None and actor.addr != addr and self.by_addr.get(actor.addr) is actor:
             del self.by_addr[actor.addr]
+        now = self.now()
         replaced = actor.conn is not None and actor.conn is not conn
-        if replaced:
+        if replaced:  # a new connection (or UDP) before the old one was seen to close
             assert actor.conn is not None
             self.by_conn.pop(actor.conn, None)
+            actor.conn = None
+            actor.drain(now)  # what came on the old one first (an answer, say)
         reliable = conn is not None
         if actor.coap.reliable != reliable:
             actor.coap = self.new_coap_endpoint(reliable=reliable)
-            actor.abandon_attempt(self.now())
+            actor.abandon_attempt(now)
+            replaced = True  # the old endpoint's observations are gone with it
         actor.addr = addr
         actor.conn = conn
-        if replaced:  # a new connection (or UDP) before the old one was seen to close
-            actor.transport_lost(self.now())
+        if replaced:
+            actor.transport_lost(now)
         if addr is not None:
             previous = self.by_addr.get(addr)
             if previous is not None and previous is not actor:

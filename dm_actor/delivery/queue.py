@@ -94,6 +94,7 @@ class DeviceQueue:
 
     __slots__ = (
         "_done",
+        "_previous_attempt_at",
         "_recent",
         "awake_until",
         "in_flight",
@@ -110,6 +111,7 @@ class DeviceQueue:
         # allocates its first 64-slot block at once (760 B), and the queue is short
         self.queue: list[Command] = []
         self.in_flight: Command | None = None
+        self._previous_attempt_at: float | None = None  # of the command in flight
         self.reachable = True  # non-queue belief (rule 4.3); for TCP also "connected"
         self.awake_until = now + policy.awake_time  # queue-mode belief (rule 6.4)
         self._recent: dict[str, Command] | None = None
@@ -181,6 +183,7 @@ class DeviceQueue:
                 return None
             queue.pop(0)
             head.attempts += 1
+            self._previous_attempt_at = head.last_attempt_at
             head.last_attempt_at = now
             self.in_flight = head
             return head
@@ -214,8 +217,7 @@ class DeviceQueue:
         is believed unreachable until its next contact."""
         cmd = self._take_in_flight()
         cmd.attempts -= 1
-        if not cmd.attempts:
-            cmd.last_attempt_at = None  # never attempted: no resend grace to wait for
+        cmd.last_attempt_at = self._previous_attempt_at  # its resend grace is as it was
         self.reachable = False
         self.awake_until = 0.0
         self.queue.insert(0, cmd)

@@ -7,10 +7,10 @@ from functools import partial
 import trio
 import trio.testing
 
-from dm_actor.actors.device import Signal
+from dm_actor.actors.device import MID_BLOCK, Signal
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap import framing_tcp
-from dm_actor.coap.message import Message, path_options, query_options
+from dm_actor.coap.message import Message, Option, path_options, query_options
 from dm_actor.coap.numbers import Code
 from dm_actor.transport.tcp import TcpConnection
 
@@ -327,3 +327,109 @@ async def test_an_attempt_not_yet_sent_when_the_device_moves_to_udp_keeps_its_re
     assert responses(server)["a"]["status"] == 200  # sent over UDP with its one attempt
     assert [e.path for e in udp.executed] == ["/3/0/1"] and tcp.executed == []
     await tcp.disconnect()
+
+
+def _register_options(ep: str) -> tuple[Option, ...]:
+    return tuple(sorted(path_options("/rd") + query_options(f"ep={ep}&lt=86400&b=T"),
+                        key=lambda o: o[0]))  # fmt: skip
+
+
+async def test_an_attempt_decided_for_tcp_and_sent_over_udp_has_a_stored_message_id(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    tcp = TcpDevice(server.tcp_addr, "dev")
+    await tcp.connect(nursery)
+    await tcp.register()
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
+    await trio.sleep(0.1)
+    udp = Device(server.addr, "dev")
+    await udp.start(nursery)
+    store.open = True
+    assert (await udp.register()).code == Code.CREATED
+    await trio.sleep(5)
+    assert responses(server)["a"]["status"] == 200
+    actor = server.sup.by_endpoint["dev"]
+    cmd = actor.queue.find("a")
+    assert cmd is not None
+    assert cmd.mid == udp.executed[0].mid  # the MID sent is the one stored ...
+    assert store.next_mids["dev"] == (cmd.mid + MID_BLOCK) & 0xFFFF  # ... and reserved
+    await tcp.disconnect()
+
+
+async def test_a_udp_device_updating_over_tcp_is_observed_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    udp = Device(server.addr, "dev")
+    await udp.start(nursery)
+    await udp.register()
+    await server.sup.subscribe("dev", "/3/0/1", owner="o")
+    await trio.sleep(5)
+    actor = server.sup.by_endpoint["dev"]
+    assert actor.observed_paths() == {"/3/0/1"}
+    tcp = TcpDevice(server.tcp_addr, "dev")
+    await tcp.connect(nursery)
+    tcp.location = udp.location
+    assert (await tcp.update()).code == Code.CHANGED
+    await trio.sleep(5)
+    observes = [e for e in tcp.executed if e.path == "/3/0/1"]
+    assert observes, "UDP observation is dead (new endpoint) but never made again over TCP"
+    await tcp.disconnect()
+
+
+async def test_a_close_between_the_commit_and_the_send_keeps_the_retry(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    dev = TcpDevice(server.tcp_addr, "dev")
+    await dev.connect(nursery)
+    await dev.register()
+    await trio.sleep(1)
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
+    await trio.sleep(0.1)
+    actor = server.sup.by_endpoint["dev"]
+    store.commit()  # durable, but no task has run yet
+    conn = actor.conn
+    assert conn is not None
+    assert isinstance(conn, TcpConnection)
+    conn.close()
+    server.sup.on_tcp_closed(conn)  # the close is handled first
+    store.open = True
+    store.commit()
+    await trio.sleep(1)
+    r = responses(server)
+    assert all(e.path != "/3/0/1" for e in dev.executed)
+    assert "a" not in r, f"never sent, yet its only attempt was used: {r.get('a')}"
+    await dev.disconnect()
+
+
+async def test_an_answer_read_before_a_new_connection_binds_counts(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start_server(nursery)
+    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
+    await dev.connect(nursery)
+    await dev.register()
+    await server.sup.submit("dev", "POST", "/3/0/4", async_id="a", retry=0)
+    await trio.sleep(0.5)
+    actor = server.sup.by_endpoint["dev"]
+    conn1 = actor.conn
+    cmd = actor.queue.in_flight
+    assert cmd is not None and cmd.token is not None and conn1 is not None
+    # the answer arrives on the old connection, then a Register on a new one, before the
+    # actor's task runs
+    server.sup.on_tcp_message(conn1, Message(0, Code.CHANGED, 0, cmd.token, (), b""))
+    server.sup.on_tcp_message(
+        _Conn(), Message(0, Code.POST, 0, b"\x07", _register_options("dev"), OBJECTS)
+    )
+    await trio.sleep(1)
+    r = responses(server)
+    assert r["a"]["status"] == 200, f"the device's answer was read, yet: {r.get('a')}"
+    await dev.disconnect()

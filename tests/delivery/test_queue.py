@@ -150,3 +150,17 @@ def test_an_attempt_that_never_left_keeps_its_retry() -> None:
     assert not q.reachable and q.next_attempt(2) is None
     q.contact(3)
     assert q.next_attempt(3, on_contact=True) is a  # at once: never attempted before
+
+
+def test_an_attempt_that_never_left_does_not_restart_the_resend_grace() -> None:
+    policy = DeliveryPolicy()
+    q = DeviceQueue(policy, queue_mode=False, now=0.0)
+    cmd = Command("a", "GET", "/3/0/1", b"", None, None, 0.0, 10_000.0, 3)
+    q.submit(cmd, 0.0)
+    assert q.next_attempt(0.0) is cmd
+    q.attempt_failed(Failure.TIMEOUT, 1.0)  # sent at 0, failed
+    q.contact(200.0)
+    assert q.next_attempt(200.0, on_contact=True) is cmd  # grace passed: resend decided
+    q.attempt_not_sent()  # ... but it never left
+    q.contact(210.0)
+    assert q.next_attempt(210.0, on_contact=True) is cmd  # the grace counts from 0
