@@ -1,10 +1,13 @@
 """The device actor: one Trio task that owns everything about one registered device.
 
 It owns the device's registration, its `DeviceQueue` (delivery decisions), its `CoapEndpoint`
-(message layer), its observations and a small cache of fresh values. Other tasks reach it only
-through its mailbox (`tell`) or through the supervisor's synchronous `submit`, which never
-awaits. The loop is short: wait for mail or the CoAP timer, feed everything to the sans-IO
-machines, send what they decided. It holds no timer while idle.
+(message layer), its observations and a small cache of fresh values. Other tasks reach it
+through its mailbox (`tell`), or through the supervisor's synchronous calls, which never
+await: `submit`'s `start_now`/`flush`, and `connection_lost`/`transport_lost` when its
+transport goes away (handled at once, so a reconnect is never confused with the old
+connection). The loop is short: wait for mail or the CoAP timer, feed everything to the
+sans-IO machines, send what they decided, once the store holds what must be durable first.
+It holds no timer while idle.
 """
 
 from __future__ import annotations
