@@ -102,6 +102,18 @@ class _Transfer:
         self.token = b""  # the exchange that asked for the latest block
         self.uri = uri  # a notification's observed path (its observation's token: `first`)
 
+    def feed(self, response: Message) -> Complete | Ask | Failed:
+        """Take one response; an error answer to a later block fails the transfer."""
+        code = response.code
+        if code >> 5 != 2 and response is not self.first:
+            return Failed(f"a later block was answered {code >> 5}.{code & 31:02d}")
+        try:
+            block = get_block(response, _BLOCK2)
+        except DecodeError as exc:
+            return Failed(str(exc))
+        etag, size2 = response.option(_ETAG), get_size(response, _SIZE2)
+        return self.assembler.feed(block, response.payload, etag, size2)
+
 
 class DeviceActor:
     """One registered device. Create it with the supervisor; run `run()` in its nursery."""
@@ -445,20 +457,7 @@ class DeviceActor:
         transfer = self._transfer
         if transfer is None:
             transfer = self._transfer = _Transfer(response)
-        step: Complete | Ask | Failed
-        if response.code >> 5 != 2 and transfer.token:
-            step = Failed(
-                f"a later block was answered {response.code >> 5}.{response.code & 31:02d}"
-            )
-        else:
-            try:
-                block = get_block(response, _BLOCK2)
-            except DecodeError as exc:
-                step = Failed(str(exc))
-            else:
-                step = transfer.assembler.feed(
-                    block, response.payload, response.option(_ETAG), get_size(response, _SIZE2)
-                )
+        step = transfer.feed(response)
         if isinstance(step, Ask):
             transfer.token = self._ask_block(cmd, step.block, now)
             return None
@@ -520,18 +519,7 @@ class DeviceActor:
     def _fetched(
         self, observation: bytes, transfer: _Transfer, response: Message, now: float
     ) -> None:
-        step: Complete | Ask | Failed
-        if response.code >> 5 != 2:
-            step = Failed(f"a block was answered {response.code >> 5}.{response.code & 31:02d}")
-        else:
-            try:
-                block = get_block(response, _BLOCK2)
-            except DecodeError as exc:
-                step = Failed(str(exc))
-            else:
-                step = transfer.assembler.feed(
-                    block, response.payload, response.option(_ETAG), get_size(response, _SIZE2)
-                )
+        step = transfer.feed(response)
         uri = transfer.uri
         if isinstance(step, Ask):
             options = lwm2m_path.parse(uri).uri_path_options(self.reg.objects.alt_path)
