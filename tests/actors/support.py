@@ -10,7 +10,7 @@ import random
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -71,6 +71,38 @@ async def start_server(
     tcp = TcpListener("127.0.0.1", 0, sup.on_tcp_message, sup.on_tcp_closed)
     tcp_addr = await nursery.start(tcp.run)
     return Server(sup, addr, events, udp, tcp_addr)
+
+
+async def online(
+    nursery: trio.Nursery,
+    ep: str = "dev",
+    settings: Settings | None = None,
+    store: Store | None = None,
+    **device: Any,
+) -> tuple[Server, Device]:
+    """A server and a UDP device `ep` registered with it (the registration event taken)."""
+    server = await start_server(nursery, settings, store)
+    dev = Device(server.addr, ep, **device)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    server.take()
+    return server, dev
+
+
+async def online_tcp(
+    nursery: trio.Nursery,
+    ep: str = "dev",
+    settings: Settings | None = None,
+    store: Store | None = None,
+    **device: Any,
+) -> tuple[Server, TcpDevice]:
+    """A server and a TCP device `ep` connected and registered with it."""
+    server = await start_server(nursery, settings, store)
+    dev = TcpDevice(server.tcp_addr, ep, **device)
+    await dev.connect(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    server.take()
+    return server, dev
 
 
 def responses(server: Server) -> dict[str, dict[str, object]]:

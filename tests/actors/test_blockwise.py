@@ -13,7 +13,7 @@ import trio.testing
 from dm_actor.coap.blockwise import get_block
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
-from .support import Device, Executed, TcpDevice, responses, start_server
+from .support import Device, Executed, TcpDevice, online, responses, start_server
 
 if TYPE_CHECKING:
     from dm_actor.coap.message import Message
@@ -70,10 +70,7 @@ async def test_a_lost_block_is_asked_again_and_the_body_is_whole(
 async def test_the_next_block_is_asked_with_the_same_request_and_a_fresh_exchange(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5)
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="big")
     await trio.sleep(5)
     gets = [m for _, m in dev.arrivals if m.code == Code.GET]
@@ -89,10 +86,7 @@ async def test_a_device_that_breaks_the_transfer_ends_it_with_502(
 ) -> None:
     """It answers every block request with the first block again: after a few retries the
     command ends with 502 BLOCKWISE_TRANSFER_FAILED, not with a truncated 200."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5, broken_blocks=True)
-    await dev.start(nursery)
-    await dev.register()
+    server, _ = await online(nursery, handler=big_value, block_szx=5, broken_blocks=True)
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="big")
     await trio.sleep(5)
     answer = responses(server)["big"]
@@ -106,10 +100,7 @@ async def test_an_observation_whose_first_answer_comes_in_blocks(
 ) -> None:
     """The whole first value is notified, and the observation (the first exchange's token)
     keeps matching the device's later notifications."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5)
     await server.sup.subscribe("dev", "/3/0/1", "app")
     await trio.sleep(5)
     [(_, first)] = server.take("notifications")
@@ -125,10 +116,7 @@ async def test_a_notification_in_blocks_is_notified_whole(
 ) -> None:
     """RFC 7959 2.6: a notification carries the first block; the server GETs the rest and
     notifies (and caches) the whole value, never a part."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5)
     await server.sup.subscribe("dev", "/3/0/1", "app")
     await trio.sleep(5)
     server.take("notifications")
@@ -149,10 +137,7 @@ async def test_later_blocks_of_a_post_answer_do_not_repeat_the_post_body(
 ) -> None:
     """The follow-up requests carry Block2 and no body (RFC 7959's examples): a device that
     treated each one as a new POST would at least not get the arguments again."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5)
     await server.sup.submit("dev", "POST", "/3/0/1", async_id="p", payload=b"arg",
                             content_format=0)  # fmt: skip
     await trio.sleep(5)
@@ -167,10 +152,7 @@ async def test_an_observation_whose_first_answer_breaks_is_not_left_behind(
 ) -> None:
     """The first block had Observe, the transfer then failed: the server must not keep an
     observation it never registered (the device's next notification gets a Reset)."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5, broken_blocks=True)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5, broken_blocks=True)
     await server.sup.subscribe("dev", "/3/0/1", "app")
     await trio.sleep(5)
     assert server.take("notifications") == []
@@ -186,10 +168,7 @@ async def test_a_newer_small_notification_wins_over_a_fetch_in_progress(
 ) -> None:
     """A value in blocks is being fetched when a newer, small value is notified: the older
     value is never notified after it (nor cached)."""
-    server = await start_server(nursery)
-    dev = Device(server.addr, "dev", handler=big_value, block_szx=5)
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, handler=big_value, block_szx=5)
     await server.sup.subscribe("dev", "/3/0/1", "app")
     await trio.sleep(5)
     server.take("notifications")

@@ -14,7 +14,7 @@ from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
-from .support import Device, GatedStore, TcpDevice, responses, start_server
+from .support import Device, GatedStore, TcpDevice, online, responses, start_server
 
 
 def register_datagram(mid: int) -> bytes:
@@ -158,10 +158,7 @@ async def test_a_request_started_on_submit_leaves_even_if_the_submitter_is_cance
     accepted into the store all the same, so the device gets it once the write is durable."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = Device(server.addr, "dev")
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, store=store)
     store.open = False
     with trio.move_on_after(5):
         await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
@@ -181,10 +178,7 @@ async def test_a_202_always_means_the_command_is_in_the_store(
     on its own before its 202 (it was not, once)."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = Device(server.addr, "dev")
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, store=store)
     store.open = False
     done: list[object] = []
 
@@ -214,10 +208,7 @@ async def test_an_attempt_that_ended_before_its_write_committed_is_never_sent(
     DEVICE_REMOVED_REGISTRATION and the Reboot must not reach the device afterwards."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = Device(server.addr, "dev")
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "POST", "/3/0/4", async_id="reboot"))
     await trio.testing.wait_all_tasks_blocked()
@@ -237,10 +228,7 @@ async def test_a_request_held_by_a_slow_disk_is_timed_from_when_it_leaves(
     goes out once, with its retransmission timer starting then (not already expired)."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = Device(server.addr, "dev")
-    await dev.start(nursery)
-    await dev.register()
+    server, dev = await online(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
     await trio.sleep(200)

@@ -11,21 +11,9 @@ import trio.testing
 
 from dm_actor.actors.supervisor import Accepted, Rejected
 from dm_actor.coap.numbers import Code
-from dm_actor.config import Settings, parse_settings
+from dm_actor.config import parse_settings
 
-from .support import Device, Server, responses, start_server
-
-
-async def online(
-    nursery: trio.Nursery, ep: str = "dev", settings: Settings | None = None, **kw: object
-) -> tuple[Server, Device]:
-    server = await start_server(nursery, settings)
-    dev = Device(server.addr, ep, **kw)  # type: ignore[arg-type]
-    await dev.start(nursery)
-    assert (await dev.register()).code == Code.CREATED
-    server.take()
-    return server, dev
-
+from .support import Device, online, responses
 
 # -- 1. Accepting a command ---------------------------------------------------------------
 

@@ -8,16 +8,7 @@ import trio.testing
 from dm_actor.actors.supervisor import Accepted, Presubscription, Rejected
 from dm_actor.coap.numbers import Code
 
-from .support import Device, Server, responses, start_server
-
-
-async def online(nursery: trio.Nursery, ep: str = "dev", **kw: object) -> tuple[Server, Device]:
-    server = await start_server(nursery)
-    dev = Device(server.addr, ep, **kw)  # type: ignore[arg-type]
-    await dev.start(nursery)
-    assert (await dev.register()).code == Code.CREATED
-    server.take()
-    return server, dev
+from .support import Device, Server, online, responses, start_server
 
 
 def notifications(server: Server) -> list[tuple[str, str]]:

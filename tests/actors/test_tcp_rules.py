@@ -14,7 +14,15 @@ from dm_actor.coap.message import Message, Option, path_options, query_options
 from dm_actor.coap.numbers import Code
 from dm_actor.transport.tcp import TcpConnection
 
-from .support import OBJECTS, Device, GatedStore, TcpDevice, responses, start_server
+from .support import (
+    OBJECTS,
+    Device,
+    GatedStore,
+    TcpDevice,
+    online_tcp,
+    responses,
+    start_server,
+)
 
 
 async def test_tcp_device_registers_and_answers(
@@ -95,10 +103,7 @@ async def test_a_reconnect_while_the_actor_is_busy_keeps_the_new_connection(
     close (it waited for the store): the close must not take the new connection away."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    assert (await dev.register()).code == Code.CREATED
+    server, dev = await online_tcp(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
     await trio.sleep(0.1)
@@ -145,10 +150,7 @@ async def test_a_close_and_a_reconnect_read_before_the_actor_runs(
 ) -> None:
     """The request sent on the closed connection fails at once (rule 3.4), not 93 s later,
     and the device, connected again, gets the next command right away."""
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
-    await dev.connect(nursery)
-    assert (await dev.register()).code == Code.CREATED
+    server, dev = await online_tcp(nursery, answer=False)
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
     await trio.sleep(0.5)
     actor = server.sup.by_endpoint["dev"]
@@ -174,10 +176,7 @@ async def test_a_close_and_a_reconnect_read_before_the_actor_runs(
 async def test_a_close_is_never_lost_to_a_full_mailbox(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    assert (await dev.register()).code == Code.CREATED
+    server, dev = await online_tcp(nursery)
     actor = server.sup.by_endpoint["dev"]
     for _ in range(server.sup.mailbox_size):
         actor.tell(Signal.SWEEP)  # a burst the actor has not read yet
@@ -194,10 +193,7 @@ async def test_an_attempt_not_yet_sent_when_the_connection_closes_keeps_its_retr
     """Rule 3.4: a TCP device with no connection: nothing sent, no retry used."""
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery, store=store)
     await trio.sleep(1)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
@@ -217,10 +213,7 @@ async def test_an_attempt_not_yet_sent_when_the_connection_closes_keeps_its_retr
 async def test_an_answer_read_with_the_close_does_not_start_the_next_command(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery, answer=False)
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="a")
     await server.sup.submit("dev", "GET", "/3/0/2", async_id="b")
     await trio.sleep(0.5)
@@ -242,10 +235,7 @@ async def test_an_answer_read_with_the_close_does_not_start_the_next_command(
 async def test_a_closed_connection_is_forgotten_even_with_a_register_in_the_mailbox(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery)
     actor = server.sup.by_endpoint["dev"]
     conn = actor.conn
     assert conn is not None
@@ -262,10 +252,7 @@ async def test_a_closed_connection_is_forgotten_even_with_a_register_in_the_mail
 async def test_an_update_on_a_new_connection_makes_the_observations_again(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery)
     await server.sup.subscribe("dev", "/3/0/1", owner="o")
     await trio.sleep(1)
     actor = server.sup.by_endpoint["dev"]
@@ -291,10 +278,7 @@ async def test_an_update_on_a_new_connection_makes_the_observations_again(
 async def test_a_device_away_for_hours_is_observed_again_when_back(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery)
     await server.sup.subscribe("dev", "/3/0/1", owner="o")
     await trio.sleep(1)
     await dev.disconnect()
@@ -312,10 +296,7 @@ async def test_an_attempt_not_yet_sent_when_the_device_moves_to_udp_keeps_its_re
 ) -> None:
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    tcp = TcpDevice(server.tcp_addr, "dev")
-    await tcp.connect(nursery)
-    await tcp.register()
+    server, tcp = await online_tcp(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
     await trio.sleep(0.1)  # decided, waiting for its write
@@ -339,10 +320,7 @@ async def test_an_attempt_decided_for_tcp_and_sent_over_udp_has_a_stored_message
 ) -> None:
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    tcp = TcpDevice(server.tcp_addr, "dev")
-    await tcp.connect(nursery)
-    await tcp.register()
+    server, tcp = await online_tcp(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
     await trio.sleep(0.1)
@@ -386,10 +364,7 @@ async def test_a_close_between_the_commit_and_the_send_keeps_the_retry(
 ) -> None:
     store = GatedStore()
     store.open = True
-    server = await start_server(nursery, store=store)
-    dev = TcpDevice(server.tcp_addr, "dev")
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery, store=store)
     await trio.sleep(1)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a", retry=0))
@@ -413,10 +388,7 @@ async def test_a_close_between_the_commit_and_the_send_keeps_the_retry(
 async def test_an_answer_read_before_a_new_connection_binds_counts(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    server = await start_server(nursery)
-    dev = TcpDevice(server.tcp_addr, "dev", answer=False)
-    await dev.connect(nursery)
-    await dev.register()
+    server, dev = await online_tcp(nursery, answer=False)
     await server.sup.submit("dev", "POST", "/3/0/4", async_id="a", retry=0)
     await trio.sleep(0.5)
     actor = server.sup.by_endpoint["dev"]
