@@ -2,14 +2,22 @@
 
 The owner is per peer, so the Message ID alone is the key. Each entry lives until its own
 expiry time (EXCHANGE_LIFETIME for CON, NON_LIFETIME for NON, chosen by the caller); entries are
-dropped lazily when messages arrive, and the oldest go first when the cache is full. This module
-never reads a clock (time comes in as `now`) and never sends anything: it only remembers.
+dropped lazily when messages arrive, and the oldest *answered* entry goes first when the cache
+is full. An entry not yet answered is a request still being processed (its answer may wait for
+the store): forgetting it would let a retransmission be processed a second time and answered
+twice, so it is never evicted. When every entry is in process a new message is not taken (the
+peer retransmits it later: CoAP's own back-off). This module never reads a clock (time comes
+in as `now`) and never sends anything: it only remembers.
 """
 
 from __future__ import annotations
 
 #: (expiry time, the reply we sent for that message or None while unanswered)
 Entry = tuple[float, bytes | None]
+
+#: What `seen` returns for a new message when every entry is still in process: treat it as a
+#: duplicate not yet answered (drop it; the peer retransmits).
+BUSY: Entry = (0.0, None)
 
 
 class DedupCache:
@@ -36,7 +44,8 @@ class DedupCache:
 
         Returns:
             The live entry if `mid` is a duplicate (its reply, if any, should be sent again),
-            else None after recording `mid` as unanswered.
+            `BUSY` if `mid` is new but `limit` messages are still unanswered (drop it), else
+            None after recording `mid` as unanswered.
         """
         entries = self._entries
         while entries:
@@ -49,9 +58,12 @@ class DedupCache:
             if entry[0] > now:
                 return entry
             del entries[mid]
+        if len(entries) >= self.limit:
+            answered = next((m for m, e in entries.items() if e[1] is not None), None)
+            if answered is None:
+                return BUSY
+            del entries[answered]
         entries[mid] = (now + lifetime, None)
-        if len(entries) > self.limit:
-            del entries[next(iter(entries))]
         return None
 
     def reply(self, mid: int) -> bytes | None:
@@ -60,7 +72,8 @@ class DedupCache:
         return None if entry is None else entry[1]
 
     def answer(self, mid: int, reply: bytes) -> None:
-        """Remember the reply sent for `mid`, if `mid` is still remembered."""
+        """Remember the reply sent for `mid`, if `mid` is still remembered (b"": handled, with
+        nothing to send again, e.g. a NON message)."""
         entry = self._entries.get(mid)
         if entry is not None:
             self._entries[mid] = (entry[0], reply)

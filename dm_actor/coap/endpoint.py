@@ -280,6 +280,8 @@ class CoapEndpoint:
                 dedup.answer(request.mid, reply)
         else:
             reply = encode(Message(_NON, code, self._new_mid(), request.token, options, payload))
+            if self._dedup is not None:
+                self._dedup.answer(request.mid, b"")  # a duplicate NON is not answered again
         self._send(reply)
 
     def notify(
@@ -383,23 +385,24 @@ class CoapEndpoint:
         lifetime = params.exchange_lifetime if mtype == _CON else params.non_lifetime
         entry = dedup.seen(msg.mid, now, lifetime)
         if entry is not None:
-            if entry[1] is not None:
+            if entry[1]:
                 self._send(entry[1])
             return
         try:
             check_options(msg)
         except DecodeError as err:
             reply = reply_for(err)
+            dedup.answer(msg.mid, b"" if reply is None else reply)
             if reply is not None:
-                dedup.answer(msg.mid, reply)
                 self._send(reply)
             return
         if is_request(c):
-            self._event(RequestReceived(msg))
+            self._event(RequestReceived(msg))  # in process until `respond`
             return
         # a separate response or a notification (decode admits no other code classes)
         if self._match_response(msg):
             if mtype != _CON:
+                dedup.answer(msg.mid, b"")  # handled; nothing to send again
                 return
             reply = empty_ack(msg.mid)
         else:

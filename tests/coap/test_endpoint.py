@@ -336,7 +336,9 @@ def test_dedup_cache_is_bounded() -> None:
     ep = CoapEndpoint(dedup_limit=4)
     for mid in range(5):
         ep.receive_datagram(request(mid, NON), 0.0)
-    assert len(drain(ep)) == 5
+        [event] = drain(ep)
+        assert isinstance(event, RequestReceived)
+        ep.respond(event.request, Code.CONTENT, (), b"", 0.0)
     ep.receive_datagram(request(1, NON), 1.0)
     assert drain(ep) == []  # still remembered
     ep.receive_datagram(request(0, NON), 1.0)
@@ -619,3 +621,40 @@ def _frames(data: bytes) -> list[Message]:
     while (msg := decoder.next_message()) is not None:
         frames.append(msg)
     return frames
+
+
+def test_a_request_in_process_is_not_taken_again_after_later_traffic() -> None:
+    """Hostile-input issue, item 1: a Register whose answer waits for the store, then 20 other
+    requests (more than the dedup window), then the Register's retransmission: it must not be
+    processed (and later answered) a second time."""
+    ep = CoapEndpoint(dedup_limit=16)
+    held = request(500)
+    ep.receive_datagram(held, 0.0)
+    [first] = drain(ep)
+    assert isinstance(first, RequestReceived)
+    for mid in range(600, 620):
+        ep.receive_datagram(request(mid), 0.1)
+        [event] = drain(ep)
+        assert isinstance(event, RequestReceived)
+        ep.respond(event.request, Code.NOT_FOUND, (), b"", 0.1)
+    ep.datagrams_to_send()
+    ep.receive_datagram(held, 0.2)
+    assert drain(ep) == []  # still in process: dropped
+    ep.respond(first.request, Code.CREATED, (), b"", 0.3)
+    [reply] = ep.datagrams_to_send()
+    ep.receive_datagram(held, 0.4)
+    assert drain(ep) == []
+    assert ep.datagrams_to_send() == [reply]  # the one answer, again
+
+
+def test_non_notifications_do_not_fill_the_dedup_window() -> None:
+    """NON messages need no answer: they are handled at once and make room for others."""
+    ep = CoapEndpoint(dedup_limit=4)
+    for mid in range(10):
+        ep.receive_datagram(request(mid, NON), 0.0)
+        [event] = drain(ep)
+        assert isinstance(event, RequestReceived)
+        ep.respond(event.request, Code.CONTENT, (), b"", 0.0)
+    ep.datagrams_to_send()
+    ep.receive_datagram(request(99), 0.0)
+    assert len(drain(ep)) == 1
