@@ -41,7 +41,7 @@ from dm_actor.coap.observe import NotificationOrder
 from dm_actor.delivery.outcomes import INCOMPLETE, Outcome, from_response
 from dm_actor.delivery.queue import Command, DeviceQueue, Failure
 from dm_actor.lwm2m import path as lwm2m_path
-from dm_actor.lwm2m.errors import Lwm2mError
+from dm_actor.store.base import StoreError
 
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
@@ -173,15 +173,16 @@ class DeviceActor:
     async def run(self) -> None:
         """Serve until the registration ends (De-register, lifetime expiry) or shutdown.
 
-        A device-level failure (a `DecodeError` or `Lwm2mError` its bytes caused) ends this
-        device's registration, not the server; any other exception is a bug and propagates.
+        The crash boundary: any exception but a store failure (a `DecodeError` or
+        `Lwm2mError` the device's bytes caused, or a bug they reached) ends this device's
+        registration, never the server (`Supervisor.contain`).
         """
         try:
             await self._serve()
-        except (DecodeError, Lwm2mError) as exc:
-            log.exception("device %s failed: %s", self.endpoint, exc)
-            if not self.mailbox.closed:
-                self.end(trio.current_time(), expired=False)
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.sup.contain(self, exc, "its input")
 
     async def _serve(self) -> None:
         mailbox = self.mailbox
@@ -577,10 +578,10 @@ class DeviceActor:
         supervisor calls it when a connection closes or is replaced)."""
         try:
             self.step(now)
-        except (DecodeError, Lwm2mError) as exc:  # as in `run`: the device's fault ends it
-            log.exception("device %s failed: %s", self.endpoint, exc)
-            if not self.mailbox.closed:
-                self.end(now, expired=False)
+        except StoreError:
+            raise
+        except Exception as exc:  # as in `run`
+            self.sup.contain(self, exc, "its input")
 
     def has_transport(self) -> bool:
         return self.conn is not None or self.addr is not None

@@ -44,7 +44,7 @@ from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
-from dm_actor.store.base import EventRecord, PresubscriptionRecord, Snapshot, Store
+from dm_actor.store.base import EventRecord, PresubscriptionRecord, Snapshot, Store, StoreError
 from dm_actor.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -141,7 +141,8 @@ class Supervisor:
         # replies to Registers from peers that had no actor yet, for retransmissions
         # (None while the answer waits for the store: retransmissions are dropped meanwhile)
         self._replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
-        self._held: list[Callable[[], None]] = []  # answers waiting for `store.durable()`
+        # answers waiting for `store.durable()`, with the device whose answer it is
+        self._held: list[tuple[Callable[[], None], DeviceActor | None]] = []
         # beyond this many answers waiting for the store, or writes not yet committed (a
         # stalled disk), new Registers are shed and new commands refused until it catches up
         self._held_limit = 100_000
@@ -161,6 +162,7 @@ class Supervisor:
             "registrations_shed": 0,
             "mailbox_overloaded": 0,
             "decode_errors": 0,
+            "peer_errors": 0,  # exceptions contained at a peer's boundary (see `contain`)
         }
 
     # -- wiring ---------------------------------------------------------------------------
@@ -269,7 +271,18 @@ class Supervisor:
     # -- transport callbacks ----------------------------------------------------------------
 
     def on_datagram(self, data: bytes, addr: Address) -> None:
-        """A UDP datagram arrived: to its device's actor, or here if it is a new peer's."""
+        """A UDP datagram arrived: to its device's actor, or here if it is a new peer's.
+
+        Nothing a peer sends may end the server: an exception raised while handling it is
+        contained (`contain`)."""
+        try:
+            self._datagram(data, addr)
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.contain(self.by_addr.get(addr), exc, f"a datagram from {addr}")
+
+    def _datagram(self, data: bytes, addr: Address) -> None:
         replies = self._replies
         if replies and len(data) >= 4 and data[1] == _POST:
             cached = replies.get((addr, (data[2] << 8) | data[3]))
@@ -298,6 +311,15 @@ class Supervisor:
             self._tell(actor, Signal.UNREACHABLE)
 
     def on_tcp_message(self, conn: TcpConnection, msg: Message) -> None:
+        """A message on a CoAP-over-TCP connection (contained like `on_datagram`)."""
+        try:
+            self._tcp_message(conn, msg)
+        except StoreError:
+            raise
+        except Exception as exc:
+            self.contain(self.by_conn.get(conn), exc, f"a message from {conn.peer}")
+
+    def _tcp_message(self, conn: TcpConnection, msg: Message) -> None:
         actor = self.by_conn.get(conn)
         if actor is not None:
             self._tell(actor, msg)
@@ -315,9 +337,37 @@ class Supervisor:
     def on_tcp_closed(self, conn: TcpConnection) -> None:
         actor = self.by_conn.pop(conn, None)
         if actor is not None and actor.conn is conn:
-            actor.connection_lost(self.now())  # now: before a reconnect can be bound
+            try:
+                actor.connection_lost(self.now())  # now: before a reconnect can be bound
+            except StoreError:
+                raise
+            except Exception as exc:
+                self.contain(actor, exc, f"the close of {conn.peer}")
             self._tell(actor, Signal.WAKE)  # its task re-arms its timer
         self.by_conn.pop(conn, None)  # (in case its last mail bound it again)
+
+    def contain(self, actor: DeviceActor | None, exc: Exception, where: str) -> None:
+        """The crash boundary: an exception raised while handling a peer's input (a bug, or
+        a device-level `DecodeError`/`Lwm2mError`) ends at most that device's registration
+        (its commands get their AsyncIDResponses, a `de-registrations` event is published),
+        is logged once with its traceback and counted; never the server. A store failure is
+        not a peer's doing and is never contained (`StoreError` propagates)."""
+        self.statistics["peer_errors"] += 1
+        name = "an unregistered peer" if actor is None else f"device {actor.endpoint}"
+        log.error("handling %s of %s failed: %r; %s", where, name, exc,
+                  "no registration to end" if actor is None else "its registration ends",
+                  exc_info=exc)  # fmt: skip
+        if actor is None or actor.mailbox.closed:
+            return
+        now = self.now()
+        try:
+            actor.end(now, expired=False)
+        except StoreError:
+            raise
+        except Exception:  # its state is broken: end it without its help
+            log.exception("device %s could not end cleanly", actor.endpoint)
+            actor.mailbox.close()
+            self.device_ended(actor, expired=False)
 
     def _tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:
         try:
@@ -339,11 +389,7 @@ class Supervisor:
                 self.statistics["registrations_shed"] += 1  # the store is behind: the
                 return  # client retransmits (CoAP's own back-off is the back-pressure)
             code, options = self._register(msg, addr, conn, now, via=None)
-            if addr is not None:  # until the answer is durable, retransmissions are dropped
-                self._cache_reply(addr, msg.mid, None)
-            self._after_durable(
-                lambda: self._reply_direct(msg, addr, conn, code, options, cache=True)
-            )
+            self._answer_register(msg, addr, conn, code, options)
             return
         if kind in ("update", "deregister"):
             # rule 0: the registration id it names is the device's proof of identity
@@ -356,6 +402,22 @@ class Supervisor:
             self._reply_direct(msg, addr, conn, Code.NOT_FOUND, (), cache=False)
         elif addr is not None and msg.mtype == _CON:
             self.send_datagram(coap_message.reset_for(msg.mid), addr)
+
+    def _answer_register(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        code: int,
+        options: tuple[coap_message.Option, ...],
+    ) -> None:
+        """Answer a Register from here once the store holds it; until then its
+        retransmissions are dropped, and after it they get the same answer."""
+        if addr is not None:
+            self._cache_reply(addr, request.mid, None)
+        self._after_durable(
+            lambda: self._reply_direct(request, addr, conn, code, options, cache=True)
+        )
 
     def _reply_direct(
         self,
@@ -400,7 +462,14 @@ class Supervisor:
         """A request from a registered device, after its actor's deduplication."""
         kind = reg_iface.classify(request)
         if kind == "register":
-            code, options = self._register(request, actor.addr, actor.conn, now, via=actor)
+            addr, conn = actor.addr, actor.conn
+            code, options = self._register(request, addr, conn, now, via=actor)
+            if not actor.has_transport() and (addr is not None or conn is not None):
+                # another endpoint registered from this address or connection (NAT port
+                # reuse, a proxy, a renamed device): it is that device's now, and the answer
+                # goes out from here, cached for retransmissions like any new peer's
+                self._answer_register(request, addr, conn, code, options)
+                return
         elif kind == "update":
             code, options = self._update(actor, request, now)
         elif kind == "deregister":
@@ -411,10 +480,12 @@ class Supervisor:
             # the 2.01 / 2.02 promises what the store holds: answer once it is durable
             def answer() -> None:
                 later = self.now()
+                if actor.coap.answered(request):  # (taken twice: its entry expired meanwhile)
+                    return
                 actor.coap.respond(request, code, options, b"", later)
                 actor.flush(later)
 
-            self._after_durable(answer)
+            self._after_durable(answer, actor)
         else:
             actor.coap.respond(request, code, options, b"", now)
             actor.flush(now)
@@ -423,9 +494,10 @@ class Supervisor:
         limit = self._held_limit
         return self._awaiting >= limit or self.store.backlog() >= limit
 
-    def _after_durable(self, send: Callable[[], None]) -> None:
-        """Run `send` once every write made so far is durable (one group commit for many)."""
-        self._held.append(send)
+    def _after_durable(self, send: Callable[[], None], actor: DeviceActor | None = None) -> None:
+        """Run `send` once every write made so far is durable (one group commit for many);
+        an exception it raises is contained at `actor`'s boundary (`contain`)."""
+        self._held.append((send, actor))
         self._awaiting += 1
         self._held_wake.set()
 
@@ -435,9 +507,14 @@ class Supervisor:
             self._held_wake = trio.Event()
             batch, self._held = self._held, []
             await self.store.durable()
-            for send in batch:
-                send()
             self._awaiting -= len(batch)
+            for send, actor in batch:
+                try:
+                    send()
+                except StoreError:
+                    raise
+                except Exception as exc:
+                    self.contain(actor, exc, "an answer held for the store")
             del batch  # do not keep the last batch's requests alive while waiting
 
     def _new_reg_id(self) -> str:
@@ -512,6 +589,10 @@ class Supervisor:
                 previous.addr = None
             self.by_addr[addr] = actor
         if conn is not None:
+            previous = self.by_conn.get(conn)
+            if previous is not None and previous is not actor:
+                previous.conn = None  # what it sent on it fails on its next step
+                self._tell(previous, Signal.UNREACHABLE)
             self.by_conn[conn] = actor
 
     def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:

@@ -284,6 +284,17 @@ class CoapEndpoint:
                 self._dedup.answer(request.mid, b"")  # a duplicate NON is not answered again
         self._send(reply)
 
+    def answered(self, request: Message) -> bool:
+        """True when a CON `request` from the peer was answered already (its Message ID is
+        remembered with our reply); a request processed twice must not be answered twice."""
+        dedup = self._dedup
+        return (
+            not self.reliable
+            and request.mtype == _CON
+            and dedup is not None
+            and dedup.reply(request.mid) is not None
+        )
+
     def notify(
         self,
         token: bytes,

@@ -1,0 +1,164 @@
+"""Hostile input at the supervisor (issue 10): what a peer sends never ends the server.
+
+Each test here reproduces a finding over real loopback UDP and fails on the code before its
+fix; the raw socket plays the attacker (or an honest client that retransmits at a bad time).
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import TYPE_CHECKING, Self
+
+import pytest
+import trio
+import trio.testing
+
+from dm_actor.coap.message import Message, decode, encode, path_options, query_options, uint_bytes
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+
+from .support import OBJECTS, Device, GatedStore, online, start_server
+
+if TYPE_CHECKING:
+    from dm_actor.actors.supervisor import Supervisor
+    from dm_actor.transport.udp import Address
+
+CON, ACK = MessageType.CON, MessageType.ACK
+
+
+def register(mid: int, ep: str = "dev", token: bytes = b"\x01", lt: int = 86400) -> bytes:
+    options = tuple(
+        sorted(
+            (*path_options("/rd"), *query_options(f"ep={ep}&lt={lt}&b=U"),
+             (OptionNumber.CONTENT_FORMAT, uint_bytes(40))),
+            key=lambda o: o[0],
+        )
+    )  # fmt: skip
+    return encode(Message(CON, Code.POST, mid, token, options, OBJECTS))
+
+
+class Peer:
+    """A raw UDP socket: sends what it is told, collects every datagram that comes back."""
+
+    def __init__(self, server: Address) -> None:
+        self.server = server
+        self.sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.got: list[Message] = []
+
+    async def bind(self) -> None:
+        await self.sock.bind(("127.0.0.1", 0))
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sock.close()
+
+    async def send(self, data: bytes) -> None:
+        await self.sock.sendto(data, self.server)
+
+    async def collect(self, seconds: float = 1.0) -> list[Message]:
+        with trio.move_on_after(seconds):
+            while True:
+                data, _ = await self.sock.recvfrom(65536)
+                self.got.append(decode(data))
+        return self.got
+
+    def answers_to(self, mid: int) -> list[Message]:
+        return [m for m in self.got if m.mtype == ACK and m.mid == mid]
+
+
+async def test_a_register_repeated_past_the_dedup_window_while_held_is_answered_once(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Finding 1: the 23 datagrams. Register; the same Register with a new Message ID M while
+    the store is slow; 20 other requests (more than the 16-entry window); Register M again.
+    The process crashed with `request M was already answered`; now M is answered once and
+    the server goes on."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    with Peer(server.addr) as peer:
+        await peer.bind()
+        await peer.send(register(1))
+        await peer.collect(0.5)
+        [created] = peer.answers_to(1)
+        assert created.code == Code.CREATED  # the address now belongs to the device's actor
+        store.open = False  # the disk is slow: the next answers wait for it
+        await peer.send(register(100, token=b"\x02"))
+        for mid in range(200, 220):
+            get = Message(CON, Code.GET, mid, b"\x03", path_options("/rd/nothing"))
+            await peer.send(encode(get))
+        await peer.send(register(100, token=b"\x02"))
+        await peer.collect(1.0)
+        store.commit()
+        await peer.collect(1.0)
+        assert [m.code for m in peer.answers_to(100)] == [Code.CREATED]
+        await peer.send(register(100, token=b"\x02"))  # a late retransmission: the same answer
+        await peer.collect(1.0)
+        assert len(peer.answers_to(100)) == 2
+        assert peer.answers_to(100)[0] == peer.answers_to(100)[1]
+        assert set(server.sup.by_endpoint) == {"dev"}
+
+
+async def test_a_register_for_another_endpoint_from_a_bound_address_is_answered(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Finding 2: NAT port reuse, a proxy, a renamed device: B registers from A's address.
+    The 2.01 went out through A's endpoint, whose address had just been taken: lost."""
+    server, dev_a = await online(nursery, "a")
+    assert dev_a.sock is not None
+    # B speaks from exactly A's address and port: reuse A's socket through a raw send
+    await dev_a.sock.sendto(register(0x7777, ep="b", token=b"\x0b"), server.addr)
+    await trio.sleep(1)
+    [answer] = [m for _, m in dev_a.arrivals if m.mid == 0x7777]
+    assert answer.code == Code.CREATED
+    sup: Supervisor = server.sup
+    assert set(sup.by_endpoint) == {"a", "b"}  # A stays registered ...
+    assert sup.by_addr[("127.0.0.1", dev_a.sock.getsockname()[1])] is sup.by_endpoint["b"]
+    assert sup.by_endpoint["a"].addr is None  # ... unreachable until it next contacts us
+    # a retransmission of B's Register gets the same answer, not a second registration
+    reg_id = sup.by_endpoint["b"].reg.reg_id
+    await dev_a.sock.sendto(register(0x7777, ep="b", token=b"\x0b"), server.addr)
+    await trio.sleep(1)
+    assert sup.by_endpoint["b"].reg.reg_id == reg_id
+    answers = [m for _, m in dev_a.arrivals if m.mid == 0x7777]
+    assert len(answers) == 2 and answers[0] == answers[1]
+    # A comes back (an Update from a new port) and is reachable again
+    await dev_a.start(nursery)
+    assert (await dev_a.update()).code == Code.CHANGED
+    assert sup.by_endpoint["a"].addr is not None
+
+
+@pytest.mark.parametrize("bound", [False, True])
+async def test_an_exception_while_handling_a_peer_ends_only_that_device(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    bound: bool,
+) -> None:
+    """Containment: any exception raised while handling a peer's input (here a bug planted in
+    the registration interface) ends at most that device's registration, counted and
+    published as a de-registration; the server and other devices go on."""
+    server, healthy = await online(nursery, "healthy")
+    victim = Device(server.addr, "victim")
+    await victim.start(nursery)
+    if bound:
+        assert (await victim.register()).code == Code.CREATED
+    sup = server.sup
+    original = sup.device_request if bound else sup._unknown_peer
+
+    def planted(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug reached by a peer's bytes")
+
+    monkeypatch.setattr(sup, "device_request" if bound else "_unknown_peer", planted)
+    with trio.move_on_after(1):
+        await (victim.update() if bound else victim.register())
+    monkeypatch.setattr(sup, "device_request" if bound else "_unknown_peer", original)
+    assert sup.statistics["peer_errors"] == 1
+    if bound:
+        assert "victim" not in sup.by_endpoint
+        assert ("de-registrations", "victim") in server.take("de-registrations")
+    accepted = await sup.submit("healthy", "GET", "/3/0/0", async_id="after")
+    assert accepted.__class__.__name__ == "Accepted"
+    await trio.sleep(5)
+    assert healthy.executed
