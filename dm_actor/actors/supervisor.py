@@ -756,14 +756,19 @@ class Supervisor:
         if verdict is Verdict.QUEUE_IS_FULL:
             return Rejected(429, "QUEUE_IS_FULL")
         if verdict is Verdict.DUPLICATE:
+            await self.store.durable()  # the first acceptance may still be on its way
             return Accepted(duplicate=True)
         if method == "GET" and accept is None and len(actor.queue) == 1:
             # only with nothing ahead of it: a queued PUT may change the value, and answers
             # must come in the order the commands were accepted
             fresh = actor.cached(cmd.uri, now)
             if fresh is not None:
+                # answered from the cache: its AsyncIDResponse is written now and the 202
+                # waits for it like any acceptance (a crash in between would lose it)
                 actor.queue.finish_now(cmd, fresh, now)
-                self._tell(actor, Signal.WAKE)
+                for done, outcome in actor.queue.take_finished():
+                    self.command_finished(actor, done, outcome)
+                await self.store.durable()
                 return Accepted()
         if actor.start_now(cmd, now):  # one write: the command and its attempt's MID, token
             try:

@@ -238,3 +238,56 @@ async def test_a_request_held_by_a_slow_disk_is_timed_from_when_it_leaves(
     await trio.sleep(1)
     assert [m.code for _, m in dev.arrivals].count(Code.GET) == 1  # no instant retransmission
     assert responses(server)["a"]["status"] == 200
+
+
+async def test_a_get_answered_from_the_cache_is_durable_before_its_202(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 11: a repeated GET within Max-Age is answered from the value cache; its 202
+    left before anything was written, so a kill -9 lost the AsyncIDResponse without a
+    trace. Now its AsyncIDResponse is stored before the 202, and published once durable."""
+    store = GatedStore()
+    store.open = True
+    server, _ = await online(nursery, "cached", store=store)
+    sup = server.sup
+    assert await sup.submit("cached", "GET", "/3/0/0", async_id="first") == Accepted()
+    await trio.sleep(5)
+    assert set(responses(server)) == {"first"}
+    store.open = False
+    done: list[object] = []
+
+    async def submit() -> None:
+        done.append(await sup.submit("cached", "GET", "/3/0/0", async_id="hit"))
+
+    nursery.start_soon(submit)
+    await trio.sleep(10)
+    assert done == []  # no 202 before the answer is durable
+    stored = [e for events in store.events.values() for e in events.values()]
+    assert [e for e in stored if b'"id":"hit"' in e.item]
+    assert responses(server) == {}  # nor a publication
+    store.commit()
+    await trio.sleep(0.1)
+    assert done == [Accepted()]
+    assert responses(server)["hit"]["status"] == 200
+
+
+async def test_a_repeated_async_id_waits_for_the_first_acceptance_to_be_durable(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    server, _ = await online(nursery, "dup", store=store, answer=False)
+    sup = server.sup
+    store.open = False
+    done: list[object] = []
+
+    async def submit() -> None:
+        done.append(await sup.submit("dup", "PUT", "/3/0/1", async_id="same", payload=b"x"))
+
+    nursery.start_soon(submit)
+    nursery.start_soon(submit)
+    await trio.sleep(10)
+    assert done == []
+    store.commit()
+    await trio.sleep(0.1)
+    assert sorted(map(repr, done)) == sorted(map(repr, [Accepted(), Accepted(duplicate=True)]))
