@@ -12,6 +12,7 @@ import gc
 import logging
 import os
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -21,12 +22,13 @@ import trio
 
 from dm_actor.actors.supervisor import Supervisor
 from dm_actor.api import ApiKeys, HttpOptions, load_api_keys, serve_http
+from dm_actor.api.auth import KEY_FILE
 from dm_actor.store.sqlite import SqliteStore
 from dm_actor.transport.tcp import TcpListener
 from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
 
     from dm_actor.actors.events import EventStream
     from dm_actor.config import Settings
@@ -36,6 +38,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STORE_FILE = "dm-actor.sqlite3"
+
+
+class StartupError(Exception):
+    """The server could not start: a port could not be opened, the API key file could not
+    be written. The message names what (which port of which protocol, which file) and why."""
+
+
+@asynccontextmanager
+async def _starting(what: str) -> AsyncIterator[None]:
+    """Turn an `OSError` (bare or in a group) raised while starting `what` into one
+    `StartupError` naming it."""
+    try:
+        yield
+    except* OSError as group:
+        first = _first_leaf(group)
+        reason = getattr(first, "strerror", None) or str(first)
+        raise StartupError(f"{what}: {reason}") from first
+
+
+def _first_leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +118,8 @@ async def serve(
                 path,
                 commit_interval=settings.server.commit_interval,
                 clock=wall_clock,
+                event_budget=settings.server.event_disk_budget,
+                disk_headroom=settings.server.disk_headroom,
             )
         )
     try:
@@ -103,9 +130,11 @@ async def serve(
         async with trio.open_nursery() as nursery:
             if sqlite is not None:
                 await nursery.start(sqlite.run)
-            udp_addr = await nursery.start(udp.run)
+            async with _starting(f"cannot listen on udp://{host}:{port} (CoAP)"):
+                udp_addr = await nursery.start(udp.run)
             sup.attach_udp(udp.send)
-            tcp_addr = await nursery.start(tcp.run)
+            async with _starting(f"cannot listen on tcp://{host}:{port} (CoAP over TCP)"):
+                tcp_addr = await nursery.start(tcp.run)
             await nursery.start(sup.run)
             if snapshot is not None:
                 sup.restore(snapshot)
@@ -118,14 +147,18 @@ async def serve(
             http_addr = None
             if http:
                 if api_keys is None:
-                    api_keys = await trio.to_thread.run_sync(
-                        load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
-                    )
+                    key_file = Path(settings.server.data_dir) / KEY_FILE
+                    async with _starting(f"cannot read or write the API key file {key_file}"):
+                        api_keys = await trio.to_thread.run_sync(
+                            load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
+                        )
                 channels = [] if snapshot is None else snapshot.channels
-                options = HttpOptions(max_connections=settings.api.max_connections)
-                http_addr = await nursery.start(
-                    serve_http, sup, host, settings.server.http_port, api_keys, options, channels
-                )
+                options = HttpOptions.from_settings(settings.api)
+                http_port = settings.server.http_port
+                async with _starting(f"cannot listen on http://{host}:{http_port} (HTTP API)"):
+                    http_addr = await nursery.start(
+                        serve_http, sup, host, http_port, api_keys, options, channels
+                    )
                 if api_keys.generated:
                     log.warning(
                         "first start: generated the API key %s (kept in %s)",

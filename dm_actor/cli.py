@@ -1,10 +1,10 @@
 """The `dm-actor` command: parse arguments, load `Settings`, run the server under Trio.
 
-`main()` is the only entry point; it returns the process exit code (0: stopped by SIGINT or
-SIGTERM, 1: a socket could not be opened, 2: bad settings, 3: the store in the data
-directory is corrupt, unreadable, from a newer version or in use by another process),
-printing a one-line error, and never calls `sys.exit` itself (argparse does, for bad flags
-and `--version`).
+`main()` is the only entry point; it returns the process exit code (the `EXIT_*` constants,
+docs/operations.md), printing one line that says what is wrong (the traceback of a failure
+while running goes to the log), and never calls `sys.exit` itself (argparse does, for bad
+flags and `--version`). Trio reports failures as exception groups, nested: `main` looks at
+every exception in them, never only the top level.
 Log records of `dm_actor` go to stderr while the server runs; nothing is configured at import.
 """
 
@@ -23,9 +23,11 @@ import trio
 
 from dm_actor import __version__, app
 from dm_actor.api import watch
+from dm_actor.app import StartupError
 from dm_actor.config import ConfigError, Settings, load_settings
 from dm_actor.sim import cli as sim_cli
-from dm_actor.store.base import StoreError
+from dm_actor.store.base import StoreError, StoreFailed
+from dm_actor.store.sqlite import read_only
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -33,6 +35,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DEFAULTS = Settings().server
+
+EXIT_STOPPED = 0  # SIGINT, SIGTERM or SIGHUP: a clean stop
+EXIT_CANNOT_START = 1  # a port or the API key file could not be opened
+EXIT_SETTINGS = 2  # bad settings, or a data directory that cannot be created or written
+EXIT_STORE = 3  # the store cannot be opened: damaged, foreign, newer, in use
+EXIT_STORE_FAILED = 4  # a write failed with an I/O error while running: restart it
+EXIT_INTERNAL = 70  # a bug (EX_SOFTWARE): the traceback is in the log
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,27 +107,50 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-class StartupError(Exception):
-    """The server could not start (for example, its port is in use)."""
-
-
 async def run_until_signalled(settings: Settings) -> None:
-    """Serve until SIGINT or SIGTERM arrives, then cancel everything and return.
+    """Serve until SIGINT, SIGTERM or SIGHUP arrives, then cancel everything and return.
+
+    SIGHUP (a closed terminal, or a reload request) stops cleanly too: there is no reload,
+    settings are read at start.
 
     Raises:
-        StartupError: a socket could not be opened.
+        StartupError: a port or the API key file could not be opened (in a group).
     """
     async with trio.open_nursery() as nursery:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            try:
-                await nursery.start(app.serve, settings)
-            except* OSError as group:
-                reasons = "; ".join(str(e) for e in group.exceptions)
-                raise StartupError(f"cannot listen on {_where(settings)}: {reasons}") from None
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            await nursery.start(app.serve, settings)
             async for signum in signals:
-                log.info("%s: stopping", signal.Signals(signum).name)
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    log.warning("%s: stopping (no reload: restart to apply new settings)", name)
+                else:
+                    log.info("%s: stopping", name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def leaves(exc: BaseException) -> list[BaseException]:
+    """Every exception in `exc`, however deep in exception groups, in order."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in leaves(sub)]
+    return [exc]
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line to print for what ended `trio.run`."""
+    found = leaves(exc)
+    for kind, code in (
+        (StoreFailed, EXIT_STORE_FAILED),
+        (StoreError, EXIT_STORE),
+        (StartupError, EXIT_CANNOT_START),
+    ):
+        matching = [e for e in found if isinstance(e, kind)]
+        if matching:
+            return code, str(matching[0])
+    first = found[0]
+    return EXIT_INTERNAL, (
+        f"internal error: {type(first).__name__}: {first} (the traceback is in the log)"
+    )
 
 
 @contextmanager
@@ -136,10 +169,6 @@ def _logging_to_stderr(level: str) -> Iterator[None]:
         logger.setLevel(old_level)
 
 
-def _where(settings: Settings) -> str:
-    return f"{settings.server.host} port {settings.server.coap_port}"
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run `dm-actor` with `argv` (default: `sys.argv[1:]`); returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -151,24 +180,27 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"dm-actor: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_SETTINGS
     data_dir = Path(settings.server.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         print(f"dm-actor: error: data directory {data_dir}: {exc.strerror}", file=sys.stderr)
-        return 2
-    failures: list[StartupError] = []
-    store_failures: list[BaseException] = []
+        return EXIT_SETTINGS
+    if settings.server.store == "sqlite" and (why := read_only(data_dir)) is not None:
+        print(f"dm-actor: error: data directory {data_dir} is read-only ({why}): the store "
+              f"must write there", file=sys.stderr)  # fmt: skip
+        return EXIT_SETTINGS
     with _logging_to_stderr(settings.server.log_level):
         try:
             trio.run(run_until_signalled, settings)
-        except* StartupError as group:
-            failures.extend(e for e in group.exceptions if isinstance(e, StartupError))
-        except* StoreError as group:
-            store_failures.extend(group.exceptions)
-    for failure in [*failures, *store_failures]:
-        print(f"dm-actor: error: {failure}", file=sys.stderr)
-    if store_failures:
-        return 3
-    return 1 if failures else 0
+        except Exception as exc:  # every failure ends in one line and a code
+            code, line = explain(exc)
+            if code in (EXIT_STORE_FAILED, EXIT_INTERNAL):
+                log.error("stopped: %s", line, exc_info=exc)
+            else:
+                log.debug("could not start: %s", line, exc_info=exc)
+        else:
+            return EXIT_STOPPED
+    print(f"dm-actor: error: {line}", file=sys.stderr)
+    return code

@@ -42,6 +42,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     # million devices a full collection otherwise stalls the loop for seconds
     gc_freeze_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     log_level: LogLevel = "info"
+    # SQLite: the bytes of undelivered events (other than AsyncIDResponses) stored in total,
+    # and the free disk space below which none is stored (docs/operations.md, "Disk space")
+    event_disk_budget: Annotated[int, msgspec.Meta(ge=0)] = 256 * 2**20
+    disk_headroom: Annotated[int, msgspec.Meta(ge=0)] = 64 * 2**20
 
 
 class DeliverySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 import pytest
@@ -23,7 +25,11 @@ from dm_actor.cli import build_parser, main, settings_from_args
 from dm_actor.coap.message import Message, decode, encode, path_options
 from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
 from dm_actor.config import ConfigError, Settings, load_settings
+from dm_actor.store.base import StoreError
 from dm_actor.store.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -205,7 +211,103 @@ def test_a_port_in_use_exits_1_with_one_line(
     assert code == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1
-    assert f"port {port}" in err
+    assert f"cannot listen on udp://127.0.0.1:{port} (CoAP): Address already in use" in err
+
+
+def test_an_http_port_in_use_exits_1_and_names_the_http_port(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The HTTP listener fails inside the server's own nursery: its `OSError` arrives two
+    groups deep (as a privileged port does for a non-root user). It exited 0, silently."""
+    coap = _free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(
+            ["serve", "--host", "127.0.0.1", "--coap-port", str(coap), "--http-port", str(port),
+             "--data-dir", str(tmp_path), "--api-key", "k"]
+        )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"dm-actor: error: cannot listen on http://127.0.0.1:{port} (HTTP API): "
+        "Address already in use"
+    )
+    assert not any(str(coap) in line for line in err if "error" in line)
+
+
+def test_an_api_key_file_it_cannot_write_exits_1_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DM_ACTOR_API_KEY", raising=False)
+    (tmp_path / "api-key").mkdir()  # where the generated key would be written
+    code = main(
+        ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+         "--data-dir", str(tmp_path)]
+    )  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (
+        f"dm-actor: error: cannot read or write the API key file {tmp_path / 'api-key'}: "
+        "Is a directory"
+    )
+
+
+@contextmanager
+def read_only_directory(path: Path) -> Iterator[Path]:
+    """`path` made read-only: a read-only bind mount as root (root writes through any mode),
+    else its mode. Skips the test where neither is possible."""
+    if os.geteuid() != 0:
+        path.chmod(0o555)
+        try:
+            yield path
+        finally:
+            path.chmod(0o755)
+        return
+    mount = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot bind-mount as root here: {mount.stderr!r}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(path)], check=True)
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_an_empty_read_only_data_directory_exits_2_and_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with read_only_directory(data):
+        code = main(
+            ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+             "--data-dir", str(data), "--api-key", "k"]
+        )  # fmt: skip
+    assert code == 2  # as documented for an unusable data directory
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"dm-actor: error: data directory {data} is read-only (")
+
+
+def test_a_read_only_directory_with_a_healthy_store_is_not_called_damaged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An operator told "not a dm-actor store, or damaged" may delete a good store."""
+    data = tmp_path / "data"
+    data.mkdir()
+    SqliteStore(data / app.STORE_FILE).close()
+    with read_only_directory(data):
+        code = main(
+            ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+             "--data-dir", str(data), "--api-key", "k"]
+        )  # fmt: skip
+        with pytest.raises(StoreError, match="is read-only") as refused:
+            SqliteStore(data / app.STORE_FILE)  # the store says so too, when embedded
+    assert "damaged" not in str(refused.value)
+    assert code == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert "is read-only" in line and "damaged" not in line
 
 
 async def test_serve_from_parsed_arguments_answers_on_port_0(
@@ -313,3 +415,59 @@ def test_a_data_directory_in_use_is_a_clear_error_and_exit_code_3(
     assert code == 3
     err = capsys.readouterr().err
     assert f"in use by another process (pid {os.getpid()})" in err
+
+
+def test_sighup_stops_cleanly_and_says_so(tmp_path: Path) -> None:
+    """SIGHUP (a closed terminal, a reload request) killed the process silently (129)."""
+    coap, http = _free_port(), _free_port()
+    command = [sys.executable, "-m", "dm_actor", "serve", "--host", "127.0.0.1", "--api-key",
+               "k", "--coap-port", str(coap), "--http-port", str(http), "--data-dir",
+               str(tmp_path / "data")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    deadline = time.monotonic() + 8.0
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    socket.create_connection(("127.0.0.1", http), timeout=0.1).close()
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)
+            _, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0, err
+    assert "SIGHUP: stopping (no reload: restart to apply new settings)" in err
+
+
+def test_a_storage_failure_while_running_exits_4_with_the_cause_and_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It printed "Exceptions from Trio nursery (2 sub-exceptions)" and exit 3, no cause."""
+    from dm_actor.store.base import ApiKeyRecord
+    from tests.store.test_disk_faults import fsync_failed, inject
+
+    class FailingStore(SqliteStore):
+        async def run(
+            self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
+            inject(self, fsync_failed())
+            self.put_api_key(ApiKeyRecord("k", "app", 0.0))  # a write, as a Register makes
+            await super().run(task_status=task_status)
+
+    monkeypatch.setattr(app, "SqliteStore", FailingStore)
+    code = main(
+        ["serve", "--host", "127.0.0.1", "--coap-port", "0", "--http-port", "0",
+         "--data-dir", str(tmp_path), "--api-key", "k"]
+    )  # fmt: skip
+    assert code == 4
+    err = capsys.readouterr().err
+    last = err.splitlines()[-1]
+    assert last.startswith(
+        f"dm-actor: error: {tmp_path / app.STORE_FILE}: a write failed and cannot be "
+        "retried: disk I/O error (SQLITE_IOERR_FSYNC)"
+    )
+    assert "Traceback" in err  # in the log, before the one line
+    assert "sub-exception" not in last

@@ -20,12 +20,26 @@ if TYPE_CHECKING:
 #: queue holds 50 MB, beyond which the oldest events are dropped.
 EVENT_LIFETIME = 24 * 3600.0
 EVENT_BYTES_CAP = 50 * 2**20
+#: Events of this kind are always stored (an AsyncIDResponse stands for an accepted command,
+#: and replaces it in the store); others only within the store's event budget.
+KEPT_EVENT_KIND = "async-responses"
 
 
 class StoreError(Exception):
     """The store cannot be opened or written: corrupt, unreadable, foreign or too new.
 
     The message names the file and what is wrong with it. Nothing is recreated or dropped.
+    """
+
+
+class StoreFailed(StoreError):
+    """A write failed in a way that cannot be retried (an I/O error, a failed fsync, a
+    damaged file) while the server ran: it must stop, and a restart recovers what was
+    committed (after a failed fsync the kernel may have dropped the unwritten pages and the
+    next fsync may report success: nothing written since can be trusted).
+
+    A full disk or a read-only file system is not this: the writer keeps the writes and
+    retries (see `Store.healthy`).
     """
 
 
@@ -175,6 +189,17 @@ class Store(Protocol):
 
     def backlog(self) -> int:
         """Writes buffered and not yet committed (it grows while the disk stalls)."""
+        ...
+
+    def healthy(self) -> bool:
+        """False while writes cannot be committed (disk full, read-only file system, file
+        locked by another program): they are kept and retried, and the caller should accept
+        nothing new that it would have to store (503 `STORE_IS_BEHIND`, shed Registers).
+        `problem()` says why."""
+        ...
+
+    def problem(self) -> str | None:
+        """Why the store is not healthy, for a log line or an error body; None when it is."""
         ...
 
     def is_durable(self, mark: int) -> bool:

@@ -171,5 +171,11 @@ class MemoryStore:
     def is_durable(self, mark: int) -> bool:
         return True
 
+    def healthy(self) -> bool:
+        return True
+
+    def problem(self) -> str | None:
+        return None
+
     async def durable(self, mark: int | None = None) -> None:
         return None

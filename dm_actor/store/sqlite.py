@@ -18,6 +18,21 @@ one another process holds (its `.lock` file) raises `StoreError`, naming the fil
 ever recreated or dropped. An older schema is migrated in place, one transaction per version
 (see `dm_actor.store.schema`).
 
+Write failures (docs/operations.md, "When the disk fails"): a full disk, a read-only file
+system or a lock held past `busy_timeout` is retried. The batch is kept, retried with back-off
+(0.1 s doubling to 5 s) until it commits, and meanwhile `healthy()` is False, so that the
+server accepts nothing new it would have to store; later writes coalesce into one batch, so
+memory is bounded by what they are about (devices, commands), not by how often they change.
+Any other error (an I/O error, a failed fsync, a damaged file) is not retried: after a
+failed fsync Linux may drop the unwritten pages and report the next fsync as successful, so
+nothing written since could be trusted. The writer raises `StoreFailed` and the process
+stops; a restart recovers what was committed.
+
+Events other than AsyncIDResponses (which stand for an accepted command) are stored only
+within `event_budget` bytes in total and while the file system keeps `disk_headroom` bytes
+free: past either, they are refused (counted in `events_refused`, logged once), so that an
+application nobody reads cannot fill the disk that registrations and commands need.
+
 This module never decides what to store or when a write must be durable; the actors do.
 """
 
@@ -25,6 +40,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import logging
 import math
 import os
 import sqlite3
@@ -39,6 +55,7 @@ from dm_actor.store import schema
 from dm_actor.store.base import (
     EVENT_BYTES_CAP,
     EVENT_LIFETIME,
+    KEPT_EVENT_KIND,
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
@@ -47,11 +64,29 @@ from dm_actor.store.base import (
     RegistrationRecord,
     Snapshot,
     StoreError,
+    StoreFailed,
 )
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+
+log = logging.getLogger(__name__)
+
+#: Primary result codes after which a write is retried: the disk is full, the file or file
+#: system is read-only, another program holds a lock past `busy_timeout`. Anything else (an
+#: I/O error above all) is not retryable.
+_RETRYABLE = {
+    sqlite3.SQLITE_FULL: "the disk is full",
+    sqlite3.SQLITE_READONLY: "the store cannot be written (read-only)",
+    sqlite3.SQLITE_BUSY: "another program holds the store's lock",
+    sqlite3.SQLITE_LOCKED: "another program holds the store's lock",
+}
+RETRY_FIRST, RETRY_MAX = 0.1, 5.0  # seconds between attempts at a failed batch (doubling)
+#: The default total of events kept (other than AsyncIDResponses), and the free disk space
+#: below which they are not stored at all (docs/operations.md, "Disk space").
+EVENT_BUDGET = 256 * 2**20
+DISK_HEADROOM = 64 * 2**20
 
 _REG_FIELDS = RegistrationRecord.__struct_fields__
 _CMD_FIELDS = CommandRecord.__struct_fields__
@@ -78,6 +113,8 @@ DELETE FROM events WHERE owner = ?1 AND seq <= (
     ) WHERE newer > ?2 ORDER BY seq DESC LIMIT 1
 )
 """
+
+_EVENT_TOTAL = "SELECT coalesce(sum(bytes), 0) FROM event_bytes"
 
 _json_encode = msgspec.json.encode
 _decode_headers = msgspec.json.Decoder(dict[str, str]).decode
@@ -147,6 +184,10 @@ class SqliteStore:
         clock: the wall clock that ages events (`EventRecord.created_at` uses the same).
         event_lifetime: seconds an undelivered event is kept.
         event_bytes_cap: the bytes of undelivered events kept per owner; older ones are dropped.
+        event_budget: the bytes of undelivered events kept in total, AsyncIDResponses aside;
+            further events are refused (`events_refused`).
+        disk_headroom: while the file system has less free space than this, no event but an
+            AsyncIDResponse is stored, so registrations and commands still fit.
         check: run `PRAGMA quick_check` on open (reads the whole file once).
 
     Raises:
@@ -163,6 +204,8 @@ class SqliteStore:
         clock: Callable[[], float] = time.time,
         event_lifetime: float = EVENT_LIFETIME,
         event_bytes_cap: int = EVENT_BYTES_CAP,
+        event_budget: int = EVENT_BUDGET,
+        disk_headroom: int = DISK_HEADROOM,
         check: bool = True,
     ) -> None:
         self.path = Path(path)
@@ -180,7 +223,20 @@ class SqliteStore:
         self._kick = trio.Event()  # set when a write is recorded
         self._failure: StoreError | None = None
         self._last_commit = -math.inf  # when the last transaction started (Trio time)
+        self.event_budget = event_budget
+        self.disk_headroom = disk_headroom
+        self.events_refused = 0  # events not stored: past the budget or the headroom
+        self.write_retries = 0  # transactions that failed with a retryable error
+        self._refusing = False  # events are refused (set and cleared by the writer)
+        self._problem: str | None = None  # why writes fail now (retryable), logged once
+        self._problem_since = 0.0
         self._db, self._lock = _open(self.path, check=check)
+        try:
+            (total,) = self._db.execute(_EVENT_TOTAL).fetchone()
+        except sqlite3.Error as exc:
+            self.close()
+            raise StoreError(f"{self.path}: cannot read the store: {exc}") from exc
+        self._event_total: int = total  # bytes of stored events (the writer keeps it)
 
     def close(self) -> None:
         """Close the file and release its lock. Writes not yet committed are lost: stop the
@@ -238,7 +294,9 @@ class SqliteStore:
 
     def _filling(self) -> _Batch:
         batch = self._batches[-1]
-        if batch.count >= self.max_batch:
+        # while writes fail, they all coalesce into one batch: memory is bounded by what
+        # they are about, not by how often it changes (an Update a minute for a day)
+        if batch.count >= self.max_batch and self._problem is None:
             batch = _Batch(batch.seq + 1)
             self._batches.append(batch)
         batch.count += 1
@@ -304,7 +362,13 @@ class SqliteStore:
         self._filling().api_keys[key] = None
 
     def put_event(self, record: EventRecord) -> None:
-        """Keep an event until delivered, expired, or pushed out by the owner's byte cap."""
+        """Keep an event until delivered, expired, or pushed out by the owner's byte cap.
+
+        Past the event budget or the disk headroom (or while writes fail), an event other
+        than an AsyncIDResponse is refused and counted: it lives only in memory."""
+        if (self._refusing or self._problem is not None) and record.kind != KEPT_EVENT_KIND:
+            self.events_refused += 1
+            return
         batch = self._filling()
         batch.events.setdefault(record.owner, {})[record.seq] = record
         deletes = batch.event_deletes.get(record.owner)
@@ -333,6 +397,14 @@ class SqliteStore:
     def backlog(self) -> int:
         return self.writes - self._committed_writes
 
+    def healthy(self) -> bool:
+        """False while the last transaction failed with a retryable error (disk full,
+        read-only, locked); true again once a transaction commits."""
+        return self._problem is None
+
+    def problem(self) -> str | None:
+        return self._problem
+
     async def durable(self, mark: int | None = None) -> None:
         """Return once every write recorded before this call (or before `mark`) is committed.
 
@@ -351,13 +423,18 @@ class SqliteStore:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The one writer: commit batches in order, one transaction each, in a worker thread.
 
-        Cancelled, it first commits what is already recorded (shielded), then returns.
+        A transaction that fails with a retryable error (disk full, read-only, locked) is
+        retried with back-off until it commits; `healthy()` is False meanwhile. Cancelled,
+        it first commits what is already recorded (shielded; while writes fail, one try),
+        then returns.
 
         Raises:
-            StoreError: a transaction failed (disk full, I/O error, damaged file). Waiting
-                `durable()` calls raise it too; nothing is retried or dropped silently.
+            StoreFailed: a transaction failed with an error that is not retryable (an I/O
+                error, a failed fsync, a damaged file). Waiting `durable()` calls raise it
+                too; nothing is dropped silently.
         """
         task_status.started()
+        delay = RETRY_FIRST
         try:
             while True:
                 if not self._batches[0].count:
@@ -366,37 +443,83 @@ class SqliteStore:
                 if self.commit_interval:
                     await trio.sleep_until(self._last_commit + self.commit_interval)
                 self._last_commit = trio.current_time()
-                await self._commit_next()
+                if await self._commit_next():
+                    delay = RETRY_FIRST
+                else:
+                    await trio.sleep(delay)
+                    delay = min(2 * delay, RETRY_MAX)
         finally:
             if self._failure is None and self._batches[0].count:
                 with trio.CancelScope(shield=True):
                     while self._batches[0].count:
-                        await self._commit_next()
+                        if not await self._commit_next():
+                            log.error(
+                                "store %s: stopping with %d writes not committed (%s); none "
+                                "of them was acknowledged", self.path, self.backlog(),
+                                self._problem,
+                            )  # fmt: skip
+                            break
 
-    async def _commit_next(self) -> None:
+    async def _commit_next(self) -> bool:
+        """Commit the oldest batch; False when it failed with a retryable error (it stays
+        first, to be retried).
+
+        Raises:
+            StoreFailed: any other error.
+        """
         batches = self._batches
-        batch = batches.popleft()
-        if not batches:
+        batch = batches[0]
+        if len(batches) == 1:  # writes from now on go to the next batch
             batches.append(_Batch(batch.seq + 1))
         try:
             with trio.CancelScope(shield=True):  # a commit that happened must be counted
                 await trio.to_thread.run_sync(self._write, batch)
         except sqlite3.Error as exc:
-            self._failure = StoreError(
-                f"{self.path}: a write failed; writes after batch {self._committed} are not "
-                f"durable: {exc}"
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF in _RETRYABLE:
+                self._write_failed(exc, code & 0xFF)
+                return False
+            name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+            self._failure = StoreFailed(
+                f"{self.path}: a write failed and cannot be retried: {exc} ({name}); writes "
+                f"after batch {self._committed} are not durable and were not acknowledged; "
+                f"stopping (a restart recovers what was committed)"
             )
             self._committed_event.set()
             raise self._failure from exc
+        batches.popleft()
+        if self._problem is not None:
+            log.warning(
+                "store %s: writable again after %.1f s (%d failed attempts); %d writes "
+                "committed", self.path, trio.current_time() - self._problem_since,
+                self.write_retries, batch.count,
+            )  # fmt: skip
+            self._problem = None
         self._committed = batch.seq
         self._committed_writes += batch.count
         self.transactions += 1
         committed, self._committed_event = self._committed_event, trio.Event()
         committed.set()
+        return True
+
+    def _write_failed(self, exc: sqlite3.Error, code: int) -> None:
+        self.write_retries += 1
+        if self._problem is not None:
+            return
+        self._problem = f"{self.path}: {_RETRYABLE[code]} ({exc})"
+        self._problem_since = trio.current_time()
+        log.error(
+            "store %s: %s (%s, %s): %d writes wait in memory and are retried until they "
+            "commit; meanwhile new commands get 503 STORE_IS_BEHIND and Registers are shed",
+            self.path, _RETRYABLE[code], exc,
+            getattr(exc, "sqlite_errorname", "?"), self.backlog(),
+        )  # fmt: skip
 
     def _write(self, b: _Batch) -> None:
         """One transaction with everything in `b` (in a worker thread)."""
         db = self._db
+        if db.in_transaction:  # a failed ROLLBACK left one open
+            db.execute("ROLLBACK")
         db.execute("BEGIN IMMEDIATE")
         try:
             if b.regs:
@@ -431,12 +554,17 @@ class SqliteStore:
                     [k for k, put in b.subs.items() if put],
                 )
             self._write_settings(db, b)
-            if b.event_wipes or b.event_deletes or b.events:
-                self._write_events(db, b)
+            total = self._event_total
+            if b.event_wipes or b.event_deletes or b.events or self._refusing:
+                total = self._write_events(db, b)
             db.execute("COMMIT")
+            self._event_total = total
         except BaseException:
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    log.debug("rollback failed after a failed write", exc_info=True)
             raise
 
     @staticmethod
@@ -474,7 +602,8 @@ class SqliteStore:
                     (key, api_key.owner, api_key.created_at),
                 )
 
-    def _write_events(self, db: sqlite3.Connection, b: _Batch) -> None:
+    def _write_events(self, db: sqlite3.Connection, b: _Batch) -> int:
+        """Write `b`'s events within the budget; returns the bytes of events stored after."""
         for owner in b.event_wipes:
             db.execute("DELETE FROM events WHERE owner = ?", (owner,))
             db.execute("DELETE FROM event_bytes WHERE owner = ?", (owner,))
@@ -483,23 +612,75 @@ class SqliteStore:
                 "DELETE FROM events WHERE owner = ? AND seq = ?",
                 [(owner, seq) for owner, seqs in b.event_deletes.items() for seq in seqs],
             )
-        rows = [msgspec.structs.astuple(e) for per in b.events.values() for e in per.values()]
-        if not rows:
-            return
-        db.executemany(_PUT_EVENT, rows)
-        db.execute("DELETE FROM events WHERE created_at < ?", (self.clock() - self.event_lifetime,))
-        cap = self.event_bytes_cap
-        for owner in b.events:
-            (size,) = db.execute(
-                "SELECT bytes FROM event_bytes WHERE owner = ?", (owner,)
-            ).fetchone() or (0,)
-            if size > cap:
-                db.execute(_CAP_EVENTS, (owner, cap))
+        rows = self._within_budget(
+            db, [msgspec.structs.astuple(e) for per in b.events.values() for e in per.values()]
+        )
+        if rows:
+            db.executemany(_PUT_EVENT, rows)
+            db.execute(
+                "DELETE FROM events WHERE created_at < ?", (self.clock() - self.event_lifetime,)
+            )
+            cap = self.event_bytes_cap
+            for owner in b.events:
+                (size,) = db.execute(
+                    "SELECT bytes FROM event_bytes WHERE owner = ?", (owner,)
+                ).fetchone() or (0,)
+                if size > cap:
+                    db.execute(_CAP_EVENTS, (owner, cap))
+        total: int = db.execute(_EVENT_TOTAL).fetchone()[0]
+        return total
+
+    def _within_budget(self, db: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> list[Any]:
+        """The rows (owner, seq, kind, item, created_at) to store: AsyncIDResponses always,
+        other events while the total stays within the budget and the disk keeps its headroom.
+        Sets or clears `_refusing` (logged once each way)."""
+        (total,) = db.execute(_EVENT_TOTAL).fetchone()
+        free = self._disk_free()
+        low = free is not None and free < self.disk_headroom
+        kept: list[Any] = []
+        refused = 0
+        for row in rows:
+            size = len(row[3])
+            if row[2] == KEPT_EVENT_KIND or (not low and total + size <= self.event_budget):
+                kept.append(row)
+                total += size
+            else:
+                refused += 1
+        self.events_refused += refused
+        # refuse at `put_event` from now on, until the total is below 90 % of the budget
+        refusing = low or refused > 0 or (self._refusing and total > 0.9 * self.event_budget)
+        if refusing != self._refusing:
+            self._refusing = refusing
+            if refusing:
+                log.warning(
+                    "store %s: events (other than AsyncIDResponses) are no longer stored: "
+                    "%d bytes stored (budget %d), %s bytes free on the disk (headroom %d); "
+                    "they are delivered while the server runs but lost in a restart",
+                    self.path, total, self.event_budget, free, self.disk_headroom,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "store %s: events are stored again (%d were refused)",
+                    self.path, self.events_refused,
+                )  # fmt: skip
+        return kept
+
+    def _disk_free(self) -> int | None:
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
 
 def _open(path: Path, *, check: bool) -> tuple[sqlite3.Connection, int]:
     """Lock `path`, open it read-write, refuse what is not ours, migrate to the current
     schema. Returns the connection and the lock's file descriptor."""
+    if os.path.isdir(path.parent) and (why := read_only(path.parent)) is not None:
+        raise StoreError(
+            f"{path}: its directory {path.parent} is read-only ({why}); the store must "
+            f"write there (its -wal, -shm and .lock files)"
+        )
     try:  # the OS says plainly why a file cannot be opened; SQLite does not
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
     except FileNotFoundError as exc:
@@ -526,6 +707,20 @@ def _open(path: Path, *, check: bool) -> tuple[sqlite3.Connection, int]:
     return db, lock
 
 
+def read_only(directory: Path) -> str | None:
+    """Why files cannot be created and written in `directory` (a read-only file system, no
+    write permission for this process), or None."""
+    try:
+        flags = os.statvfs(directory).f_flag
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if flags & os.ST_RDONLY:
+        return "a read-only file system"
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        return "no write permission"
+    return None
+
+
 def _lock(path: Path) -> int:
     """Take the store's lock file (`<store>.lock`, holding our pid) or say who holds it.
 
@@ -545,8 +740,11 @@ def _lock(path: Path) -> int:
         raise StoreError(
             f"{path}: in use by another process (pid {holder}): one daemon per data directory"
         ) from exc
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:  # (the pid is for the operator: a full disk must not stop the start)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        log.warning("%s: cannot write our pid (%s)", lock_path, exc.strerror)
     return fd
 
 
