@@ -68,6 +68,12 @@ class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     """LwM2M registration defaults."""
 
     default_lifetime: Annotated[int, msgspec.Meta(ge=1)] = 86400
+    # a Register or Update asking for a longer lifetime gets 4.00 (30 days; LwM2M allows 2^32-1
+    # s, 136 years: a registration nobody can end but its device)
+    max_lifetime: Annotated[int, msgspec.Meta(ge=1, le=0xFFFFFFFF)] = 2_592_000
+    # a Register the server cannot take now (its store is behind or failing) gets 5.03 with
+    # this Max-Age, so that the client waits at least this long before it tries again
+    retry_after: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60
     # a registration ends this long after last update + lifetime (delivery.md 8.3)
     expiry_grace: Annotated[float, msgspec.Meta(ge=0)] = 15.0
 
@@ -78,9 +84,31 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # access keys accepted on every call (with --api-key and DM_ACTOR_API_KEY); with none,
     # a key is generated on the first start and kept in the data directory
     keys: list[str] = msgspec.field(default_factory=list)
-    # HTTP connections served at once; more wait in the kernel's accept queue (each served
-    # one costs a task and its buffers: a connection flood must not grow memory unbounded)
+    # HTTP connections served at once (each costs a task and its buffers: a connection
+    # flood must not grow memory unbounded); beyond, a new connection sheds the oldest one
+    # that has no complete request head yet, else waits in the kernel's accept queue
     max_connections: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    # a request head must be complete this long after the connection opened (or after its
+    # first byte on a kept-alive connection), its body this long after the head: else 408
+    head_timeout: Seconds = 10.0
+    body_timeout: Seconds = 30.0
+    # a response the client does not read within this closes the connection
+    send_timeout: Seconds = 30.0
+    # connections at once from one IP address (0: no limit; behind a TLS proxy every client
+    # has the proxy's address)
+    max_connections_per_address: NonNegative = 0
+    # pre-subscriptions per application (Pelion's limit); beyond, PUT gets 400
+    max_presubscriptions: NonNegative = 1024
+
+
+class TcpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """CoAP over TCP (RFC 8323) connections (docs/operations.md, "Limits")."""
+
+    # connections open at once; 0: derived from the descriptor limit (RLIMIT_NOFILE) less a
+    # reserve for HTTP's max_connections, the store and the UDP socket, at most 10000
+    max_connections: NonNegative = 0
+    # a new connection must send its CSM and its first request within this, else Abort
+    handshake_timeout: Seconds = 10.0
 
 
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -90,6 +118,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
     registration: RegistrationSettings = msgspec.field(default_factory=RegistrationSettings)
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    tcp: TcpSettings = msgspec.field(default_factory=TcpSettings)
 
     def transmission_parameters(self) -> TransmissionParameters:
         """The CoAP transmission parameters that `[delivery]` sets (RFC 7252 4.8)."""

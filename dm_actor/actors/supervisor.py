@@ -28,6 +28,7 @@ from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
 from dm_actor.actors.events import EventStream, Item
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import (
+    address_from_text,
     command_from_record,
     command_record,
     registration_from_record,
@@ -36,8 +37,8 @@ from dm_actor.actors.persist import (
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.errors import DecodeError, Reply
-from dm_actor.coap.message import Message
-from dm_actor.coap.numbers import Code, MessageType, TransmissionParameters
+from dm_actor.coap.message import Message, uint_bytes
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber, TransmissionParameters
 from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
@@ -216,22 +217,36 @@ class Supervisor:
     def restore(self, snapshot: Snapshot) -> None:
         """Bring back what the store kept (call after `run` started, before serving).
 
-        Devices come back without an address: nothing is sent to them until their next
-        contact (an Update naming their registration id, or a Register). A command that was in
-        flight at the crash goes back to the head with its Message ID and token, so a resend
-        within EXCHANGE_LIFETIME is the same exchange (the device's deduplication answers);
-        new requests take Message IDs from the device's stored reservation on, never one the
-        old process may have sent within that lifetime. Expiry that passed while the server
-        was down is caught by the sweeps.
+        A UDP device comes back at its stored last address, believed reachable: a non-queue
+        device is delivered to at once (a timeout or an ICMP error then makes it unreachable
+        until its next contact, as always); a queue-mode device waits for its next contact
+        (it sleeps). A TCP device cannot be reached until it connects again. A command that
+        was attempted before the restart is sent at once, not after the resend grace (that
+        grace is for devices that reconnect, not for the server's restart): within
+        EXCHANGE_LIFETIME as the same exchange, with its Message ID and token (the device's
+        deduplication answers); new requests take Message IDs from the device's stored
+        reservation on, never one the old process may have sent within that lifetime.
+        Expiry that passed while the server was down is caught by the sweeps.
         """
         now = self.now()
         offset = self.wall_offset
         for rec in snapshot.registrations:
             reg = registration_from_record(rec, offset)
             queue = DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now)
-            queue.reachable = False
+            addr = address_from_text(rec.address) and None
+            queue.reachable = addr is not None
             queue.awake_until = 0.0
             actor = DeviceActor(self, reg, queue, None, None)
+            if addr is not None:
+                previous = self.by_addr.get(addr)
+                if previous is None or previous.reg.updated_at <= reg.updated_at:
+                    if previous is not None:  # it moved: the later registration has it now
+                        previous.addr = None
+                        previous.queue.reachable = False
+                    actor.addr = addr
+                    self.by_addr[addr] = actor
+                else:
+                    queue.reachable = False
             next_mid = snapshot.next_mids.get(reg.endpoint)
             if next_mid is not None:  # past every MID the old process may have sent it
                 actor.coap = self.new_coap_endpoint(reliable=False, mid_start=next_mid)
@@ -243,7 +258,9 @@ class Supervisor:
         for crec in snapshot.commands:
             restored = self.by_endpoint.get(crec.endpoint)
             if restored is not None:
-                restored.queue.queue.append(command_from_record(crec, offset))
+                cmd = command_from_record(crec, offset)
+                pass
+                restored.queue.queue.append(cmd)
         for endpoint, entries in snapshot.subscriptions.items():
             restored = self.by_endpoint.get(endpoint)
             if restored is None:
@@ -386,8 +403,8 @@ class Supervisor:
         now = self.now()
         if kind == "register":
             if self._store_behind():
-                self.statistics["registrations_shed"] += 1  # the store is behind: the
-                return  # client retransmits (CoAP's own back-off is the back-pressure)
+                self._shed(msg, addr, conn)
+                return
             code, options = self._register(msg, addr, conn, now, via=None)
             self._answer_register(msg, addr, conn, code, options)
             return
@@ -461,6 +478,11 @@ class Supervisor:
     def device_request(self, actor: DeviceActor, request: Message, now: float) -> None:
         """A request from a registered device, after its actor's deduplication."""
         kind = reg_iface.classify(request)
+        if kind == "register" and self._store_behind():
+            self.statistics["registrations_shed"] += 1
+            actor.coap.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), b"", now)
+            actor.flush(now)
+            return
         if kind == "register":
             addr, conn = actor.addr, actor.conn
             code, options = self._register(request, addr, conn, now, via=actor)
@@ -489,6 +511,18 @@ class Supervisor:
         else:
             actor.coap.respond(request, code, options, b"", now)
             actor.flush(now)
+
+    def _shed(self, request: Message, addr: Address | None, conn: TcpConnection | None) -> None:
+        """Refuse a Register the server cannot keep now (its store is behind or failing):
+        5.03 Service Unavailable with Max-Age, so the client waits before it tries again
+        (LwM2M clients then back off; without an answer they retransmit at once)."""
+        self.statistics["registrations_shed"] += 1
+        self._reply_direct(
+            request, addr, conn, Code.SERVICE_UNAVAILABLE, self._retry_after(), cache=False
+        )
+
+    def _retry_after(self) -> tuple[coap_message.Option, ...]:
+        return ((OptionNumber.MAX_AGE.value, uint_bytes(self.settings.registration.retry_after)),)
 
     def _store_behind(self) -> bool:
         limit = self._held_limit
@@ -532,9 +566,12 @@ class Supervisor:
         *,
         via: DeviceActor | None,
     ) -> reg_iface.Response:
-        parsed = reg_iface.parse_register(request, self.settings.registration.default_lifetime)
+        r = self.settings.registration
+        parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime)
         if isinstance(parsed, RegistrationError):
             return reg_iface.error(parsed)
+        if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
+            return Code.BAD_REQUEST, ()
         reg = Registration.from_request(parsed, self._new_reg_id(), now)
         actor = self.by_endpoint.get(reg.endpoint)
         if actor is None:
@@ -559,7 +596,7 @@ class Supervisor:
                 self._tell(actor, Signal.WAKE)
         self.by_reg_id[reg.reg_id] = actor
         self._watch_lifetime(reg)
-        self.store.put_registration(registration_record(reg, self.wall_offset))
+        self.store.put_registration(registration_record(reg, self.wall_offset, actor.addr))
         self.statistics["registrations"] += 1
         self.events.publish("registrations", registration_item(reg))
         return reg_iface.created(reg.reg_id)
@@ -596,16 +633,18 @@ class Supervisor:
             self.by_conn[conn] = actor
 
     def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
-        parsed = reg_iface.parse_update(request)
+        parsed = reg_iface.parse_update(request, self.settings.registration.max_lifetime)
         if isinstance(parsed, RegistrationError):
             return reg_iface.error(parsed)
+        if actor.conn is None and parsed.binding is not None and "U" not in parsed.binding:
+            return Code.BAD_REQUEST, ()
         if parsed.reg_id != actor.reg.reg_id:
             return Code.NOT_FOUND, ()
         reg = actor.reg.apply_update(parsed, now)
         actor.reg = reg
         actor.queue.queue_mode = reg.queue_mode
         self._watch_lifetime(reg)
-        self.store.put_registration(registration_record(reg, self.wall_offset))
+        self.store.put_registration(registration_record(reg, self.wall_offset, actor.addr))
         self.events.publish("reg-updates", registration_item(reg))
         return reg_iface.changed()
 

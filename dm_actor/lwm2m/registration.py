@@ -9,9 +9,12 @@ for an unknown id are the caller's. Times come in as `now`; nothing here reads a
 I/O. A parser never raises on bad input: it returns a `RegistrationError` carrying the CoAP
 response code (LwM2M 1.1 TS 6.2 and Leshan's `RegistrationHandler`):
 
-- 4.00 Bad Request: a malformed parameter (`lt`, `b`, `sms`, `Q`, a repeated parameter) or a
-  payload that is not link-format.
-- 4.03 Forbidden: a Register without an endpoint name.
+- 4.00 Bad Request: a missing or malformed parameter (`ep`, `lt`, `b`, `sms`, `Q`, a repeated
+  parameter), a lifetime above the server's maximum, or a payload that is not link-format.
+  An endpoint name (and an endpoint type) is 1..255 bytes of printable characters without
+  spaces, `/`, `\\`, `?`, `#` or `%`, and not `.` or `..`: it names the device in the REST
+  API's paths, log lines and file-like tools, so nothing that changes a path's meaning.
+- 4.03 Forbidden is the caller's, for an endpoint the server refuses (none yet).
 - 4.12 Precondition Failed: an `lwm2m` version other than 1.0, 1.1 or 1.2.
 - 4.15 Unsupported Content-Format: a payload that is declared as anything but link-format.
 
@@ -210,13 +213,14 @@ def classify(msg: Message) -> Interface | None:
 
 
 def parse_register(
-    msg: Message, default_lifetime: int = 86400
+    msg: Message, default_lifetime: int = 86400, max_lifetime: int = MAX_LIFETIME
 ) -> RegisterRequest | RegistrationError:
     """Read a Register (`POST /rd?ep=&lt=&lwm2m=&b=&sms=&Q&et=` with link-format objects).
 
     Args:
         msg: the decoded request.
         default_lifetime: the lifetime when `lt` is absent (the `lifetime` setting).
+        max_lifetime: the longest lifetime accepted (longer: 4.00).
 
     Returns:
         The request, or the error to answer with (see the module docstring for the codes).
@@ -227,7 +231,8 @@ def parse_register(
         params = _query(msg)
         endpoint = params.get("ep")
         if not endpoint:
-            raise _Refusal(Code.FORBIDDEN, "missing endpoint name (ep)")
+            raise _Refusal(Code.BAD_REQUEST, "missing endpoint name (ep)")
+        _check_name("ep", endpoint)
         version = "1.0"
         if "lwm2m" in params:
             raw_version = params["lwm2m"]
@@ -237,11 +242,13 @@ def parse_register(
                     Code.PRECONDITION_FAILED, f"unsupported lwm2m version {raw_version!r}"
                 )
             version = found
-        lifetime = _lifetime(params)
+        lifetime = _lifetime(params, max_lifetime)
         binding = _binding(params, _TRANSPORTS_1_0 if version == "1.0" else _TRANSPORTS_1_1)
         sms = _sms(params)
         queue = _queue_param(params)
         endpoint_type = params.get("et") or None  # (few distinct values: shared strings)
+        if endpoint_type is not None:
+            _check_name("et", endpoint_type)
         if not msg.payload:
             raise _Refusal(Code.BAD_REQUEST, "Register without object links")
         objects = _objects(msg)
@@ -260,7 +267,9 @@ def parse_register(
     )
 
 
-def parse_update(msg: Message) -> UpdateRequest | RegistrationError:
+def parse_update(
+    msg: Message, max_lifetime: int = MAX_LIFETIME
+) -> UpdateRequest | RegistrationError:
     """Read an Update (`POST /rd/{id}?lt=&b=&sms=&Q`, optional link-format payload).
 
     Whether `{id}` names a registration is for the caller to check (4.04 when it does not).
@@ -268,7 +277,7 @@ def parse_update(msg: Message) -> UpdateRequest | RegistrationError:
     try:
         reg_id = _reg_id(msg, _POST)
         params = _query(msg)
-        lifetime = _lifetime(params)
+        lifetime = _lifetime(params, max_lifetime)
         binding = _binding(params, _TRANSPORTS_1_1 | _TRANSPORTS_1_0)
         sms = _sms(params)
         queue = _queue_param(params)
@@ -333,14 +342,35 @@ def _query(msg: Message) -> dict[str, str | None]:
     return params
 
 
-def _lifetime(params: dict[str, str | None]) -> int | None:
+def _lifetime(params: dict[str, str | None], max_lifetime: int) -> int | None:
     if "lt" not in params:
         return None
     raw = params["lt"] or ""
     lifetime = _lifetime_value(raw)
     if lifetime is None:
         raise _Refusal(Code.BAD_REQUEST, f"lifetime lt={raw[:16]!r} is not 1..2^32-1")
+    if lifetime > max_lifetime:
+        raise _Refusal(
+            Code.BAD_REQUEST, f"lifetime lt={lifetime} is over the server's maximum {max_lifetime}"
+        )
     return lifetime
+
+
+_NAME_FORBIDDEN = frozenset(" /\\?#%")
+
+
+def _name_ok(name: str) -> bool:
+    return (
+        len(name.encode()) <= 255
+        and name.isprintable()
+        and name not in (".", "..")
+        and _NAME_FORBIDDEN.isdisjoint(name)
+    )
+
+
+def _check_name(param: str, name: str) -> None:
+    if not _name_ok(name):
+        raise _Refusal(Code.BAD_REQUEST, f"invalid {param}={name[:32]!r}")
 
 
 @functools.lru_cache(maxsize=64)

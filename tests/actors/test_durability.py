@@ -95,6 +95,9 @@ async def test_registers_are_shed_while_too_many_answers_wait_for_the_store(
         await trio.sleep(1)
         assert list(store.registrations) == ["gated"]  # the second one was not taken
         assert server.sup.statistics["registrations_shed"] == 1
+        data, _ = await clients[1].recvfrom(2048)  # ... and told to come back later
+        shed = decode(data)
+        assert (shed.code, shed.mid, shed.max_age) == (Code.SERVICE_UNAVAILABLE, 2, 60)
         store.commit()
         data, _ = await clients[0].recvfrom(2048)
         assert decode(data).code == Code.CREATED

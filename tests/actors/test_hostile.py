@@ -162,3 +162,50 @@ async def test_an_exception_while_handling_a_peer_ends_only_that_device(
     assert accepted.__class__.__name__ == "Accepted"
     await trio.sleep(5)
     assert healthy.executed
+
+
+def register_query(mid: int, query: str) -> bytes:
+    options = tuple(
+        sorted(
+            (*path_options("/rd"), *query_options(query),
+             (OptionNumber.CONTENT_FORMAT, uint_bytes(40))),
+            key=lambda o: o[0],
+        )
+    )  # fmt: skip
+    return encode(Message(CON, Code.POST, mid, b"\x01", options, OBJECTS))
+
+
+@pytest.mark.parametrize(
+    ("query", "why"),
+    [
+        ("lt=60", "no ep: 4.00, not 4.03"),
+        ("ep=a\x00b", "NUL in the endpoint name"),
+        ("ep=../etc", "a path in the endpoint name"),
+        ("ep=a&lt=4294967295", "136 years: over the maximum lifetime"),
+        ("ep=a&b=T", "TCP-only binding announced over UDP"),
+    ],
+)
+async def test_bad_registers_get_4_00(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, query: str, why: str
+) -> None:
+    server = await start_server(nursery)
+    with Peer(server.addr) as peer:
+        await peer.bind()
+        await peer.send(register_query(9, query))
+        await peer.collect(1.0)
+        assert [m.code for m in peer.answers_to(9)] == [Code.BAD_REQUEST], why
+    assert server.sup.by_endpoint == {}
+
+
+async def test_a_bound_device_registering_while_the_store_is_behind_gets_5_03(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    server, dev = await online(nursery, "busy", store=store)
+    server.sup._held_limit = 1
+    store.open = False
+    store.put_registration(store.registrations["busy"])  # one write the disk has not taken
+    answer = await dev.register()
+    assert (answer.code, answer.max_age) == (Code.SERVICE_UNAVAILABLE, 60)
+    assert server.sup.statistics["registrations_shed"] == 1

@@ -330,7 +330,8 @@ async def test_rule_5_1_expiry_counts_from_acceptance_up_to_30_days(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    server, _dev = await online(nursery, binding="UQ", lifetime=40 * 86400)
+    long_lived = parse_settings(f"[registration]\nmax_lifetime = {40 * 86400}\n")
+    server, _dev = await online(nursery, settings=long_lived, binding="UQ", lifetime=40 * 86400)
     await trio.sleep(100)
     t0 = trio.current_time()
     await server.sup.submit("dev", "GET", "/3/0/1", async_id="month", expiry=2_592_000)

@@ -256,16 +256,30 @@ def test_register_without_content_format_is_read_as_link_format() -> None:
 
 
 BAD_REQUEST = Code.BAD_REQUEST
-FORBIDDEN = Code.FORBIDDEN
 PRECONDITION_FAILED = Code.PRECONDITION_FAILED
 
 
 @pytest.mark.parametrize(
     ("query", "code"),
     [
-        ("lt=60", FORBIDDEN),
-        ("ep=&lt=60", FORBIDDEN),
-        ("ep&lt=60", FORBIDDEN),
+        ("lt=60", BAD_REQUEST),  # 4.03 is for an endpoint the server refuses, not a missing one
+        ("ep=&lt=60", BAD_REQUEST),
+        ("ep&lt=60", BAD_REQUEST),
+        ("ep=a\x00b", BAD_REQUEST),
+        ("ep=a/b", BAD_REQUEST),
+        ("ep=..", BAD_REQUEST),
+        ("ep=.", BAD_REQUEST),
+        ("ep=a\nb", BAD_REQUEST),
+        ("ep=a\tb", BAD_REQUEST),
+        ("ep=a\x7fb", BAD_REQUEST),
+        ("ep=a\x85b", BAD_REQUEST),  # a C1 control (NEL)
+        ("ep=a%41", BAD_REQUEST),  # Uri-Query is not percent-encoded: % has no business here
+        ("ep=a b", BAD_REQUEST),
+        ("ep=a?b", BAD_REQUEST),
+        ("ep=a#b", BAD_REQUEST),
+        ("ep=a\\b", BAD_REQUEST),
+        ("ep=" + "x" * 256, BAD_REQUEST),
+        ("ep=a&et=x/y", BAD_REQUEST),
         ("ep=a&lt=0", BAD_REQUEST),
         ("ep=a&lt=-1", BAD_REQUEST),
         ("ep=a&lt=+5", BAD_REQUEST),
@@ -308,7 +322,7 @@ def test_register_errors(query: str, code: int) -> None:
 
 def test_register_checks_endpoint_before_version_before_parameters() -> None:
     assert parse_register(request("lwm2m=9.9&lt=0")) == RegistrationError(
-        FORBIDDEN, "missing endpoint name (ep)"
+        BAD_REQUEST, "missing endpoint name (ep)"
     )
     result = parse_register(request("ep=a&lwm2m=9.9&lt=0"))
     assert isinstance(result, RegistrationError)
@@ -551,3 +565,25 @@ def test_parsers_never_raise(
             assert 128 <= result.code < 160
     if kind == "register" and isinstance(reg := parse_register(msg), RegisterRequest):
         assert reg.endpoint and reg.lifetime > 0
+
+
+@pytest.mark.parametrize(
+    "name", ["urn:imei:490154203237518", "dev-1.2_x", "é", "x" * 255, "a..b", "...", "urn:uuid:a"]
+)
+def test_register_accepts_real_endpoint_names(name: str) -> None:
+    req = parse_register(request(f"ep={name}"))
+    assert isinstance(req, RegisterRequest), req
+    assert req.endpoint == name
+
+
+def test_a_lifetime_over_the_maximum_is_refused() -> None:
+    """Hostile-input issue, item 6: lt=4294967295 (136 years) was accepted."""
+    assert isinstance(parse_register(request("ep=a&lt=2592000"), max_lifetime=2592000),
+                      RegisterRequest)  # fmt: skip
+    result = parse_register(request("ep=a&lt=4294967295"), max_lifetime=2592000)
+    assert result == RegistrationError(
+        BAD_REQUEST, "lifetime lt=4294967295 is over the server's maximum 2592000"
+    )
+    update = parse_update(request("lt=2592001", b"", path="rd/1"), max_lifetime=2592000)
+    assert isinstance(update, RegistrationError)
+    assert update.code == BAD_REQUEST
