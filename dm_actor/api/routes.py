@@ -56,14 +56,29 @@ ACCEPTED: Response = (202, [], b"")
 OK_EMPTY: Response = (200, [], b"")
 
 MALFORMED = "MALFORMED_JSON_CONTENT"
+TOO_MANY_PRESUBSCRIPTIONS = "TOO_MANY_PRESUBSCRIPTIONS"
 _ALL_OBSERVABLE = ("/*",)  # a pre-subscription without resource-path: every resource
 
 _decode_device_request = msgspec.json.Decoder(DeviceRequest).decode
 _decode_channel = msgspec.json.Decoder(ChannelRequest, strict=False).decode
 _decode_callback = msgspec.json.Decoder(CallbackRequest, strict=False).decode
 _decode_presubscriptions = msgspec.json.Decoder(list[PresubscriptionEntry]).decode
+#: the errors a decoder raises for a body it refuses (msgspec raises RecursionError for
+#: nesting deeper than the C stack allows: it is the client's malformed JSON, too)
+_BAD_JSON = (msgspec.ValidationError, msgspec.DecodeError, RecursionError)
 _encode = msgspec.json.Encoder().encode
 _b64decode = base64.b64decode
+
+
+def _json_media_type(content_type: bytes | None) -> bool:
+    """Whether a body of `content_type` may be read as JSON: none given (curl -d sets one,
+    many clients none), `application/json` or a `+json` type, any parameters."""
+    if content_type is None:
+        return True
+    media = content_type.partition(b";")[0].strip().lower()
+    return media == b"application/json" or (
+        media.startswith(b"application/") and media.endswith(b"+json")
+    )
 
 
 def text(status: int, body: str) -> Response:
@@ -82,6 +97,7 @@ def rejected(r: Rejected) -> Response:
     return text(r.status, r.code)
 
 
+UNSUPPORTED_MEDIA_TYPE = text(415, "Content-Type must be application/json.")
 NOT_FOUND_ROUTE = error_v3(404, "not_found", "No such resource.")
 BAD_METHOD = error_v3(405, "method_not_allowed", "Method not allowed on this resource.")
 
@@ -89,7 +105,7 @@ BAD_METHOD = error_v3(405, "method_not_allowed", "Method not allowed on this res
 class Request:
     """One parsed HTTP request: the path as percent-decoded segments after the first `/`."""
 
-    __slots__ = ("app", "body", "method", "query", "segments")
+    __slots__ = ("app", "body", "content_type", "method", "query", "segments")
 
     def __init__(
         self,
@@ -98,12 +114,19 @@ class Request:
         query: dict[str, str],
         body: bytes,
         app: str,
+        content_type: bytes | None = None,
     ) -> None:
         self.method = method
         self.segments = segments
         self.query = query
         self.body = body
         self.app = app
+        self.content_type = content_type
+
+    @property
+    def json_refused(self) -> bool:
+        """A JSON route's body that is declared as something else (415)."""
+        return bool(self.body.strip()) and not _json_media_type(self.content_type)
 
 
 class Api:
@@ -127,6 +150,7 @@ class Api:
         self.hub = hub
         self.wall_offset = wall_offset
         self.webhooks = webhooks or Webhooks(hub)
+        self.max_presubscriptions = 1024  # entries per application (Pelion's limit)
         self._v2: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "device-requests": self._device_requests,
             "notification": self._notification,
@@ -181,10 +205,12 @@ class Api:
                 expiry = int(q["expiry-seconds"])
         except ValueError:
             return text(400, "MALFORMED_EXPIRY_SECONDS")
+        if req.json_refused:
+            return UNSUPPORTED_MEDIA_TYPE
         try:
             body = _decode_device_request(req.body)
             payload = _b64decode(body.payload_b64, validate=True) if body.payload_b64 else b""
-        except (msgspec.ValidationError, msgspec.DecodeError, binascii.Error, ValueError):
+        except (*_BAD_JSON, binascii.Error, ValueError):
             return text(400, MALFORMED)
         content_format = accept = None
         if body.content_type:
@@ -312,8 +338,12 @@ class Api:
         return NOT_FOUND_ROUTE
 
     def _put_websocket(self, req: Request) -> Response:
+        if req.json_refused:
+            return UNSUPPORTED_MEDIA_TYPE
         try:
             body = _decode_channel(req.body) if req.body.strip() else ChannelRequest()
+        except RecursionError:
+            return text(400, MALFORMED)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return text(400, f"Invalid serialization options: {exc}")
         channel = self.hub.channels.get(req.app)
@@ -325,9 +355,11 @@ class Api:
         return json(201, self._websocket_view(req.app))
 
     async def _put_callback(self, req: Request) -> Response:
+        if req.json_refused:
+            return UNSUPPORTED_MEDIA_TYPE
         try:
             body = _decode_callback(req.body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _BAD_JSON:
             return text(400, MALFORMED)
         try:
             target = parse_target(body.url, body.headers)
@@ -419,10 +451,14 @@ class Api:
             return NO_CONTENT
         if method != b"PUT":
             return BAD_METHOD
+        if req.json_refused:
+            return UNSUPPORTED_MEDIA_TYPE
         try:
             entries = _decode_presubscriptions(req.body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except _BAD_JSON:
             return text(400, MALFORMED)
+        if len(entries) > self.max_presubscriptions:
+            return text(400, TOO_MANY_PRESUBSCRIPTIONS)
         presubscriptions = []
         for e in entries:
             if e.resource_path is not None and not e.resource_path:

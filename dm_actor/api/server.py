@@ -1,11 +1,17 @@
 """The HTTP port: an h11 loop per connection, REST dispatch, long polls and WebSockets.
 
-One task per TCP connection reads requests with h11 (keep-alive; headers bounded by h11's
-`max_incomplete_event_size`, bodies by `max_body`: 413), authenticates them, and answers.
+One task per TCP connection reads requests with h11 (keep-alive), authenticates them, and
+answers. Every phase of a request is bounded (docs/operations.md, "Limits"): the request head
+must be complete within `head_timeout` and `max_header` bytes (431), the body within
+`body_timeout` and `max_body` bytes (413), and the response must be written within
+`send_timeout`. At `max_connections`, a new connection sheds the oldest one that has not yet
+sent a complete request head (or an idle keep-alive one, or one still uploading the body of an
+unauthenticated request), so a slow client cannot lock out one that sends a complete request.
 `GET /v2/notification/pull` waits in that task; `GET /v2/notification/websocket-connect` is
 handed to trio-websocket's public `wrap_server_stream` through a `ReplayStream` that gives it
 the upgrade request h11 already consumed. Malformed HTTP gets a 4xx and the connection closes;
-the server keeps serving. The application logic lives in `routes.py`.
+a handler's failure gets 500; the server keeps serving. The application logic lives in
+`routes.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dm_actor.api.channels import (
     Session,
 )
 from dm_actor.api.replay import ReplayStream
-from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, text
+from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, error_v3, text
 from dm_actor.api.schemas import Serialization
 from dm_actor.api.webhook import WebhookOptions, parse_target
 
@@ -43,6 +49,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.device import Address
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.api.auth import ApiKeys
+    from dm_actor.config import ApiSettings
     from dm_actor.store.base import ChannelRecord
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,8 @@ _RECEIVE_SIZE = 65536
 _PULL = ["v2", "notification", "pull"]
 _WEBSOCKET_CONNECT = ["v2", "notification", "websocket-connect"]
 UNAUTHORIZED = text(401, "Authentication failure.")
+INTERNAL_ERROR = text(500, "Internal server error.")
+INTERNAL_ERROR_V3 = error_v3(500, "internal_server_error", "Internal server error.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +74,48 @@ class HttpOptions:
     idle_timeout: float = 600.0  # a keep-alive connection with no request is closed
     handshake_timeout: float = 10.0
     close_timeout: float = 5.0
-    max_connections: int = 1024  # served at once; more wait in the kernel's accept queue
-    crowded_idle_timeout: float = 5.0  # ... and while they do, idle connections get this long
+    max_connections: int = 1024  # served at once (beyond, waiting heads are shed; see run)
+    head_timeout: float = 10.0  # a request head must be complete within this (whole head)
+    body_timeout: float = 30.0  # ... and its body within this after the head
+    send_timeout: float = 30.0  # a response must be written within this
+    max_connections_per_address: int = 0  # 0: no limit (behind a proxy all share one)
+    max_presubscriptions: int = 1024  # per application
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings) -> HttpOptions:
+        """The options that the `[api]` settings set (the rest keep their defaults)."""
+        return cls(
+            max_connections=api.max_connections,
+            head_timeout=api.head_timeout,
+            body_timeout=api.body_timeout,
+            send_timeout=api.send_timeout,
+            max_connections_per_address=api.max_connections_per_address,
+            max_presubscriptions=api.max_presubscriptions,
+        )
+
+
+class _Slot:
+    """One served connection: its peer's address and the cancel scope that sheds it."""
+
+    __slots__ = ("address", "scope", "shed")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.scope: trio.CancelScope | None = None
+        self.shed = False
+
+
+#: the refusals of the HTTP port that `statistics` counts, and how the log names them
+_REFUSALS = {
+    "connections_shed": "connections shed to make room (no complete request head yet)",
+    "head_timeouts": "request heads not complete in time",
+    "body_timeouts": "request bodies not complete in time",
+    "send_timeouts": "responses the client did not read in time",
+    "refused_per_address": "connections over the per-address limit",
+    "server_errors": "requests that failed with 500",
+}
+_LOG_INTERVAL = 60.0  # refusals are logged as one summary line per interval at most
 
 
 #: accept() errors that mean "out of resources for now" (trio's serve_listeners pauses too)
@@ -90,10 +138,19 @@ class HttpServer:
             sup.events, on_delivered=sup.events_delivered, keep=sup.keep_event, store=sup.store
         )
         self.api = Api.create(sup, self.hub, self.options.webhook)
+        self.api.max_presubscriptions = self.options.max_presubscriptions
         self.restored = list(channels)
         self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
-        self._reading: set[trio.CancelScope] = set()  # connections waiting for client bytes
-        self._slots: trio.Semaphore | None = None  # free connection slots, once running
+        self.statistics.update(dict.fromkeys(_REFUSALS, 0))
+        self.served = 0  # connections being served
+        # sheddable connections (no complete request head yet, idle keep-alive, or uploading
+        # the body of an unauthenticated request), oldest first
+        self._sheddable: dict[_Slot, None] = {}
+        self._leaving = 0  # shed, not yet closed
+        self._room = trio.Event()  # set when a slot frees or a connection becomes sheddable
+        self._per_address: dict[str, int] = {}
+        self._unlogged: dict[str, int] = {}
+        self._logged_at = -_LOG_INTERVAL
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -103,15 +160,15 @@ class HttpServer:
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)
-            slots = self._slots = trio.Semaphore(self.options.max_connections)
             for listener in listeners:
-                nursery.start_soon(self._accept, listener, slots, nursery)
+                nursery.start_soon(self._accept, listener, nursery)
 
-    async def _accept(
-        self, listener: trio.SocketListener, slots: trio.Semaphore, nursery: trio.Nursery
-    ) -> None:
-        """Accept while fewer than `max_connections` are served: beyond, new connections
-        wait in the kernel's (bounded) accept queue, so a connection flood costs no task."""
+    async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        """Accept connections. At `max_connections`, the oldest sheddable connection is
+        closed to make room; when none is sheddable, new connections wait in the kernel's
+        (bounded) accept queue, so a connection flood costs no task."""
+        limit = self.options.max_connections
+        per_address = self.options.max_connections_per_address
         async with listener:
             while True:
                 try:
@@ -122,33 +179,60 @@ class HttpServer:
                     log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
                     await trio.sleep(0.1)
                     continue
-                if not slots.value:
-                    self._crowded()
+                address = _address(stream)
+                if per_address and self._per_address.get(address, 0) >= per_address:
+                    self._refused("refused_per_address")
+                    await trio.aclose_forcefully(stream)
+                    continue
                 try:
-                    await slots.acquire()
+                    while self.served >= limit:
+                        if self.served - self._leaving < limit or not self._shed():
+                            self._room = trio.Event()
+                            await self._room.wait()
                 except BaseException:
                     await trio.aclose_forcefully(stream)
                     raise
-                nursery.start_soon(self._serve, stream, slots)
+                self.served += 1
+                self._per_address[address] = self._per_address.get(address, 0) + 1
+                nursery.start_soon(self._serve, stream, _Slot(address))
 
-    def _idle_timeout(self) -> float:
-        slots = self._slots
-        if slots is not None and not slots.value and slots.statistics().tasks_waiting:
-            return self.options.crowded_idle_timeout
-        return self.options.idle_timeout
+    def _shed(self) -> bool:
+        """Close the oldest sheddable connection; False when there is none."""
+        if not self._sheddable:
+            return False
+        slot = next(iter(self._sheddable))
+        del self._sheddable[slot]
+        slot.shed = True
+        assert slot.scope is not None
+        slot.scope.cancel()
+        self._leaving += 1
+        return True
 
-    def _crowded(self) -> None:
-        """Every slot is taken: idle keep-alive connections (and slow uploads) get
-        `crowded_idle_timeout` to send something, so idle sockets cannot lock others out."""
-        deadline = trio.current_time() + self.options.crowded_idle_timeout
-        for scope in self._reading:
-            scope.deadline = min(scope.deadline, deadline)
+    def _refused(self, kind: str) -> None:
+        """Count a refusal; log the refusals as one line per `_LOG_INTERVAL` at most."""
+        self.statistics[kind] += 1
+        self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
+        now = trio.current_time()
+        if now - self._logged_at >= _LOG_INTERVAL:
+            self._logged_at = now
+            counts = ", ".join(f"{n} {_REFUSALS[k]}" for k, n in self._unlogged.items())
+            log.warning("HTTP refusals (at most one such line a minute): %s", counts)
+            self._unlogged.clear()
 
-    async def _serve(self, stream: trio.SocketStream, slots: trio.Semaphore) -> None:
+    async def _serve(self, stream: trio.SocketStream, slot: _Slot) -> None:
         try:
-            await self.connection(stream)
+            await self.connection(stream, slot)
         finally:
-            slots.release()
+            self._sheddable.pop(slot, None)
+            self.served -= 1
+            if slot.shed:
+                self._leaving -= 1
+            left = self._per_address[slot.address] - 1
+            if left:
+                self._per_address[slot.address] = left
+            else:
+                del self._per_address[slot.address]
+            self._room.set()
 
     def _restore_channels(self) -> None:
         """Reopen the channels the store kept; a callback resumes delivering at once."""
@@ -168,74 +252,178 @@ class HttpServer:
 
     # -- one connection -------------------------------------------------------------------
 
-    async def connection(self, stream: trio.SocketStream) -> None:
-        """Serve requests on one connection until it closes or breaks."""
+    async def connection(self, stream: trio.SocketStream, slot: _Slot | None = None) -> None:
+        """Serve requests on one connection until it closes, breaks, or is shed."""
         self.statistics["connections"] += 1
+        slot = slot or _Slot(_address(stream))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.options.max_header)
         try:
             async with stream:
-                while await self._request(conn, stream):
+                fresh = True
+                while await self._request(conn, stream, slot, fresh=fresh):
                     conn.start_next_cycle()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-            pass  # the client went away or idled out
+                    fresh = False
+        except trio.TooSlowError:  # the client did not read our response in time
+            self._refused("send_timeouts")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away
         except Exception:  # one connection's failure never stops the server
             log.exception("HTTP connection from %s failed", _peer(stream))
 
-    async def _next_event(self, conn: h11.Connection, stream: trio.SocketStream) -> object:
-        while True:
-            event = conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            if conn.they_are_waiting_for_100_continue:
-                await stream.send_all(
-                    conn.send(h11.InformationalResponse(status_code=100, headers=[]))
-                )
-            with trio.fail_after(self._idle_timeout()) as scope:
-                self._reading.add(scope)
-                try:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
-                finally:
-                    self._reading.discard(scope)
-            conn.receive_data(data)
+    def _sheddable_from(self, slot: _Slot, scope: trio.CancelScope) -> None:
+        slot.scope = scope
+        self._sheddable[slot] = None
+        self._room.set()
 
-    async def _request(self, conn: h11.Connection, stream: trio.SocketStream) -> bool:
+    def _was_shed(self, slot: _Slot, scope: trio.CancelScope) -> bool:
+        """After a sheddable phase (its scope exited): whether it ended because the
+        connection was shed (one shed just as its phase completed is kept: it is served)."""
+        if not slot.shed:
+            return False
+        if scope.cancelled_caught:
+            self._refused("connections_shed")
+            return True
+        slot.shed = False
+        self._leaving -= 1
+        self._room.set()
+        return False
+
+    async def _head(
+        self, conn: h11.Connection, stream: trio.SocketStream, slot: _Slot, *, fresh: bool
+    ) -> h11.Request | None:
+        """The next request's head; None when the connection is to close (the client closed
+        it, it was shed, or its head was not complete in time: 408).
+
+        The head must be complete `head_timeout` after the connection opened, or on a kept-
+        alive connection after its first byte (before it, the connection is idle: closed
+        after `idle_timeout`). Raises h11.RemoteProtocolError for malformed HTTP."""
+        options = self.options
+        received = len(conn.trailing_data[0])  # pipelined bytes already here
+        started = fresh or received > 0
+        timeout = options.head_timeout if started else options.idle_timeout
+        with trio.move_on_after(timeout) as scope:
+            self._sheddable_from(slot, scope)
+            try:
+                while (event := conn.next_event()) is h11.NEED_DATA:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    if not started:
+                        started = True
+                        scope.deadline = trio.current_time() + options.head_timeout
+                    received += len(data)
+                    conn.receive_data(data)
+            finally:
+                self._sheddable.pop(slot, None)
+        if self._was_shed(slot, scope):
+            return None
+        if scope.cancelled_caught:
+            if started:
+                self._refused("head_timeouts")
+                if received:
+                    await self._refuse(
+                        conn, stream, text(408, "Request head not complete in time.")
+                    )
+            return None
+        if not isinstance(event, h11.Request):
+            return None  # ConnectionClosed: the client is done
+        if received - len(conn.trailing_data[0]) > options.max_header:
+            # h11 bounds only a head that arrives in parts; this one came whole
+            self.statistics["bad_requests"] += 1
+            response = text(431, "Malformed HTTP request: request head too large")
+            await self._send(conn, stream, response, close=True, slot=slot)
+            return None
+        return event
+
+    async def _body(
+        self, conn: h11.Connection, stream: trio.SocketStream, slot: _Slot, *, sheddable: bool
+    ) -> bytes | None:
+        """The request's body; None when the connection is to close (answered 413 or 408, or
+        shed: an unauthenticated request's body is `sheddable`). Raises
+        h11.RemoteProtocolError for malformed HTTP."""
+        options = self.options
+        body = bytearray()
+        part: object = None
+        with trio.move_on_after(options.body_timeout) as scope:
+            if sheddable:
+                self._sheddable_from(slot, scope)
+            try:
+                while len(body) <= options.max_body:
+                    part = conn.next_event()
+                    if part is h11.NEED_DATA:
+                        if conn.they_are_waiting_for_100_continue:
+                            go_on = h11.InformationalResponse(status_code=100, headers=[])
+                            await stream.send_all(conn.send(go_on))
+                        conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                    elif type(part) is h11.Data:
+                        body += part.data
+                    else:
+                        break  # EndOfMessage, or ConnectionClosed mid-body
+            finally:
+                self._sheddable.pop(slot, None)
+        if self._was_shed(slot, scope):
+            return None
+        if type(part) is h11.EndOfMessage:
+            return bytes(body)
+        if isinstance(part, h11.ConnectionClosed):
+            return None
+        if scope.cancelled_caught:
+            self._refused("body_timeouts")
+            await self._refuse(conn, stream, text(408, "Request body not complete in time."))
+            return None
+        response = text(413, "Request body too large.")
+        await self._send(conn, stream, response, close=True, slot=slot)
+        return None
+
+    async def _refuse(
+        self, conn: h11.Connection, stream: trio.SocketStream, response: Response
+    ) -> None:
+        """Answer a timed-out request and close at once (briefly: the client is slow)."""
+        if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            with trio.move_on_after(1.0):
+                await self._send(conn, stream, response, close=True, linger=False)
+
+    async def _request(
+        self, conn: h11.Connection, stream: trio.SocketStream, slot: _Slot, *, fresh: bool
+    ) -> bool:
         """Read and answer one request; False when the connection must close."""
         options = self.options
         try:
-            event = await self._next_event(conn, stream)
-            if not isinstance(event, h11.Request):
-                return False  # ConnectionClosed: the client is done
-            auth = upgrade = None
-            length = 0
+            event = await self._head(conn, stream, slot, fresh=fresh)
+            if event is None:
+                return False
+            auth = upgrade = content_type = None
+            authorizations = length = 0
             for name, value in event.headers:
                 if name == b"authorization":
                     auth = value
+                    authorizations += 1
                 elif name == b"content-length":
                     length = int(value)
                 elif name == b"upgrade":
                     upgrade = value
-            if length > options.max_body:
-                await self._send(conn, stream, text(413, "Request body too large."), close=True)
+                elif name == b"content-type":
+                    content_type = value
+            if authorizations > 1:
+                self.statistics["bad_requests"] += 1
+                response = text(400, "Malformed HTTP request: more than one Authorization header")
+                await self._send(conn, stream, response, close=True, slot=slot)
                 return False
-            body = b""
-            while True:
-                part = await self._next_event(conn, stream)
-                if type(part) is h11.Data:
-                    body += part.data
-                    if len(body) > options.max_body:
-                        response = text(413, "Request body too large.")
-                        await self._send(conn, stream, response, close=True)
-                        return False
-                elif type(part) is h11.EndOfMessage:
-                    break
-                else:
-                    return False
+            if length > options.max_body:
+                await self._send(
+                    conn, stream, text(413, "Request body too large."), close=True, slot=slot
+                )
+                return False
+            app = self.keys.from_authorization(auth)
+            # an unauthenticated upload may be shed like a slow head (the WebSocket upgrade
+            # may still carry its key in a subprotocol, but it has no body)
+            body = await self._body(conn, stream, slot, sheddable=app is None)
+            if body is None:
+                return False
         except h11.RemoteProtocolError as exc:
             self.statistics["bad_requests"] += 1
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint
                 response = text(status, f"Malformed HTTP request: {exc}")
-                await self._send(conn, stream, response, close=True)
+                await self._send(conn, stream, response, close=True, slot=slot)
             return False
         self.statistics["requests"] += 1
         path, _, query = event.target.decode("ascii").partition("?")
@@ -245,15 +433,25 @@ class HttpServer:
                 segments[i] = unquote(seg)
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
             return await self._websocket_connect(conn, stream, event, upgrade, auth)
-        app = self.keys.from_authorization(auth)
         if app is None:
             await self._send(conn, stream, UNAUTHORIZED)
             return conn.our_state is h11.DONE
-        req = Request(event.method, segments, dict(parse_qsl(query)), body, app)
+        req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
             return await self._long_poll(conn, stream, app)
-        await self._send(conn, stream, await self.api.dispatch(req))
+        try:
+            response = await self.api.dispatch(req)
+        except Exception:  # a handler's bug: answered, counted, logged (once a minute)
+            self._server_error(event)
+            response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
+        await self._send(conn, stream, response)
         return conn.our_state is h11.DONE
+
+    def _server_error(self, event: h11.Request) -> None:
+        first = self._unlogged.get("server_errors", 0) == 0
+        self._refused("server_errors")
+        if first:
+            log.exception("HTTP %s %s failed", event.method.decode(), event.target.decode())
 
     async def _send(
         self,
@@ -262,7 +460,11 @@ class HttpServer:
         response: Response,
         *,
         close: bool = False,
+        linger: bool = True,
+        slot: _Slot | None = None,
     ) -> None:
+        """Send `response` within `send_timeout` (else trio.TooSlowError); with `close`, the
+        connection is to close: it lingers first (sheddable, when its `slot` is given)."""
         status, headers, body = response
         if status != 204:
             headers = [*headers, (b"content-length", b"%d" % len(body))]
@@ -273,18 +475,27 @@ class HttpServer:
         if body:
             data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
-        await stream.send_all(data)
-        if close:
-            await self._linger(stream)
+        with trio.fail_after(self.options.send_timeout):
+            await stream.send_all(data)
+        if close and linger:
+            await self._linger(stream, slot)
 
-    async def _linger(self, stream: trio.SocketStream) -> None:
+    async def _linger(self, stream: trio.SocketStream, slot: _Slot | None = None) -> None:
         """Before closing on an error, read what the client still sends (briefly): closing
         with unread data would reset the connection and lose the error response."""
-        with trio.move_on_after(self.options.close_timeout):
-            await stream.send_eof()
-            left = 16 * self.options.max_body
-            while left > 0 and (data := await stream.receive_some(_RECEIVE_SIZE)):
-                left -= len(data)
+        with trio.move_on_after(self.options.close_timeout) as scope:
+            if slot is not None:
+                self._sheddable_from(slot, scope)
+            try:
+                await stream.send_eof()
+                left = 16 * self.options.max_body
+                while left > 0 and (data := await stream.receive_some(_RECEIVE_SIZE)):
+                    left -= len(data)
+            finally:
+                if slot is not None:
+                    self._sheddable.pop(slot, None)
+        if slot is not None:
+            self._was_shed(slot, scope)
 
     # -- long poll ------------------------------------------------------------------------
 
@@ -446,6 +657,19 @@ def _peer(stream: trio.SocketStream) -> object:
         return stream.socket.getpeername()
     except OSError:
         return "?"
+
+
+def _address(stream: trio.SocketStream) -> str:
+    """The client's IP address (the key of `max_connections_per_address`)."""
+    peer = _peer(stream)
+    return str(peer[0]) if isinstance(peer, tuple) else "?"
+
+
+def _query(query: str) -> dict[str, str]:
+    """The query string's parameters (the last of a repeated name wins; bad escapes are
+    replaced, not refused: each route validates the values it reads; `max_header` bounds
+    their number)."""
+    return dict(parse_qsl(query)) if query else {}
 
 
 def _request_bytes(event: h11.Request) -> bytes:

@@ -277,29 +277,24 @@ async def test_a_stalled_store_refuses_new_commands_with_503_and_keeps_the_accep
         assert reply.status == 202
 
 
-async def test_connections_beyond_the_limit_wait_and_idle_ones_make_room(
+async def test_at_the_connection_limit_the_oldest_idle_connection_makes_room(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """At `max_connections` the server takes no more: a further client waits (no task, no
-    buffers), and connections that sit idle meanwhile are closed after
-    `crowded_idle_timeout` (not the usual 10 min), so idle sockets cannot lock others out."""
-    options = HttpOptions(max_connections=2, crowded_idle_timeout=5.0)
+    """At `max_connections` a new connection sheds the oldest idle keep-alive one (it has no
+    request under way), so idle sockets cannot lock others out; its client reconnects."""
+    options = HttpOptions(max_connections=2)
     api = await start_api(nursery, options=options)
     first, second = api.client(), api.client()
     for client in (first, second):
         await client.__aenter__()
         assert (await client.request("GET", "/v3/devices")).status == 200
-    served: list[int] = []
-
-    async def third() -> None:
-        async with api.client() as client:
-            served.append((await client.request("GET", "/v3/devices")).status)
-
-    nursery.start_soon(third)
-    await trio.sleep(4)
-    assert served == []  # waiting: both slots are taken
-    await trio.sleep(2)
-    assert served == [200]  # the idle ones were closed after 5 s
+    async with api.client() as third:
+        with trio.fail_after(0.1):
+            assert (await third.request("GET", "/v3/devices")).status == 200
+    assert (await second.request("GET", "/v3/devices")).status == 200
+    assert second.connections == 1  # the newer idle one was kept
+    assert (await first.request("GET", "/v3/devices")).status == 200
+    assert first.connections == 2  # the oldest was closed: its client reconnected
     await first.aclose()
     await second.aclose()
 
