@@ -574,6 +574,12 @@ class Supervisor:
             return Code.BAD_REQUEST, ()
         reg = Registration.from_request(parsed, self._new_reg_id(), now)
         actor = self.by_endpoint.get(reg.endpoint)
+        if actor is not None:
+            # bound first: a replaced connection's mail is handled now (`_bind`), and it may
+            # hold a Register (handled in full, nested) or a De-register (the actor ends)
+            self._bind(actor, addr, conn)
+            if actor.mailbox.closed:
+                actor = None
         if actor is None:
             actor = DeviceActor(
                 self, reg, DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now), None, None
@@ -585,10 +591,9 @@ class Supervisor:
             self._apply_presubscriptions(actor, now)
         else:
             # rule 8.1: the same endpoint registers again; the queue is kept
-            del self.by_reg_id[actor.reg.reg_id]
+            self.by_reg_id.pop(actor.reg.reg_id, None)
             actor.reg = reg
             actor.queue.queue_mode = reg.queue_mode
-            self._bind(actor, addr, conn)
             actor.forget_observations()
             self.observe_again(actor, now)  # rule 9.3
             actor.queue.contact(now)

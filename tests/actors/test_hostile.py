@@ -209,3 +209,41 @@ async def test_a_bound_device_registering_while_the_store_is_behind_gets_5_03(
     answer = await dev.register()
     assert (answer.code, answer.max_age) == (Code.SERVICE_UNAVAILABLE, 60)
     assert server.sup.statistics["registrations_shed"] == 1
+
+
+class FakeConnection:
+    """A CoAP-over-TCP connection as the actors see it (frames are kept, not sent)."""
+
+    def __init__(self, peer: Address) -> None:
+        self._peer = peer
+        self.frames: list[bytes] = []
+
+    @property
+    def peer(self) -> Address:
+        return self._peer
+
+    def send_frame_nowait(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+
+async def test_a_register_waiting_in_the_mailbox_when_the_transport_changes_twice(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by the server-level fuzzer: UDP Register, a second one queued in the actor's
+    mailbox, the same endpoint over TCP, then over UDP again, in one receive batch. The
+    last Register's binding handled the queued one (nested) and then failed with a KeyError:
+    the device lost its registration. Now both are taken in order and it stays registered."""
+    server = await start_server(nursery)
+    sup = server.sup
+    addr = ("127.0.0.1", 40000)
+    conn = FakeConnection(("127.0.0.1", 40001))
+    sup.on_datagram(register_query(0x965D, "ep=dev-0&b=UQ"), addr)
+    sup.on_datagram(register_query(0x967E, "ep=dev-0&b=U"), addr)
+    tcp = decode(register_query(1, "ep=dev-0&b=T"))
+    sup.on_tcp_message(conn, Message(0, tcp.code, 0, tcp.token, tcp.options, tcp.payload))
+    sup.on_datagram(register_query(0x9681, "ep=dev-0&b=U"), addr)
+    await trio.sleep(1)
+    assert sup.statistics["peer_errors"] == 0
+    actor = sup.by_endpoint["dev-0"]
+    assert sup.by_reg_id == {actor.reg.reg_id: actor}
+    assert actor.addr == addr and actor.conn is None
