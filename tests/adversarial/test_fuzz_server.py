@@ -44,9 +44,7 @@ WALL_LIMIT = 20.0
 MINIMUM_INPUTS = 40_000
 #: findings with their own regression test below (marked xfail while open): a fuzz run that
 #: meets one of these again is not a new failure
-KNOWN: dict[str, str] = {
-    "contained KeyError: 'H' @ supervisor.py:_register": "F1, see test_register_across_transports",
-}
+KNOWN: dict[str, str] = {}
 
 
 async def test_fuzz_callbacks(autojump_clock: trio.testing.MockClock) -> None:
@@ -66,6 +64,26 @@ async def test_fuzz_callbacks(autojump_clock: trio.testing.MockClock) -> None:
     # the mutations reach past the codec: registrations made, some refused as undecodable
     assert totals.registrations > totals.episodes * 8
     assert 0 < totals.decode_errors < totals.datagrams
+
+
+async def test_register_across_transports_with_queued_register(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Finding F1 (fixed in 5cd7ca4), the fuzzer's minimised reproducer: UDP, TCP, UDP again
+    while a Register retransmission waits in the actor's mailbox: the second `_register` ran
+    inside the first (through `_bind` -> `drain`) and raised KeyError (contained: the device
+    lost its registration)."""
+    fuzzer = Fuzzer()
+    query = "ep=dev-0&lt=300&lwm2m=1.1&b=U"
+    tcp_register = framing_tcp.encode(_tcp_register())
+    addr = ("127.0.0.1", 40000)
+    ops = [
+        ("udp", addr, register_message(0x965D, b"\x01", query)),
+        ("udp", addr, register_message(0x967E, b"\x02", query)),
+        ("tcp", 1, tcp_register),
+        ("udp", addr, register_message(0x9681, b"\x03", query)),
+    ]
+    assert await fuzzer.crashes(ops, seed=1) is None
 
 
 def _tcp_register() -> Message:
