@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from dm_actor.actors.supervisor import Supervisor
 from dm_actor.api import ApiKeys, HttpOptions, load_api_keys, serve_http
 from dm_actor.api.auth import KEY_FILE
 from dm_actor.store.sqlite import SqliteStore
-from dm_actor.transport.tcp import TcpListener
+from dm_actor.transport.tcp import TcpListener, default_max_connections
 from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class Listening:
     supervisor: Supervisor
     http: Address | None = None
     api_keys: ApiKeys | None = None
+    udp: UdpEndpoint | None = None  # for its statistics
+    tcp: TcpListener | None = None
 
 
 async def freeze_long_lived(interval: float) -> None:
@@ -89,6 +92,32 @@ async def freeze_long_lived(interval: float) -> None:
         gc.collect(1)
         gc.freeze()
         await trio.sleep(interval)
+
+
+#: The soft descriptor limit is raised to the hard one, but not beyond this.
+NOFILE_TARGET = 65536
+
+
+def raise_descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE towards the hard one (as Go programs do at start: the
+    soft default, often 1024, is for programs that use select()); the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = NOFILE_TARGET if hard == resource.RLIM_INFINITY else min(hard, NOFILE_TARGET)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft
+        return target
+    return NOFILE_TARGET if soft == resource.RLIM_INFINITY else soft
+
+
+def tcp_max_connections(settings: Settings, nofile: int) -> int:
+    """The cap on CoAP/TCP connections: `[tcp] max_connections`, or when 0 derived from the
+    descriptor limit `nofile` (`transport.tcp.default_max_connections`)."""
+    if settings.tcp.max_connections:
+        return settings.tcp.max_connections
+    return default_max_connections(nofile, settings.api.max_connections)
 
 
 async def serve(
@@ -126,7 +155,16 @@ async def serve(
         snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
         sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
         udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)
-        tcp = TcpListener(host, port, sup.on_tcp_message, sup.on_tcp_closed)
+        nofile = raise_descriptor_limit()
+        tcp_cap = tcp_max_connections(settings, nofile)
+        tcp = TcpListener(
+            host,
+            port,
+            sup.on_tcp_message,
+            sup.on_tcp_closed,
+            max_connections=tcp_cap,
+            handshake_timeout=settings.tcp.handshake_timeout,
+        )
         async with trio.open_nursery() as nursery:
             if sqlite is not None:
                 await nursery.start(sqlite.run)
@@ -166,7 +204,10 @@ async def serve(
                         settings.server.data_dir,
                     )
             log.info("CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2])
-            task_status.started(Listening(udp_addr, tcp_addr, sup, http_addr, api_keys))
+            log.info("CoAP/TCP: at most %d connections (descriptor limit %d)", tcp_cap, nofile)
+            task_status.started(
+                Listening(udp_addr, tcp_addr, sup, http_addr, api_keys, udp=udp, tcp=tcp)
+            )
     finally:
         if sqlite is not None:
             sqlite.close()

@@ -21,6 +21,15 @@ from dm_actor.coap.numbers import Code, SignallingOption
 #: RFC 8323 5.3.1: the Max-Message-Size every peer may assume before (or without) a CSM.
 BASE_MAX_MESSAGE_SIZE = 1152
 
+#: The smallest Max-Message-Size a peer may declare in its CSM; below it the CSM is refused
+#: with an Abort naming the option (Bad-CSM-Option 2). Reasoned from the largest frame we must
+#: send whole: a GET or Observe of the deepest path (/65535/65535/65535/65535) with an 8-byte
+#: token, Observe, Accept and a Block2 option frames in about 50 bytes; a block-wise write's
+#: smallest block (16 bytes, RFC 7959) with Block1 and Content-Format in about 80; the 2.01
+#: answering a Register (Location-Path rd/<12 hex digits>) in about 30; our Abort diagnostics
+#: are cut to fit. 128 leaves room for a few short Uri-Query options (write-attributes).
+MIN_PEER_MESSAGE_SIZE = 128
+
 #: What `StreamDecoder` accepts by default (and what the server may advertise in its CSM):
 #: the base size plus headroom for a 1024-byte block under a long header.
 MAX_MESSAGE_SIZE = 2048
@@ -180,14 +189,15 @@ BASE_CSM = Csm()
 
 
 class BadCsmOption(DecodeError):
-    """A CSM with a critical option this side does not know (RFC 8323 5.3).
+    """A CSM this side cannot accept (RFC 8323 5.3, 5.6): a critical option it does not know,
+    or a Max-Message-Size below `MIN_PEER_MESSAGE_SIZE`.
 
     Attributes:
         option: the option number, to send back in the Abort's Bad-CSM-Option.
     """
 
-    def __init__(self, option: int) -> None:
-        super().__init__(f"unknown critical CSM option {option}", Reply.ABORT)
+    def __init__(self, option: int, reason: str | None = None) -> None:
+        super().__init__(reason or f"unknown critical CSM option {option}", Reply.ABORT)
         self.option = option
 
 
@@ -213,10 +223,13 @@ def parse_csm(msg: Message, base: Csm = BASE_CSM) -> Csm:
 
     CSM options are cumulative: an option a CSM leaves out keeps its value from `base` (the
     previous `Csm` of the connection). A Max-Message-Size longer than 4 bytes, a repeated one,
-    and a non-empty Block-Wise-Transfer are ignored like unknown elective options.
+    and a non-empty Block-Wise-Transfer are ignored like unknown elective options. Any
+    Max-Message-Size of at least `MIN_PEER_MESSAGE_SIZE` is taken as declared (up to 4 GiB).
 
     Raises:
-        BadCsmOption: an unknown critical option; send `abort(bad_csm_option=e.option)`.
+        BadCsmOption: an unknown critical option, or a Max-Message-Size below
+            `MIN_PEER_MESSAGE_SIZE` (the peer could not take our requests); send
+            `abort(bad_csm_option=e.option)`.
         ValueError: `msg` is not a CSM.
     """
     if msg.code != _CSM:
@@ -228,6 +241,11 @@ def parse_csm(msg: Message, base: Csm = BASE_CSM) -> Csm:
         if number == _MAX_MESSAGE_SIZE:
             if size is None and len(value) <= 4:
                 size = int.from_bytes(value, "big")
+                if size < MIN_PEER_MESSAGE_SIZE:
+                    raise BadCsmOption(
+                        number,
+                        f"Max-Message-Size {size} is below {MIN_PEER_MESSAGE_SIZE} bytes",
+                    )
         elif number == _BLOCK_WISE_TRANSFER and not value:
             block_wise = True
     return Csm(base.max_message_size if size is None else size, block_wise)
@@ -265,9 +283,20 @@ def release(*, alternative_address: str | None = None, hold_off: int | None = No
     return Message(0, _RELEASE, 0, b"", options)
 
 
+#: Diagnostic payload bytes an Abort carries at most: the frame then fits in any
+#: Max-Message-Size we accept (`MIN_PEER_MESSAGE_SIZE`).
+MAX_DIAGNOSTIC = 96
+
+
 def abort(diagnostic: str = "", bad_csm_option: int | None = None) -> Message:
-    """An Abort (RFC 8323 5.6) with a diagnostic payload, naming a rejected CSM option if any."""
+    """An Abort (RFC 8323 5.6) with a diagnostic payload, naming a rejected CSM option if any.
+
+    The diagnostic is cut to `MAX_DIAGNOSTIC` bytes (on a UTF-8 character boundary).
+    """
     options: tuple[Option, ...] = ()
     if bad_csm_option is not None:
         options = ((_BAD_CSM_OPTION, uint_bytes(bad_csm_option)),)
-    return Message(0, _ABORT, 0, b"", options, diagnostic.encode())
+    payload = diagnostic.encode()
+    if len(payload) > MAX_DIAGNOSTIC:
+        payload = payload[:MAX_DIAGNOSTIC].decode(errors="ignore").encode()
+    return Message(0, _ABORT, 0, b"", options, payload)

@@ -6,14 +6,36 @@ Release or an Abort, and hands every other non-empty message to a synchronous ca
 together with its `TcpConnection`. A connection's writes go through a bounded queue drained by
 one writer task, so a sender never interleaves frames and never queues without limit.
 
+Bounded against idle and hostile peers (docs/operations.md, "Limits"):
+
+- at most `max_connections` connections are open at once (`default_max_connections` derives
+  it from the descriptor limit, keeping a reserve for HTTP, the store and the UDP socket); at
+  the cap the oldest connection still in its handshake is shed with an Abort, and if there is
+  none the new connection gets our CSM, a Release with Hold-Off, and is closed;
+- a connection must send its CSM and its first request within `handshake_timeout` seconds
+  of opening, else it gets an Abort and is closed (an LwM2M client's first request, a
+  Register or an Update, follows its CSM at once);
+- a failing `accept` (out of descriptors: EMFILE, ENFILE; out of memory) pauses the listener
+  for `ACCEPT_PAUSE` seconds instead of spinning, and is logged at most once per
+  `LOG_INTERVAL`, never with a traceback;
+- an exception escaping a connection's handling ends that connection only (logged with its
+  traceback, at most once per `LOG_INTERVAL`).
+
+`TcpListener.statistics()` counts each of these.
+
 Framing and the signalling messages come from `dm_actor.coap.framing_tcp`. This module never
 interprets requests or responses: routing and answering them is the caller's job.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
+import math
+import os
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -31,6 +53,7 @@ from dm_actor.coap.framing_tcp import (
     encode,
     parse_csm,
     pong,
+    release,
 )
 from dm_actor.coap.numbers import Code, SignallingOption
 
@@ -50,6 +73,75 @@ _ABORT = Code.ABORT.value
 _CUSTODY = SignallingOption.CUSTODY.value
 _RECEIVE_SIZE = 65536
 
+#: Seconds the listener waits after a failed `accept` (no descriptor or memory left).
+ACCEPT_PAUSE = 0.1
+#: Seconds between two log lines about the same kind of trouble (accept errors, refusals...).
+LOG_INTERVAL = 10.0
+#: Seconds a client refused at the cap is asked to wait before connecting again (Hold-Off).
+REFUSAL_HOLD_OFF = 30
+#: Descriptors kept besides HTTP's connections: stdio, the event loop's, the UDP socket, the
+#: listeners, the store's files (database, WAL, shared memory, lock), a connection being
+#: refused or shed, and a margin for the rest (logging, the API key file).
+FIXED_RESERVE = 64
+#: The default cap never goes above this: each connection costs tasks and buffers (~20 KB).
+DEFAULT_CAP_LIMIT = 10_000
+#: How far the cap may be overshot while shed connections finish closing.
+_SHED_SLACK = 16
+
+
+def default_max_connections(nofile: int, http_connections: int) -> int:
+    """The default cap on CoAP/TCP connections for a descriptor limit (RLIMIT_NOFILE).
+
+    What `nofile` leaves after `FIXED_RESERVE` is shared: HTTP keeps `http_connections` (at
+    most half of it) and TCP gets the rest, at most `DEFAULT_CAP_LIMIT` and at least 1.
+    """
+    available = nofile - FIXED_RESERVE
+    http = min(http_connections, available // 2)
+    return max(1, min(DEFAULT_CAP_LIMIT, available - http))
+
+
+@dataclass(frozen=True, slots=True)
+class TcpStatistics:
+    """Counters of one `TcpListener` since it started."""
+
+    accepted: int
+    """Connections accepted (refused ones included)."""
+    open: int
+    """Connections open now."""
+    refused: int
+    """Connections refused at the cap: CSM, Release with Hold-Off, close."""
+    shed: int
+    """Connections still in their handshake closed (Abort) to make room at the cap."""
+    handshake_timeouts: int
+    """Connections closed (Abort) for want of a CSM or a first request in time."""
+    accept_errors: int
+    """`accept` failures (EMFILE, ENFILE, ENOMEM, ENOBUFS...), each followed by a pause."""
+    errors: int
+    """Connections ended by an unexpected exception in their handling."""
+
+
+class _Throttled:
+    """A log line at most once per `LOG_INTERVAL`; the next says how many were left out."""
+
+    __slots__ = ("_level", "_next", "_skipped")
+
+    def __init__(self, level: int) -> None:
+        self._level = level
+        self._next = -math.inf
+        self._skipped = 0
+
+    def __call__(self, msg: str, *args: object, exc_info: BaseException | None = None) -> None:
+        now = trio.current_time()
+        if now < self._next:
+            self._skipped += 1
+            return
+        if self._skipped:
+            msg += " (%d more like it in the last %g s)"
+            args = (*args, self._skipped, LOG_INTERVAL)
+        self._next = now + LOG_INTERVAL
+        self._skipped = 0
+        log.log(self._level, msg, *args, exc_info=exc_info)
+
 
 class TcpConnection:
     """One accepted connection: the peer, its CSM, and a bounded queue of frames to write.
@@ -59,7 +151,17 @@ class TcpConnection:
         csm: the peer's capabilities (Max-Message-Size, block-wise), None until its CSM came.
     """
 
-    __slots__ = ("_closing", "_has_data", "_has_room", "_limit", "_queue", "_scope", "csm", "peer")
+    __slots__ = (
+        "_closing",
+        "_handshake",
+        "_has_data",
+        "_has_room",
+        "_limit",
+        "_queue",
+        "_scope",
+        "csm",
+        "peer",
+    )
 
     def __init__(self, peer: Address, send_queue_size: int) -> None:
         self.peer = peer
@@ -69,7 +171,15 @@ class TcpConnection:
         self._has_data = trio.lowlevel.ParkingLot()
         self._has_room = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
+        # bounds the reading until the first request; its deadline is set by the listener
+        self._handshake = trio.CancelScope()
         self._closing = False
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest frame the peer accepts: its CSM's Max-Message-Size (at least
+        `framing_tcp.MIN_PEER_MESSAGE_SIZE`), 1152 bytes until its CSM came."""
+        return (self.csm or BASE_CSM).max_message_size
 
     @property
     def closed(self) -> bool:
@@ -115,11 +225,13 @@ class TcpConnection:
             self._has_data.unpark_all()
             self._has_room.unpark_all()
 
-    def abort(self, diagnostic: str, bad_csm_option: int | None = None) -> None:
-        """Send an Abort (even past the queue limit) and close."""
+    def abort(
+        self, diagnostic: str, bad_csm_option: int | None = None, timeout: float = 5.0
+    ) -> None:
+        """Send an Abort (even past the queue limit) and close (see `close`)."""
         if not self._closing:
             self._queue.append(encode(abort(diagnostic, bad_csm_option)))
-            self.close()
+            self.close(timeout)
 
     async def _write_loop(self, stream: trio.abc.SendStream) -> None:
         queue = self._queue
@@ -153,17 +265,34 @@ class TcpListener:
         max_message_size: the largest frame accepted, announced in our CSM.
         send_queue_size: frames that may wait to be written per connection.
         close_timeout: seconds to finish writing queued frames when a connection closes.
+        max_connections: connections open at once (see the module's docstring).
+        handshake_timeout: seconds a new connection has to send its CSM and first request.
     """
 
     __slots__ = (
+        "_accept_errors",
+        "_accepted",
         "_close_timeout",
         "_csm",
+        "_errors",
+        "_handshake_timeout",
+        "_handshake_timeouts",
+        "_handshaking",
         "_host",
+        "_log_accept_error",
+        "_log_error",
+        "_log_refused",
+        "_log_shed",
+        "_max_connections",
         "_max_message_size",
         "_on_closed",
         "_on_message",
+        "_open",
         "_port",
+        "_refusal",
+        "_refused",
         "_send_queue_size",
+        "_shed",
     )
 
     def __init__(
@@ -176,6 +305,8 @@ class TcpListener:
         max_message_size: int = MAX_MESSAGE_SIZE,
         send_queue_size: int = 64,
         close_timeout: float = 5.0,
+        max_connections: int = 1024,
+        handshake_timeout: float = 10.0,
     ) -> None:
         self._host = host
         self._port = port
@@ -184,7 +315,34 @@ class TcpListener:
         self._max_message_size = max_message_size
         self._send_queue_size = send_queue_size
         self._close_timeout = close_timeout
+        self._max_connections = max_connections
+        self._handshake_timeout = handshake_timeout
         self._csm = csm(max_message_size)
+        self._refusal = encode(self._csm) + encode(release(hold_off=REFUSAL_HOLD_OFF))
+        # connections without a request yet, oldest first: the first to shed at the cap
+        self._handshaking: dict[TcpConnection, None] = {}
+        self._open = 0
+        self._accepted = 0
+        self._refused = 0
+        self._shed = 0
+        self._handshake_timeouts = 0
+        self._accept_errors = 0
+        self._errors = 0
+        self._log_accept_error = _Throttled(logging.WARNING)
+        self._log_refused = _Throttled(logging.WARNING)
+        self._log_shed = _Throttled(logging.WARNING)
+        self._log_error = _Throttled(logging.ERROR)
+
+    def statistics(self) -> TcpStatistics:
+        return TcpStatistics(
+            self._accepted,
+            self._open,
+            self._refused,
+            self._shed,
+            self._handshake_timeouts,
+            self._accept_errors,
+            self._errors,
+        )
 
     async def run(
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
@@ -194,35 +352,114 @@ class TcpListener:
         Start it with `addr = await nursery.start(listener.run)`.
         """
         listeners = await trio.open_tcp_listeners(self._port, host=self._host)
-        task_status.started(listeners[0].socket.getsockname())
-        await trio.serve_listeners(self._serve, listeners)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, nursery)
+            task_status.started(listeners[0].socket.getsockname())
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    self._accept_errors += 1
+                    code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+                    self._log_accept_error(
+                        "TCP accept failed: %s (%s); pausing %g s",
+                        code,
+                        os.strerror(exc.errno or 0),
+                        ACCEPT_PAUSE,
+                    )
+                    await trio.sleep(ACCEPT_PAUSE)
+                    continue
+                self._accepted += 1
+                if self._open >= self._max_connections and not self._shed_one():
+                    self._refused += 1
+                    self._log_refused(
+                        "CoAP/TCP connection refused: %d connections open, the cap", self._open
+                    )
+                    await self._refuse(stream)
+                    continue
+                self._open += 1
+                nursery.start_soon(self._serve, stream)
+
+    def _shed_one(self) -> bool:
+        """Abort the oldest connection still in its handshake; False when there is none, or
+        when too many shed ones are still closing."""
+        if not self._handshaking or self._open >= self._max_connections + _SHED_SLACK:
+            return False
+        oldest = next(iter(self._handshaking))
+        del self._handshaking[oldest]
+        oldest._handshake.deadline = math.inf
+        oldest.abort("server busy", timeout=1.0)
+        self._shed += 1
+        self._log_shed(
+            "CoAP/TCP connection from %s shed at the cap (%d open): no request yet",
+            oldest.peer,
+            self._open,
+        )
+        return True
+
+    async def _refuse(self, stream: trio.SocketStream) -> None:
+        """Our CSM and a Release with Hold-Off (when the socket takes them at once), then close."""
+        with (
+            trio.move_on_after(0.05),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await stream.send_all(self._refusal)
+        await trio.aclose_forcefully(stream)
 
     async def _serve(self, stream: trio.SocketStream) -> None:
-        conn = TcpConnection(stream.socket.getpeername(), self._send_queue_size)
-        conn.send_nowait(self._csm)
-        log.debug("TCP connection from %s", conn.peer)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._read_loop, conn, stream)
-                await conn._write_loop(stream)
-                nursery.cancel_scope.cancel()
+            try:
+                peer = stream.socket.getpeername()
+            except OSError:  # reset before we looked: nothing to serve
+                return
+            conn = TcpConnection(peer, self._send_queue_size)
+            conn._handshake.deadline = trio.current_time() + self._handshake_timeout
+            self._handshaking[conn] = None
+            conn.send_nowait(self._csm)
+            log.debug("TCP connection from %s", conn.peer)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._read_loop, conn, stream)
+                    await conn._write_loop(stream)
+                    nursery.cancel_scope.cancel()
+            except Exception as exc:  # a bug met on this peer's input ends this connection only
+                self._errors += 1
+                self._log_error("CoAP/TCP connection from %s failed", conn.peer, exc_info=exc)
+            finally:
+                self._handshaking.pop(conn, None)
+                try:
+                    self._on_closed(conn)
+                except Exception as exc:
+                    self._errors += 1
+                    self._log_error("closing CoAP/TCP connection from %s", conn.peer, exc_info=exc)
         finally:
             try:
-                self._on_closed(conn)
+                await trio.aclose_forcefully(stream)
             finally:
-                await stream.aclose()
+                self._open -= 1
 
     async def _read_loop(self, conn: TcpConnection, stream: trio.SocketStream) -> None:
         decoder = StreamDecoder(self._max_message_size)
         try:
-            while True:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-                if not data:
-                    return
-                decoder.receive_data(data)
-                while (msg := decoder.next_message()) is not None:
-                    if not self._dispatch(conn, msg):
+            with conn._handshake:
+                while True:
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    if not data:
                         return
+                    decoder.receive_data(data)
+                    while (msg := decoder.next_message()) is not None:
+                        if not self._dispatch(conn, msg):
+                            return
+            # the handshake's deadline passed
+            self._handshake_timeouts += 1
+            self._handshaking.pop(conn, None)
+            what = "CSM" if conn.csm is None else "request"
+            log.debug("TCP connection from %s: no %s in time", conn.peer, what)
+            conn.abort(f"no {what} within {self._handshake_timeout:g} s", timeout=1.0)
         except BadCsmOption as exc:
             conn.abort(str(exc), exc.option)
         except DecodeError as exc:
@@ -257,5 +494,8 @@ class TcpListener:
             elif c != _PONG:
                 log.debug("unknown signal %d from %s ignored", c, conn.peer)
         elif c:
+            if conn in self._handshaking:  # its first request
+                del self._handshaking[conn]
+                conn._handshake.deadline = math.inf
             self._on_message(conn, msg)
         return not conn.closed

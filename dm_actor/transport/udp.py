@@ -10,12 +10,19 @@ On Linux the socket sets IP_RECVERR, so an ICMP "port unreachable" (or host/netw
 unreachable) for a datagram we sent is queued on the socket's error queue; the receive task
 drains that queue and reports each unreachable destination through a second callback. This
 module never decodes, routes, retries or buffers datagrams: UDP may drop, and so may we.
+
+What the kernel drops because the receive buffer was full (we read slower than peers send) is
+counted too: on Linux the socket sets SO_RXQ_OVFL, and each datagram read with `recvmsg`
+carries the socket's drop counter as it stood when that datagram was queued. `recvmsg` costs
+about 0.5 µs more per datagram than `recvfrom` (docs/operations.md, "Limits"), under 1 % of a
+Register; reading the counter only once per batch would miss drops until more traffic comes.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
 import struct
 import sys
@@ -38,6 +45,10 @@ _IPV6_RECVERR = 25
 _SO_EE_ORIGIN_ICMP = 2
 _SO_EE_ORIGIN_ICMP6 = 3
 _EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err, before the offender
+# <asm-generic/socket.h>: the ancillary uint32 of datagrams dropped before this one was queued
+_SO_RXQ_OVFL = 40
+_OVERFLOW_SPACE = socket.CMSG_SPACE(4)
+_DROPS_LOG_INTERVAL = 60.0  # seconds between two warnings about kernel drops
 
 #: errno values an ICMP error puts on a UDP socket (icmp_err_convert, icmpv6_err_convert).
 _ICMP_ERRNOS = frozenset(
@@ -72,6 +83,9 @@ class UdpStatistics:
     """Datagrams `send()` dropped because the socket's send buffer was full (or errored)."""
     unreachable: int
     """ICMP unreachable reports handed to `on_unreachable`."""
+    kernel_drops: int = 0
+    """Datagrams the kernel dropped because the receive buffer was full (Linux only), as of
+    the last datagram read."""
 
 
 class UdpEndpoint:
@@ -93,8 +107,10 @@ class UdpEndpoint:
 
     __slots__ = (
         "_dropped",
+        "_drops_logged_at",
         "_errors_pending",
         "_host",
+        "_kernel_drops",
         "_max_batch",
         "_max_datagram_size",
         "_on_datagram",
@@ -131,9 +147,13 @@ class UdpEndpoint:
         self._sent = 0
         self._dropped = 0
         self._unreachable = 0
+        self._kernel_drops = 0
+        self._drops_logged_at = -math.inf
 
     def statistics(self) -> UdpStatistics:
-        return UdpStatistics(self._received, self._sent, self._dropped, self._unreachable)
+        return UdpStatistics(
+            self._received, self._sent, self._dropped, self._unreachable, self._kernel_drops
+        )
 
     def send(self, data: bytes, addr: Address) -> None:
         """Send one datagram now, without waiting.
@@ -204,6 +224,7 @@ class UdpEndpoint:
                     sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_RECVERR, 1)
                 else:
                     sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
             sock.bind(sockaddr)
         except BaseException:
             sock.close()
@@ -211,6 +232,57 @@ class UdpEndpoint:
         return sock
 
     async def _receive_loop(self, sock: socket.socket) -> None:
+        if sys.platform != "linux":
+            await self._receive_loop_portable(sock)
+            return
+        recvmsg = sock.recvmsg
+        size = self._max_datagram_size
+        space = _OVERFLOW_SPACE
+        limit = self._max_batch
+        on_datagram = self._on_datagram
+        wait_readable = trio.lowlevel.wait_readable
+        while True:
+            await wait_readable(sock)
+            n = 0
+            ancillary = None
+            while n < limit:
+                try:
+                    data, anc, _, addr = recvmsg(size, space)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno not in _ICMP_ERRNOS:
+                        raise
+                    self._drain_errors(sock)
+                    continue
+                n += 1
+                if anc:  # present only once the kernel has dropped something
+                    ancillary = anc
+                on_datagram(data, addr)
+            self._received += n
+            if ancillary is not None:
+                self._count_drops(ancillary)
+            # Woken with nothing to read means POLLERR: errors are queued whose pending
+            # error a send() has already consumed (it set the flag too).
+            if n == 0 or self._errors_pending:
+                self._drain_errors(sock)
+
+    def _count_drops(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, value in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_RXQ_OVFL and len(value) >= 4:
+                drops = int.from_bytes(value[:4], sys.byteorder)
+                if drops > self._kernel_drops:
+                    self._kernel_drops = drops
+                    now = trio.current_time()
+                    if now >= self._drops_logged_at + _DROPS_LOG_INTERVAL:
+                        self._drops_logged_at = now
+                        log.warning(
+                            "the kernel has dropped %d UDP datagrams so far: the receive"
+                            " buffer was full (docs/operations.md, Limits)",
+                            drops,
+                        )
+
+    async def _receive_loop_portable(self, sock: socket.socket) -> None:
         recvfrom = sock.recvfrom
         size = self._max_datagram_size
         limit = self._max_batch
@@ -232,8 +304,6 @@ class UdpEndpoint:
                 n += 1
                 on_datagram(data, addr)
             self._received += n
-            # Woken with nothing to read means POLLERR: errors are queued whose pending
-            # error a send() has already consumed (it set the flag too).
             if n == 0 or self._errors_pending:
                 self._drain_errors(sock)
 

@@ -13,6 +13,8 @@ from dm_actor.coap.errors import DecodeError, Reply
 from dm_actor.coap.framing_tcp import (
     BASE_CSM,
     BASE_MAX_MESSAGE_SIZE,
+    MAX_DIAGNOSTIC,
+    MIN_PEER_MESSAGE_SIZE,
     BadCsmOption,
     Csm,
     StreamDecoder,
@@ -327,8 +329,50 @@ def _wire(msg: Message) -> Message:
 def test_csm_bytes_and_round_trip() -> None:
     assert encode(csm()) == b"\x30\xe1\x22\x04\x80"
     assert encode(csm(0x800100, block_wise=True)) == bytes.fromhex("50e12380010020")  # libcoap's
-    for size, bw in [(1152, False), (0, True), (2048, True), (0xFFFFFFFF, False)]:
+    for size, bw in [(1152, False), (128, True), (2048, True), (0xFFFFFFFF, False)]:
         assert parse_csm(_wire(csm(size, block_wise=bw))) == Csm(size, bw)
+
+
+@pytest.mark.parametrize(
+    ("wire", "size"),
+    [
+        (b"\x20\xe1\x21\x80", 128),  # the floor, declared in one byte
+        (b"\x30\xe1\x22\x00\x80", 128),  # the same with a leading zero byte
+        (b"\x50\xe1\x24\xff\xff\xff\xff", 0xFFFFFFFF),  # the largest a 4-byte value holds
+    ],
+)
+def test_any_max_message_size_from_the_floor_up_is_kept(wire: bytes, size: int) -> None:
+    [msg] = decode_all(wire)
+    assert parse_csm(msg) == Csm(size, False)
+    assert MIN_PEER_MESSAGE_SIZE == 128
+
+
+@pytest.mark.parametrize(
+    ("wire", "size"),
+    [
+        (b"\x10\xe1\x20", 0),  # Max-Message-Size 0 as an empty uint
+        (b"\x20\xe1\x21\x00", 0),
+        (b"\x20\xe1\x21\x7f", 127),
+        (b"\x50\xe1\x24\x00\x00\x00\x01", 1),
+    ],
+)
+def test_a_max_message_size_below_the_floor_is_a_bad_csm_option(wire: bytes, size: int) -> None:
+    [msg] = decode_all(wire)
+    with pytest.raises(BadCsmOption, match=f"Max-Message-Size {size} is below 128") as info:
+        parse_csm(msg)
+    assert info.value.option == 2
+    assert info.value.reply is Reply.ABORT
+    # also in a later CSM, which would lower a size already in force
+    with pytest.raises(BadCsmOption):
+        parse_csm(msg, Csm(4096, True))
+
+
+def test_an_abort_fits_the_smallest_max_message_size_we_accept() -> None:
+    long = abort("x" * 1000, bad_csm_option=2)
+    assert len(long.payload) == MAX_DIAGNOSTIC
+    assert len(encode(long)) <= MIN_PEER_MESSAGE_SIZE
+    cut = abort("é" * 100)  # 2-byte characters: never cut in the middle of one
+    assert cut.payload.decode() == "é" * (MAX_DIAGNOSTIC // 2)
 
 
 def test_csm_options_are_cumulative() -> None:

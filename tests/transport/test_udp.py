@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 
 from dm_actor import app
 from dm_actor.coap.message import Message, decode, encode, path_options
@@ -82,6 +84,50 @@ async def test_echo_and_statistics(nursery: trio.Nursery, client: trio.socket.So
     assert got == [b"echo:0", b"echo:1", b"echo:2"]
     stats = echo.endpoint.statistics()
     assert (stats.received, stats.sent, stats.dropped, stats.unreachable) == (3, 3, 0, 0)
+
+
+class Counter:
+    """Callbacks that count what arrives (nothing is sent back)."""
+
+    def __init__(self, socket_buffer: int) -> None:
+        self.endpoint = UdpEndpoint(
+            "127.0.0.1", 0, self.on_datagram, lambda addr: None, socket_buffer=socket_buffer
+        )
+        self.received: list[bytes] = []
+        self.arrived = trio.Event()
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        self.received.append(data)
+        self.arrived.set()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="SO_RXQ_OVFL is Linux's")
+async def test_what_the_kernel_drops_from_a_full_receive_buffer_is_counted(
+    nursery: trio.Nursery,
+) -> None:
+    counter = Counter(socket_buffer=4096)  # the kernel makes it a few datagrams' worth
+    addr = await nursery.start(counter.endpoint.run)
+    flood = 500
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        # blocking sends without a checkpoint: the endpoint cannot read while they go out
+        for i in range(flood):
+            sender.sendto(b"%d" % i, addr)
+        with trio.fail_after(WAIT):
+            await counter.arrived.wait()
+            await trio.testing.wait_all_tasks_blocked()
+        kept = len(counter.received)
+        assert 0 < kept < flood
+        # every datagram still queued was queued before the drops: the counter comes with
+        # the next datagram queued after them
+        assert counter.endpoint.statistics().kernel_drops == 0
+        counter.arrived = trio.Event()
+        sender.sendto(b"after", addr)
+        with trio.fail_after(WAIT):
+            await counter.arrived.wait()
+    assert counter.received[-1] == b"after"
+    stats = counter.endpoint.statistics()
+    assert stats.kernel_drops == flood - kept
+    assert stats.received == kept + 1
 
 
 async def test_send_needs_a_running_endpoint(nursery: trio.Nursery) -> None:

@@ -1,0 +1,357 @@
+"""CoAP over TCP under idle and hostile peers: the connection cap, the handshake timeout,
+failing accepts, peers that reset at once, and the CSM's Max-Message-Size floor.
+
+Real sockets on 127.0.0.1 against `app.serve` (or a bare `TcpListener`), in virtual time
+(`autojump_clock`): the server's timers run without the test waiting for them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+from functools import partial
+from typing import TYPE_CHECKING, Self
+
+import pytest
+import trio
+import trio.testing
+
+from dm_actor import app
+from dm_actor.coap import framing_tcp
+from dm_actor.coap.framing_tcp import StreamDecoder
+from dm_actor.coap.message import Message, path_options
+from dm_actor.coap.numbers import Code, SignallingOption
+from dm_actor.config import load_settings, parse_settings
+from dm_actor.transport.tcp import (
+    ACCEPT_PAUSE,
+    DEFAULT_CAP_LIMIT,
+    FIXED_RESERVE,
+    LOG_INTERVAL,
+    REFUSAL_HOLD_OFF,
+    TcpConnection,
+    TcpListener,
+    default_max_connections,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from dm_actor.transport.udp import Address
+
+WAIT = 60.0  # virtual seconds: a hang guard only
+_STREAMS: list[trio.SocketStream] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_streams() -> AsyncIterator[None]:
+    yield
+    while _STREAMS:
+        await _STREAMS.pop().aclose()
+
+
+class Peer:
+    """A raw client: frames out, messages in, None at EOF or reset."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.decoder = StreamDecoder(1 << 20)
+
+    @classmethod
+    async def connect(cls, addr: Address) -> Peer:
+        stream = await trio.open_tcp_stream(*addr[:2])
+        _STREAMS.append(stream)
+        return cls(stream)
+
+    async def send(self, *msgs: Message) -> None:
+        await self.stream.send_all(b"".join(framing_tcp.encode(m) for m in msgs))
+
+    async def receive(self) -> Message | None:
+        with trio.fail_after(WAIT):
+            while (msg := self.decoder.next_message()) is None:
+                try:
+                    data = await self.stream.receive_some()
+                except trio.BrokenResourceError:
+                    return None
+                if not data:
+                    return None
+                self.decoder.receive_data(data)
+        return msg
+
+    async def register(self, ep: str) -> Message | None:
+        """Our CSM and a Register; the answer (the server's CSM is read first)."""
+        server_csm = await self.receive()
+        assert server_csm is not None
+        assert server_csm.code == Code.CSM
+        options = (*path_options("/rd"), (15, b"ep=" + ep.encode()), (15, b"b=T"))
+        await self.send(framing_tcp.csm(), Message(0, Code.POST, 0, b"r", options, b"</3/0>"))
+        return await self.receive()
+
+
+async def start(nursery: trio.Nursery, toml: str = "") -> app.Listening:
+    settings = parse_settings(
+        '[server]\nhost = "127.0.0.1"\ncoap_port = 0\nstore = "memory"\n' + toml
+    )
+    listening: app.Listening = await nursery.start(partial(app.serve, settings, http=False))
+    return listening
+
+
+def stats(listening: app.Listening) -> tuple[int, int, int, int]:
+    assert listening.tcp is not None
+    s = listening.tcp.statistics()
+    return (s.open, s.refused, s.shed, s.handshake_timeouts)
+
+
+# -- the handshake timeout --------------------------------------------------------------------
+
+
+async def test_a_connection_that_never_sends_its_csm_gets_abort_after_10_s(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery)
+    peer = await Peer.connect(server.coap_tcp)
+    start_time = trio.current_time()
+    assert (await peer.receive()).code == Code.CSM  # type: ignore[union-attr]
+    reply = await peer.receive()
+    assert reply is not None
+    assert (reply.code, reply.payload) == (Code.ABORT, b"no CSM within 10 s")
+    assert trio.current_time() - start_time == pytest.approx(10, abs=0.01)
+    assert await peer.receive() is None  # closed
+    await trio.testing.wait_all_tasks_blocked()
+    assert stats(server) == (0, 0, 0, 1)
+
+
+async def test_one_byte_then_silence_gets_abort_too(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, "[tcp]\nhandshake_timeout = 3.0\n")
+    peer = await Peer.connect(server.coap_tcp)
+    await peer.stream.send_all(framing_tcp.encode(framing_tcp.csm())[:1])
+    await peer.receive()
+    reply = await peer.receive()
+    assert reply is not None
+    assert (reply.code, reply.payload) == (Code.ABORT, b"no CSM within 3 s")
+    assert await peer.receive() is None
+
+
+async def test_a_csm_without_a_request_gets_abort_and_a_request_in_time_stays(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery)
+    silent = await Peer.connect(server.coap_tcp)
+    await silent.receive()
+    await silent.send(framing_tcp.csm(), framing_tcp.ping(token=b"p"))  # a Ping is no request
+    assert await silent.receive() == framing_tcp.pong(b"p")
+    device = await Peer.connect(server.coap_tcp)
+    await trio.sleep(9)
+    reply = await device.register("late-but-in-time")
+    assert reply is not None
+    assert reply.code == Code.CREATED
+    reply = await silent.receive()
+    assert reply is not None
+    assert (reply.code, reply.payload) == (Code.ABORT, b"no request within 10 s")
+    assert await silent.receive() is None
+    await trio.sleep(3600)  # once it spoke, a connection may idle (queue mode, Pings)
+    await device.send(framing_tcp.ping(token=b"q"))
+    assert await device.receive() == framing_tcp.pong(b"q")
+    assert stats(server) == (1, 0, 0, 1)
+
+
+# -- the cap ---------------------------------------------------------------------------------
+
+
+async def test_at_the_cap_the_oldest_connection_without_a_request_is_shed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, "[tcp]\nmax_connections = 3\n")
+    device = await Peer.connect(server.coap_tcp)
+    assert (await device.register("dev")).code == Code.CREATED  # type: ignore[union-attr]
+    idle = [await Peer.connect(server.coap_tcp) for _ in range(2)]
+    for p in idle:
+        assert (await p.receive()).code == Code.CSM  # type: ignore[union-attr]
+    newcomer = await Peer.connect(server.coap_tcp)
+    reply = await idle[0].receive()  # the oldest idle one makes room, the device stays
+    assert reply is not None
+    assert (reply.code, reply.payload) == (Code.ABORT, b"server busy")
+    assert await idle[0].receive() is None
+    assert (await newcomer.register("new")).code == Code.CREATED  # type: ignore[union-attr]
+    await device.send(framing_tcp.ping(token=b"d"))
+    assert await device.receive() == framing_tcp.pong(b"d")
+    await trio.testing.wait_all_tasks_blocked()
+    assert stats(server) == (3, 0, 1, 0)
+
+
+async def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, "[tcp]\nmax_connections = 2\n")
+    devices = [await Peer.connect(server.coap_tcp) for _ in range(2)]
+    for i, d in enumerate(devices):
+        assert (await d.register(f"dev{i}")).code == Code.CREATED  # type: ignore[union-attr]
+    for _ in range(5):
+        refused = await Peer.connect(server.coap_tcp)
+        assert (await refused.receive()).code == Code.CSM  # type: ignore[union-attr]
+        release = await refused.receive()
+        assert release is not None
+        assert release.code == Code.RELEASE
+        assert release.uint_option(SignallingOption.HOLD_OFF) == REFUSAL_HOLD_OFF
+        assert await refused.receive() is None
+        await refused.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert stats(server) == (2, 5, 0, 0)
+    # one device leaves: the next connection is served
+    await devices[0].stream.aclose()
+    await trio.sleep(1)
+    again = await Peer.connect(server.coap_tcp)
+    assert (await again.register("dev0")).code == Code.CREATED  # type: ignore[union-attr]
+
+
+async def test_idle_connections_beyond_the_cap_never_hold_more_than_the_cap(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, "[tcp]\nmax_connections = 20\n")
+    for _ in range(100):
+        _STREAMS.append(await trio.open_tcp_stream(*server.coap_tcp[:2]))
+        await trio.testing.wait_all_tasks_blocked()
+        assert server.tcp is not None
+        assert server.tcp.statistics().open <= 20
+    assert server.tcp is not None
+    s = server.tcp.statistics()
+    assert (s.accepted, s.open, s.shed, s.refused) == (100, 20, 80, 0)
+    await trio.sleep(11)  # the survivors time out too
+    assert stats(server) == (0, 0, 80, 20)
+
+
+async def test_connections_reset_at_once_are_harmless(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server = await start(nursery, "[tcp]\nmax_connections = 8\n")
+    for _ in range(200):  # connect, RST (SO_LINGER 0) before the server looks at it
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.connect(server.coap_tcp[:2])
+            sock.send(framing_tcp.encode(framing_tcp.csm())[:2])
+    await trio.sleep(1)
+    assert server.tcp is not None
+    s = server.tcp.statistics()
+    assert (s.open, s.errors) == (0, 0)
+    device = await Peer.connect(server.coap_tcp)
+    assert (await device.register("dev")).code == Code.CREATED  # type: ignore[union-attr]
+
+
+async def test_the_default_cap_keeps_a_reserve_for_http_and_the_rest() -> None:
+    assert default_max_connections(4096, 1024) == 4096 - FIXED_RESERVE - 1024
+    assert default_max_connections(1024, 1024) == (1024 - FIXED_RESERVE) // 2
+    assert default_max_connections(1 << 20, 1024) == DEFAULT_CAP_LIMIT
+    assert default_max_connections(10, 1024) == 1
+    settings = load_settings(None)
+    assert app.tcp_max_connections(settings, 4096) == 4096 - FIXED_RESERVE - 1024
+    explicit = parse_settings("[tcp]\nmax_connections = 7\n")
+    assert app.tcp_max_connections(explicit, 4096) == 7
+
+
+# -- failing accepts -----------------------------------------------------------------------
+
+
+class FailingListener:
+    """Stands in for a `trio.SocketListener` whose accept fails `failures` times (EMFILE)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.calls: list[float] = []
+        self.done = trio.Event()
+
+    async def accept(self) -> trio.SocketStream:
+        self.calls.append(trio.current_time())
+        if len(self.calls) <= self.failures:
+            raise OSError(errno.EMFILE, "Too many open files")
+        self.done.set()
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *args: object) -> None:
+        pass
+
+
+async def test_failing_accepts_pause_and_are_logged_once_per_interval_without_traceback(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    listener = TcpListener("127.0.0.1", 0, lambda c, m: None, lambda c: None)
+    fake = FailingListener(failures=250)  # 25 s of EMFILE
+    caplog.set_level(logging.DEBUG, logger="dm_actor")
+    nursery.start_soon(listener._accept_loop, fake, nursery)  # type: ignore[arg-type]
+    with trio.fail_after(WAIT):
+        await fake.done.wait()
+    gaps = [b - a for a, b in zip(fake.calls, fake.calls[1:], strict=False)]
+    assert min(gaps) == pytest.approx(ACCEPT_PAUSE)  # never spins
+    assert listener.statistics().accept_errors == 250
+    lines = [r for r in caplog.records if "accept failed" in r.getMessage()]
+    assert len(lines) == 3  # at 0, 10 and 20 s
+    assert all(r.exc_info is None for r in lines)
+    assert "EMFILE" in lines[0].getMessage()
+    assert f"more like it in the last {LOG_INTERVAL:g} s" in lines[1].getMessage()
+
+
+# -- CSM Max-Message-Size on the wire ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("csm_bytes", "diagnostic"),
+    [
+        (b"\x10\xe1\x20", b"Max-Message-Size 0 is below 128 bytes"),  # 0 as an empty uint
+        (b"\x20\xe1\x21\x7f", b"Max-Message-Size 127 is below 128 bytes"),
+    ],
+)
+async def test_an_absurd_max_message_size_gets_abort_with_bad_csm_option(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    csm_bytes: bytes,
+    diagnostic: bytes,
+) -> None:
+    server = await start(nursery)
+    peer = await Peer.connect(server.coap_tcp)
+    await peer.receive()
+    await peer.stream.send_all(csm_bytes)
+    data = b""
+    with trio.fail_after(WAIT):
+        while chunk := await peer.stream.receive_some():
+            data += chunk
+    # Abort, Bad-CSM-Option 2 (Max-Message-Size), then the diagnostic; then the close
+    n = 3 + len(diagnostic)
+    assert data == bytes((0xD0, n - 13, 0xE5, 0x21, 0x02, 0xFF)) + diagnostic
+
+
+@pytest.mark.parametrize(
+    ("csm_bytes", "size"),
+    [
+        (b"\x20\xe1\x21\x80", 128),
+        (b"\x50\xe1\x24\xff\xff\xff\xff", 0xFFFFFFFF),
+        (b"\x30\xe1\x22\x04\x80", 1152),
+    ],
+)
+async def test_a_max_message_size_from_the_floor_up_is_kept_on_the_connection(
+    autojump_clock: trio.testing.MockClock, csm_bytes: bytes, size: int
+) -> None:
+    seen: list[int] = []
+    came = trio.Event()
+
+    def on_message(conn: TcpConnection, msg: Message) -> None:
+        seen.append(conn.max_message_size)
+        came.set()
+
+    listener = TcpListener("127.0.0.1", 0, on_message, lambda c: None)
+    async with trio.open_nursery() as nursery:
+        addr = await nursery.start(listener.run)
+        peer = await Peer.connect(addr)
+        await peer.receive()
+        await peer.stream.send_all(csm_bytes + framing_tcp.encode(Message(0, Code.GET, 0, b"g")))
+        with trio.fail_after(WAIT):
+            await came.wait()
+        assert seen == [size]
+        nursery.cancel_scope.cancel()
