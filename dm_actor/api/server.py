@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -115,6 +116,7 @@ _REFUSALS = {
     "refused_per_address": "connections over the per-address limit",
     "server_errors": "requests that failed with 500",
 }
+_ACCEPT_BURST = 64  # connections accepted a scheduler pass, at most, beyond the first
 _LOG_INTERVAL = 60.0  # refusals are logged as one summary line per interval at most
 
 
@@ -166,35 +168,54 @@ class HttpServer:
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         """Accept connections. At `max_connections`, the oldest sheddable connection is
         closed to make room; when none is sheddable, new connections wait in the kernel's
-        (bounded) accept queue, so a connection flood costs no task."""
-        limit = self.options.max_connections
+        (bounded) accept queue, so a connection flood costs no task.
+
+        After each accept, up to `_ACCEPT_BURST` more that are already queued are taken
+        without waiting for the next scheduler pass (trio's accept takes one a pass): under
+        a flood of reconnecting slow clients a complete request queued behind them must not
+        wait hundreds of passes."""
+        raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        raw.setblocking(False)
+        with raw:
+            async with listener:
+                while True:
+                    try:
+                        stream = await listener.accept()
+                    except OSError as exc:  # out of descriptors or memory: wait, as trio
+                        if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
+                            raise
+                        log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
+                        await trio.sleep(0.1)
+                        continue
+                    await self._admit(stream, nursery)
+                    for _ in range(_ACCEPT_BURST):
+                        try:
+                            sock, _ = raw.accept()
+                        except OSError:  # none queued (or out of descriptors: see above)
+                            break
+                        stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+                        await self._admit(stream, nursery)
+
+    async def _admit(self, stream: trio.SocketStream, nursery: trio.Nursery) -> None:
+        """Serve `stream` once there is room (shedding a connection if need be)."""
+        address = _address(stream)
         per_address = self.options.max_connections_per_address
-        async with listener:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:  # out of descriptors or memory: wait, as trio does
-                    if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
-                        raise
-                    log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
-                    await trio.sleep(0.1)
-                    continue
-                address = _address(stream)
-                if per_address and self._per_address.get(address, 0) >= per_address:
-                    self._refused("refused_per_address")
-                    await trio.aclose_forcefully(stream)
-                    continue
-                try:
-                    while self.served >= limit:
-                        if self.served - self._leaving < limit or not self._shed():
-                            self._room = trio.Event()
-                            await self._room.wait()
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-                self.served += 1
-                self._per_address[address] = self._per_address.get(address, 0) + 1
-                nursery.start_soon(self._serve, stream, _Slot(address))
+        if per_address and self._per_address.get(address, 0) >= per_address:
+            self._refused("refused_per_address")
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            # connections being shed are gone already (their tasks end in the next pass)
+            while self.served - self._leaving >= self.options.max_connections:
+                if not self._shed():
+                    self._room = trio.Event()
+                    await self._room.wait()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        self.served += 1
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+        nursery.start_soon(self._serve, stream, _Slot(address))
 
     def _shed(self) -> bool:
         """Close the oldest sheddable connection; False when there is none."""
