@@ -115,9 +115,18 @@ def raise_descriptor_limit() -> int:
 def tcp_max_connections(settings: Settings, nofile: int) -> int:
     """The cap on CoAP/TCP connections: `[tcp] max_connections`, or when 0 derived from the
     descriptor limit `nofile` (`transport.tcp.default_max_connections`)."""
+    derived = default_max_connections(nofile, settings.api.max_connections)
     if settings.tcp.max_connections:
+        if settings.tcp.max_connections > derived:
+            log.warning(
+                "[tcp] max_connections %d is more than the descriptor limit %d leaves for"
+                " CoAP/TCP (%d): idle connections may take the descriptors HTTP needs",
+                settings.tcp.max_connections,
+                nofile,
+                derived,
+            )
         return settings.tcp.max_connections
-    return default_max_connections(nofile, settings.api.max_connections)
+    return derived
 
 
 async def serve(

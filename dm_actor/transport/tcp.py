@@ -18,6 +18,7 @@ Bounded against idle and hostile peers (docs/operations.md, "Limits"):
 - a failing `accept` (out of descriptors: EMFILE, ENFILE; out of memory) pauses the listener
   for `ACCEPT_PAUSE` seconds instead of spinning, and is logged at most once per
   `LOG_INTERVAL`, never with a traceback;
+- TCP keep-alive (`KEEPALIVE_IDLE`...) closes a connection whose peer vanished silently;
 - an exception escaping a connection's handling ends that connection only (logged with its
   traceback, at most once per `LOG_INTERVAL`).
 
@@ -34,6 +35,8 @@ import errno
 import logging
 import math
 import os
+import socket
+import sys
 from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -87,6 +90,12 @@ FIXED_RESERVE = 64
 DEFAULT_CAP_LIMIT = 10_000
 #: How far the cap may be overshot while shed connections finish closing.
 _SHED_SLACK = 16
+#: TCP keep-alive on every connection: a peer that vanished without a FIN or RST (a device
+#: switched off, a NAT mapping dropped) is closed after about KEEPIDLE + KEEPCNT * KEEPINTVL
+#: seconds of silence (14 min), so a registered device's dead connection frees its descriptor.
+KEEPALIVE_IDLE = 600
+KEEPALIVE_INTERVAL = 60
+KEEPALIVE_COUNT = 4
 
 
 def default_max_connections(nofile: int, http_connections: int) -> int:
@@ -118,6 +127,17 @@ class TcpStatistics:
     """`accept` failures (EMFILE, ENFILE, ENOMEM, ENOBUFS...), each followed by a pause."""
     errors: int
     """Connections ended by an unexpected exception in their handling."""
+
+
+def _keepalive(sock: trio.socket.SocketType) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if sys.platform == "linux":
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:  # the connection is already gone: its reader sees that
+        pass
 
 
 class _Throttled:
@@ -416,6 +436,7 @@ class TcpListener:
                 peer = stream.socket.getpeername()
             except OSError:  # reset before we looked: nothing to serve
                 return
+            _keepalive(stream.socket)
             conn = TcpConnection(peer, self._send_queue_size)
             conn._handshake.deadline = trio.current_time() + self._handshake_timeout
             self._handshaking[conn] = None

@@ -11,6 +11,7 @@ import errno
 import logging
 import socket
 import struct
+import sys
 from functools import partial
 from typing import TYPE_CHECKING, Self
 
@@ -28,10 +29,13 @@ from dm_actor.transport.tcp import (
     ACCEPT_PAUSE,
     DEFAULT_CAP_LIMIT,
     FIXED_RESERVE,
+    KEEPALIVE_COUNT,
+    KEEPALIVE_IDLE,
     LOG_INTERVAL,
     REFUSAL_HOLD_OFF,
     TcpConnection,
     TcpListener,
+    _keepalive,
     default_max_connections,
 )
 
@@ -240,7 +244,9 @@ async def test_connections_reset_at_once_are_harmless(
     assert (await device.register("dev")).code == Code.CREATED  # type: ignore[union-attr]
 
 
-async def test_the_default_cap_keeps_a_reserve_for_http_and_the_rest() -> None:
+async def test_the_default_cap_keeps_a_reserve_for_http_and_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     assert default_max_connections(4096, 1024) == 4096 - FIXED_RESERVE - 1024
     assert default_max_connections(1024, 1024) == (1024 - FIXED_RESERVE) // 2
     assert default_max_connections(1 << 20, 1024) == DEFAULT_CAP_LIMIT
@@ -249,6 +255,31 @@ async def test_the_default_cap_keeps_a_reserve_for_http_and_the_rest() -> None:
     assert app.tcp_max_connections(settings, 4096) == 4096 - FIXED_RESERVE - 1024
     explicit = parse_settings("[tcp]\nmax_connections = 7\n")
     assert app.tcp_max_connections(explicit, 4096) == 7
+    assert not caplog.records
+    too_many = parse_settings("[tcp]\nmax_connections = 5000\n")
+    assert app.tcp_max_connections(too_many, 1024) == 5000
+    [warning] = caplog.records
+    assert "descriptor limit 1024 leaves for CoAP/TCP (480)" in warning.getMessage()
+
+
+async def test_accepted_connections_use_tcp_keepalive(nursery: trio.Nursery) -> None:
+    with trio.socket.socket() as server_side:
+        await server_side.bind(("127.0.0.1", 0))
+        server_side.listen()
+        async with await trio.open_tcp_stream(*server_side.getsockname()[:2]):
+            accepted, _ = await server_side.accept()
+            with accepted:
+                _keepalive(accepted)
+                assert accepted.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                if sys.platform == "linux":
+                    assert (
+                        accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                        == KEEPALIVE_IDLE
+                    )
+                    assert (
+                        accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)
+                        == KEEPALIVE_COUNT
+                    )
 
 
 # -- failing accepts -----------------------------------------------------------------------
