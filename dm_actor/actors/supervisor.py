@@ -478,13 +478,13 @@ class Supervisor:
     def device_request(self, actor: DeviceActor, request: Message, now: float) -> None:
         """A request from a registered device, after its actor's deduplication."""
         kind = reg_iface.classify(request)
+        coap, addr, conn = actor.coap, actor.addr, actor.conn  # what the request came on
         if kind == "register" and self._store_behind():
             self.statistics["registrations_shed"] += 1
             actor.coap.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), b"", now)
             actor.flush(now)
             return
         if kind == "register":
-            addr, conn = actor.addr, actor.conn
             code, options = self._register(request, addr, conn, now, via=actor)
             if not actor.has_transport() and (addr is not None or conn is not None):
                 # another endpoint registered from this address or connection (NAT port
@@ -499,13 +499,17 @@ class Supervisor:
         else:
             code, options = Code.NOT_FOUND, ()
         if kind == "register" or kind == "deregister":
-            # the 2.01 / 2.02 promises what the store holds: answer once it is durable
+            # the 2.01 / 2.02 promises what the store holds: answer once it is durable,
+            # on the transport the request came on
             def answer() -> None:
                 later = self.now()
-                if actor.coap.answered(request):  # (taken twice: its entry expired meanwhile)
-                    return
-                actor.coap.respond(request, code, options, b"", later)
-                actor.flush(later)
+                if coap is not actor.coap or actor.addr != addr or actor.conn is not conn:
+                    # the device moved meanwhile (another address, connection or endpoint):
+                    # its new transport must not get an answer with the old one's Message ID
+                    self._reply_direct(request, addr, conn, code, options, cache=True)
+                elif not coap.answered(request):  # (taken twice: its entry expired meanwhile)
+                    coap.respond(request, code, options, b"", later)
+                    actor.flush(later)
 
             self._after_durable(answer, actor)
         else:

@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.coap import framing_tcp
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
@@ -247,3 +248,33 @@ async def test_a_register_waiting_in_the_mailbox_when_the_transport_changes_twic
     actor = sup.by_endpoint["dev-0"]
     assert sup.by_reg_id == {actor.reg.reg_id: actor}
     assert actor.addr == addr and actor.conn is None
+
+
+async def test_a_held_answer_goes_out_on_the_transport_its_request_came_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by the stateful test: with the store stalled, a TCP device registers twice on
+    one connection and then over UDP. The second 2.01, held for the store, went out as a UDP
+    ACK with Message ID 0 to the new address; the TCP client never got it."""
+    store = GatedStore()
+    server = await start_server(nursery, store=store)
+    sup = server.sup
+    sent: list[tuple[bytes, Address]] = []
+    sup.attach_udp(lambda data, addr: sent.append((data, addr)))
+    conn = FakeConnection(("127.0.0.1", 40001))
+    for token in (b"\x01", b"\x02"):
+        tcp = decode(register_query(1, "ep=moving&b=T"))
+        sup.on_tcp_message(conn, Message(0, tcp.code, 0, token, tcp.options, tcp.payload))
+        await trio.sleep(0.1)
+    udp_addr = ("127.0.0.1", 40002)
+    sup.on_datagram(register_query(0x4242, "ep=moving&b=U"), udp_addr)
+    await trio.sleep(0.1)
+    assert conn.frames == [] and sent == []
+    store.commit()
+    await trio.sleep(0.1)
+    decoder = framing_tcp.StreamDecoder()
+    for frame in conn.frames:
+        decoder.receive_data(frame)
+    tokens = sorted(m.token for m in iter(decoder.next_message, None))
+    assert tokens == [b"\x01", b"\x02"]  # both TCP Registers answered on their connection
+    assert [(decode(d).mid, a) for d, a in sent] == [(0x4242, udp_addr)]  # one ACK over UDP
