@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import sys
 from functools import lru_cache
+from typing import Any
+
+import msgspec
 
 from dm_actor.delivery.queue import Command
 from dm_actor.lwm2m.link_format import (
@@ -61,7 +64,32 @@ def links_text(objects: RegisteredObjects) -> str:
     return serialise_links(objects.links())
 
 
-def registration_record(reg: Registration, offset: float) -> RegistrationRecord:
+def address_text(addr: tuple[Any, ...] | None) -> str | None:
+    """A UDP address as the store keeps it (JSON `[host, port, ...]`); None stays None."""
+    return None if addr is None else _encode(addr).decode()
+
+
+def address_from_text(text: str | None) -> tuple[Any, ...] | None:
+    """The address `address_text` wrote; None for none or for a text that is not one."""
+    if text is None:
+        return None
+    try:
+        addr = _decode_address(text)
+    except msgspec.DecodeError:
+        return None
+    if len(addr) not in (2, 4) or not isinstance(addr[0], str) or not isinstance(addr[1], int):
+        return None
+    return tuple(addr)
+
+
+_encode = msgspec.json.encode
+_decode_address = msgspec.json.Decoder(list[str | int]).decode
+
+
+def registration_record(
+    reg: Registration, offset: float, addr: tuple[Any, ...] | None = None
+) -> RegistrationRecord:
+    """The record of `reg`; `addr` is the UDP device's address (None over TCP)."""
     return RegistrationRecord(
         endpoint=reg.endpoint,
         reg_id=reg.reg_id,
@@ -73,6 +101,7 @@ def registration_record(reg: Registration, offset: float) -> RegistrationRecord:
         registered_at=reg.registered_at + offset,
         updated_at=reg.updated_at + offset,
         endpoint_type=reg.endpoint_type,
+        address=address_text(addr),
     )
 
 

@@ -233,7 +233,7 @@ class Supervisor:
         for rec in snapshot.registrations:
             reg = registration_from_record(rec, offset)
             queue = DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now)
-            addr = address_from_text(rec.address) and None
+            addr = address_from_text(rec.address)
             queue.reachable = addr is not None
             queue.awake_until = 0.0
             actor = DeviceActor(self, reg, queue, None, None)
@@ -259,7 +259,7 @@ class Supervisor:
             restored = self.by_endpoint.get(crec.endpoint)
             if restored is not None:
                 cmd = command_from_record(crec, offset)
-                pass
+                cmd.last_attempt_at = None  # no resend grace (its exchange_at stays)
                 restored.queue.queue.append(cmd)
         for endpoint, entries in snapshot.subscriptions.items():
             restored = self.by_endpoint.get(endpoint)

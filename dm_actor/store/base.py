@@ -54,6 +54,9 @@ class RegistrationRecord(msgspec.Struct, frozen=True):
     registered_at: float
     updated_at: float
     endpoint_type: str | None = None
+    # a UDP device's last address, JSON `[host, port]` (IPv6: `[host, port, flowinfo,
+    # scope_id]`); None over TCP (a connection cannot be restored) or when unknown
+    address: str | None = None
 
 
 class CommandRecord(msgspec.Struct, frozen=True):

@@ -117,8 +117,14 @@ V4 = """
 ALTER TABLE registrations ADD COLUMN endpoint_type TEXT;
 """
 
+#: Version 5: a UDP device's last address (JSON `[host, port]`, or with IPv6 `[host, port,
+#: flowinfo, scope_id]`), so that a restarted server can deliver to it before its next Update.
+V5 = """
+ALTER TABLE registrations ADD COLUMN address TEXT;
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2, V3, V4)
+MIGRATIONS = (V1, V2, V3, V4, V5)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)

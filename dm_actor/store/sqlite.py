@@ -817,9 +817,11 @@ def _presubscriptions(rows: Any) -> dict[str, list[PresubscriptionRecord]]:
 def _registration(
     endpoint: str, reg_id: str, lifetime: int, version: str, binding: str, queue_mode: int,
     links: str, registered_at: float, updated_at: float, endpoint_type: str | None,
+    address: str | None,
 ) -> RegistrationRecord:  # fmt: skip
     return RegistrationRecord(endpoint, reg_id, lifetime, version, binding, bool(queue_mode),
-                              links, registered_at, updated_at, endpoint_type)  # fmt: skip
+                              links, registered_at, updated_at, endpoint_type,
+                              address)  # fmt: skip
 
 
 def _command(

@@ -209,3 +209,94 @@ async def test_after_a_restart_new_requests_never_reuse_a_recent_message_id(
     assert new == [(old[0] + MID_BLOCK + i) & 0xFFFF for i in range(3)]
     answers = async_responses(events)
     assert [answers[f"new{i}"]["status"] for i in range(3)] == [200] * 3
+
+
+async def until_answered(events: EventStream, async_id: str) -> dict[str, object]:
+    seen: dict[str, dict[str, object]] = {}
+    while async_id not in seen:
+        await trio.sleep(0.1)
+        seen.update(async_responses(events))
+    return seen[async_id]
+
+
+async def test_a_non_queue_device_is_delivered_to_at_once_after_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Its address is stored with its registration: the restarted server does not wait a
+    day (Anjay's default lifetime) for the device's next Update."""
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "awake", lifetime=86400)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    scope.cancel()
+    await trio.sleep(10)
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    dev.server = second.coap_udp  # (where its answers go: the request's source)
+    start = trio.current_time()
+    assert await second.supervisor.submit("awake", "GET", "/3/0/1", async_id="a") == Accepted()
+    with trio.fail_after(5):
+        answer = await until_answered(events, "a")
+    assert answer["status"] == 200
+    assert trio.current_time() - start < 2
+    assert [e.path for e in dev.executed] == ["/3/0/1"]  # no Update was needed
+
+
+async def test_an_attempt_in_flight_is_resent_at_once_after_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """Not after the 120 s resend grace (for devices that reconnect, not for our restart):
+    at once, as the same exchange, which the device's deduplication answers."""
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "slow", lifetime=86400)
+    await dev.start(nursery)
+    await dev.register()
+    dev.mute = True  # it executes the request, its answers are lost
+    await first.supervisor.submit("slow", "PUT", "/3311/0/5850", async_id="a", payload=b"1",
+                                  content_format=0)  # fmt: skip
+    await trio.sleep(1)
+    scope.cancel()  # the daemon dies with the attempt in flight
+    await trio.sleep(5)
+
+    dev.mute = False
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    dev.server = second.coap_udp
+    start = trio.current_time()
+    with trio.fail_after(10):
+        answer = await until_answered(events, "a")
+    assert answer["status"] == 200
+    assert trio.current_time() - start < 3
+    assert len(dev.executed) == 1  # answered from the device's deduplication cache
+    puts = [m for _, m in dev.arrivals if m.code == Code.PUT]
+    assert len(puts) >= 2 and len({(m.mid, m.token) for m in puts}) == 1
+
+
+async def test_a_device_gone_after_a_restart_is_unreachable_until_it_contacts_us(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "gone", lifetime=86400)
+    await dev.start(nursery)
+    await dev.register()
+    scope.cancel()
+    await trio.sleep(1)
+    dev.close()  # its port is closed: the server meets ICMP port unreachable
+
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    await second.supervisor.submit("gone", "GET", "/3/0/1", async_id="a")
+    with trio.fail_after(60):
+        answer = await until_answered(events, "a")
+    assert answer["status"] != 200  # failed (rule 3.4), not kept waiting
+    actor = second.supervisor.by_endpoint["gone"]
+    assert not actor.queue.reachable
+    await second.supervisor.submit("gone", "GET", "/3/0/2", async_id="b")
+    await trio.sleep(30)
+    assert "b" not in async_responses(events)  # waits for the device's next contact
+    await dev.start(nursery)  # it comes back (a new port) with an Update
+    dev.server = second.coap_udp
+    assert (await dev.update()).code == Code.CHANGED
+    with trio.fail_after(10):
+        assert (await until_answered(events, "b"))["status"] == 200

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from dm_actor.store.base import (
@@ -51,6 +52,23 @@ async def test_a_registration_keeps_its_endpoint_type(backend: Backend) -> None:
         await store.durable()
     snap = backend.reopen(store)
     assert {r.endpoint: r.endpoint_type for r in snap.registrations} == {"t": "Light", "u": None}
+
+
+async def test_a_registration_keeps_its_udp_address(backend: Backend) -> None:
+    store = backend.open()
+    v4 = RegistrationRecord("a", "r-a", 60, "1.1", "U", False, "</3/0>", 1.0, 1.0,
+                            address='["127.0.0.1",5683]')  # fmt: skip
+    v6 = msgspec.structs.replace(v4, endpoint="b", address='["::1",5683,0,0]')
+    async with running(store):
+        for record in (v4, v6, registration("tcp")):
+            store.put_registration(record)
+        await store.durable()
+    snap = backend.reopen(store)
+    assert {r.endpoint: r.address for r in snap.registrations} == {
+        "a": '["127.0.0.1",5683]',
+        "b": '["::1",5683,0,0]',
+        "tcp": None,
+    }
 
 
 async def test_commands_keep_every_field(backend: Backend) -> None:

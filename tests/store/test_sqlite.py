@@ -6,6 +6,7 @@ import os
 import sqlite3
 from typing import TYPE_CHECKING
 
+import msgspec
 import pytest
 import trio
 import trio.testing
@@ -242,7 +243,7 @@ async def test_a_version_1_store_is_migrated_with_its_data(tmp_path: Path) -> No
     assert snap.commands[0].mid == 42 and snap.commands[0].token == b"tk"
     assert len(snap.channels) == 1 and len(snap.events) == 1
     assert snap.next_mids == {"dev-1": 298}
-    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,) == (4,)
+    assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,) == (5,)
     store.close()
 
 
@@ -266,6 +267,32 @@ async def test_a_version_2_store_is_migrated_with_its_data(tmp_path: Path) -> No
         await store.durable()
     assert store.load().next_mids == {"dev-1": 7}
     assert store._db.execute("PRAGMA user_version").fetchone() == (schema.VERSION,)
+    store.close()
+
+
+async def test_a_version_4_store_is_migrated_and_keeps_addresses_from_then_on(
+    tmp_path: Path,
+) -> None:
+    """Version 5 adds each UDP device's last address; a version 4 registration has none (its
+    device is reached at its next contact, as before)."""
+    path = tmp_path / "v4.sqlite3"
+    write_v1_store(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(schema.V2 + schema.V3 + schema.V4)
+    db.execute("UPDATE registrations SET endpoint_type = 'meter'")
+    db.execute("PRAGMA user_version = 4")
+    db.close()
+    store = SqliteStore(path)
+    [old] = store.load().registrations
+    assert (old.endpoint_type, old.address) == ("meter", None)
+    moved = msgspec.structs.replace(old, address='["127.0.0.1",56830]')
+    async with running(store):
+        store.put_registration(moved)
+        await store.durable()
+    store.close()
+    store = SqliteStore(path)
+    assert store.load().registrations == [moved]
+    assert store._db.execute("PRAGMA user_version").fetchone() == (5,)
     store.close()
 
 
