@@ -60,7 +60,8 @@ VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 
 Address = tuple[str, int]
 #: One concrete input: ("udp", addr, bytes), ("tcp", conn, bytes of one frame),
-#: ("close", conn, b""), ("icmp", addr, b""), ("submit", ep, b"METHOD uri"), ("commit",),
+#: ("close", conn, b""), ("icmp", addr, b""), ("submit", ep, "METHOD uri"), ("subscribe", ep,
+#: b"path"), ("unsubscribe", ep, b"path"), ("gate",), ("commit",),
 #: ("settle",), ("sleep", seconds)
 Op = tuple[Any, ...]
 
@@ -460,6 +461,11 @@ class Episode:
             self._submit_no += 1
             self.totals.submits += 1
             self._nursery.start_soon(self._submit, op[1], method, uri, f"f{self._submit_no}")
+        elif kind == "subscribe":
+            assert self._nursery is not None
+            self._nursery.start_soon(self._subscribe, op[1], op[2].decode())
+        elif kind == "unsubscribe":
+            self.sup.unsubscribe(op[1], op[2].decode(), "fuzz")
         elif kind == "commit":
             self.store.commit()
         elif kind == "gate":
@@ -480,6 +486,9 @@ class Episode:
         payload = b"1" if method in ("PUT", "POST") else b""
         await self.sup.submit(ep, method, uri, async_id=async_id, payload=payload,
                               content_format=0 if payload else None)  # fmt: skip
+
+    async def _subscribe(self, ep: str, path: str) -> None:
+        await self.sup.subscribe(ep, path, "fuzz")
 
     async def settle(self) -> None:
         """Let the actors and the supervisor's tasks run until all are blocked, then read
@@ -639,6 +648,12 @@ class Episode:
                 uri = rng.choice(("/3/0/0", "/3/0", "/3303/0/5700", "/3311/0/5850", "/1/0/1",
                                   "/3/0/4", "/3/0/9?pmin=1", "/5/0/1", "/3/0/0/0"))  # fmt: skip
                 ops.append(("submit", ep, f"{method} {uri}"))
+        if rng.random() < 0.1:
+            eps = list(self.sup.by_endpoint)
+            if eps:
+                path = rng.choice((b"/3/0/0", b"/3303/0", b"/3303/0/5700", b"/3/0", b"/1/0/1"))
+                kind = "subscribe" if rng.random() < 0.8 else "unsubscribe"
+                ops.append((kind, rng.choice(eps), path))
         if self.store.gated and rng.random() < 0.4:
             ops.append(("commit",))
         elif not self.store.gated and rng.random() < 0.05:
@@ -847,6 +862,24 @@ class Episode:
             return encode(Message(_ACK, 0, req.mid, b""))
         mtype = _ACK if r < 0.85 else rng.choice((_CON, _NON))
         mid = req.mid if mtype == _ACK else peer.next_mid()
+        asked = req.option(_BLOCK2)
+        if asked is not None or rng.random() < 0.25:  # a well-formed block (mostly)
+            value = int.from_bytes(asked or b"", "big")
+            num, szx = value >> 4, (value & 7) if asked else rng.randint(0, 6)
+            more = rng.random() < (0.7 if num < 3 else 0.3)
+            options = [(_CONTENT_FORMAT, uint_bytes(rng.choice((0, 11542, 110, 42))))]
+            options.append((_BLOCK2, uint_bytes(num << 4 | more << 3 | szx)))
+            if rng.random() < 0.5:
+                options.append((_ETAG, b"e" if rng.random() < 0.9 else b"f"))
+            if rng.random() < 0.3:
+                options.append((_SIZE2, uint_bytes(rng.choice((64, 1000, 1 << 20, 1 << 30)))))
+            if req.observe == 0 and rng.random() < 0.5:
+                options.append((_OBSERVE, uint_bytes(rng.randrange(1 << 24))))
+            options.sort(key=lambda o: o[0])
+            size = 16 << szx if more else rng.randint(0, 16 << szx)
+            payload = (rng.choice(self.payloads) * (size // 8 + 1))[:size]
+            code = 0x45 if rng.random() < 0.9 else rng.choice(RESPONSE_CODES)
+            return encode(Message(mtype, code, mid, req.token, tuple(options), payload))
         payload = rng.choice(self.payloads) if rng.random() < 0.8 else rng.randbytes(20)
         code = rng.choice(RESPONSE_CODES)
         return encode(Message(mtype, code, mid, req.token, self._response_options(), payload))
