@@ -332,14 +332,18 @@ async def test_serve_from_parsed_arguments_answers_on_port_0(
 
 def _free_port() -> int:
     """A port free for both UDP and TCP on loopback right now."""
-    with (
-        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
-        socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
-    ):
-        u.bind(("127.0.0.1", 0))
-        port: int = u.getsockname()[1]
-        t.bind(("127.0.0.1", port))
-        return port
+    while True:
+        with (
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+        ):
+            u.bind(("127.0.0.1", 0))
+            port: int = u.getsockname()[1]
+            try:
+                t.bind(("127.0.0.1", port))
+            except OSError:  # taken for TCP: another one
+                continue
+            return port
 
 
 def test_serve_in_a_subprocess_stops_cleanly_on_sigterm(tmp_path: Path) -> None:

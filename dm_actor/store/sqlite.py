@@ -490,9 +490,9 @@ class SqliteStore:
         batches.popleft()
         if self._problem is not None:
             log.warning(
-                "store %s: writable again after %.1f s (%d failed attempts); %d writes "
-                "committed", self.path, trio.current_time() - self._problem_since,
-                self.write_retries, batch.count,
+                "store %s: writable again after %.1f s (%d failed attempts); committing the "
+                "%d writes held", self.path, trio.current_time() - self._problem_since,
+                self.write_retries, self.writes - self._committed_writes,
             )  # fmt: skip
             self._problem = None
         self._committed = batch.seq
@@ -666,11 +666,7 @@ class SqliteStore:
         return kept
 
     def _disk_free(self) -> int | None:
-        try:
-            st = os.statvfs(self.path.parent)
-        except OSError:
-            return None
-        return st.f_bavail * st.f_frsize
+        return _free_bytes(self.path.parent)
 
 
 def _open(path: Path, *, check: bool) -> tuple[sqlite3.Connection, int]:
@@ -693,18 +689,98 @@ def _open(path: Path, *, check: bool) -> tuple[sqlite3.Connection, int]:
     lock = _lock(path)
     try:
         try:
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{path}: cannot open the store: {exc}") from exc
-        try:
-            _prepare(db, path, check=check)
-        except BaseException:
-            db.close()
-            raise
+            db = _connect(path, check=check)
+        except StoreError:
+            if not _disk_full(path.parent) or not _release_reserve(path):
+                raise
+            db = _connect(path, check=check)  # with the reserve's space
+        _keep_reserve(path)
     except BaseException:
         os.close(lock)
         raise
     return db, lock
+
+
+def _connect(path: Path, *, check: bool) -> sqlite3.Connection:
+    try:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"{path}: cannot open the store: {exc}") from exc
+    try:
+        _prepare(db, path, check=check)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+#: A file of this size is kept next to the store (`<store>.reserve`) while the disk has room
+#: for it: a restart on a full disk deletes it, so that SQLite can create its -wal and -shm
+#: files and the server starts (reads work, writes wait) instead of exiting again and again.
+RESERVE_BYTES = 2**20
+
+
+def _free_bytes(directory: Path) -> int | None:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _disk_full(directory: Path) -> bool:
+    free = _free_bytes(directory)
+    return free is not None and free < 128 * 1024
+
+
+def _release_reserve(path: Path) -> bool:
+    reserve = path.with_name(path.name + ".reserve")
+    try:
+        reserve.unlink()
+    except OSError:
+        return False
+    log.warning(
+        "%s: the disk is full: deleted the reserve file %s (%d bytes) so that the store can "
+        "open; writes wait until space is freed", path, reserve, RESERVE_BYTES,
+    )  # fmt: skip
+    return True
+
+
+def _keep_reserve(path: Path) -> None:
+    """Create the reserve file if it is missing and the disk has room for it twice over."""
+    reserve = path.with_name(path.name + ".reserve")
+    free = _free_bytes(path.parent)
+    if reserve.exists() or free is None or free < 2 * RESERVE_BYTES:
+        return
+    try:
+        fd = os.open(reserve, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:
+        return
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        os.fsync(fd)
+    except OSError:
+        os.close(fd)
+        reserve.unlink(missing_ok=True)
+        return
+    os.close(fd)
+
+
+def _open_failure(path: Path, exc: sqlite3.Error) -> str:
+    """Why a store file could not be read at open, without calling a good store damaged."""
+    code = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
+    if code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN) and (
+        _disk_full(path.parent)
+    ):
+        return (
+            f"cannot open the store: the disk is full ({_free_bytes(path.parent)} bytes "
+            f"free; SQLite must create its -wal and -shm files): {exc}"
+        )
+    if code == sqlite3.SQLITE_IOERR:
+        return f"cannot read the store: an I/O error ({exc})"
+    if code in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        return f"cannot open the store: {exc}"
+    return f"not a dm-actor store, or damaged: {exc}"
 
 
 def read_only(directory: Path) -> str | None:
@@ -754,7 +830,7 @@ def _prepare(db: sqlite3.Connection, path: Path, *, check: bool) -> None:
         (version,) = db.execute("PRAGMA user_version").fetchone()
         (objects,) = db.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
-        raise StoreError(f"{path}: not a dm-actor store, or damaged: {exc}") from exc
+        raise StoreError(f"{path}: {_open_failure(path, exc)}") from exc
     if app_id != schema.APPLICATION_ID and (app_id or version or objects):
         raise StoreError(
             f"{path}: a SQLite database, but not a dm-actor store "

@@ -12,20 +12,24 @@ run on a real small file system.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
+import subprocess
 import time
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
 
-from dm_actor.store.base import KEPT_EVENT_KIND, EventRecord, StoreFailed
+from dm_actor.store.base import KEPT_EVENT_KIND, EventRecord, StoreError, StoreFailed
 from dm_actor.store.sqlite import SqliteStore
 
 from .support import command, registration, running
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from pathlib import Path
 
 
@@ -289,3 +293,84 @@ async def test_while_writes_fail_events_are_not_buffered(
         await store.durable()
     assert [e.seq for e in store.load().events] == [2]
     store.close()
+
+
+# ------------------------------------------------------------------ a real small file system
+
+
+@contextmanager
+def small_file_system(path: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path` (root only; skipped elsewhere)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    path.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr!r}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path, name: str = "fill") -> Path:
+    """Fill the file system with a new file (ENOSPC ends it); returns the file."""
+    path = directory / name
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while os.write(fd, b"\0" * 65536):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+async def test_a_real_full_disk_restart_starts_reads_and_waits_to_write(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ENOSPC on a real file system: the server must start on a full disk (not exit in a
+    loop): the reserve file gives SQLite room for its -wal and -shm files; writes then wait
+    for space and go on by themselves once it is freed."""
+    autojump_clock.autojump_threshold = 0.05
+    with small_file_system(tmp_path / "small") as small:
+        path = small / "s.sqlite3"
+        store = SqliteStore(path)
+        assert (small / "s.sqlite3.reserve").stat().st_size == 2**20
+        async with running(store):
+            store.put_registration(registration("a"))
+            await store.durable()
+        store.close()  # (SQLite deletes its -wal and -shm files)
+        filler = fill(small)
+
+        store = SqliteStore(path)  # on the full disk
+        assert [r.endpoint for r in store.load().registrations] == ["a"]
+        assert not (small / "s.sqlite3.reserve").exists()
+        async with running(store):
+            more = fill(small, "more")  # what the reserve left is taken too
+            store.put_command(command("a", "x", payload=b"p" * 300_000))
+            with trio.move_on_after(30):
+                await store.durable()
+            assert not store.healthy() and "the disk is full" in (store.problem() or "")
+            filler.unlink()
+            more.unlink()
+            with trio.fail_after(10):
+                await store.durable()
+            assert store.healthy()
+        store.close()
+        assert reopened(path) == ["x"]
+    assert any("deleted the reserve file" in m for m in records(caplog, logging.WARNING))
+
+
+def test_a_full_disk_without_a_reserve_is_not_called_damaged(tmp_path: Path) -> None:
+    with small_file_system(tmp_path / "small", size="1m") as small:
+        path = small / "s.sqlite3"
+        SqliteStore(path).close()  # too small for a reserve
+        assert not (small / "s.sqlite3.reserve").exists()
+        fill(small)
+        with pytest.raises(StoreError, match="the disk is full") as refused:
+            SqliteStore(path)
+        assert "damaged" not in str(refused.value)
