@@ -4,7 +4,7 @@ It owns the process (started with this interpreter, `-m dm_actor`), its log file
 readiness check (the HTTP port accepts connections, which happens after the store was loaded
 and the CoAP sockets opened). `free_ports` picks ports that are free on 127.0.0.1 for UDP and
 TCP at once, because a restarted daemon must come back where its devices expect it.
-It never talks HTTP beyond `post`, a one-shot request on its own connection.
+It talks HTTP only with `request` (and `post`): one request on its own connection.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import h11
 import trio
@@ -104,7 +105,14 @@ class NotSent(Exception):
 
 
 async def post(addr: tuple[str, int], target: str, key: str, body: object) -> int:
-    """POST a JSON body on a new connection; the response status.
+    """POST a JSON body on a new connection; the response status (see `request`)."""
+    return (await request(addr, "POST", target, key, body))[0]
+
+
+async def request(
+    addr: tuple[str, int], method: str, target: str, key: str, body: object = None
+) -> tuple[int, bytes]:
+    """One request (a JSON body unless None) on a new connection; the status and the body.
 
     Raises:
         NotSent: the connection could not be opened: the server cannot have seen it.
@@ -115,20 +123,93 @@ async def post(addr: tuple[str, int], target: str, key: str, body: object) -> in
         stream = await trio.open_tcp_stream(*addr)
     except OSError as exc:
         raise NotSent(str(exc)) from None
-    data = json.dumps(body).encode()
+    data = b"" if body is None else json.dumps(body).encode()
     conn = h11.Connection(h11.CLIENT)
-    headers = [("host", "dm-actor"), ("content-type", "application/json"),
-               ("content-length", str(len(data))), ("authorization", f"Bearer {key}"),
-               ("connection", "close")]  # fmt: skip
+    headers = [("host", "dm-actor"), ("content-length", str(len(data))),
+               ("authorization", f"Bearer {key}"), ("connection", "close")]  # fmt: skip
+    if body is not None:
+        headers.append(("content-type", "application/json"))
+    status: int | None = None
+    chunks: list[bytes] = []
     async with stream:
-        out = conn.send(h11.Request(method="POST", target=target, headers=headers))
-        out += conn.send(h11.Data(data=data)) + conn.send(h11.EndOfMessage())
-        await stream.send_all(out)
+        out = conn.send(h11.Request(method=method, target=target, headers=headers))
+        out += conn.send(h11.Data(data=data)) if data else b""
+        await stream.send_all(out + conn.send(h11.EndOfMessage()))
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
                 conn.receive_data(await stream.receive_some(65536))
             elif isinstance(event, h11.Response):
-                return int(event.status_code)
+                status = int(event.status_code)
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage) and status is not None:
+                return status, b"".join(chunks)
             elif isinstance(event, h11.ConnectionClosed):
                 raise trio.BrokenResourceError("closed before the response")
+
+
+class Session:
+    """A kept-alive HTTP/1.1 connection for one request after another (a Pelion SDK client
+    keeps its connection). A request whose connection broke is never sent again: the error
+    says whether it left (`NotSent`) or not, as `request`'s.
+    """
+
+    def __init__(self, addr: tuple[str, int], key: str) -> None:
+        self.addr, self.key = addr, key
+        self.stream: trio.SocketStream | None = None
+        self.conn = h11.Connection(h11.CLIENT)
+        self.connections = 0
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            await stream.aclose()
+
+    async def request(self, method: str, target: str, body: object = None) -> tuple[int, bytes]:
+        """One request on the kept connection (a new one if it closed); status and body."""
+        if self.stream is None:
+            try:
+                self.stream = await trio.open_tcp_stream(*self.addr)
+            except OSError as exc:
+                raise NotSent(str(exc)) from None
+            self.conn = h11.Connection(h11.CLIENT)
+            self.connections += 1
+        data = b"" if body is None else json.dumps(body).encode()
+        headers = [("host", "dm-actor"), ("content-length", str(len(data))),
+                   ("authorization", f"Bearer {self.key}")]  # fmt: skip
+        if body is not None:
+            headers.append(("content-type", "application/json"))
+        conn, stream = self.conn, self.stream
+        status: int | None = None
+        chunks: list[bytes] = []
+        try:
+            out = conn.send(h11.Request(method=method, target=target, headers=headers))
+            out += conn.send(h11.Data(data=data)) if data else b""
+            await stream.send_all(out + conn.send(h11.EndOfMessage()))
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    conn.receive_data(await stream.receive_some(65536))
+                elif isinstance(event, h11.Response):
+                    status = int(event.status_code)
+                elif isinstance(event, h11.Data):
+                    chunks.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage) and status is not None:
+                    break
+                elif isinstance(event, h11.ConnectionClosed):
+                    raise trio.BrokenResourceError("closed before the response")
+        except BaseException:
+            await self.aclose()
+            raise
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            await self.aclose()
+        return status, b"".join(chunks)
