@@ -23,6 +23,8 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.actors.supervisor import Accepted
+from dm_actor.coap.numbers import Code
 from dm_actor.store.base import KEPT_EVENT_KIND, EventRecord, StoreError, StoreFailed
 from dm_actor.store.sqlite import SqliteStore
 
@@ -374,3 +376,38 @@ def test_a_full_disk_without_a_reserve_is_not_called_damaged(tmp_path: Path) -> 
         with pytest.raises(StoreError, match="the disk is full") as refused:
             SqliteStore(path)
         assert "damaged" not in str(refused.value)
+
+
+# ------------------------------------------------------------------------- in the server
+
+
+async def test_a_device_answer_while_the_disk_is_full_is_kept_and_delivered_after(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """The answer arrives while commits fail: it waits in memory (its AsyncIDResponse is
+    not published: it is not stored), the server keeps serving, and once the disk can be
+    written the response is stored and delivered, without a restart."""
+    from tests.actors.support import Device
+    from tests.actors.test_restart import async_responses, run_server, slow_jumps
+
+    slow_jumps(autojump_clock)
+    _, server, events = await run_server(nursery, tmp_path, autojump_clock)
+    store = server.supervisor.store
+    assert isinstance(store, SqliteStore)
+    dev = Device(server.coap_udp, "dev", lifetime=86400)
+    await dev.start(nursery)
+    await dev.register()
+    accepted = await server.supervisor.submit("dev", "GET", "/3/0/1", async_id="a")
+    assert accepted == Accepted()
+    faults = inject(store, *[disk_full() for _ in range(1000)])  # before the answer comes
+    await trio.sleep(60)
+    assert [e.path for e in dev.executed] == ["/3/0/1"]  # answered by the device
+    assert "a" not in async_responses(events)  # but not stored, so not handed over
+    assert not store.healthy()
+    assert (await dev.update()).code == Code.CHANGED  # the server goes on serving
+    faults.errors.clear()  # space freed
+    await trio.sleep(6)
+    assert store.healthy()
+    assert async_responses(events)["a"]["status"] == 200
+    snapshot = store.load()
+    assert snapshot.commands == [] and [e.kind for e in snapshot.events] == [KEPT_EVENT_KIND]
