@@ -434,6 +434,10 @@ class HttpServer:
                 )
                 return False
             app = self.keys.from_authorization(auth)
+            if app is None and conn.they_are_waiting_for_100_continue:
+                # refused before its body is sent (RFC 9110 10.1.1): then the connection closes
+                await self._send(conn, stream, UNAUTHORIZED, close=True, slot=slot)
+                return False
             # an unauthenticated upload may be shed like a slow head (the WebSocket upgrade
             # may still carry its key in a subprotocol, but it has no body)
             body = await self._body(conn, stream, slot, sheddable=app is None)
@@ -455,7 +459,7 @@ class HttpServer:
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
             return await self._websocket_connect(conn, stream, event, upgrade, auth)
         if app is None:
-            await self._send(conn, stream, UNAUTHORIZED)
+            await self._send(conn, stream, UNAUTHORIZED, slot=slot)
             return conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
@@ -485,7 +489,9 @@ class HttpServer:
         slot: _Slot | None = None,
     ) -> None:
         """Send `response` within `send_timeout` (else trio.TooSlowError); with `close`, the
-        connection is to close: it lingers first (sheddable, when its `slot` is given)."""
+        connection is to close: it lingers first. With its `slot` (a refusal, an answer to
+        a request without a valid key) the connection may be shed meanwhile (then
+        trio.BrokenResourceError): a client that does not read its refusals holds no slot."""
         status, headers, body = response
         if status != 204:
             headers = [*headers, (b"content-length", b"%d" % len(body))]
@@ -497,7 +503,17 @@ class HttpServer:
             data += conn.send(h11.Data(data=body))
         data += conn.send(h11.EndOfMessage())
         with trio.fail_after(self.options.send_timeout):
-            await stream.send_all(data)
+            if slot is None:
+                await stream.send_all(data)
+            else:
+                with trio.CancelScope() as scope:
+                    self._sheddable_from(slot, scope)
+                    try:
+                        await stream.send_all(data)
+                    finally:
+                        self._sheddable.pop(slot, None)
+                if self._was_shed(slot, scope):
+                    raise trio.BrokenResourceError("shed")
         if close and linger:
             await self._linger(stream, slot)
 

@@ -137,6 +137,38 @@ async def test_an_unauthenticated_upload_is_shed_for_a_complete_request(
     assert server.statistics["connections_shed"] == 1, server.statistics
 
 
+async def test_an_unauthenticated_client_that_does_not_read_its_refusals_is_shed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Pipelined requests without a key whose 401s the client never reads: the server's
+    send backs up. That connection is shed for a complete request (it used to hold its slot
+    for as long as the send could wait)."""
+    server, addr = await start_http(nursery, HttpOptions(max_connections=1))
+    stream = await trio.open_tcp_stream(*addr[:2])
+    request = b"GET /v2/nothing/" + b"x" * 10 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with stream:
+        with trio.move_on_after(5):
+            for _ in range(100_000):  # until the server stops reading (its answers back up)
+                await stream.send_all(request * 100)
+        async with HttpClient(addr, KEY_A) as client:
+            with trio.fail_after(1):
+                assert (await client.request("GET", "/v3/devices")).status == 200
+    assert server.statistics["connections_shed"] == 1
+
+
+async def test_expect_100_continue_without_a_key_is_refused_before_the_body(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, addr = await start_http(nursery, HttpOptions())
+    head = (
+        b"POST /v2/subscriptions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        b"Content-Length: 100000\r\n\r\n"
+    )
+    answer = await raw_exchange(addr, head)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]
+    assert b"connection: close" in answer.lower()
+
+
 async def test_per_address_limit_is_off_by_default_and_refuses_beyond_when_set(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
