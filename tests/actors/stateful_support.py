@@ -897,11 +897,16 @@ def _device_answer(msg: Message, error: bool) -> tuple[int, bytes, tuple[Option,
 
 def run_actions(
     actions: list[Action], seed: int = 0, open_findings: frozenset[str] = OPEN_FINDINGS
-) -> None:
+) -> dict[str, int]:
     """Run one example: every action, the invariants after each, then the end.
 
     `open_findings`: the findings assumed away (all of them are by default).
+
+    Returns:
+        What the example reached (for hypothesis' statistics): counts of AsyncIDResponses,
+        repeats after eviction, observations, the supervisor's statistics, ...
     """
+    summary: dict[str, int] = {}
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -910,10 +915,21 @@ def run_actions(
                 for action in actions:
                     await world.do(action)
                     world.check()
+                    summary["max held answers"] = max(
+                        summary.get("max held answers", 0), world.sup._awaiting
+                    )
                 await world.finish()
             finally:
                 world.stop()
+            summary.update(world.sup.statistics)
+            summary["async responses"] = sum(world.responses.values())
+            summary["new exchange on a repeat"] = sum(
+                r.generations > 1 for r in world.requests.values()
+            )
+            summary["observations"] = sum(len(p.observations) for p in world.peers)
+            summary["tcp requests"] = len(world.tcp_requests)
             nursery.cancel_scope.cancel()
 
     with patch.object(supervisor_module, "secrets", _Secrets(seed)):
         trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    return summary
