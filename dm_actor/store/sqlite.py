@@ -225,7 +225,8 @@ class SqliteStore:
         self._last_commit = -math.inf  # when the last transaction started (Trio time)
         self.event_budget = event_budget
         self.disk_headroom = disk_headroom
-        self.events_refused = 0  # events not stored: past the budget or the headroom
+        self._refused_early = 0  # events refused by `put_event` (the Trio thread)
+        self._refused_late = 0  # ... by the writer (its worker thread)
         self.write_retries = 0  # transactions that failed with a retryable error
         self._refusing = False  # events are refused (set and cleared by the writer)
         self._problem: str | None = None  # why writes fail now (retryable), logged once
@@ -367,7 +368,7 @@ class SqliteStore:
         Past the event budget or the disk headroom (or while writes fail), an event other
         than an AsyncIDResponse is refused and counted: it lives only in memory."""
         if (self._refusing or self._problem is not None) and record.kind != KEPT_EVENT_KIND:
-            self.events_refused += 1
+            self._refused_early += 1
             return
         batch = self._filling()
         batch.events.setdefault(record.owner, {})[record.seq] = record
@@ -396,6 +397,12 @@ class SqliteStore:
 
     def backlog(self) -> int:
         return self.writes - self._committed_writes
+
+    @property
+    def events_refused(self) -> int:
+        """Events not stored since the start: past the event budget or the disk headroom, or
+        while writes failed (AsyncIDResponses are never refused)."""
+        return self._refused_early + self._refused_late
 
     def healthy(self) -> bool:
         """False while the last transaction failed with a retryable error (disk full,
@@ -646,7 +653,7 @@ class SqliteStore:
                 total += size
             else:
                 refused += 1
-        self.events_refused += refused
+        self._refused_late += refused
         # refuse at `put_event` from now on, until the total is below 90 % of the budget
         refusing = low or refused > 0 or (self._refusing and total > 0.9 * self.event_budget)
         if refusing != self._refusing:

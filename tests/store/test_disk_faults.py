@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import time
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -411,3 +412,21 @@ async def test_a_device_answer_while_the_disk_is_full_is_kept_and_delivered_afte
     assert async_responses(events)["a"]["status"] == 200
     snapshot = store.load()
     assert snapshot.commands == [] and [e.kind for e in snapshot.events] == [KEPT_EVENT_KIND]
+
+
+async def test_the_event_budget_and_headroom_are_settings(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from dm_actor import app
+    from dm_actor.config import parse_settings
+
+    text = (
+        f'[server]\nhost = "127.0.0.1"\ncoap_port = 0\ndata_dir = "{tmp_path}"\n'
+        "event_disk_budget = 12345\ndisk_headroom = 678\n"
+    )
+    listening: app.Listening = await nursery.start(
+        partial(app.serve, parse_settings(text), http=False)
+    )
+    store = listening.supervisor.store
+    assert isinstance(store, SqliteStore)
+    assert (store.event_budget, store.disk_headroom) == (12345, 678)
