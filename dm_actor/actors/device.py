@@ -30,6 +30,7 @@ from dm_actor.coap.blockwise import (
 )
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.events import (
+    MessageRefused,
     NotificationReceived,
     RequestFailed,
     RequestReceived,
@@ -206,25 +207,36 @@ class DeviceActor:
         timer = coap.get_timer()
         if timer is not None and timer <= now:
             coap.handle_timer(now)
+            self._handle_events(now)
         contact = False
+        addr = self.addr  # where every datagram in the mailbox came from (see `Supervisor._bind`)
         for mail in self.mailbox.take():
+            # each message is handled before the next is read, as it would be alone: a burst
+            # read in one step must not fill the deduplication window with requests whose
+            # answers are only one call away
+            if type(mail) is bytes and addr is not None and self.addr != addr:
+                # another endpoint registered from this address while its mail was read: the
+                # rest is the address's new owner's (or a new peer's)
+                self.sup.on_datagram(mail, addr)
+                continue
             if type(mail) is bytes:
                 # any message but a Reset is a contact (a Reset fails the attempt, rule 3.4)
-                contact = contact or (len(mail) > 0 and (mail[0] >> 4) & 3 != _RST)
-                coap.receive_datagram(mail, now)
+                if len(mail) > 0 and (mail[0] >> 4) & 3 != _RST:
+                    contact = True
+                    self.queue.contact(now)
+                self.coap.receive_datagram(mail, now)
             elif isinstance(mail, Message):
                 contact = True
-                coap.receive_message(mail, now)
+                self.queue.contact(now)
+                self.coap.receive_message(mail, now)
             elif mail is Signal.SWEEP:
                 self.queue.sweep(now)
             elif mail is Signal.UNREACHABLE:
-                coap.peer_unreachable(now)
+                self.coap.peer_unreachable(now)
                 self._fail_pending(now)
             elif mail is Signal.EXPIRED:
                 self.end(now, expired=True)
-        if contact:
-            self.queue.contact(now)
-        self._handle_events(now)
+            self._handle_events(now)
         self.pump(now, on_contact=contact)
 
     def tell(self, mail: Mail) -> None:
@@ -411,6 +423,8 @@ class DeviceActor:
                     self.queue.attempt_failed(Failure(event.reason), now)
             elif isinstance(event, RequestReceived):
                 self.sup.device_request(self, event.request, now)
+            elif isinstance(event, MessageRefused):
+                self.sup.statistics["messages_refused"] += 1
             # RequestAcknowledged: the separate response will follow; nothing to do.
 
     def _response(self, token: bytes, response: Message, now: float) -> None:

@@ -164,6 +164,9 @@ class Supervisor:
             "mailbox_overloaded": 0,
             "decode_errors": 0,
             "peer_errors": 0,  # exceptions contained at a peer's boundary (see `contain`)
+            # messages dropped unread: the device's dedup window was full of requests whose
+            # answers wait for the store (the device retransmits them)
+            "messages_refused": 0,
         }
 
     # -- wiring ---------------------------------------------------------------------------
@@ -498,7 +501,7 @@ class Supervisor:
             code, options = self._deregister(actor, request, now)
         else:
             code, options = Code.NOT_FOUND, ()
-        if kind == "register" or kind == "deregister":
+        if code == Code.CREATED or code == Code.DELETED:
             # the 2.01 / 2.02 promises what the store holds: answer once it is durable,
             # on the transport the request came on
             def answer() -> None:
@@ -611,9 +614,11 @@ class Supervisor:
         return reg_iface.created(reg.reg_id)
 
     def _bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
-        if actor.addr is not None and actor.addr != addr and self.by_addr.get(actor.addr) is actor:
-            del self.by_addr[actor.addr]
         now = self.now()
+        if actor.addr is not None and actor.addr != addr:
+            actor.drain(now)  # what came from the old address is answered there
+            if self.by_addr.get(actor.addr) is actor:
+                del self.by_addr[actor.addr]
         replaced = actor.conn is not None and actor.conn is not conn
         if replaced:  # a new connection (or UDP) before the old one was seen to close
             assert actor.conn is not None
@@ -632,7 +637,10 @@ class Supervisor:
         if addr is not None:
             previous = self.by_addr.get(addr)
             if previous is not None and previous is not actor:
+                # another endpoint now speaks from its address: what it sent there fails
+                # and an attempt not yet sent goes back to its queue (as on ICMP)
                 previous.addr = None
+                self._tell(previous, Signal.UNREACHABLE)
             self.by_addr[addr] = actor
         if conn is not None:
             previous = self.by_conn.get(conn)
@@ -663,6 +671,9 @@ class Supervisor:
             return reg_iface.error(parsed)
         if parsed.reg_id != actor.reg.reg_id:
             return Code.NOT_FOUND, ()
+        if self._store_behind():  # its 2.02 would wait for the store: come back later
+            self.statistics["registrations_shed"] += 1
+            return Code.SERVICE_UNAVAILABLE, self._retry_after()
         actor.end(now, expired=False)
         return reg_iface.deleted()
 
@@ -692,7 +703,16 @@ class Supervisor:
 
     def _watch_lifetime(self, reg: Registration) -> None:
         expires_at = reg.expires_at(self.registration_grace)
-        heapq.heappush(self._lifetimes, (expires_at, reg.endpoint, reg.reg_id))
+        heap = self._lifetimes
+        if len(heap) > 2 * len(self.by_endpoint) + 1024:
+            # every Update pushes an entry and the stale ones leave only when due: rebuild
+            # from the live registrations (amortised O(1) per push; bounded whatever peers do)
+            grace = self.registration_grace
+            heap[:] = [
+                (a.reg.expires_at(grace), ep, a.reg.reg_id) for ep, a in self.by_endpoint.items()
+            ]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (expires_at, reg.endpoint, reg.reg_id))
         scope = self._lifetime_scope
         if scope is not None and expires_at < scope.deadline:
             scope.deadline = expires_at

@@ -16,10 +16,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dm_actor.coap import framing_tcp
-from dm_actor.coap.dedup import DedupCache
+from dm_actor.coap.dedup import BUSY, DedupCache
 from dm_actor.coap.errors import DecodeError, LocalProtocolError
 from dm_actor.coap.events import (
     Event,
+    MessageRefused,
     NotificationFailed,
     NotificationReceived,
     RequestAcknowledged,
@@ -395,6 +396,9 @@ class CoapEndpoint:
         params = self.params
         lifetime = params.exchange_lifetime if mtype == _CON else params.non_lifetime
         entry = dedup.seen(msg.mid, now, lifetime)
+        if entry is BUSY:
+            self._event(MessageRefused(msg.mid))
+            return
         if entry is not None:
             if entry[1]:
                 self._send(entry[1])

@@ -73,6 +73,15 @@ class NotificationFailed:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class MessageRefused:
+    """A message from the peer was dropped unread: every entry of the deduplication window
+    is a request still in process (its answer waits), so there is no room to remember it.
+    The peer retransmits it (CoAP's own back-off); the caller counts it."""
+
+    mid: int
+
+
 Event = (
     RequestReceived
     | ResponseReceived
@@ -80,4 +89,5 @@ Event = (
     | RequestAcknowledged
     | RequestFailed
     | NotificationFailed
+    | MessageRefused
 )

@@ -144,12 +144,10 @@ def test_f1_a_held_answer_goes_out_on_the_transport_it_came_on() -> None:
     run_actions([Stall(), Register(3, 0), Register(3, 0), Register(0, 0)], 0, NONE)
 
 
-@pytest.mark.xfail(strict=True, reason="F2 (open): the attempt stays in flight forever")
 def test_f2_an_attempt_waiting_for_the_store_when_another_device_takes_the_address() -> None:
     run_actions([Stall(), Register(0, 0), Submit(0), Register(0, 1)], 0, NONE)
 
 
-@pytest.mark.xfail(strict=True, reason="F3 (open): the 17th request is dropped, uncounted")
 def test_f3_seventeen_requests_in_one_step() -> None:
     run_actions([Register(0, 0), Filler(0, 17, settle_each=False)], 0, NONE)
 
@@ -159,7 +157,6 @@ def test_f4_updates_do_not_grow_the_lifetime_heap() -> None:
     run_actions([Register(0, 0), Filler(0, 20, kind="update")], 0, NONE)
 
 
-@pytest.mark.xfail(strict=True, reason="F5 (open): queued mail is answered to nobody")
 def test_f5_mail_queued_behind_a_register_of_another_endpoint() -> None:
     run_actions([Register(0, 0, hold=True), Register(0, 0, hold=True), Register(0, 1),
                  Release(0)], 0, NONE)  # fmt: skip
@@ -170,7 +167,6 @@ def test_f5_mail_queued_when_the_device_moves() -> None:
     run_actions([Stall(), Register(0, 0), Submit(0), Update(0, 0), Register(1, 0)], 0, NONE)
 
 
-@pytest.mark.xfail(strict=True, reason="F6 (open): De-registers are held past the limit")
 def test_f6_answers_held_for_the_store_stay_within_the_limit() -> None:
     run_actions([Register(2, 2), Stall(), Register(0, 0), Filler(2, 17, kind="delete"),
                  Filler(0, 20, kind="delete")], 0, NONE)  # fmt: skip

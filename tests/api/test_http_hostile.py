@@ -7,6 +7,7 @@ drop a connection without an answer, answer wrongly, or lock others out.
 from __future__ import annotations
 
 import json
+import re
 from typing import TYPE_CHECKING
 
 import pytest
@@ -167,6 +168,82 @@ async def test_expect_100_continue_without_a_key_is_refused_before_the_body(
     answer = await raw_exchange(addr, head)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:60]
     assert b"connection: close" in answer.lower()
+
+
+async def test_a_body_in_tiny_chunks_is_refused_early(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """1 MiB in 1-byte chunks cost h11 seconds of CPU (the loop blocked ~0.2 s a read):
+    after 1024 parts (plus one per 256 bytes) a body is refused. Real chunked bodies pass."""
+    server, addr = await start_http(nursery, HttpOptions())
+    head = (
+        b"PUT /v2/subscriptions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        b"Authorization: Bearer " + KEY_A.encode() + b"\r\n\r\n"
+    )
+    answer = await raw_exchange(addr, head + b"1\r\n \r\n" * 200_000 + b"0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+    assert b"body in too many small parts" in answer
+    assert server.statistics["bad_requests"] == 1
+    body = json.dumps([{"endpoint-name": f"node-{i:05}"} for i in range(1000)]).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 300]), body[i : i + 300])
+                      for i in range(0, len(body), 300))  # fmt: skip
+    answer = await raw_exchange(
+        addr, head.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n") + chunks + b"0\r\n\r\n"
+    )
+    assert answer.startswith(b"HTTP/1.1 204 "), answer[:80]
+
+
+AUTH = b"Authorization: Bearer " + KEY_A.encode() + b"\r\n"
+GET = b"GET /v3/devices HTTP/1.1\r\nHost: x\r\n" + AUTH + b"\r\n"
+POST_HEAD = b"PUT /v2/subscriptions HTTP/1.1\r\nHost: x\r\n" + AUTH
+
+
+@pytest.mark.parametrize(
+    ("data", "answers"),
+    [
+        (GET[:20], [b"400"]),  # half a head, then the client half-closes
+        (GET, [b"200"]),  # a whole request, then half-closed: still answered
+        (GET * 3 + GET[:30], [b"200", b"200", b"200", b"400"]),  # pipelined, the last cut
+        (POST_HEAD + b"Content-Length: 10\r\n\r\n[]", [b"400"]),  # a body cut short
+        (POST_HEAD + b"Content-Length: 2\r\n\r\n[]garbage\r\n\r\n", [b"204", b"400"]),
+        (POST_HEAD + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n[]\r\n0\r\n\r\n",
+         [b"400"]),
+        (b"GET /v3/devices HTTP/1.0\r\n" + AUTH + b"\r\n", [b"200"]),
+        (b"\r\n" + GET, [b"400"]),  # h11 refuses a blank line before a request
+        (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100, [b"400"]),  # TLS
+    ],
+)  # fmt: skip
+async def test_cut_pipelined_and_odd_streams_are_answered_without_a_traceback(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    data: bytes,
+    answers: list[bytes],
+) -> None:
+    _, addr = await start_http(nursery, HttpOptions())
+    stream = await trio.open_tcp_stream(*addr[:2])
+    async with stream:
+        await stream.send_all(data)
+        await stream.send_eof()
+        got = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", got) == answers
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
+async def test_a_head_completed_just_before_its_deadline_is_served(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    _, addr = await start_http(nursery, HttpOptions(head_timeout=10))
+    stream = await trio.open_tcp_stream(*addr[:2])
+    async with stream:
+        for i in range(len(GET)):
+            await stream.send_all(GET[i : i + 1])
+            await trio.sleep(9.9 / len(GET))
+        answer = await stream.receive_some(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:60]
 
 
 async def test_per_address_limit_is_off_by_default_and_refuses_beyond_when_set(
