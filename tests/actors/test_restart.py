@@ -225,6 +225,7 @@ async def test_a_non_queue_device_is_delivered_to_at_once_after_a_restart(
     """Its address is stored with its registration: the restarted server does not wait a
     day (Anjay's default lifetime) for the device's next Update."""
     slow_jumps(autojump_clock)
+    autojump_clock.autojump_threshold = 0.25  # (a jump during a slow commit skews the time)
     scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
     dev = Device(first.coap_udp, "awake", lifetime=86400)
     await dev.start(nursery)
@@ -236,10 +237,10 @@ async def test_a_non_queue_device_is_delivered_to_at_once_after_a_restart(
     dev.server = second.coap_udp  # (where its answers go: the request's source)
     start = trio.current_time()
     assert await second.supervisor.submit("awake", "GET", "/3/0/1", async_id="a") == Accepted()
-    with trio.fail_after(5):
+    with trio.fail_after(30):
         answer = await until_answered(events, "a")
     assert answer["status"] == 200
-    assert trio.current_time() - start < 2
+    assert trio.current_time() - start < 10  # seconds, not a day
     assert [e.path for e in dev.executed] == ["/3/0/1"]  # no Update was needed
 
 
@@ -249,6 +250,7 @@ async def test_an_attempt_in_flight_is_resent_at_once_after_a_restart(
     """Not after the 120 s resend grace (for devices that reconnect, not for our restart):
     at once, as the same exchange, which the device's deduplication answers."""
     slow_jumps(autojump_clock)
+    autojump_clock.autojump_threshold = 0.25
     scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
     dev = Device(first.coap_udp, "slow", lifetime=86400)
     await dev.start(nursery)
@@ -264,10 +266,10 @@ async def test_an_attempt_in_flight_is_resent_at_once_after_a_restart(
     _, second, events = await run_server(nursery, tmp_path, autojump_clock)
     dev.server = second.coap_udp
     start = trio.current_time()
-    with trio.fail_after(10):
+    with trio.fail_after(30):
         answer = await until_answered(events, "a")
     assert answer["status"] == 200
-    assert trio.current_time() - start < 3
+    assert trio.current_time() - start < 10  # not after the 120 s grace
     assert len(dev.executed) == 1  # answered from the device's deduplication cache
     puts = [m for _, m in dev.arrivals if m.code == Code.PUT]
     assert len(puts) >= 2 and len({(m.mid, m.token) for m in puts}) == 1
