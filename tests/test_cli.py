@@ -475,3 +475,21 @@ def test_a_storage_failure_while_running_exits_4_with_the_cause_and_the_file(
     )
     assert "Traceback" in err  # in the log, before the one line
     assert "sub-exception" not in last
+
+
+def test_a_bug_exits_70_with_one_line_and_the_traceback_in_the_log(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(*args: object, **kwargs: object) -> None:
+        async with trio.open_nursery() as nursery:  # nested, as the real failures come
+            nursery.start_soon(trio.sleep_forever)
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app, "serve", broken)
+    code = main(["serve", "--data-dir", str(tmp_path), "--api-key", "k"])
+    assert code == 70
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "dm-actor: error: internal error: RuntimeError: a bug (the traceback is in the log)"
+    )
+    assert "Traceback" in err
