@@ -787,6 +787,18 @@ class World:
             assert id(actor) in live, f"{conn} belongs to an ended actor"
             assert actor.conn is conn, f"{conn} is bound to {actor.endpoint} on {actor.conn}"
             assert isinstance(conn, FakeConn) and not conn.closing, f"{conn} is closed"
+        # what the store holds is what the server holds (a restart brings back this state):
+        # each live registration with its id, and each unfinished command
+        store = self.store
+        assert set(store.registrations) == set(sup.by_endpoint), (
+            f"stored registrations {sorted(store.registrations)}, live {sorted(sup.by_endpoint)}"
+        )
+        for ep, actor in sup.by_endpoint.items():
+            assert store.registrations[ep].reg_id == actor.reg.reg_id, f"{ep}: stored reg id"
+            queue = actor.queue
+            unfinished = {c.async_id for c in [*queue.queue, queue.in_flight] if c is not None}
+            stored = set(store.commands.get(ep, {}))
+            assert stored == unfinished, f"{ep}: stored commands {stored}, unfinished {unfinished}"
         # never silent: with the store keeping up, every request read had its answer
         if self.healthy() and self._drops() == self.drops:
             for key in self.unanswered:
