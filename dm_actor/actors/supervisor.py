@@ -16,7 +16,7 @@ import random
 import re
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -65,6 +65,12 @@ _POST = Code.POST.value
 _CON = MessageType.CON.value
 _ASYNC = "async-responses"
 _json = msgspec.json.Encoder().encode
+#: new peers' Registers waiting to be taken; more get 5.03 at once
+ADMISSION_LIMIT = 4096
+#: a Register that waited longer gets 5.03 (its client has retransmitted meanwhile)
+ADMISSION_WAIT = 0.5
+#: seconds of registrations per scheduler pass before the receive loop and others run again
+ADMISSION_BUDGET = 0.002
 _SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
 
 
@@ -149,6 +155,12 @@ class Supervisor:
         self._held_limit = 100_000
         self._awaiting = 0  # answers held or being committed
         self._held_wake = trio.Event()
+        # Registers from peers without an actor, waiting for `_admit`: (arrived, msg, addr, conn)
+        self._admission: deque[tuple[float, Message, Address | None, TcpConnection | None]] = (
+            deque()
+        )
+        self._admission_limit = ADMISSION_LIMIT
+        self._admission_wake = trio.Event()
         self._reply_cache_size = reply_cache_size
         self._lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
         self._lifetime_scope: trio.CancelScope | None = None
@@ -209,6 +221,7 @@ class Supervisor:
             nursery.start_soon(self._expiry_sweeper)
             nursery.start_soon(self._lifetime_sweeper)
             nursery.start_soon(self._release_replies)
+            nursery.start_soon(self._admit)
             task_status.started()
 
     def now(self) -> float:
@@ -405,11 +418,15 @@ class Supervisor:
         kind = reg_iface.classify(msg)
         now = self.now()
         if kind == "register":
-            if self._store_behind():
+            admission = self._admission
+            if self._store_behind() or len(admission) >= self._admission_limit:
                 self._shed(msg, addr, conn)
                 return
-            code, options = self._register(msg, addr, conn, now, via=None)
-            self._answer_register(msg, addr, conn, code, options)
+            if addr is not None:  # until it is answered, retransmissions are dropped
+                self._cache_reply(addr, msg.mid, None)
+            admission.append((now, msg, addr, conn))
+            if len(admission) == 1:
+                self._admission_wake.set()
             return
         if kind in ("update", "deregister"):
             # rule 0: the registration id it names is the device's proof of identity
@@ -422,6 +439,40 @@ class Supervisor:
             self._reply_direct(msg, addr, conn, Code.NOT_FOUND, (), cache=False)
         elif addr is not None and msg.mtype == _CON:
             self.send_datagram(coap_message.reset_for(msg.mid), addr)
+
+    async def _admit(self) -> None:
+        """Register new peers, at most `ADMISSION_BUDGET` seconds of CPU per scheduler pass.
+
+        A Register from a peer without an actor costs ~60-100 µs; reading a datagram and
+        routing a known device's costs a few. So the transport callbacks only queue new
+        peers' Registers (bounded) and this task takes them in turns with everyone else: a
+        flood of new devices no longer holds the socket's kernel queue full for seconds, in
+        which a registered device's answers waited behind it (issue 10, item 7). A Register
+        that waited longer than `ADMISSION_WAIT`, or finds the queue full, gets 5.03 with
+        Max-Age (a few µs) so its client backs off instead of retransmitting into the flood.
+        """
+        admission = self._admission
+        clock = time.perf_counter  # CPU budget only: no decision of the protocol reads it
+        while True:
+            await self._admission_wake.wait()
+            self._admission_wake = trio.Event()
+            while admission:
+                stop = clock() + ADMISSION_BUDGET
+                while admission and clock() < stop:
+                    queued_at, msg, addr, conn = admission.popleft()
+                    now = self.now()
+                    if now - queued_at > ADMISSION_WAIT or self._store_behind():
+                        self._shed(msg, addr, conn)
+                        continue
+                    try:
+                        code, options = self._register(msg, addr, conn, now, via=None)
+                        self._answer_register(msg, addr, conn, code, options)
+                    except StoreError:
+                        raise
+                    except Exception as exc:
+                        self.contain(self.by_addr.get(addr) if addr is not None else None,
+                                     exc, "a Register")  # fmt: skip
+                await trio.lowlevel.checkpoint()
 
     def _answer_register(
         self,
@@ -525,7 +576,7 @@ class Supervisor:
         (LwM2M clients then back off; without an answer they retransmit at once)."""
         self.statistics["registrations_shed"] += 1
         self._reply_direct(
-            request, addr, conn, Code.SERVICE_UNAVAILABLE, self._retry_after(), cache=False
+            request, addr, conn, Code.SERVICE_UNAVAILABLE, self._retry_after(), cache=True
         )
 
     def _retry_after(self) -> tuple[coap_message.Option, ...]:
