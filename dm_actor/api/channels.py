@@ -3,23 +3,29 @@
 The hub is the only reader of the supervisor's `EventStream`. It fans every event out to the
 channel of each application the event is for (all of them when `owners` is None), into a
 bounded per-channel buffer: beyond `capacity` the oldest event is dropped and counted, so a
-slow or absent client never blocks a device. Every `spill_interval` the events still waiting
-in a channel are written to the store (`spill`): an application that is away does not lose
-them to a restart; a delivery forgets them again. A delivery mechanism (a WebSocket session, a long
-poll, a webhook task of `webhook.py`) waits on its channel and takes `NotificationMessage`s
-from it: up to `max_chunk_size` events grouped by kind, encoded once. A message that could not
-be delivered is put back with `unread`. This module never does network I/O.
+slow or absent client never blocks a device (nor another application: pushing never waits),
+and the next message taken tells the client how many it lost (`events-lost`). Every
+`spill_interval` the events still waiting in a channel are written to the store (`spill`): an
+application that is away does not lose them to a restart; a delivery forgets them again. A
+delivery mechanism (a WebSocket session, a long poll, a webhook task of `webhook.py`) waits on
+its channel and takes `NotificationMessage`s from it: up to `max_chunk_size` events grouped by
+kind, encoded once. A message that could not be delivered is put back with `unread`; one that
+was handed over is forgotten with `NotificationHub.delivered`, at the hand-over point of its
+mechanism (docs/delivery.md, "Hand-over to the application"). A long poll's response is held
+(`NotificationHub.hold`) until the application polls again (`NotificationHub.settle`). This
+module never does network I/O.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections import deque
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
@@ -46,6 +52,9 @@ log = logging.getLogger(__name__)
 _DEREGISTRATION_KINDS = frozenset(("de-registrations", "registrations-expired"))
 _ENDPOINT_KINDS = frozenset(("registrations", "reg-updates"))
 _encode = msgspec.json.Encoder().encode
+#: the key of a `NotificationMessage` that counts the events dropped before it (our addition:
+#: Pelion has no gap marker; docs/api.md, "Buffering")
+EVENTS_LOST = "events-lost"
 
 
 def durable_uid(seq: int) -> str:
@@ -60,12 +69,42 @@ def iso_time(wall: float) -> str:
 
 
 class Session:
-    """A consumer attached to a channel (a WebSocket); `close_code` set means: stop."""
+    """A consumer attached to a channel (a WebSocket); `close_code` set means: stop.
 
-    __slots__ = ("close_code",)
+    `scope` surrounds the consumer's sending: `abort` cancels it, so that a send blocked on a
+    client that stopped reading ends at once (`stop` lets a send in progress finish). A
+    session attached for `patience` seconds whose channel still has to drop events (its
+    buffer is full) is too slow: it is stopped with 1001 and a reason saying so.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("close_code", "patience", "reason", "scope", "since")
+
+    def __init__(self, patience: float = math.inf) -> None:
         self.close_code: int | None = None
+        self.reason: str | None = None
+        self.scope = trio.CancelScope()
+        self.patience = patience
+        self.since = trio.current_time()
+
+    def stop(self, code: int, reason: str | None = None) -> None:
+        """End after the message being sent (the first code and reason given stay)."""
+        if self.close_code is None:
+            self.close_code, self.reason = code, reason
+
+    def abort(self, code: int, reason: str | None = None) -> None:
+        """End now: a message being sent is abandoned (and put back by the consumer)."""
+        self.stop(code, reason)
+        self.scope.cancel()
+
+
+class Receipt(Protocol):
+    """What a long poll's response leaves behind, to tell later whether it arrived."""
+
+    def lost(self) -> bool:
+        """True when the response is known not to have reached the client."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Channel:
@@ -73,6 +112,7 @@ class Channel:
 
     __slots__ = (
         "_ready",
+        "_told",
         "_transform",
         "app",
         "capacity",
@@ -83,12 +123,16 @@ class Channel:
         "extra",
         "forget",
         "idle_since",
+        "lost",
         "mechanism",
         "polling",
+        "receipt",
         "serialization",
         "session",
         "spill_due",
+        "unacked",
         "unspilled",
+        "unstored",
     )
 
     def __init__(
@@ -104,14 +148,19 @@ class Channel:
         self.serialization = serialization
         self.capacity = capacity
         self.events: deque[Event] = deque()
-        self.dropped = 0
+        self.dropped = 0  # events dropped at the bound, in all
+        self.lost = 0  # ... of which the next message taken tells the client
+        self._told = 0  # what the last message taken told (given back by `unread`)
         self.delivered = 0
         self.closed = False
         self.polling = False  # a long poll is pending
         self.idle_since: float | None = trio.current_time()  # no consumer since (None: one)
         self.session: Session | None = None  # the live WebSocket
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
-        self.unspilled = 0  # events pushed since the last spill that have no `seq`
+        self.unspilled = 0  # events in `events` that have no `seq` (not stored yet)
+        self.unacked: list[Event] = []  # a long poll's response, until the next poll
+        self.receipt: Receipt | None = None  # ... and how to tell whether it arrived
+        self.unstored: list[int] = []  # seqs of stored events dropped, to forget at the spill
         self.forget: Callable[[str, list[int]], None] | None = None  # stored events dropped
         self.spill_due: Callable[[], None] | None = None  # events without a seq came back
         self._ready = trio.Event()
@@ -123,7 +172,10 @@ class Channel:
     def push(self, event: Event) -> None:
         events = self.events
         if len(events) >= self.capacity:
-            self._dropped([events.popleft()])
+            self._dropped(events.popleft())
+            session = self.session
+            if session is not None and session.close_code is None:
+                self._too_slow(session)
         transform = self._transform
         if transform is not None:
             event = (event[0], transform(event[0], event[1], event[3]), None, event[3])
@@ -132,11 +184,25 @@ class Channel:
         events.append(event)
         self._ready.set()
 
-    def _dropped(self, gone: list[Event]) -> None:
-        self.dropped += len(gone)
-        seqs = [event[3] for event in gone if event[3] is not None]
-        if seqs and self.forget is not None:
-            self.forget(self.app, seqs)
+    def _too_slow(self, session: Session) -> None:
+        """The buffer is full with `session` attached: after its `patience` (time to drain a
+        buffer that was full when it came), it is too slow."""
+        if trio.current_time() - session.since >= session.patience:
+            session.stop(1001, f"Too slow: {self.capacity} events waiting, the oldest dropped.")
+            self._ready.set()
+
+    def _dropped(self, event: Event) -> None:
+        """`event` fell off the bound: counted for the client; its stored copy (if any) is
+        forgotten at the next spill, with the others (one store call, not one per event)."""
+        self.dropped += 1
+        self.lost += 1
+        seq = event[3]
+        if seq is None:
+            self.unspilled -= 1
+        elif self.forget is not None:
+            self.unstored.append(seq)
+            if self.spill_due is not None and len(self.unstored) == 1:
+                self.spill_due()
 
     def wake(self) -> None:
         self._ready.set()
@@ -149,39 +215,58 @@ class Channel:
             await self._ready.wait()
 
     def take(self) -> tuple[bytes, list[Event]]:
-        """The next `NotificationMessage` (JSON) and the events it holds, removed."""
+        """The next `NotificationMessage` (JSON) and the events it holds, removed.
+
+        When events were dropped since the previous message, it says how many first:
+        `{"events-lost": N, ...}`.
+        """
         events = self.events
         n = min(len(events), self.serialization.max_chunk_size)
         batch = [events.popleft() for _ in range(n)]
         groups: dict[str, list[Item]] = {}
-        for kind, item, _, _ in batch:
+        unstored = 0
+        for kind, item, _, seq in batch:
             group = groups.get(kind)
             if group is None:
                 groups[kind] = [item]
             else:
                 group.append(item)
-        message = {kind: groups[kind] for kind in KINDS if kind in groups}
+            if seq is None:
+                unstored += 1
+        self.unspilled -= unstored
+        message: dict[str, object] = {}
+        self._told = lost = self.lost
+        if lost:
+            message[EVENTS_LOST] = lost
+            self.lost = 0
+        for kind in KINDS:
+            if kind in groups:
+                message[kind] = groups[kind]
         self.delivered += n
         return _encode(message), batch
 
     def unread(self, batch: list[Event]) -> None:
-        """Put back a message that was not delivered, at the head, in order."""
+        """Put back the last message taken, not delivered: at the head, in order (and the
+        count of lost events it told is told again)."""
         events = self.events
         events.extendleft(reversed(batch))
+        self.delivered -= len(batch)
+        self.lost += self._told
+        self._told = 0
         unstored = sum(event[3] is None for event in batch)
         if unstored:  # (a spill may have run while they were out)
             self.unspilled += unstored
             if self.spill_due is not None:
                 self.spill_due()
-        if len(events) > self.capacity:
-            self._dropped([events.pop() for _ in range(len(events) - self.capacity)])
+        while len(events) > self.capacity:
+            self._dropped(events.pop())
         self._ready.set()
 
     def attach(self, session: Session) -> Session | None:
         """Make `session` the live consumer; the previous one (returned) is told 1001."""
         previous = self.session
         if previous is not None:
-            previous.close_code = 1001
+            previous.stop(1001, "Another socket took over the channel.")
         self.session = session
         self.idle_since = None
         self._ready.set()
@@ -198,11 +283,17 @@ class Channel:
         self.idle_since = None if pending else trio.current_time()
 
     def close(self, code: int = 1000) -> None:
-        """The channel was deleted: its buffer is dropped and its consumer told `code`."""
+        """The channel was deleted: its buffer (and a long poll's response waiting for its
+        acknowledgement) is dropped and its consumer told `code`."""
         self.closed = True
         self.events.clear()
+        self.unspilled = 0
+        self.unacked = []
+        if self.receipt is not None:
+            self.receipt.close()
+            self.receipt = None
         if self.session is not None:
-            self.session.close_code = code
+            self.session.stop(code)
         self._ready.set()
 
 
@@ -268,14 +359,25 @@ class NotificationHub:
         `before` runs once the hub can host delivery tasks and before it reads anything:
         channels restored there get the events a restart owes them (not the orphans' bound).
         """
+        try:
+            await self._run(nursery_started=task_status, before=before)
+        finally:  # a long poll's receipt holds a socket: released with the hub
+            for channel in self.channels.values():
+                if channel.receipt is not None:
+                    channel.receipt.close()
+                    channel.receipt = None
+
+    async def _run(
+        self, *, nursery_started: trio.TaskStatus[None], before: Callable[[], None] | None
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            if self.keep is not None:
+            if self.keep is not None or self.on_delivered is not None:
                 nursery.start_soon(self._spill_every_interval)
             nursery.start_soon(self._expire_idle_channels)
             if before is not None:
                 before()
-            task_status.started()
+            nursery_started.started()
             get = self.events.get
             channels = self.channels
             while True:
@@ -320,28 +422,64 @@ class NotificationHub:
             self.spill()
 
     def spill(self) -> None:
-        """Store every event waiting in a channel that is not stored yet (with `keep`).
+        """Store every event waiting in a channel (or held in a long poll's response) that is
+        not stored yet (with `keep`); forget the stored ones the bound dropped.
 
         Events that a connected client takes within the interval never touch the disk; those
         of an application that is away are kept within one interval, as the Pelion queue
         keeps them (24 h, a size cap: the store enforces both). A stored event gets its
         `seq`, and with `include_uid` its `uid` becomes the one it keeps across restarts.
+        The events not stored yet are the newest (or ones put back at the head): only those
+        ends of a buffer are visited, so a full buffer (100,000 events) costs no more than
+        what arrived since the last spill.
         """
         keep = self.keep
-        if keep is None:
-            return
         for channel in self.channels.values():
-            if not channel.unspilled:
-                continue
             app = channel.app
-            kept: deque[Event] = deque()
-            for event in channel.events:
-                if event[3] is None:
-                    kind, item = event[0], event[1]
-                    event = (kind, item, None, keep(app, kind, item))  # as it was (its uid)
-                kept.append(event)
-            channel.events = kept
+            if channel.unstored:
+                seqs, channel.unstored = channel.unstored, []
+                if channel.forget is not None:
+                    channel.forget(app, seqs)
+            if keep is None:
+                continue
+            unacked = channel.unacked  # (older than every event waiting: stored first)
+            if unacked and any(event[3] is None for event in unacked):
+                channel.unacked = [_stored(event, app, keep) for event in unacked]
+            if channel.unspilled > 0:
+                _store_newest(channel.events, channel.unspilled, app, keep)
             channel.unspilled = 0
+
+    def hold(self, channel: Channel, batch: list[Event], receipt: Receipt | None) -> None:
+        """A long poll answered with `batch`: keep it (stored at the next spill like the
+        events waiting) until the application polls again (`settle`) or deletes the channel.
+        Pelion's pull has no acknowledgement: the next poll is one."""
+        self.settle(channel)  # (never two: a poll settles the previous one first)
+        if channel.closed:  # deleted while the response was written: nothing to keep
+            if receipt is not None:
+                receipt.close()
+            return
+        channel.unacked, channel.receipt = batch, receipt
+        if self.keep is not None and any(event[3] is None for event in batch):
+            self._spill_due.set()
+
+    def settle(self, channel: Channel) -> int:
+        """The application polls again: the response held is acknowledged and forgotten,
+        unless it is known not to have arrived (its connection was reset or its bytes never
+        acknowledged by the client's TCP): then it is put back, to be sent again. Returns
+        the number of events put back."""
+        batch, receipt = channel.unacked, channel.receipt
+        channel.unacked, channel.receipt = [], None
+        lost = False
+        if receipt is not None:
+            lost = receipt.lost()
+            receipt.close()
+        if not batch:
+            return 0
+        if lost:
+            channel.unread(batch)
+            return len(batch)
+        self.delivered(channel, batch)
+        return 0
 
     def _orphan(self, app: str, event: Event) -> None:
         """Keep an event of `app`, which has no channel, for a while (bounded)."""
@@ -446,3 +584,26 @@ class NotificationHub:
             return out
 
         return transform
+
+
+def _stored(event: Event, app: str, keep: Callable[[str, str, Item], int]) -> Event:
+    """`event` with a `seq` (stored now if it had none), its item as it was (its uid)."""
+    if event[3] is not None:
+        return event
+    kind, item = event[0], event[1]
+    return (kind, item, None, keep(app, kind, item))
+
+
+def _store_newest(
+    events: deque[Event], count: int, app: str, keep: Callable[[str, str, Item], int]
+) -> None:
+    """Store the `count` events of `events` that have no `seq`, visiting from the newest end
+    (where pushed events are) and reaching further only for events put back at the head."""
+    newest: list[Event] = []
+    while count and events:
+        event = events.pop()
+        if event[3] is None:
+            count -= 1
+        newest.append(event)
+    newest.reverse()  # stored oldest first: `seq` orders them after a restart
+    events.extend([_stored(event, app, keep) for event in newest])

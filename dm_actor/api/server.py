@@ -39,6 +39,7 @@ from dm_actor.api.channels import (
     NotificationHub,
     Session,
 )
+from dm_actor.api.handover import FrameStream, PullReceipt
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, error_v3, text
 from dm_actor.api.schemas import Serialization
@@ -551,7 +552,14 @@ class HttpServer:
     # -- long poll ------------------------------------------------------------------------
 
     async def _long_poll(self, conn: h11.Connection, stream: trio.SocketStream, app: str) -> bool:
-        """`GET /v2/notification/pull`: one message (200), or 204 after the timeout."""
+        """`GET /v2/notification/pull`: one message (200), or 204 after the timeout.
+
+        Hand-over (Pelion's pull has no acknowledgement): the events of a 200 are held, and
+        stored like the events waiting, until the application polls again, which
+        acknowledges them, or deletes the channel. A response known not to have arrived (its
+        connection was reset before the client read it, or the client's TCP never
+        acknowledged it: `PullReceipt`) is sent again by that next poll.
+        """
         hub = self.hub
         channel = hub.channels.get(app)
         if channel is None:
@@ -563,6 +571,8 @@ class HttpServer:
         if channel.polling:
             await self._send(conn, stream, text(409, "A long poll is already pending."))
             return conn.our_state is h11.DONE
+        if hub.settle(channel):  # this poll acknowledges the previous response
+            log.info("long poll of %s: the previous response did not arrive; sent again", app)
         channel.poll(pending=True)
         try:
             if not channel.events and not await self._wait_or_hang_up(channel, stream):
@@ -576,7 +586,7 @@ class HttpServer:
             except BaseException:
                 channel.unread(batch)
                 raise
-            self.hub.delivered(channel, batch)
+            hub.hold(channel, batch, PullReceipt(stream.socket))
             return conn.our_state is h11.DONE
         finally:
             channel.poll(pending=False)
@@ -615,6 +625,8 @@ class HttpServer:
     ) -> bool:
         """Authenticate the upgrade, hand it to trio-websocket, then serve the channel.
 
+        trio-websocket writes through a `FrameStream`, so that a message abandoned half-way
+        (a client too slow to take it) never cuts a frame and a close frame can follow it.
         Returns True when the upgrade was refused over HTTP and the connection may go on.
         """
         protocols: list[str] = []
@@ -636,40 +648,65 @@ class HttpServer:
             await self._send(conn, stream, refusal or UNAUTHORIZED)
             return conn.our_state is h11.DONE
         prefix = _request_bytes(event) + conn.trailing_data[0]
+        frames = FrameStream(ReplayStream(stream, prefix), stream.socket)
         async with trio.open_nursery() as nursery:
             ws = None
             with trio.move_on_after(self.options.handshake_timeout):
-                request = await wrap_server_stream(nursery, ReplayStream(stream, prefix))
+                request = await wrap_server_stream(nursery, frames)
                 ws = await request.accept(subprotocol="wss" if "wss" in protocols else None)
             if ws is not None:
-                await self._websocket(ws, app, nursery)
+                await self._websocket(ws, app, nursery, frames)
             nursery.cancel_scope.cancel()
+        if ws is not None and frames.lingering:
+            await frames.linger(4 * self.options.ping_interval)
         return False
 
-    async def _websocket(self, ws: WebSocketConnection, app: str, nursery: trio.Nursery) -> None:
+    async def _websocket(
+        self, ws: WebSocketConnection, app: str, nursery: trio.Nursery, frames: FrameStream
+    ) -> None:
+        """Send the channel's messages, one at a time, until the channel or the socket ends.
+
+        Hand-over: an event is forgotten once the frame holding it is written to the
+        socket (the kernel took it). A client that does not take a message within
+        `ping_interval` (the kernel's buffers stay full), or answers no ping within it, is
+        closed with 1001 and a reason: the message being sent goes back to the channel,
+        whose status is "disconnected" from that moment.
+        """
         channel = self.hub.channels.get(app)
         if channel is None or channel.mechanism != WEB_SOCKET:
             await self._close(ws, 1011, "No channel: PUT /v2/notification/websocket first.")
             return
-        session = Session()
+        limit = self.options.ping_interval
+        session = Session(patience=limit)
         channel.attach(session)
         nursery.start_soon(self._drain, ws, session, channel)
         nursery.start_soon(self._ping, ws, session, channel)
         try:
-            while True:
-                await channel.wait(session)
-                if session.close_code is not None or channel.closed:
-                    break
-                message, batch = channel.take()
-                try:
-                    await ws.send_message(message.decode())
-                except ConnectionClosed:
-                    channel.unread(batch)
-                    break
-                self.hub.delivered(channel, batch)
+            with session.scope:  # `Session.abort` cancels a send in progress
+                while True:
+                    await channel.wait(session)
+                    if session.close_code is not None or channel.closed:
+                        break
+                    message, batch = channel.take()
+                    try:
+                        with trio.fail_after(limit):
+                            await ws.send_message(message.decode())
+                    except ConnectionClosed:
+                        channel.unread(batch)
+                        break
+                    except trio.TooSlowError:
+                        channel.unread(batch)
+                        session.stop(1001, f"Too slow: a message not taken within {limit:g} s.")
+                        break
+                    except BaseException:
+                        channel.unread(batch)
+                        raise
+                    self.hub.delivered(channel, batch)
         finally:
             channel.detach(session)
-        await self._close(ws, session.close_code or 1000)
+        if session.reason is not None and session.reason.startswith("Too slow"):
+            self._too_slow(app, session.reason)
+        await self._close(ws, session.close_code or 1000, session.reason, frames)
 
     async def _drain(self, ws: WebSocketConnection, session: Session, channel: Channel) -> None:
         """Read (and ignore) what the client sends, to notice when it closes."""
@@ -677,12 +714,12 @@ class HttpServer:
             while True:
                 await ws.get_message()
         except ConnectionClosed:
-            if session.close_code is None:
-                session.close_code = 1000
+            session.abort(1000)
             channel.wake()
 
     async def _ping(self, ws: WebSocketConnection, session: Session, channel: Channel) -> None:
-        """Ping every `ping_interval`; a client that does not answer in time is dropped."""
+        """Ping every `ping_interval`; a client that does not answer in time is closed (1001,
+        with the reason), and a message being sent to it is abandoned."""
         interval = self.options.ping_interval
         try:
             while True:
@@ -690,17 +727,42 @@ class HttpServer:
                 with trio.move_on_after(interval) as scope:
                     await ws.ping()
                 if scope.cancelled_caught:
-                    log.info("WebSocket of %s: no pong within %.0f s", channel.app, interval)
+                    session.abort(1001, f"Too slow: no pong within {interval:g} s.")
                     break
         except ConnectionClosed:
-            pass
-        if session.close_code is None:
-            session.close_code = 1001
+            session.abort(1001)
         channel.wake()
 
-    async def _close(self, ws: WebSocketConnection, code: int, reason: str | None = None) -> None:
-        with trio.move_on_after(self.options.close_timeout):
+    def _too_slow(self, app: str, reason: str) -> None:
+        """Log (once per socket) and count a WebSocket closed because its client is too slow."""
+        log.info("WebSocket of %s closed (1001): %s", app, reason)
+        self.statistics["websockets_too_slow"] = self.statistics.get("websockets_too_slow", 0) + 1
+
+    async def _close(
+        self,
+        ws: WebSocketConnection,
+        code: int,
+        reason: str | None = None,
+        frames: FrameStream | None = None,
+    ) -> None:
+        """Close with `code` and `reason`, within `close_timeout`; while the client takes
+        the rest of a frame begun (and then the close frame), the deadline moves on with each
+        write, for at most `ping_interval` in all (the kernel then sends what it holds)."""
+        timeout = self.options.close_timeout
+        cap = trio.current_time() + max(timeout, self.options.ping_interval)
+        with trio.move_on_after(timeout) as scope:
+            if frames is not None:
+
+                def progress() -> None:
+                    scope.deadline = min(cap, trio.current_time() + timeout)
+
+                frames.on_progress = progress
+                if code != 1000:  # a slow client: the close frame waits behind its backlog
+                    frames.make_room()
+                    frames.lingering = True
             await ws.aclose(code, reason)
+        if frames is not None:
+            frames.on_progress = None
 
 
 def _peer(stream: trio.SocketStream) -> object:

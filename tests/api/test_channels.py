@@ -198,8 +198,9 @@ async def test_stored_events_dropped_by_the_bound_are_forgotten_too(
     for i in range(3, 5):
         events.publish("async-responses", response(i), frozenset({"a"}))
     await trio.testing.wait_all_tasks_blocked()
-    assert [item for _, item in keeper.kept.values()] == [response(2)]  # r0, r1 dropped
     assert channel.dropped == 2
+    await trio.sleep(1.5)  # forgotten together at the next spill (one store call)
+    assert [item for _, item in keeper.kept.values()] == [response(2), response(3), response(4)]
 
 
 async def test_a_stored_event_keeps_its_uid_and_timestamp_across_a_restart(
@@ -251,3 +252,88 @@ async def test_events_put_back_after_a_spill_are_stored_at_the_next(
     _, batch = channel.take()
     hub.delivered(channel, batch)
     assert keeper.kept == {}
+
+
+async def test_the_next_message_tells_how_many_events_were_dropped(nursery: trio.Nursery) -> None:
+    """Pelion has no gap marker; ours is `events-lost`, told once, again if not delivered."""
+    events, hub = await start_hub(nursery, capacity=3)
+    channel = hub.open("a", LONG_POLLING)
+    for i in range(5):
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    message, batch = channel.take()
+    assert json.loads(message) == {
+        "events-lost": 2,
+        "async-responses": [response(2), response(3), response(4)],
+    }
+    channel.unread(batch)  # not delivered: told again
+    message, batch = channel.take()
+    assert json.loads(message)["events-lost"] == 2
+    hub.delivered(channel, batch)
+    events.publish("async-responses", response(5), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert json.loads(channel.take()[0]) == {"async-responses": [response(5)]}
+
+
+class FakeReceipt:
+    def __init__(self, lost: bool) -> None:
+        self._lost = lost
+        self.closed = False
+
+    def lost(self) -> bool:
+        return self._lost
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_a_held_response_is_stored_and_forgotten_or_put_back_when_settled(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget)
+    channel = hub.open("a", LONG_POLLING)
+    events.publish("registrations", {"ep": "d"}, frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    _, batch = channel.take()
+    arrived = FakeReceipt(lost=False)
+    hub.hold(channel, batch, arrived)
+    await trio.sleep(1.5)  # held, not acknowledged: stored like the events waiting
+    assert list(keeper.kept.values()) == [("registrations", {"ep": "d"})]
+    assert hub.settle(channel) == 0 and arrived.closed  # the next poll acknowledges it
+    assert keeper.kept == {} and not channel.events
+    events.publish("registrations", {"ep": "e"}, frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    _, batch = channel.take()
+    hub.hold(channel, batch, FakeReceipt(lost=True))
+    assert hub.settle(channel) == 1  # it never arrived: put back, sent again
+    assert [item for _, item, _, _ in channel.events] == [{"ep": "e"}]
+    _, batch = channel.take()
+    gone = FakeReceipt(lost=False)
+    hub.hold(channel, batch, gone)
+    hub.delete("a")  # deleting the channel forgets it too
+    assert gone.closed and not channel.unacked
+
+
+async def test_a_session_that_lets_the_buffer_overflow_is_stopped_after_its_patience(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    events, hub = await start_hub(nursery, capacity=3)
+    channel = hub.open("a", WEB_SOCKET)
+    for i in range(5):  # full when the session comes: it gets `patience` to drain it
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    session = Session(patience=30)
+    channel.attach(session)
+    await trio.sleep(10)
+    events.publish("async-responses", response(5), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert told(session) == (None, None)
+    await trio.sleep(21)
+    events.publish("async-responses", response(6), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert told(session) == (1001, "Too slow: 3 events waiting, the oldest dropped.")
+
+
+def told(session: Session) -> tuple[int | None, str | None]:
+    return session.close_code, session.reason
