@@ -71,6 +71,12 @@ ADMISSION_LIMIT = 4096
 ADMISSION_WAIT = 0.5
 #: seconds of registrations per scheduler pass before the receive loop and others run again
 ADMISSION_BUDGET = 0.002
+#: seconds between the log lines that sum up refusals (`Supervisor._report`)
+REPORT_INTERVAL = 60
+_REFUSALS = frozenset(
+    ("registrations_shed", "mailbox_overloaded", "decode_errors", "peer_errors",
+     "messages_refused", "frames_dropped")
+)  # fmt: skip
 _SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
 
 
@@ -179,6 +185,7 @@ class Supervisor:
             # messages dropped unread: the device's dedup window was full of requests whose
             # answers wait for the store (the device retransmits them)
             "messages_refused": 0,
+            "frames_dropped": 0,  # to a TCP connection whose send queue was full, or closing
         }
 
     # -- wiring ---------------------------------------------------------------------------
@@ -208,7 +215,8 @@ class Supervisor:
         try:
             conn.send_frame_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError):
-            log.info("dropped a frame to %s: connection full or closing", conn.peer)
+            self.statistics["frames_dropped"] += 1  # (summed up in `_report`, not a line each)
+            log.debug("dropped a frame to %s: connection full or closing", conn.peer)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the sweeps and host the actors until cancelled."""
@@ -222,6 +230,7 @@ class Supervisor:
             nursery.start_soon(self._lifetime_sweeper)
             nursery.start_soon(self._release_replies)
             nursery.start_soon(self._admit)
+            nursery.start_soon(self._report)
             task_status.started()
 
     def now(self) -> float:
@@ -473,6 +482,22 @@ class Supervisor:
                         self.contain(self.by_addr.get(addr) if addr is not None else None,
                                      exc, "a Register")  # fmt: skip
                 await trio.lowlevel.checkpoint()
+
+    async def _report(self) -> None:
+        """Once a minute at most, one log line with what was refused or dropped since the
+        last one (no line per event: a flood must not flood the log too)."""
+        last = dict(self.statistics)
+        while True:
+            await trio.sleep(REPORT_INTERVAL)
+            now = dict(self.statistics)
+            changed = {k: v - last.get(k, 0) for k, v in now.items() if k in _REFUSALS}
+            if any(changed.values()):
+                log.warning(
+                    "devices, last %d s: %s",
+                    REPORT_INTERVAL,
+                    ", ".join(f"{k} +{v}" for k, v in changed.items() if v),
+                )
+            last = now
 
     def _answer_register(
         self,

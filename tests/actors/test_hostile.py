@@ -278,3 +278,23 @@ async def test_a_held_answer_goes_out_on_the_transport_its_request_came_on(
     tokens = sorted(m.token for m in iter(decoder.next_message, None))
     assert tokens == [b"\x01", b"\x02"]  # both TCP Registers answered on their connection
     assert [(decode(d).mid, a) for d, a in sent] == [(0x4242, udp_addr)]  # one ACK over UDP
+
+
+async def test_refusals_are_summed_up_in_one_log_line_a_minute(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood of bad datagrams is counted, and the operator reads one line a minute, not one
+    per datagram."""
+    server = await start_server(nursery)
+    with Peer(server.addr) as peer:
+        await peer.bind()
+        for mid in range(500):
+            await peer.send(bytes((0x40, 0x01, mid >> 8, mid & 0xFF, 0xFF)))  # bad option
+        await trio.sleep(1)
+    assert server.sup.statistics["decode_errors"] == 500
+    with caplog.at_level("WARNING", logger="dm_actor.actors.supervisor"):
+        await trio.sleep(120)
+    lines = [r.getMessage() for r in caplog.records if "last 60 s" in r.getMessage()]
+    assert lines == ["devices, last 60 s: decode_errors +500"]
