@@ -608,8 +608,11 @@ class Supervisor:
         return ((OptionNumber.MAX_AGE.value, uint_bytes(self.settings.registration.retry_after)),)
 
     def _store_behind(self) -> bool:
+        """Whether new work must be refused: the store fails to write (a full disk, a
+        read-only data directory: it retries) or is too far behind."""
         limit = self._held_limit
-        return self._awaiting >= limit or self.store.backlog() >= limit
+        store = self.store
+        return not store.healthy() or self._awaiting >= limit or store.backlog() >= limit
 
     def _after_durable(self, send: Callable[[], None], actor: DeviceActor | None = None) -> None:
         """Run `send` once every write made so far is durable (one group commit for many);

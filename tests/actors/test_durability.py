@@ -10,7 +10,7 @@ import trio
 import trio.testing
 
 from dm_actor.actors.device import MID_BLOCK
-from dm_actor.actors.supervisor import Accepted
+from dm_actor.actors.supervisor import Accepted, Rejected
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
@@ -294,3 +294,36 @@ async def test_a_repeated_async_id_waits_for_the_first_acceptance_to_be_durable(
     store.commit()
     await trio.sleep(0.1)
     assert sorted(map(repr, done)) == sorted(map(repr, [Accepted(), Accepted(duplicate=True)]))
+
+
+class FailingStore(GatedStore):
+    """A store whose disk is full: it keeps what it was given and retries (not healthy)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full = False
+
+    def healthy(self) -> bool:
+        return not self.full
+
+
+async def test_a_full_disk_refuses_new_work_and_recovers_without_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 11, item 4: while the store cannot write, new commands get 503 STORE_IS_BEHIND
+    and new Registers 5.03 with Max-Age; once it can, both are taken again."""
+    store = FailingStore()
+    store.open = True
+    server, _ = await online(nursery, "dev", store=store)
+    sup = server.sup
+    store.full = True
+    assert await sup.submit("dev", "GET", "/3/0/1", async_id="a") == Rejected(
+        503, "STORE_IS_BEHIND"
+    )
+    late = Device(server.addr, "late")
+    await late.start(nursery)
+    refused = await late.register()
+    assert (refused.code, refused.max_age) == (Code.SERVICE_UNAVAILABLE, 60)
+    store.full = False
+    assert await sup.submit("dev", "GET", "/3/0/1", async_id="a") == Accepted()
+    assert (await late.register()).code == Code.CREATED
