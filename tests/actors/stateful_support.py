@@ -197,6 +197,12 @@ class Subscribe:
 
 
 @dataclass(frozen=True)
+class Unsubscribe:
+    ep: int
+    path: int = 0
+
+
+@dataclass(frozen=True)
 class Sleep:
     seconds: float
 
@@ -218,7 +224,8 @@ class Open:
 
 Action = (
     Register | Update | Deregister | Filler | Repeat | Release | Junk | Ping | Answer | Notify
-    | Unreachable | Connect | Close | Submit | Subscribe | Sleep | Stall | Commit | Open
+    | Unreachable | Connect | Close | Submit | Subscribe | Unsubscribe | Sleep | Stall | Commit
+    | Open
 )  # fmt: skip
 
 
@@ -446,6 +453,8 @@ class World:
                 self.nursery.start_soon(
                     self.sup.subscribe, f"ep{ep % N_EP}", PATHS[path % len(PATHS)], "app"
                 )
+            case Unsubscribe(ep=ep, path=path):
+                self.sup.unsubscribe(f"ep{ep % N_EP}", PATHS[path % len(PATHS)], "app")
             case Sleep(seconds=seconds):
                 end = trio.current_time() + seconds
                 while (left := end - trio.current_time()) > 0:  # the peers answer meanwhile

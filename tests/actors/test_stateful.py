@@ -43,6 +43,7 @@ from tests.actors.stateful_support import (
     Submit,
     Subscribe,
     Unreachable,
+    Unsubscribe,
     Update,
     run_actions,
 )
@@ -101,7 +102,8 @@ actions = _weighted(
     (1, st.builds(Unreachable, udp_peers)),
     (1, st.builds(Connect, tcp_peers)),
     (1, st.builds(Close, tcp_peers, st.booleans(), st.booleans())),
-    (3, submit), (2, st.builds(Subscribe, eps, st.integers(0, 5))), (2, sleep),
+    (3, submit), (2, st.builds(Subscribe, eps, st.integers(0, 5))),
+    (1, st.builds(Unsubscribe, eps, st.integers(0, 5))), (2, sleep),
     (2, st.just(Stall())), (1, st.just(Commit())), (1, st.just(Open())),
 )  # fmt: skip
 # hypothesis' lists average 5 elements; lists of lists average ~20 and still shrink well
