@@ -104,6 +104,10 @@ class Receipt(Protocol):
         """True when the response is known not to have reached the client."""
         ...
 
+    def check(self) -> bool:
+        """Called every second while held: True once there is nothing more to watch."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -345,6 +349,8 @@ class NotificationHub:
         self.orphans: dict[str, deque[tuple[float, Event]]] = {}
         self.unrouted = 0  # events for applications without a channel, dropped
         self.nursery: trio.Nursery | None = None  # for delivery tasks (webhooks)
+        self._held: set[Channel] = set()  # long-poll channels whose receipt is watched
+        self._holding = trio.Event()  # set when `_held` gets one
         self._uid_prefix = secrets.token_hex(10)
         self._uids = itertools.count(1)
 
@@ -375,6 +381,7 @@ class NotificationHub:
             if self.keep is not None or self.on_delivered is not None:
                 nursery.start_soon(self._spill_every_interval)
             nursery.start_soon(self._expire_idle_channels)
+            nursery.start_soon(self._check_receipts)
             if before is not None:
                 before()
             nursery_started.started()
@@ -410,6 +417,20 @@ class NotificationHub:
                              app, now - idle)  # fmt: skip
                     self.delete(app)
                     self.expired += 1
+
+    async def _check_receipts(self) -> None:
+        """Every second while long-poll responses are held, let their receipts check their
+        connections (only then: an idle hub does not wake)."""
+        held = self._held
+        while True:
+            await self._holding.wait()
+            while held:
+                await trio.sleep(1.0)
+                for channel in list(held):
+                    receipt = channel.receipt
+                    if receipt is None or receipt.check():
+                        held.discard(channel)
+            self._holding = trio.Event()
 
     def _wake_spill(self) -> None:
         self._spill_due.set()
@@ -459,6 +480,9 @@ class NotificationHub:
                 receipt.close()
             return
         channel.unacked, channel.receipt = batch, receipt
+        if receipt is not None:
+            self._held.add(channel)
+            self._holding.set()
         if self.keep is not None and any(event[3] is None for event in batch):
             self._spill_due.set()
 

@@ -127,22 +127,43 @@ class FrameStream(trio.abc.HalfCloseableStream):
 
 
 class PullReceipt:
-    """The connection a long poll's response was written to (a duplicate of its socket, so
-    that its state can still be read after the HTTP loop closed its own descriptor)."""
+    """The connection a long poll's response was written to: a duplicate of its socket, so
+    that its state can still be read when the HTTP loop closes its own descriptor (on the
+    client's reset, say). `check` (the hub calls it every second) lets the duplicate go once
+    the HTTP loop closed the connection, keeping the verdict: a duplicate kept longer would
+    hold back the FIN of a connection the server closes."""
 
-    __slots__ = ("_sock",)
+    __slots__ = ("_origin", "_sock", "_verdict")
 
     def __init__(self, sock: trio.socket.SocketType) -> None:
+        self._origin = sock
+        self._verdict: bool | None = None
         self._sock: socket.socket | None
         try:
             self._sock = socket.socket(fileno=os.dup(sock.fileno()))
         except OSError:  # out of descriptors: the response counts as arrived
             self._sock = None
 
+    def check(self) -> bool:
+        """True once there is nothing more to watch: the HTTP loop closed the connection
+        (the verdict is taken now) or there is no duplicate."""
+        if self._sock is None:
+            return True
+        if self._origin.fileno() != -1:
+            return False
+        self._verdict = self._probe()
+        self.close()
+        return True
+
     def lost(self) -> bool:
         """True when the response is known not to have reached the client: the connection
         was reset (the client closed it with the response unread, or it was gone), or the
         client's TCP has not acknowledged all of it."""
+        if self._verdict is not None:
+            return self._verdict
+        return self._probe()
+
+    def _probe(self) -> bool:
         sock = self._sock
         if sock is None:
             return False

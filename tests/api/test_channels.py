@@ -283,6 +283,9 @@ class FakeReceipt:
     def lost(self) -> bool:
         return self._lost
 
+    def check(self) -> bool:
+        return False
+
     def close(self) -> None:
         self.closed = True
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
+from dm_actor.api.server import HttpOptions
 from dm_actor.store.memory import MemoryStore
 
 from .client import KEY_A, HttpClient, next_message, start_api, websocket
@@ -98,6 +99,30 @@ async def test_a_long_poll_response_that_never_arrived_is_sent_again(
                                                        b'"max-age":60}']  # fmt: skip
         await client.request("DELETE", "/v2/notification/pull")  # deleting acknowledges too
         assert stored(store) == []
+
+
+async def test_a_held_response_does_not_hold_back_the_close_of_its_connection(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The server closes an idle keep-alive connection whose last response is held for its
+    acknowledgement: the client sees the close (within a second or two), and the response
+    counts as arrived (the next poll, on a new connection, does not get it again)."""
+    api = await start_api(nursery, options=HttpOptions(idle_timeout=20))
+    async with api.client() as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        await online(api, nursery)
+    stream = await trio.open_tcp_stream(*api.addr[:2])
+    async with stream:
+        await stream.send_all(PULL % KEY_A.encode())
+        data = b""
+        with trio.fail_after(23):  # read the response; the server closes 20 s later
+            while chunk := await stream.receive_some():
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 ") and b'"registrations"' in data
+    async with api.client() as client:
+        await online(api, nursery, ep="dev-2")
+        message = await pull(client)  # acknowledges the first response
+        assert [r["ep"] for r in message["registrations"]] == ["dev-2"]
 
 
 async def test_an_unacknowledged_long_poll_response_is_sent_again_after_a_restart(
