@@ -432,11 +432,6 @@ async def test_the_event_budget_and_headroom_are_settings(
     assert (store.event_budget, store.disk_headroom) == (12345, 678)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Supervisor._store_behind does not consult Store.healthy() yet (the lead wires "
-    "it): remove this mark then",
-)
 async def test_while_the_disk_is_full_commands_get_503_and_registers_are_shed(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
