@@ -8,7 +8,11 @@ end of the answer. The goal (issue 10, item 4): worst case <= 2 s. The server mu
 alive afterwards and have logged its refusals (one summary line a minute, no tracebacks).
 
 Before the fix each byte restarted a 5 s timer, so 1,100 such connections held every one of
-the 1,024 slots and the application got nothing for as long as the attack lasted.
+the 1,024 slots and the application got nothing for as long as the attack lasted (this test
+on that code: the first GET during the attack had no answer within 10 s).
+
+Measured (2 shared cores, load average ~7 from other work): 1,200 attackers, ~11,000
+connects in 20 s; 34-45 GETs: median 5.5-7.9 ms, p99 = worst 128-308 ms.
 """
 
 from __future__ import annotations
