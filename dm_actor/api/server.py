@@ -152,6 +152,7 @@ class HttpServer:
         self._leaving = 0  # shed, not yet closed
         self._room = trio.Event()  # set when a slot frees or a connection becomes sheddable
         self._per_address: dict[str, int] = {}
+        self._anonymous: dict[trio.SocketStream, _Slot] = {}  # unauthenticated upgrades
         self._unlogged: dict[str, int] = {}
         self._logged_at = -_LOG_INTERVAL
 
@@ -472,7 +473,14 @@ class HttpServer:
             if "%" in seg:
                 segments[i] = unquote(seg)
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
-            return await self._websocket_connect(conn, stream, event, upgrade, auth)
+            if app is not None:
+                return await self._websocket_connect(conn, stream, event, upgrade, auth)
+            # its key may be in a subprotocol; until then its refusals may be shed
+            self._anonymous[stream] = slot
+            try:
+                return await self._websocket_connect(conn, stream, event, upgrade, auth)
+            finally:
+                del self._anonymous[stream]
         if app is None:
             await self._send(conn, stream, UNAUTHORIZED, slot=slot)
             return conn.our_state is h11.DONE
@@ -508,6 +516,8 @@ class HttpServer:
         a request without a valid key) the connection may be shed meanwhile (then
         trio.BrokenResourceError): a client that does not read its refusals holds no slot."""
         status, headers, body = response
+        if slot is None and status >= 400:
+            slot = self._anonymous.get(stream)
         if status != 204:
             headers = [*headers, (b"content-length", b"%d" % len(body))]
         if close:

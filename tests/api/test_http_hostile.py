@@ -157,6 +157,24 @@ async def test_an_unauthenticated_client_that_does_not_read_its_refusals_is_shed
     assert server.statistics["connections_shed"] == 1
 
 
+async def test_unread_refusals_of_websocket_upgrades_are_shed_too(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The same through the WebSocket path (its key may come in a subprotocol, so its
+    refusals, 426 here, are sent by the upgrade code)."""
+    server, addr = await start_http(nursery, HttpOptions(max_connections=1))
+    stream = await trio.open_tcp_stream(*addr[:2])
+    request = b"GET /v2/notification/websocket-connect HTTP/1.1\r\nHost: x\r\n\r\n"
+    async with stream:
+        with trio.move_on_after(5):
+            for _ in range(100_000):
+                await stream.send_all(request * 100)
+        async with HttpClient(addr, KEY_A) as client:
+            with trio.fail_after(1):
+                assert (await client.request("GET", "/v3/devices")).status == 200
+    assert server.statistics["connections_shed"] == 1
+
+
 async def test_expect_100_continue_without_a_key_is_refused_before_the_body(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
