@@ -61,6 +61,7 @@ class Flood(_devices.Devices):
         self.fstate = array.array("b")
         self.fsent = array.array("d")  # when its current Register was first sent
         self.fattempt = array.array("b")
+        self.fheard = bytearray()
         self.fdata: dict[int, bytes] = {}
         self.timers: list[tuple[float, int, int]] = []  # (when, device, attempt)
         self.frtts = array.array("d")
@@ -95,6 +96,7 @@ class Flood(_devices.Devices):
         self.fstate = array.array("b", bytes(count))
         self.fsent = array.array("d", bytes(8 * count))
         self.fattempt = array.array("b", bytes(count))
+        self.fheard = bytearray(count)  # got an answer other than 2.01
         self.frtts = array.array("d")
         self.fcounts = {}
         self.timers = []
@@ -151,6 +153,9 @@ class Flood(_devices.Devices):
             "offered_per_s": rate,
             "sent_per_s": round(sent / max(send_seconds, 1e-9), 1),
             "registered": len(rtts),
+            # every device that got an answer: registered, or refused (5.03) and not yet back
+            "answered_devices": len(rtts)
+            + sum(1 for j in range(count) if self.fheard[j] and self.fstate[j] != _ANSWERED),
             "registered_per_s": round(len(rtts) / span, 1),
             "seconds": round(wall, 2),
             "p50_ms": _devices._ms(rtts, 0.5),
@@ -174,6 +179,9 @@ class Flood(_devices.Devices):
             return
         key = f"answered_{code >> 5}.{code & 31:02d}"
         self._count(key)
+        if not self.fheard[j]:
+            self.fheard[j] = 1
+            self._count("devices_refused")  # answered, but not 2.01 (at least once)
         if code == 0xA3:  # 5.03: retry after Max-Age, with a new Message ID
             max_age = decode(data).max_age
             self.fattempt[j] = -1
@@ -282,6 +290,8 @@ async def app_main(port: int, key: str) -> None:
                 with trio.move_on_after(10):
                     while async_id not in answers:
                         await answered.wait()
+                if async_id not in answers:
+                    statuses["unanswered_in_10s"] = statuses.get("unanswered_in_10s", 0) + 1
                 commands.append(answers.pop(async_id, t + 10) - t)
             await trio.sleep(max(0.0, t + interval - time.monotonic()))
 
@@ -416,9 +426,15 @@ def main() -> None:
     parser.add_argument("--command-interval", type=float, default=0.5)
     parser.add_argument("--store", choices=("memory", "sqlite"), default="sqlite")
     parser.add_argument("--profile", choices=("py-spy",))
+    parser.add_argument("--retry-after", type=int,
+                        help="[registration] retry_after: the Max-Age of a shed Register's 5.03 "
+                             "(default: the server's, 60 s)")  # fmt: skip
     args = parser.parse_args()
 
-    target = h.start_server(store=args.store)
+    config = None
+    if args.retry_after is not None:
+        config = f"[registration]\nretry_after = {args.retry_after}\n"
+    target = h.start_server(store=args.store, config=config)
     load = h.Proc([h.PYTHON, __file__, "--load", target.coap], h.LOAD_CPU, stdin=True,
                   name="flood-load")  # fmt: skip
     app = h.Proc([h.PYTHON, __file__, "--app", str(target.http_port), h.API_KEY], h.LOAD_CPU,
@@ -449,6 +465,7 @@ def main() -> None:
         drops = udp_drops(target.coap_port) - drops0
         result: dict[str, Any] = {
             "benchmark": "flood", "store": args.store, "machine": h.machine(),
+            "retry_after": args.retry_after,
             "flood": flood, "probe": probe, "kernel_drops": drops, **queue,
             "server_cpu_share": round(meter.share("server"), 3),
             "load_cpu_share": round(meter.share("load"), 3),
@@ -460,8 +477,9 @@ def main() -> None:
             "goal_commands_2s": probe.get("commands_over_2s") == 0 and probe.get("commands", 0) > 0,
         }  # fmt: skip
         row = {**flood, **probe, "kernel_drops": drops, **queue,
+               "refused": flood.get("devices_refused", 0),
                "server_cpu_share": result["server_cpu_share"]}  # fmt: skip
-        h.emit(result, [row], ["devices", "offered_per_s", "sent_per_s", "registered",
+        h.emit(result, [row], ["devices", "offered_per_s", "sent_per_s", "registered", "refused",
                                "registered_per_s", "p99_ms", "retransmits", "gave_up",
                                "get_p50_ms", "get_p99_ms", "get_max_ms", "commands",
                                "command_p50_ms", "command_max_ms", "commands_over_2s",
