@@ -79,6 +79,11 @@ _CACHE_LIMIT = 8
 MID_BLOCK = 256
 
 
+def _related(a: str, b: str) -> bool:
+    """Whether one of two paths contains the other (`/3/0` and `/3/0/1`)."""
+    return a.startswith(b + "/") or b.startswith(a + "/")
+
+
 class Signal(enum.Enum):
     """Mail that is not a message from the device."""
 
@@ -336,6 +341,14 @@ class DeviceActor:
         if len(cache) > _CACHE_LIMIT:
             del cache[next(iter(cache))]
 
+    def _forget_cached(self, uri: str) -> None:
+        """A write, execute or delete of `uri` succeeded: values cached for it, its parents
+        and its children are stale (issue 13: a GET after a PUT returned the old value)."""
+        cache = self._cache
+        if cache:
+            for key in [k for k in cache if k == uri or _related(k, uri)]:
+                del cache[key]
+
     def _request_options(self, cmd: Command) -> tuple[Option, ...]:
         uri, _, query = cmd.uri.partition("?")
         path = lwm2m_path.parse(uri)
@@ -457,8 +470,12 @@ class DeviceActor:
                 self.sup.notification(self, uri, outcome)
             else:
                 log.info("%s refused to be observed on %s: %d", self.endpoint, uri, outcome.status)
-        if cmd.method == "GET" and "?" not in uri:
+        if cmd.method == "GET" and "?" not in uri and cmd.accept is None:
+            # (only what a request without Accept got is served again from the cache: the
+            # cache is looked up for those alone, and a TLV answer is not a text one)
             self._remember(uri, outcome, now)
+        elif cmd.method != "GET" and outcome.status < 300:
+            self._forget_cached(uri.partition("?")[0])
 
     def _reassemble(self, cmd: Command, response: Message, now: float) -> Message | None:
         """Feed one block of the answer; the whole answer once the last block arrived.

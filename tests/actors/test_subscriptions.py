@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 import trio.testing
 
@@ -9,6 +11,9 @@ from dm_actor.actors.supervisor import Accepted, Presubscription, Rejected
 from dm_actor.coap.numbers import Code
 
 from .support import Device, Server, online, responses, start_server
+
+if TYPE_CHECKING:
+    from dm_actor.coap.message import Message
 
 
 def notifications(server: Server) -> list[tuple[str, str]]:
@@ -210,3 +215,44 @@ async def test_a_cached_get_does_not_overtake_queued_commands(
     got = responses(server)
     assert list(got) == ["put", "get"]
     assert got["get"]["payload"] == "bmV3"
+
+
+async def test_a_successful_write_forgets_the_cached_values_of_its_path_and_relatives(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Issue 13, item 2 (Anjay): GET /3/0/14 -> "+05:00"; PUT "+06:00" -> 2.04; the next GET
+    returned "+05:00" from the cache without asking the device."""
+    server, dev = await online(nursery)
+    value = [b"+05:00"]
+
+    def handler(req: Message) -> tuple[int, bytes, int | None]:
+        if req.code == Code.PUT:
+            value[0] = req.payload
+            return Code.CHANGED, b"", None
+        return Code.CONTENT, value[0], 0
+
+    dev.handler = handler
+    for path in ("/3/0/14", "/3/0", "/3/0/15"):
+        await server.sup.submit("dev", "GET", path, async_id=f"before{path}".replace("/", "-"))
+    await trio.sleep(1)
+    await server.sup.submit("dev", "PUT", "/3/0/14", async_id="put", payload=b"+06:00",
+                            content_format=0)  # fmt: skip
+    await trio.sleep(1)
+    executed = len(dev.executed)
+    for path in ("/3/0/14", "/3/0", "/3/0/15"):
+        await server.sup.submit("dev", "GET", path, async_id=f"after{path}".replace("/", "-"))
+        await trio.sleep(1)
+    got = responses(server)
+    assert got["after-3-0-14"]["payload"] == "KzA2OjAw"  # "+06:00", asked of the device
+    assert len(dev.executed) == executed + 2  # /3/0/14 and its parent /3/0; not /3/0/15
+
+
+async def test_a_value_read_with_an_accept_is_not_served_to_a_read_without(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, dev = await online(nursery)
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="tlv", accept=11542)
+    await trio.sleep(1)
+    await server.sup.submit("dev", "GET", "/3/0/1", async_id="plain")
+    await trio.sleep(1)
+    assert len(dev.executed) == 2
