@@ -57,6 +57,9 @@ OK_EMPTY: Response = (200, [], b"")
 
 MALFORMED = "MALFORMED_JSON_CONTENT"
 TOO_MANY_PRESUBSCRIPTIONS = "TOO_MANY_PRESUBSCRIPTIONS"
+#: distinct resource paths in one application's pre-subscriptions (Pelion's limit): each is
+#: matched against every registering device's resources
+MAX_PRESUBSCRIPTION_PATHS = 256
 _ALL_OBSERVABLE = ("/*",)  # a pre-subscription without resource-path: every resource
 
 _decode_device_request = msgspec.json.Decoder(DeviceRequest).decode
@@ -457,7 +460,8 @@ class Api:
             entries = _decode_presubscriptions(req.body)
         except _BAD_JSON:
             return text(400, MALFORMED)
-        if len(entries) > self.max_presubscriptions:
+        distinct = {p for e in entries for p in e.resource_path or ()}
+        if len(entries) > self.max_presubscriptions or len(distinct) > MAX_PRESUBSCRIPTION_PATHS:
             return text(400, TOO_MANY_PRESUBSCRIPTIONS)
         presubscriptions = []
         for e in entries:

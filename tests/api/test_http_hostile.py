@@ -514,6 +514,12 @@ async def test_presubscriptions_are_capped_per_application(
         reply = await client.request("PUT", "/v2/subscriptions", json=entries[:1024])
         assert reply.status == 204
         assert len((await client.request("GET", "/v2/subscriptions")).json()) == 1024
+    async with api.client() as client:  # Pelion's other limit: 256 distinct resource paths
+        many = [{"resource-path": [f"/3/0/{i}" for i in range(257)]}]
+        reply = await client.request("PUT", "/v2/subscriptions", json=many)
+        assert (reply.status, reply.text) == (400, "TOO_MANY_PRESUBSCRIPTIONS")
+        same = [{"endpoint-name": f"n{i}", "resource-path": ["/3/0/1", "/3/*"]} for i in range(50)]
+        assert (await client.request("PUT", "/v2/subscriptions", json=same)).status == 204
     _, addr = await start_http(nursery, HttpOptions(max_presubscriptions=2))
     async with HttpClient(addr, KEY_A) as client:
         reply = await client.request("PUT", "/v2/subscriptions", json=entries[:3])
