@@ -98,14 +98,16 @@ class HttpOptions:
 
 
 class _Slot:
-    """One served connection: its peer's address and the cancel scope that sheds it."""
+    """One served connection: its peer's address, the cancel scope that sheds it, and the
+    requests without a valid key it sent."""
 
-    __slots__ = ("address", "scope", "shed")
+    __slots__ = ("address", "anonymous", "scope", "shed")
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.scope: trio.CancelScope | None = None
         self.shed = False
+        self.anonymous = 0
 
 
 #: the refusals of the HTTP port that `statistics` counts, and how the log names them
@@ -117,6 +119,7 @@ _REFUSALS = {
     "refused_per_address": "connections over the per-address limit",
     "server_errors": "requests that failed with 500",
 }
+_ANONYMOUS_PER_CONNECTION = 10  # requests without a valid key answered on one connection
 _ACCEPT_BURST = 64  # connections accepted a scheduler pass, at most, beyond the first
 _LOG_INTERVAL = 60.0  # refusals are logged as one summary line per interval at most
 
@@ -481,12 +484,18 @@ class HttpServer:
             # its key may be in a subprotocol; until then its refusals may be shed
             self._anonymous[stream] = slot
             try:
-                return await self._websocket_connect(conn, stream, event, upgrade, auth)
+                go_on = await self._websocket_connect(conn, stream, event, upgrade, auth)
             finally:
                 del self._anonymous[stream]
+            slot.anonymous += 1
+            return go_on and slot.anonymous < _ANONYMOUS_PER_CONNECTION
         if app is None:
-            await self._send(conn, stream, UNAUTHORIZED, slot=slot)
-            return conn.our_state is h11.DONE
+            # a client without a key gets a few answers a connection, then must reconnect:
+            # pipelined 401s (one a few us) cost it as little as us otherwise
+            slot.anonymous += 1
+            close = slot.anonymous >= _ANONYMOUS_PER_CONNECTION
+            await self._send(conn, stream, UNAUTHORIZED, close=close, slot=slot)
+            return not close and conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
             return await self._long_poll(conn, stream, app)

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.api import server as server_module
 from dm_actor.api.server import HttpOptions, HttpServer
 
 from .client import KEY_A, KEYS, HttpClient, raw_exchange, start_api
@@ -139,12 +140,27 @@ async def test_an_unauthenticated_upload_is_shed_for_a_complete_request(
     assert server.statistics["connections_shed"] == 1, server.statistics
 
 
-async def test_an_unauthenticated_client_that_does_not_read_its_refusals_is_shed(
+async def test_a_client_without_a_key_gets_ten_answers_a_connection(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Pipelined requests without a key whose 401s the client never reads: the server's
-    send backs up. That connection is shed for a complete request (it used to hold its slot
-    for as long as the send could wait)."""
+    """Pipelined requests without a key: ten 401s, the last with `connection: close` (a
+    flood of pipelined 401s cost the server far more than the client)."""
+    _, addr = await start_http(nursery, HttpOptions())
+    request = b"GET /v3/devices HTTP/1.1\r\nHost: x\r\n\r\n"
+    answer = await raw_exchange(addr, request * 50)
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", answer) == [b"401"] * 10
+    assert answer.lower().count(b"connection: close") == 1
+
+
+async def test_an_unauthenticated_client_that_does_not_read_its_refusals_is_shed(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pipelined requests without a key whose 401s the client never reads (were there no
+    limit of ten a connection): the server's send backs up. That connection is shed for a
+    complete request (it used to hold its slot for as long as the send could wait)."""
+    monkeypatch.setattr(server_module, "_ANONYMOUS_PER_CONNECTION", 1 << 60)
     server, addr = await start_http(nursery, HttpOptions(max_connections=1))
     stream = await trio.open_tcp_stream(*addr[:2])
     request = b"GET /v2/nothing/" + b"x" * 10 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -159,10 +175,13 @@ async def test_an_unauthenticated_client_that_does_not_read_its_refusals_is_shed
 
 
 async def test_unread_refusals_of_websocket_upgrades_are_shed_too(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same through the WebSocket path (its key may come in a subprotocol, so its
     refusals, 426 here, are sent by the upgrade code)."""
+    monkeypatch.setattr(server_module, "_ANONYMOUS_PER_CONNECTION", 1 << 60)
     server, addr = await start_http(nursery, HttpOptions(max_connections=1))
     stream = await trio.open_tcp_stream(*addr[:2])
     request = b"GET /v2/notification/websocket-connect HTTP/1.1\r\nHost: x\r\n\r\n"
