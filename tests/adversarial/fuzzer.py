@@ -419,8 +419,10 @@ class Episode:
         self.totals = Totals()
         self.answers: list[dict[str, object]] = []  # the healthy device's AsyncIDResponses
         self.watched: set[Any] = set()  # addresses whose datagrams `healthy` reads itself
+        self.addresses: set[Any] = set()  # every UDP source address used so far
         self._submit_no = 0
         self._pending_between: list[Op] = []
+        self._stormed = False  # at most one storm per episode
         self._nursery: trio.Nursery | None = None
 
     def _udp_send(self, data: bytes, addr: Any) -> None:
@@ -438,6 +440,7 @@ class Episode:
         sup = self.sup
         if kind == "udp":
             self.totals.datagrams += 1
+            self.addresses.add(op[1])
             sup.on_datagram(op[2], op[1])
         elif kind == "tcp":
             conn = self._conn(op[1])
@@ -546,7 +549,7 @@ class Episode:
         for actor in sup.by_endpoint.values():
             if len(actor.mailbox) > sup.mailbox_size:
                 raise InvariantBroken(f"mailbox of {actor.endpoint!r}: {len(actor.mailbox)}")
-        addresses = len(self.peers) + 512 + 2
+        addresses = len(self.addresses)
         if len(sup.by_addr) > addresses:
             raise InvariantBroken(f"{len(sup.by_addr)} bound addresses > {addresses}")
 
@@ -565,6 +568,7 @@ class Episode:
         reg = register_message(0x2000 + n % 1000, b"hl", f"ep={ep}&lt=86400&lwm2m=1.1&b=U")
         self.sent.pop(addr, None)
         self.watched.add(addr)
+        self.addresses.add(addr)
         self.sup.on_datagram(reg, addr)
         await self.settle()
         answers = [decode(d) for d in self.sent.get(addr, ())]
@@ -667,6 +671,13 @@ class Episode:
             return self._peer_burst(rng.choice(self.peers))
         if r < 0.45:
             return self._tcp_burst()
+        if r < 0.53:  # a new peer: its Register waits for admission while it sends more
+            new = Peer(("127.0.0.5", 20000 + rng.randrange(4096)), mid=rng.randrange(65536),
+                       ep=rng.choice((b"dev-1", b"new-1", b"new-2")))  # fmt: skip
+            return self._peer_burst(new)
+        if r < 0.532 and not self._stormed:  # a registration storm past the admission bound
+            self._stormed = True
+            return self._storm(4200)
         out: list[Op] = []
         for _ in range(rng.randint(1, 64)):
             peer = rng.choice(self.peers)
@@ -682,6 +693,15 @@ class Episode:
             if rng.random() < 0.02:
                 out.append(("icmp", peer.addr))
         return out
+
+    def _storm(self, count: int) -> list[Op]:
+        """`count` new devices register at once, each from its own address."""
+        base = self.rng.randrange(1000)
+        return [
+            ("udp", ("127.0.0.4", 1024 + i),
+             register_message(i & 0xFFFF, b"s", f"ep=storm-{base}-{i}&lt=300&lwm2m=1.1&b=U"))
+            for i in range(count)
+        ]  # fmt: skip
 
     def _peer_burst(self, peer: Peer) -> list[Op]:
         """One bound peer sends a run: new Message IDs and replays of earlier ones (a
