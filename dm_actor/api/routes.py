@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import time
 from typing import TYPE_CHECKING
 
@@ -510,20 +511,30 @@ class Api:
         wanted = _device_filter(q)
         if isinstance(wanted, str):
             return error_v3(400, "validation_error", wanted)
-        ids = sorted(by_endpoint, reverse=order == "DESC")
-        if wanted:
-            ids = [i for i in ids if _matches(by_endpoint[i], wanted)]
-        total = len(ids)
+        names = self.sup.endpoint_names  # sorted: a page costs O(log n + limit)
+        descending = order == "DESC"
         after = q.get("after")
-        if after is not None:
-            ids = [i for i in ids if (i < after if order == "DESC" else i > after)]
-        page = ids[:limit]
+        if after is None:
+            ids = names.islice(reverse=descending)
+        elif descending:
+            ids = names.irange(maximum=after, inclusive=(True, False), reverse=True)
+        else:
+            ids = names.irange(minimum=after, inclusive=(False, True))
+        if wanted:  # a filter reads every device: its total needs them all anyway
+            matching = [i for i in ids if _matches(by_endpoint[i], wanted)]
+            every = names if after is None else names.islice(reverse=descending)
+            total = sum(1 for i in every if _matches(by_endpoint[i], wanted))
+            page, more = matching[:limit], len(matching) > limit
+        else:
+            total = len(names)
+            page = list(itertools.islice(ids, limit + 1))
+            page, more = page[:limit], len(page) > limit
         return json(
             200,
             DeviceList(
                 limit=limit,
                 order=order,
-                has_more=len(ids) > limit,
+                has_more=more,
                 data=[self._device_data(by_endpoint[i]) for i in page],
                 after=after,
                 total_count=total,

@@ -190,13 +190,13 @@ MEDIA_TYPES: dict[int, str] = {
     ContentFormat.LWM2M_CBOR: "application/vnd.oma.lwm2m+cbor",
 }
 
-_FORMATS_BY_MEDIA_TYPE: dict[str, int] = {}
-for _number, _media in MEDIA_TYPES.items():
-    # the registered numbers win: TLV and LwM2M JSON by name are 11542 and 11543, the
-    # pre-standard 1542/1543 are only understood when a device sends them (Anjay answers a
-    # request with Accept 1542 with 4.06)
-    if _number not in (ContentFormat.LWM2M_TLV_LEGACY, ContentFormat.LWM2M_JSON_LEGACY):
-        _FORMATS_BY_MEDIA_TYPE[_media] = _number
+# the registered numbers win: TLV and LwM2M JSON by name are 11542 and 11543, the pre-standard
+# 1542/1543 are only understood when a device sends them (Anjay answers Accept 1542 with 4.06)
+_FORMATS_BY_MEDIA_TYPE: dict[str, int] = {
+    media: number
+    for number, media in MEDIA_TYPES.items()
+    if number not in (ContentFormat.LWM2M_TLV_LEGACY, ContentFormat.LWM2M_JSON_LEGACY)
+}
 _FORMATS_BY_MEDIA_TYPE["text/plain;charset=utf-8"] = ContentFormat.TEXT
 
 

@@ -212,6 +212,13 @@ async def test_endpoints_and_device_directory(
         assert [d["id"] for d in page["data"]] == ["dev-c"] and not page["has_more"]
         page = (await client.request("GET", "/v3/devices?order=DESC&limit=2")).json()
         assert [d["id"] for d in page["data"]] == ["dev-c", "dev-b"]
+        page = (await client.request("GET", "/v3/devices?order=DESC&limit=2&after=dev-b")).json()
+        assert [d["id"] for d in page["data"]] == ["dev-a"] and not page["has_more"]
+        page = (await client.request("GET", "/v3/devices?limit=2&after=dev-a")).json()
+        assert [d["id"] for d in page["data"]] == ["dev-b", "dev-c"] and not page["has_more"]
+        assert page["total_count"] == 3
+        page = (await client.request("GET", "/v3/devices?limit=2&after=dev-0")).json()
+        assert [d["id"] for d in page["data"]] == ["dev-a", "dev-b"] and page["has_more"]
         page = (await client.request("GET", "/v3/devices?filter=state%3Dderegistered")).json()
         assert page["data"] == []
         assert (await client.request("GET", "/v3/devices?filter=color%3Dred")).status == 400
