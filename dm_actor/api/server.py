@@ -118,6 +118,7 @@ _REFUSALS = {
     "send_timeouts": "responses the client did not read in time",
     "refused_per_address": "connections over the per-address limit",
     "server_errors": "requests that failed with 500",
+    "accept_errors": "accepts that failed for want of descriptors or memory (0.1 s pause each)",
 }
 _ANONYMOUS_PER_CONNECTION = 10  # requests without a valid key answered on one connection
 _ACCEPT_BURST = 64  # connections accepted a scheduler pass, at most, beyond the first
@@ -189,7 +190,7 @@ class HttpServer:
                     except OSError as exc:  # out of descriptors or memory: wait, as trio
                         if exc.errno not in _ACCEPT_CAPACITY_ERRORS:
                             raise
-                        log.error("HTTP accept failed (%s): pausing 0.1 s", exc.strerror)
+                        self._refused("accept_errors")  # (one line a minute, not ten a second)
                         await trio.sleep(0.1)
                         continue
                     await self._admit(stream, nursery)
