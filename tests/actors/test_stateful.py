@@ -180,3 +180,11 @@ def test_f6_answers_held_for_the_store_stay_within_the_limit() -> None:
     """F6 (fixed in 770d659): wrong-id De-registers waited for the store, 16 per device."""
     run_actions([Register(2, 2), Stall(), Register(0, 0), Filler(2, 17, kind="delete"),
                  Filler(0, 20, kind="delete")], 0, NONE)  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="F7 (open): TCP mail handled by the connection's old device")
+def test_f7_tcp_mail_queued_behind_a_register_of_another_endpoint() -> None:
+    """ep0 waits for its Observe's write; a Register of ep1 and one of ep0 queue on its TCP
+    connection; the first takes the connection, the second is answered to nobody."""
+    run_actions([Register(0, 0), Subscribe(0, 0), Stall(), Register(3, 0), Register(3, 1),
+                 Register(3, 0), Open()], 0, NONE)  # fmt: skip
