@@ -188,3 +188,12 @@ def test_f7_tcp_mail_queued_behind_a_register_of_another_endpoint() -> None:
     connection; the first takes the connection, the second is answered to nobody."""
     run_actions([Register(0, 0), Subscribe(0, 0), Stall(), Register(3, 0), Register(3, 1),
                  Register(3, 0), Open()], 0, NONE)  # fmt: skip
+
+
+@pytest.mark.xfail(strict=True, reason="F7 (open): a replaced connection's mail, no transport")
+def test_f7_tcp_mail_drained_after_its_connection_was_replaced() -> None:
+    """ep0 is on a TCP connection with a Register queued; a UDP Register of ep0, queued in
+    ep1's mailbox and read after the commit, moves ep0: `_bind` drains the connection's
+    mail after dropping it, and the queued Register is answered to nobody."""
+    run_actions([Stall(), Register(0, 0), Register(0, 1), Submit(0), Submit(1), Register(0, 1),
+                 Register(0, 0), Register(3, 0), Register(3, 0)], 0, NONE)  # fmt: skip
