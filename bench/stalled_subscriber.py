@@ -57,13 +57,17 @@ async def client(port: int, stalled: bool, seconds: float, measure: float) -> di
     async with trio.open_nursery() as nursery:
 
         async def stalled_b() -> None:
-            async with open_websocket_url(url, subprotocols=["wss", f"pelion_{KEY_B}"]) as ws:
+            async with open_websocket_url(
+                url, subprotocols=["wss", f"pelion_{KEY_B}"], max_message_size=1 << 26
+            ) as ws:
                 await trio.sleep(seconds + 5)  # never reads: its reader stops after one frame
                 closed_b.append(ws.closed)
 
         if stalled:
             nursery.start_soon(stalled_b)
-        async with open_websocket_url(url, subprotocols=["wss", f"pelion_{KEY_A}"]) as ws:
+        async with open_websocket_url(
+            url, subprotocols=["wss", f"pelion_{KEY_A}"], max_message_size=1 << 26
+        ) as ws:
             with trio.move_on_after(seconds):
                 while True:
                     try:
@@ -121,6 +125,20 @@ async def server_run(args: argparse.Namespace, stalled: bool) -> dict[str, Any]:
                         lags.append(trio.current_time() - before - 0.001)
 
             nursery.start_soon(loop_lag)
+            hub = _hub(listening.supervisor.events)
+            spills: list[float] = []  # CPU seconds of the main thread in each spill step
+            spill = hub.spill
+
+            def timed_spill(*a: Any) -> Any:
+                before = time.thread_time()
+                try:
+                    return spill(*a)
+                finally:
+                    if trio.current_time() >= measure_from:
+                        spills.append(time.thread_time() - before)
+
+            hub.spill = timed_spill
+            cpu_at: list[float] = []
             events = listening.supervisor.events
             tick = 0.01
             per_tick = max(1, int(args.rate * tick))
@@ -128,6 +146,8 @@ async def server_run(args: argparse.Namespace, stalled: bool) -> dict[str, Any]:
             stop = trio.current_time() + args.seconds
             next_tick = trio.current_time()
             while trio.current_time() < stop:
+                if not cpu_at and trio.current_time() >= measure_from:
+                    cpu_at.append(time.process_time())
                 now = time.time()
                 for _ in range(per_tick):
                     item = {"ep": "bench", "path": "/3303/0/5700", "ct": "text/plain",
@@ -136,7 +156,8 @@ async def server_run(args: argparse.Namespace, stalled: bool) -> dict[str, Any]:
                 published += per_tick
                 next_tick += tick
                 await trio.sleep_until(next_tick)
-            hub_b = [c for c in _hub().channels.values() if c.app != _owner(KEY_A)]
+            cpu = time.process_time() - cpu_at[0] if cpu_at else 0.0
+            hub_b = [c for c in hub.channels.values() if c.app != _owner(KEY_A)]
             b_state = {}
             if hub_b:  # (B's client is still connected, or was closed by the server)
                 channel = hub_b[0]
@@ -149,6 +170,10 @@ async def server_run(args: argparse.Namespace, stalled: bool) -> dict[str, Any]:
             await proc.wait()
             result: dict[str, Any] = json.loads(out)
             result.update(b_state)
+            result["server_cpu_s_per_s"] = round(cpu / args.measure, 3)  # (all its threads)
+            if spills:
+                result["spill_cpu_ms_max"] = round(1000 * max(spills), 2)
+                result["spill_cpu_ms_per_s"] = round(1000 * sum(spills) / args.measure, 2)
             lags.sort()
             if lags:
                 result["loop_lag_p99_ms"] = round(1000 * lags[int(0.99 * (len(lags) - 1))], 2)
@@ -165,16 +190,16 @@ def _owner(key: str) -> str | None:
     return ApiKeys([KEY_A, KEY_B]).owner(key)
 
 
-def _hub() -> Any:
-    """The hub of the running HTTP server (found through the garbage collector: the server
-    object is not exported, and this is a measurement script)."""
+def _hub(events: object) -> Any:
+    """The hub of the running HTTP server, the reader of `events` (found through the garbage
+    collector: the server object is not exported, and this is a measurement script)."""
     import gc
 
     from dm_actor.api.channels import NotificationHub
 
     gc.unfreeze()
-    [hub] = [o for o in gc.get_objects() if isinstance(o, NotificationHub)]
-    return hub
+    hubs = [o for o in gc.get_objects() if isinstance(o, NotificationHub)]
+    return next(h for h in hubs if h.events is events)
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 import trio
+import trio.lowlevel
 
 from dm_actor.actors.events import KINDS
 from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
@@ -47,6 +48,7 @@ CALLBACK = "CALLBACK"
 #: Pelion's channel lifetimes without a consumer (seconds); see `NotificationHub`
 IDLE_EXPIRY = {WEB_SOCKET: 24 * 3600.0, LONG_POLLING: 600.0}
 _EXPIRY_SWEEP = 60.0
+_SPILL_SLICE = 500  # events stored in one step of the event loop (others run in between)
 log = logging.getLogger(__name__)
 
 _DEREGISTRATION_KINDS = frozenset(("de-registrations", "registrations-expired"))
@@ -440,9 +442,12 @@ class NotificationHub:
             await self._spill_due.wait()
             await trio.sleep(self.spill_interval)
             self._spill_due = trio.Event()
-            self.spill()
+            while True:
+                if not self.spill(_SPILL_SLICE):
+                    break
+                await trio.lowlevel.checkpoint()  # other tasks run between slices
 
-    def spill(self) -> None:
+    def spill(self, budget: int | None = None) -> bool:
         """Store every event waiting in a channel (or held in a long poll's response) that is
         not stored yet (with `keep`); forget the stored ones the bound dropped.
 
@@ -452,23 +457,28 @@ class NotificationHub:
         `seq`, and with `include_uid` its `uid` becomes the one it keeps across restarts.
         The events not stored yet are the newest (or ones put back at the head): only those
         ends of a buffer are visited, so a full buffer (100,000 events) costs no more than
-        what arrived since the last spill.
+        what arrived since the last spill. With a `budget`, at most that many are stored
+        (the oldest first); returns True when some are left for another call.
         """
         keep = self.keep
+        left = math.inf if budget is None else budget
         for channel in self.channels.values():
             app = channel.app
             if channel.unstored:
                 seqs, channel.unstored = channel.unstored, []
                 if channel.forget is not None:
                     channel.forget(app, seqs)
-            if keep is None:
+            if keep is None or left <= 0:
                 continue
             unacked = channel.unacked  # (older than every event waiting: stored first)
             if unacked and any(event[3] is None for event in unacked):
                 channel.unacked = [_stored(event, app, keep) for event in unacked]
+                left -= len(unacked)
             if channel.unspilled > 0:
-                _store_newest(channel.events, channel.unspilled, app, keep)
-            channel.unspilled = 0
+                stored = _store_newest(channel.events, channel.unspilled, app, keep, left)
+                channel.unspilled -= stored
+                left -= stored
+        return left <= 0 and any(c.unspilled > 0 for c in self.channels.values())
 
     def hold(self, channel: Channel, batch: list[Event], receipt: Receipt | None) -> None:
         """A long poll answered with `batch`: keep it (stored at the next spill like the
@@ -619,10 +629,15 @@ def _stored(event: Event, app: str, keep: Callable[[str, str, Item], int]) -> Ev
 
 
 def _store_newest(
-    events: deque[Event], count: int, app: str, keep: Callable[[str, str, Item], int]
-) -> None:
-    """Store the `count` events of `events` that have no `seq`, visiting from the newest end
-    (where pushed events are) and reaching further only for events put back at the head."""
+    events: deque[Event],
+    count: int,
+    app: str,
+    keep: Callable[[str, str, Item], int],
+    budget: float = math.inf,
+) -> int:
+    """Store the `count` events of `events` that have no `seq` (at most `budget` of them,
+    the oldest first), visiting from the newest end (where pushed events are) and reaching
+    further only for events put back at the head. Returns how many were stored."""
     newest: list[Event] = []
     while count and events:
         event = events.pop()
@@ -630,4 +645,12 @@ def _store_newest(
             count -= 1
         newest.append(event)
     newest.reverse()  # stored oldest first: `seq` orders them after a restart
-    events.extend([_stored(event, app, keep) for event in newest])
+    stored = 0
+    for i, event in enumerate(newest):
+        if event[3] is None:
+            if stored >= budget:
+                break
+            newest[i] = _stored(event, app, keep)
+            stored += 1
+    events.extend(newest)
+    return stored

@@ -340,3 +340,18 @@ async def test_a_session_that_lets_the_buffer_overflow_is_stopped_after_its_pati
 
 def told(session: Session) -> tuple[int | None, str | None]:
     return session.close_code, session.reason
+
+
+async def test_a_spill_in_slices_stores_the_oldest_first(nursery: trio.Nursery) -> None:
+    """The hub stores at most 500 events per step of the event loop (other applications'
+    deliveries run in between); seqs still follow the buffer's order."""
+    keeper = Keeper()
+    events, hub = await start_hub(nursery, keep=keeper.keep, on_delivered=keeper.forget,
+                                  spill_interval=3600)  # fmt: skip
+    channel = hub.open("a", WEB_SOCKET)
+    for i in range(1200):
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    await trio.testing.wait_all_tasks_blocked()
+    assert hub.spill(500) and hub.spill(500) and not hub.spill(500)
+    assert [e[3] for e in channel.events] == list(range(101, 1301))
+    assert [item for _, item in keeper.kept.values()] == [response(i) for i in range(1200)]
