@@ -299,10 +299,14 @@ class Watcher:
         self.out.write(line + "\n")
         self.out.flush()
 
-    def lines(self, message: dict[str, list[object]]) -> list[str]:
+    def lines(self, message: dict[str, object]) -> list[str]:
         """The output lines of one `NotificationMessage`, one per event."""
         out = []
         for kind, items in message.items():
+            if not isinstance(items, list):  # "events-lost": N, the server's gap marker
+                lost = {"count": items}
+                out.append(self._table_row(kind, lost) if self.table else _json_line(kind, lost))
+                continue
             for item in items:
                 event = dict(item) if isinstance(item, dict) else {"ep": item}
                 out.append(self._table_row(kind, event) if self.table else _json_line(kind, event))

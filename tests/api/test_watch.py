@@ -176,3 +176,13 @@ def test_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--server: Only http:// URLs are supported." in capsys.readouterr().err
     assert cli.main(["watch", "--server", free_port_url(), "--api-key", "k", "--count", "1"]) == 1
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_the_gap_marker_prints_as_a_line_of_its_own() -> None:
+    """`"events-lost": N` (the server's gap marker) is a count, not a list of events."""
+    watcher = Watcher("http://127.0.0.1:1", KEY, io.StringIO(), io.StringIO())
+    lines = watcher.lines({"events-lost": 5, "de-registrations": ["d"]})
+    assert [json.loads(line) for line in lines] == [
+        {"kind": "events-lost", "count": 5}, {"kind": "de-registrations", "ep": "d"}]  # fmt: skip
+    table = Watcher("http://127.0.0.1:1", KEY, io.StringIO(), io.StringIO(), table=True)
+    assert "events-lost" in table.lines({"events-lost": 5})[0]
