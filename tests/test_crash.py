@@ -36,7 +36,7 @@ processes fell within the window (with random first MIDs each would collide with
 Real time throughout (the daemon is another process): every wait is bounded.
 `DM_ACTOR_CRASH_SEED` picks another seed (it fixes the kill schedule, the commands and the
 devices; what the kills interrupt depends on timing). `DM_ACTOR_CRASH_SCALE=k` runs k times as
-many kills and commands (CI runs 1: 2.5 to 3.5 minutes for the six tests on two cores).
+many kills and commands (CI runs 1: about 2.5 minutes for the six tests on two cores).
 """
 
 from __future__ import annotations
