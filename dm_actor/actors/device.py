@@ -131,6 +131,7 @@ class DeviceActor:
         "_mid_limit",
         "_observations",
         "_pending",
+        "_stepping",
         "_transfer",
         "addr",
         "coap",
@@ -167,6 +168,7 @@ class DeviceActor:
         self._pending: Command | None = None  # that attempt: decided and stored, not yet sent
         self._mid_limit: int | None = None  # the first Message ID not reserved in the store
         self._transfer: _Transfer | None = None
+        self._stepping = False  # in `step`: a drain from inside it (a rebinding) waits
         # notifications whose rest is being fetched, by the fetching exchange's token
         self._fetches: dict[bytes, tuple[bytes, _Transfer]] | None = None
 
@@ -206,15 +208,31 @@ class DeviceActor:
                     await mailbox.wait()
             self.step(trio.current_time())
 
-    def step(self, now: float) -> None:
-        """Feed everything that arrived to the machines and act on their decisions."""
+    def step(self, now: float, *, start: bool = True) -> None:
+        """Feed everything that arrived to the machines and act on their decisions (and
+        start the next attempt, if `start` and the rules allow).
+
+        Not re-entrant: a drain asked for while this actor's own step runs (its mail made
+        the supervisor rebind it or take its address) returns at once; the step it
+        interrupted goes on, and hands what is no longer its own to the new owner."""
+        if self._stepping:
+            return
+        self._stepping = True
+        try:
+            self._step(now, start)
+        finally:
+            self._stepping = False
+
+    def _step(self, now: float, start: bool) -> None:
         coap = self.coap
         timer = coap.get_timer()
         if timer is not None and timer <= now:
             coap.handle_timer(now)
             self._handle_events(now)
         contact = False
-        addr = self.addr  # where every datagram in the mailbox came from (see `Supervisor._bind`)
+        # where the mail came from (see `Supervisor._bind`): every datagram from `addr`,
+        # every message on `conn`
+        addr, conn = self.addr, self.conn
         for mail in self.mailbox.take():
             # each message is handled before the next is read, as it would be alone: a burst
             # read in one step must not fill the deduplication window with requests whose
@@ -223,6 +241,9 @@ class DeviceActor:
                 # another endpoint registered from this address while its mail was read: the
                 # rest is the address's new owner's (or a new peer's)
                 self.sup.on_datagram(mail, addr)
+                continue
+            if isinstance(mail, Message) and conn is not None and self.conn is not conn:
+                self.sup.on_tcp_message(conn, mail)  # (the same, for a connection taken)
                 continue
             if type(mail) is bytes:
                 # any message but a Reset is a contact (a Reset fails the attempt, rule 3.4)
@@ -242,7 +263,7 @@ class DeviceActor:
             elif mail is Signal.EXPIRED:
                 self.end(now, expired=True)
             self._handle_events(now)
-        self.pump(now, on_contact=contact)
+        self.pump(now, on_contact=contact, start=start)
 
     def tell(self, mail: Mail) -> None:
         """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
@@ -250,7 +271,7 @@ class DeviceActor:
 
     # -- decisions ------------------------------------------------------------------------
 
-    def pump(self, now: float, *, on_contact: bool = False) -> bool:
+    def pump(self, now: float, *, on_contact: bool = False, start: bool = True) -> bool:
         """Start the next attempt if the rules allow, publish what finished, send what may go.
 
         Returns:
@@ -260,7 +281,7 @@ class DeviceActor:
         """
         queue = self.queue
         started = False
-        if queue.queue and (self.conn is not None or self.addr):
+        if start and queue.queue and (self.conn is not None or self.addr):
             cmd = queue.next_attempt(now, on_contact=on_contact)
             if cmd is not None:
                 self._start_attempt(cmd, now)
@@ -606,9 +627,10 @@ class DeviceActor:
 
     def drain(self, now: float) -> None:
         """Handle the mail that came before the transport changed (outside the task: the
-        supervisor calls it when a connection closes or is replaced)."""
+        supervisor calls it when a connection closes or is replaced, or the address moves);
+        no attempt starts on the transport that is going away."""
         try:
-            self.step(now)
+            self.step(now, start=False)
         except StoreError:
             raise
         except Exception as exc:  # as in `run`

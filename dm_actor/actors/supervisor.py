@@ -700,16 +700,21 @@ class Supervisor:
 
     def _bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
         now = self.now()
-        if actor.addr is not None and actor.addr != addr:
-            actor.drain(now)  # what came from the old address is answered there
-            if self.by_addr.get(actor.addr) is actor:
-                del self.by_addr[actor.addr]
+        if (actor.addr is not None and actor.addr != addr) or (
+            actor.conn is not None and actor.conn is not conn
+        ):
+            # what came on the old address or connection first (an answer, say; a request is
+            # answered there) is handled while the actor still has it; nothing new starts
+            actor.drain(now)
+            if actor.mailbox.closed:
+                return  # (a De-register was among it)
+        if actor.addr is not None and actor.addr != addr and self.by_addr.get(actor.addr) is actor:
+            del self.by_addr[actor.addr]
         replaced = actor.conn is not None and actor.conn is not conn
         if replaced:  # a new connection (or UDP) before the old one was seen to close
             assert actor.conn is not None
             self.by_conn.pop(actor.conn, None)
             actor.conn = None
-            actor.drain(now)  # what came on the old one first (an answer, say)
         reliable = conn is not None
         if actor.coap.reliable != reliable:
             actor.coap = self.new_coap_endpoint(reliable=reliable)
@@ -722,14 +727,17 @@ class Supervisor:
         if addr is not None:
             previous = self.by_addr.get(addr)
             if previous is not None and previous is not actor:
-                # another endpoint now speaks from its address: what it sent there fails
-                # and an attempt not yet sent goes back to its queue (as on ICMP)
+                # another endpoint now speaks from its address: what came from there first
+                # is handled (and answered) now; what it sent there fails and an attempt
+                # not yet sent goes back to its queue (as on ICMP)
+                previous.drain(now)
                 previous.addr = None
                 self._tell(previous, Signal.UNREACHABLE)
             self.by_addr[addr] = actor
         if conn is not None:
             previous = self.by_conn.get(conn)
             if previous is not None and previous is not actor:
+                previous.drain(now)
                 previous.conn = None  # what it sent on it fails on its next step
                 self._tell(previous, Signal.UNREACHABLE)
             self.by_conn[conn] = actor

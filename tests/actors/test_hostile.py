@@ -298,3 +298,36 @@ async def test_refusals_are_summed_up_in_one_log_line_a_minute(
         await trio.sleep(120)
     lines = [r.getMessage() for r in caplog.records if "last 60 s" in r.getMessage()]
     assert lines == ["devices, last 60 s: decode_errors +500"]
+
+
+def test_mail_read_after_another_device_took_its_address_is_answered() -> None:
+    """Found by the stateful test (F8): ep2's Update arrived from an address while it was
+    ep2's; before ep2's task read it, a Register of ep0 queued for admission took the
+    address. The Update was then handled by ep2 with no address: never answered. Now the
+    device losing an address handles what came from it first."""
+    from .stateful_support import (
+        Deregister,
+        Open,
+        Ping,
+        Register,
+        Release,
+        Stall,
+        Submit,
+        Update,
+        run_actions,
+    )
+
+    def reg(peer: int, ep: int, *, queue: bool = False, hold: bool = False) -> Register:
+        return Register(peer=peer, ep=ep, lifetime=86400, queue_mode=queue, hold=hold)
+
+    run_actions(
+        [
+            reg(0, 0), reg(1, 0), reg(0, 0, queue=True), Ping(peer=0),
+            reg(1, 0, hold=True), reg(0, 2), reg(0, 0),
+            Submit(ep=0, method=0, path=0, expiry=60, reuse=None), Open(),
+            Update(peer=1, ep=2, lifetime=None, stale=False, hold=True), Stall(),
+            reg(0, 0), Deregister(peer=0, ep=0, stale=False, hold=False), reg(0, 0),
+            Release(peer=1, reverse=False, duplicate=False),
+        ],
+        1,
+    )  # fmt: skip

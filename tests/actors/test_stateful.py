@@ -182,7 +182,6 @@ def test_f6_answers_held_for_the_store_stay_within_the_limit() -> None:
                  Filler(0, 20, kind="delete")], 0, NONE)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="F7 (open): TCP mail handled by the connection's old device")
 def test_f7_tcp_mail_queued_behind_a_register_of_another_endpoint() -> None:
     """ep0 waits for its Observe's write; a Register of ep1 and one of ep0 queue on its TCP
     connection; the first takes the connection, the second is answered to nobody."""
@@ -190,7 +189,6 @@ def test_f7_tcp_mail_queued_behind_a_register_of_another_endpoint() -> None:
                  Register(3, 0), Open()], 0, NONE)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="F7 (open): a replaced connection's mail, no transport")
 def test_f7_tcp_mail_drained_after_its_connection_was_replaced() -> None:
     """ep0 is on a TCP connection with a Register queued; a UDP Register of ep0, queued in
     ep1's mailbox and read after the commit, moves ep0: `_bind` drains the connection's
