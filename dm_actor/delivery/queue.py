@@ -54,8 +54,12 @@ class Command:
     exchange_at: float | None = None
 
     def same_request(self, other: Command) -> bool:
+        """The same request from the same application (rule 1.7): another application's
+        command with this async-id is not a repeat of it (its AsyncIDResponse goes to that
+        application alone)."""
         return (
-            self.method == other.method
+            self.owner == other.owner
+            and self.method == other.method
             and self.uri == other.uri
             and self.payload == other.payload
             and self.content_format == other.content_format

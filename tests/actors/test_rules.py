@@ -143,6 +143,26 @@ async def test_rule_1_7_idempotent_async_id(
     assert list(responses(server)) == ["a"]
 
 
+async def test_rule_1_7_another_applications_async_id_is_not_a_repeat(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by an attacker: application B's request with A's async-id was taken as A's
+    repeat (202, nothing queued), and B never got an AsyncIDResponse."""
+    server, _dev = await online(nursery)
+    submit = server.sup.submit
+    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="A") == Accepted()
+    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="B") == Rejected(
+        409, "ASYNC_ID_IN_USE"
+    )
+    await trio.sleep(5)
+    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="B") == Rejected(
+        409, "ASYNC_ID_IN_USE"
+    )
+    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="A") == Accepted(
+        duplicate=True
+    )
+
+
 # -- 2. One command at a time ---------------------------------------------------------------
 
 
