@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.actors.device import Signal
 from dm_actor.coap import framing_tcp
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
@@ -331,3 +332,28 @@ def test_mail_read_after_another_device_took_its_address_is_answered() -> None:
         ],
         1,
     )  # fmt: skip
+
+
+async def test_an_update_read_just_before_the_expiry_signal_keeps_the_registration(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Found by an attacker: an Update in the mailbox when the lifetime sweeper fired was
+    answered 2.04 and then the registration ended as expired anyway."""
+    server = await start_server(nursery)
+    sup = server.sup
+    addr = ("127.0.0.1", 40010)
+    sent: list[bytes] = []
+    sup.attach_udp(lambda data, to: sent.append(data))
+    sup.on_datagram(register_query(1, "ep=short&lt=1"), addr)
+    await trio.sleep(0.1)
+    [created] = [decode(d) for d in sent if decode(d).mid == 1]
+    location = "/" + "/".join(created.location_path)
+    actor = sup.by_endpoint["short"]
+    await trio.sleep_until(actor.reg.expires_at(sup.registration_grace) - 0.01)
+    update = Message(CON, Code.POST, 2, b"\x02", path_options(location))
+    sup.on_datagram(encode(update), addr)
+    actor.tell(Signal.EXPIRED)  # as the sweeper does, while the Update waits in the mailbox
+    await trio.sleep(0.1)
+    [changed] = [decode(d) for d in sent if decode(d).mid == 2]
+    assert changed.code == Code.CHANGED
+    assert "short" in sup.by_endpoint
