@@ -59,9 +59,9 @@ QUEUE = 4  # commands per device
 LIFETIME_SLACK = 1024  # stale entries the lifetime heap may hold (Supervisor._watch_lifetime)
 #: Findings not yet fixed, each kept out of the random examples by an assumption (in
 #: `World._excluded`, or next to the invariant it breaks) while it is open, and shown by its
-#: own `xfail(strict=True)` regression test in test_stateful.py. F1-F6 were fixed as they were
-#: found (their regression tests pass); F5b and F7 are open.
-OPEN_FINDINGS: frozenset[str] = frozenset({"F5b", "F7"})
+#: own `xfail(strict=True)` regression test in test_stateful.py. F1-F7 were fixed as they were
+#: found (their regression tests pass); F5b is open.
+OPEN_FINDINGS: frozenset[str] = frozenset({"F5b"})
 OBS = OptionNumber.OBSERVE.value
 CF = OptionNumber.CONTENT_FORMAT.value
 BLOCK2 = OptionNumber.BLOCK2.value
@@ -562,10 +562,6 @@ class World:
         moved meanwhile gets the old address's answers (also those to mail read as it moves).
         Assumed away: a device does not move (Register, Update, De-register from another
         address or connection) while it has answers waiting or mail to read behind a write.
-
-        F7: mail queued on a TCP connection behind a Register of another endpoint is handled
-        by the connection's old device, with no transport. Assumed away: no Register of
-        another endpoint comes on a connection whose device has mail or a write pending.
         """
         try:
             path, query = msg.uri_path, msg.uri_query
@@ -575,10 +571,6 @@ class World:
         if msg.code == Code.POST and path == ("rd",):
             names = [q[3:] for q in query if q.startswith("ep=")]
             actor = self.sup.by_endpoint.get(names[0]) if names else None
-            holder = None if conn is None else self.sup.by_conn.get(conn)
-            busy = holder is not None and (len(holder.mailbox) > 0 or holder._hold is not None)
-            if "F7" in self.open_findings and busy and holder is not actor:
-                return True
         if "F5b" not in self.open_findings:
             return False
         elif msg.code in (Code.POST, Code.DELETE) and len(path) == 2 and path[0] == "rd":
@@ -837,9 +829,7 @@ class World:
                 if isinstance(key[0], FakeConn):
                     conn = key[0]
                     assert isinstance(key[1], bytes)
-                    # F7 (open): mail on a connection its device left may go unanswered
-                    left = "F7" in self.open_findings and conn not in sup.by_conn
-                    assert conn.closing or left or self.tcp_requests[conn, key[1]] > 0, (
+                    assert conn.closing or self.tcp_requests[conn, key[1]] > 0, (
                         f"request {key[1].hex()} on {conn} was never answered"
                     )
                 else:
