@@ -71,6 +71,9 @@ class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     # a Register or Update asking for a longer lifetime gets 4.00 (30 days; LwM2M allows 2^32-1
     # s, 136 years: a registration nobody can end but its device)
     max_lifetime: Annotated[int, msgspec.Meta(ge=1, le=0xFFFFFFFF)] = 2_592_000
+    # a Register or Update listing more object links gets 4.13 (real clients list tens; each
+    # link costs memory for as long as the device is registered)
+    max_links: Annotated[int, msgspec.Meta(ge=1)] = 512
     # a Register the server cannot take now (its store is behind or failing) gets 5.03 with
     # this Max-Age, so that the client waits at least this long before it tries again
     retry_after: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60

@@ -260,10 +260,11 @@ class DeviceActor:
             elif mail is Signal.UNREACHABLE:
                 self.coap.peer_unreachable(now)
                 self._fail_pending(now)
-            elif mail is Signal.EXPIRED:
-                # (an Update read before this signal may have renewed the registration)
-                if self.reg.expires_at(self.sup.registration_grace) <= now:
-                    self.end(now, expired=True)
+            elif (
+                mail is Signal.EXPIRED  # (an Update read before it may have renewed it)
+                and self.reg.expires_at(self.sup.registration_grace) <= now
+            ):
+                self.end(now, expired=True)
             self._handle_events(now)
         self.pump(now, on_contact=contact, start=start)
 

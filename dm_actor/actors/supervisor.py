@@ -44,6 +44,7 @@ from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdic
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
 from dm_actor.lwm2m.errors import InvalidPath
+from dm_actor.lwm2m.link_format import SHARED_ENTRIES
 from dm_actor.lwm2m.path import parse as parse_path
 from dm_actor.lwm2m.registration import Registration, RegistrationError
 from dm_actor.store.base import EventRecord, PresubscriptionRecord, Snapshot, Store, StoreError
@@ -658,7 +659,7 @@ class Supervisor:
         via: DeviceActor | None,
     ) -> reg_iface.Response:
         r = self.settings.registration
-        parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime)
+        parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime, r.max_links)
         if isinstance(parsed, RegistrationError):
             return reg_iface.error(parsed)
         if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
@@ -743,7 +744,8 @@ class Supervisor:
             self.by_conn[conn] = actor
 
     def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
-        parsed = reg_iface.parse_update(request, self.settings.registration.max_lifetime)
+        r = self.settings.registration
+        parsed = reg_iface.parse_update(request, r.max_lifetime, r.max_links)
         if isinstance(parsed, RegistrationError):
             return reg_iface.error(parsed)
         if actor.conn is None and parsed.binding is not None and "U" not in parsed.binding:
@@ -1121,10 +1123,19 @@ def _check(msg: Message) -> None:
         msg.uri_query  # noqa: B018
 
 
-@lru_cache(maxsize=256)
 def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
-    """`EndpointData.resources` of an object list (shared by devices of one kind; read-only)."""
+    """`EndpointData.resources` of an object list (shared by devices of one kind; read-only;
+    a long list is built each time, not kept: see `link_format.SHARED_ENTRIES`)."""
+    if len(objects.paths()) > SHARED_ENTRIES:
+        return _build_resources(objects)
+    return _shared_resources(objects)
+
+
+def _build_resources(objects: RegisteredObjects) -> list[dict[str, object]]:
     return [{"path": str(p), "obs": True} for p in objects.paths()]
+
+
+_shared_resources = lru_cache(maxsize=256)(_build_resources)
 
 
 def registration_item(reg: Registration) -> dict[str, object]:

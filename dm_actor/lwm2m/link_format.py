@@ -208,8 +208,11 @@ class RegisteredObjects:
 
 #: `entries` -> their paths and path texts; a fleet registers a few distinct object lists, so
 #: this spares each registration, Update and store record the rebuilding of the same paths.
+#: Only lists of at most `SHARED_ENTRIES` entries are kept: a few hundred hostile lists of
+#: thousands of entries each would otherwise hold gigabytes here (found by an attacker).
 _ENTRIES: dict[bytes, tuple[tuple[Path, ...], tuple[str, ...]]] = {}
 _ENTRIES_LIMIT = 1024
+SHARED_ENTRIES = 64
 
 
 def _entries(entries: bytes) -> tuple[tuple[Path, ...], tuple[str, ...]]:
@@ -221,6 +224,8 @@ def _entries(entries: bytes) -> tuple[tuple[Path, ...], tuple[str, ...]]:
             obj = key >> _INSTANCE_BITS
             paths.append(Path(obj) if instance == 0 else Path(obj, instance - 1))
         found = (tuple(paths), tuple(map(str, paths)))
+        if len(paths) > SHARED_ENTRIES:
+            return found
         if len(_ENTRIES) >= _ENTRIES_LIMIT:
             _ENTRIES.pop(next(iter(_ENTRIES)))
         _ENTRIES[entries] = found

@@ -15,6 +15,7 @@ response code (LwM2M 1.1 TS 6.2 and Leshan's `RegistrationHandler`):
   spaces, `/`, `\\`, `?`, `#` or `%`, and not `.` or `..`: it names the device in the REST
   API's paths, log lines and file-like tools, so nothing that changes a path's meaning.
 - 4.03 Forbidden is the caller's, for an endpoint the server refuses (none yet).
+- 4.13 Request Entity Too Large: an object list of more links than the server takes.
 - 4.12 Precondition Failed: an `lwm2m` version other than 1.0, 1.1 or 1.2.
 - 4.15 Unsupported Content-Format: a payload that is declared as anything but link-format.
 
@@ -40,6 +41,8 @@ if TYPE_CHECKING:
 #: LwM2M versions the server accepts; a Register without `lwm2m=` is 1.0.
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0", "1.1", "1.2")
 MAX_LIFETIME = 0xFFFFFFFF
+#: the most object links a Register or Update may carry by default (more: 4.13)
+MAX_LINKS = 512
 #: CoAP's MAX_TRANSMIT_WAIT with the default parameters (RFC 7252 4.8.2).
 MAX_TRANSMIT_WAIT = 93.0
 
@@ -213,7 +216,10 @@ def classify(msg: Message) -> Interface | None:
 
 
 def parse_register(
-    msg: Message, default_lifetime: int = 86400, max_lifetime: int = MAX_LIFETIME
+    msg: Message,
+    default_lifetime: int = 86400,
+    max_lifetime: int = MAX_LIFETIME,
+    max_links: int = MAX_LINKS,
 ) -> RegisterRequest | RegistrationError:
     """Read a Register (`POST /rd?ep=&lt=&lwm2m=&b=&sms=&Q&et=` with link-format objects).
 
@@ -221,6 +227,7 @@ def parse_register(
         msg: the decoded request.
         default_lifetime: the lifetime when `lt` is absent (the `lifetime` setting).
         max_lifetime: the longest lifetime accepted (longer: 4.00).
+        max_links: the most object links accepted (more: 4.13).
 
     Returns:
         The request, or the error to answer with (see the module docstring for the codes).
@@ -251,7 +258,7 @@ def parse_register(
             _check_name("et", endpoint_type)
         if not msg.payload:
             raise _Refusal(Code.BAD_REQUEST, "Register without object links")
-        objects = _objects(msg)
+        objects = _objects(msg, max_links)
     except _Refusal as refusal:
         return refusal.error
     binding = binding or "U"
@@ -268,7 +275,7 @@ def parse_register(
 
 
 def parse_update(
-    msg: Message, max_lifetime: int = MAX_LIFETIME
+    msg: Message, max_lifetime: int = MAX_LIFETIME, max_links: int = MAX_LINKS
 ) -> UpdateRequest | RegistrationError:
     """Read an Update (`POST /rd/{id}?lt=&b=&sms=&Q`, optional link-format payload).
 
@@ -281,7 +288,7 @@ def parse_update(
         binding = _binding(params, _TRANSPORTS_1_1 | _TRANSPORTS_1_0)
         sms = _sms(params)
         queue = _queue_param(params)
-        objects = _objects(msg) if msg.payload else None
+        objects = _objects(msg, max_links) if msg.payload else None
     except _Refusal as refusal:
         return refusal.error
     queue_mode: bool | None = None
@@ -409,14 +416,27 @@ def _queue_param(params: dict[str, str | None]) -> bool:
     return True
 
 
-def _objects(msg: Message) -> RegisteredObjects:
+#: object lists up to this many bytes are parsed once and shared by the devices that send them
+_SHARED_PAYLOAD = 1024
+
+
+def _objects(msg: Message, max_links: int = MAX_LINKS) -> RegisteredObjects:
     content_format = msg.content_format
     if content_format is not None and content_format != ContentFormat.LINK_FORMAT:
         raise _Refusal(
             Code.UNSUPPORTED_CONTENT_FORMAT, f"objects sent as Content-Format {content_format}"
         )
+    payload = msg.payload
+    links = payload.count(b",") + 1
+    if links > max_links:
+        raise _Refusal(
+            Code.REQUEST_ENTITY_TOO_LARGE,
+            f"{links} object links: the server takes at most {max_links}",
+        )
     try:
-        return _registered_objects(msg.payload)
+        if len(payload) > _SHARED_PAYLOAD:  # (a large list is not kept for sharing)
+            return registered_objects(parse_links(payload))
+        return _registered_objects(payload)
     except LinkFormatError as exc:
         raise _Refusal(Code.BAD_REQUEST, f"invalid object links: {exc}") from None
 
