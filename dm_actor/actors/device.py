@@ -558,7 +558,9 @@ class DeviceActor:
         if fetches is None:
             fetches = self._fetches = {}
         if len(fetches) >= _CACHE_LIMIT:
-            gone = fetches.pop(next(iter(fetches)))
+            oldest = next(iter(fetches))
+            gone = fetches.pop(oldest)
+            self.coap.abandon(oldest)  # (its GET stops too: no retransmissions for nothing)
             log.info("%s: too many notifications in blocks: %s not completed", self.endpoint,
                      gone[1].uri)  # fmt: skip
         self._fetched(observation, _Transfer(message, uri), message, now)
@@ -571,6 +573,7 @@ class DeviceActor:
             for token, (obs, _) in list(fetches.items()):
                 if obs == observation:
                     del fetches[token]
+                    self.coap.abandon(token)  # its GET is not sent again
 
     def _fetched(
         self, observation: bytes, transfer: _Transfer, response: Message, now: float
@@ -691,6 +694,8 @@ class DeviceActor:
             for token in self._observations:
                 self.coap.cancel_observation(token)
             self._observations = None
+        for token in self._fetches or ():
+            self.coap.abandon(token)
         self._fetches = None
 
     # -- the end --------------------------------------------------------------------------

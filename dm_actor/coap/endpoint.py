@@ -335,6 +335,14 @@ class CoapEndpoint:
             datagram = encode(Message(_NON, code, mid, token, options, payload))
         self._send(datagram)
 
+    def abandon(self, token: bytes) -> None:
+        """Forget our outstanding request `token` without an event: it is not retransmitted,
+        and a late answer to it is treated as unknown (Reset for a CON)."""
+        by_token = self._by_token
+        ex = None if by_token is None else by_token.get(token)
+        if ex is not None:
+            self._forget(ex)
+
     def cancel_observation(self, token: bytes) -> None:
         """Forget the observation `token`: later notifications on it are answered with Reset."""
         observations = self._observations

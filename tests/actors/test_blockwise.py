@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.blockwise import get_block
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
@@ -180,3 +181,23 @@ async def test_a_newer_small_notification_wins_over_a_fetch_in_progress(
     assert values == [b"newer"]
     cached = server.sup.by_endpoint["dev"].cached("/3/0/1", trio.current_time())
     assert cached is None or cached.payload == b"newer"
+
+
+async def test_notifications_in_blocks_never_pile_up_fetches(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: each notification in blocks started a GET for the rest, and a
+    newer notification only forgot the fetch, not its exchange: 2,000 notifications left
+    2,000 GETs outstanding (retransmitted: x6 traffic, O(n) per step). Now a newer one
+    abandons the older fetch's exchange."""
+    server, dev = await online(nursery, block_szx=0)
+    assert await server.sup.subscribe("dev", "/3/0/1") == Accepted()
+    await trio.sleep(1)
+    dev.answer = False  # never answers the fetches
+    for i in range(300):
+        await dev.notify("/3/0/1", b"x" * 64)
+        if i % 50 == 0:
+            await trio.sleep(0.01)
+    await trio.sleep(0.5)
+    actor = server.sup.by_endpoint["dev"]
+    assert len(actor.coap._by_token or {}) <= 8
