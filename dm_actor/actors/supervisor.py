@@ -393,6 +393,13 @@ class Supervisor:
                 self.contain(actor, exc, f"the close of {conn.peer}")
             self._tell(actor, Signal.WAKE)  # its task re-arms its timer
         self.by_conn.pop(conn, None)  # (in case its last mail bound it again)
+        admission = self._admission
+        if admission and any(entry[3] is conn for entry in admission):
+            # a Register that came on it and still waits for admission: a registration
+            # bound to a closed connection would never hear of the close (no second one)
+            kept = [entry for entry in admission if entry[3] is not conn]
+            admission.clear()
+            admission.extend(kept)
 
     def contain(self, actor: DeviceActor | None, exc: Exception, where: str) -> None:
         """The crash boundary: an exception raised while handling a peer's input (a bug, or

@@ -357,3 +357,19 @@ async def test_an_update_read_just_before_the_expiry_signal_keeps_the_registrati
     [changed] = [decode(d) for d in sent if decode(d).mid == 2]
     assert changed.code == Code.CHANGED
     assert "short" in sup.by_endpoint
+
+
+async def test_a_tcp_register_whose_connection_closed_before_admission_is_dropped(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: a TCP Register waiting for admission when its connection
+    closed was registered on the dead connection (by_conn leaked it, commands timed out)."""
+    server = await start_server(nursery)
+    sup = server.sup
+    conn = FakeConnection(("127.0.0.1", 40020))
+    tcp = decode(register_query(1, "ep=ghost&b=T"))
+    sup.on_tcp_message(conn, Message(0, tcp.code, 0, tcp.token, tcp.options, tcp.payload))
+    sup.on_tcp_closed(conn)
+    await trio.sleep(1)
+    assert "ghost" not in sup.by_endpoint
+    assert conn not in sup.by_conn
