@@ -237,6 +237,14 @@ class DeviceActor:
             # each message is handled before the next is read, as it would be alone: a burst
             # read in one step must not fill the deduplication window with requests whose
             # answers are only one call away
+            if self.mailbox.closed:
+                # the registration ended with an earlier message (a De-register, expiry):
+                # the rest is not this device's to answer (an Update now gets 4.04)
+                if type(mail) is bytes and addr is not None:
+                    self.sup.on_datagram(mail, addr)
+                elif isinstance(mail, Message) and conn is not None:
+                    self.sup.on_tcp_message(conn, mail)
+                continue
             if type(mail) is bytes and addr is not None and self.addr != addr:
                 # another endpoint registered from this address while its mail was read: the
                 # rest is the address's new owner's (or a new peer's)

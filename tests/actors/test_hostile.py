@@ -373,3 +373,35 @@ async def test_a_tcp_register_whose_connection_closed_before_admission_is_droppe
     await trio.sleep(1)
     assert "ghost" not in sup.by_endpoint
     assert conn not in sup.by_conn
+
+
+@pytest.mark.parametrize("first", ["deregister", "expired"])
+async def test_mail_after_the_registration_ended_in_the_same_step_is_not_handled(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, first: str
+) -> None:
+    """An attacker's finding: an Update read in the same step after a De-register (or the
+    expiry signal) was answered 2.04 and wrote the registration back to the store, so the
+    deleted device came back after a restart."""
+    store = GatedStore()
+    store.open = True
+    server = await start_server(nursery, store=store)
+    sup = server.sup
+    addr = ("127.0.0.1", 40030)
+    sent: list[bytes] = []
+    sup.attach_udp(lambda data, to: sent.append(data))
+    sup.on_datagram(register_query(100, "ep=dev&lt=600"), addr)
+    await trio.sleep(0.1)
+    [created] = [decode(d) for d in sent if decode(d).mid == 100]
+    location = path_options("/" + "/".join(created.location_path))
+    actor = sup.by_endpoint["dev"]
+    if first == "deregister":
+        sup.on_datagram(encode(Message(CON, Code.DELETE, 101, b"\x01", location)), addr)
+    else:
+        await trio.sleep_until(actor.reg.expires_at(sup.registration_grace))
+        actor.tell(Signal.EXPIRED)
+    sup.on_datagram(encode(Message(CON, Code.POST, 102, b"\x02", location)), addr)
+    await trio.sleep(1)
+    [update] = [decode(d) for d in sent if decode(d).mid == 102]
+    assert update.code == Code.NOT_FOUND
+    assert "dev" not in sup.by_endpoint
+    assert "dev" not in store.registrations
