@@ -30,6 +30,7 @@ import math
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 log = logging.getLogger(__name__)
+
+#: a receive batch ends after this many seconds of handling (checked every 16 datagrams), as
+#: after `max_batch` datagrams: a burst of costly datagrams must not hold the event loop
+_BATCH_TIME = 0.005
 
 #: A socket address as `recvfrom` returns it: (host, port) for IPv4, 4 fields for IPv6.
 Address = tuple[str, int] | tuple[str, int, int, int]
@@ -245,11 +250,13 @@ class UdpEndpoint:
         limit = self._max_batch
         on_datagram = self._on_datagram
         wait_readable = trio.lowlevel.wait_readable
+        clock = time.perf_counter
         while True:
             await wait_readable(sock)
             n = 0
             ancillary = None
-            while n < limit:
+            stop = clock() + _BATCH_TIME
+            while n < limit and (n & 15 or clock() < stop):
                 try:
                     data, anc, _, addr = recvmsg(size, space)
                 except BlockingIOError:

@@ -405,3 +405,21 @@ async def test_mail_after_the_registration_ended_in_the_same_step_is_not_handled
     assert update.code == Code.NOT_FOUND
     assert "dev" not in sup.by_endpoint
     assert "dev" not in store.registrations
+
+
+async def test_a_datagram_over_the_size_cap_is_dropped_unread(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: 60 KB datagrams packed with 30,000 options cost ~30 ms each to
+    decode; bursts of them held the event loop for seconds."""
+    from dm_actor.actors.supervisor import MAX_DATAGRAM
+
+    server = await start_server(nursery)
+    sup = server.sup
+    sent: list[bytes] = []
+    sup.attach_udp(lambda data, to: sent.append(data))
+    header = bytes((0x40, 0x01, 0x12, 0x34))
+    sup.on_datagram(header + b"\x11\x30" * (MAX_DATAGRAM // 2), ("127.0.0.1", 40040))
+    assert sup.statistics["datagrams_too_large"] == 1 and sent == []
+    sup.on_datagram(header + b"\xb2rd", ("127.0.0.1", 40040))  # a small one is answered
+    assert sent and sup.statistics["datagrams_too_large"] == 1
