@@ -19,13 +19,13 @@ import trio.testing
 
 from dm_actor import app
 from dm_actor.actors.events import EventStream
-from dm_actor.actors.supervisor import Accepted
+from dm_actor.actors.supervisor import Accepted, Rejected
 from dm_actor.api.auth import ApiKeys
 from dm_actor.coap.numbers import Code
 from dm_actor.config import parse_settings
 from dm_actor.store.memory import MemoryStore
 from dm_actor.store.sqlite import SqliteStore
-from tests.actors.support import Device
+from tests.actors.support import Device, GatedStore, online as online_bare, responses
 from tests.actors.test_restart import async_responses, run_server as run_bare
 from tests.api.client import KEY_A, KEY_B, HttpClient, raw_exchange, start_api, websocket
 from tests.api.test_flow import online
@@ -321,3 +321,31 @@ async def test_a_channel_registered_while_the_disk_is_full_is_refused_or_kept(
     scope.cancel()
     assert pre.status == 503 or kept_pre == [{"endpoint-name": "n*"}]
     assert channel.status == 503 or kept_channel == 200
+
+
+async def test_a_command_started_at_once_never_leaves_after_a_de_register(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Held: a command started at once waits for its write before it is sent; a De-register
+    arriving meanwhile ends it with 429 DEVICE_REMOVED_REGISTRATION, the 202 still leaves
+    (once durable), and the device never gets the request."""
+    store = GatedStore()
+    store.open = True
+    server, dev = await online_bare(nursery, store=store)
+    store.open = False  # the disk stalls from now on
+    result: list[Accepted | Rejected] = []
+
+    async def post() -> None:
+        result.append(await server.sup.submit("dev", "POST", "/3/0/4", async_id="reboot"))
+
+    nursery.start_soon(post)
+    await trio.sleep(0.1)
+    nursery.start_soon(dev.deregister)
+    await trio.sleep(0.5)
+    store.commit()
+    await trio.sleep(5)
+    store.commit()
+    await trio.sleep(5)
+    assert result == [Accepted()]
+    assert dev.executed == []
+    assert responses(server)["reboot"]["error"] == "DEVICE_REMOVED_REGISTRATION"
