@@ -349,3 +349,40 @@ async def test_a_command_started_at_once_never_leaves_after_a_de_register(
     assert result == [Accepted()]
     assert dev.executed == []
     assert responses(server)["reboot"]["error"] == "DEVICE_REMOVED_REGISTRATION"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="F10: delete_channel wipes every stored event of the owner in its batch, also an "
+    "AsyncIDResponse committed with it and then delivered to the re-created channel",
+)
+async def test_an_async_response_committed_with_its_channels_deletion_stays_stored(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    store = GatedStore()
+    store.open = True
+    api = await start_api(nursery, store=store)
+    async with api.client() as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        await online(api, nursery)
+        assert (await client.request("GET", "/v2/notification/pull")).status == 200
+        read = {**READ, "accept": "text/plain"}  # (not from the cache)
+        reply = await client.request("POST", "/v2/device-requests/dev?async-id=r1", json=read)
+        assert reply.status == 202
+        store.open = False  # the next commit is slow
+        await trio.sleep(1)  # answered: r1's AsyncIDResponse waits for that commit
+        # the application's client restarts: it deletes and re-creates its channel
+        reply = await client.request("DELETE", "/v2/notification/pull")
+        assert reply.text == "REMOVED"
+        got: list[dict[str, Any]] = []
+
+        async def poll() -> None:
+            reply = await client.request("GET", "/v2/notification/pull")
+            got.extend(reply.json()["async-responses"])
+
+        async with trio.open_nursery() as polling:
+            polling.start_soon(poll)
+            await trio.sleep(1)
+            store.commit()
+        assert [r["id"] for r in got] == ["r1"]  # delivered, held until the next poll ...
+        assert [e.kind for e in store.load().events] == ["async-responses"]  # ... so stored
