@@ -331,6 +331,11 @@ class DeviceActor:
         hold = self._hold
         if hold is not None:
             if not self.sup.store.is_durable(hold):
+                # answers to the device's own messages need no durable write: they leave now,
+                # to the address they answer (the device may move before the hold clears)
+                if self.addr is not None:
+                    for reply in self.coap.replies_to_send():
+                        self.sup.send_datagram(reply, self.addr)
                 return
             self._hold = None
         pending = self._pending  # (set only with a hold: durable once the hold is gone)

@@ -363,6 +363,18 @@ class CoapEndpoint:
             self._events = None
         return event
 
+    def replies_to_send(self) -> list[bytes]:
+        """Take out the datagrams ready to go that answer the peer (ACKs and Resets); our own
+        requests stay for `datagrams_to_send` (over TCP: nothing is taken)."""
+        out = self._out
+        if out is None or self.reliable:
+            return []
+        replies = [d for d in out if d[0] & 0x20]  # type 2 (ACK) or 3 (Reset)
+        if replies:
+            rest = [d for d in out if not d[0] & 0x20]
+            self._out = rest or None
+        return replies
+
     def datagrams_to_send(self) -> list[bytes]:
         """Everything to write to the peer, in order: datagrams, or RFC 8323 frames over TCP."""
         out = self._out

@@ -59,9 +59,9 @@ QUEUE = 4  # commands per device
 LIFETIME_SLACK = 1024  # stale entries the lifetime heap may hold (Supervisor._watch_lifetime)
 #: Findings not yet fixed, each kept out of the random examples by an assumption (in
 #: `World._excluded`, or next to the invariant it breaks) while it is open, and shown by its
-#: own `xfail(strict=True)` regression test in test_stateful.py. F1-F7 were fixed as they were
-#: found (their regression tests pass); F5b is open.
-OPEN_FINDINGS: frozenset[str] = frozenset({"F5b"})
+#: own `xfail(strict=True)` regression test in test_stateful.py. F1-F8 and F5b were fixed as
+#: they were found (their regression tests pass).
+OPEN_FINDINGS: frozenset[str] = frozenset()
 OBS = OptionNumber.OBSERVE.value
 CF = OptionNumber.CONTENT_FORMAT.value
 BLOCK2 = OptionNumber.BLOCK2.value

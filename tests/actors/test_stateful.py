@@ -16,7 +16,6 @@ Run longer with `pytest tests/actors/test_stateful.py --hypothesis-profile long`
 
 from __future__ import annotations
 
-import pytest
 from hypothesis import event, given, settings, strategies as st
 
 from tests.actors.stateful_support import (
@@ -169,7 +168,6 @@ def test_f5_mail_queued_behind_a_register_of_another_endpoint() -> None:
                  Release(0)], 0, NONE)  # fmt: skip
 
 
-@pytest.mark.xfail(strict=True, reason="F5b (open): answered to the new address")
 def test_f5b_answers_waiting_behind_an_attempt_when_the_device_moves() -> None:
     """The Update's 4.04 waits in the endpoint behind the submitted GET's write; ep0 moves to
     10.0.0.2 meanwhile: the answer to 10.0.0.1's Message ID goes to 10.0.0.2."""
