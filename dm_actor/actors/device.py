@@ -341,7 +341,13 @@ class DeviceActor:
         pending = self._pending  # (set only with a hold: durable once the hold is gone)
         if pending is not None and self.has_transport():  # (else it keeps its retry)
             self._pending = None
-            if self.queue.in_flight is pending:  # else it ended before it could leave
+            if self.queue.in_flight is not pending:
+                pass  # it ended before it could leave
+            elif pending.expired(now):  # (the store took longer than the command may wait)
+                self.queue.expire_unsent(now)
+                for cmd, outcome in self.queue.take_finished():
+                    self.sup.command_finished(self, cmd, outcome)
+            else:
                 self._transmit(pending, now)
         out = self.coap.datagrams_to_send()
         if not out:

@@ -227,6 +227,11 @@ class DeviceQueue:
         self.queue.insert(0, cmd)
         return cmd
 
+    def expire_unsent(self, now: float) -> None:
+        """The attempt in flight expired before it could leave (its write waited for a slow
+        store): it is never sent, and finishes as expired (rule 5.2)."""
+        self._finish(self._take_in_flight(), EXPIRED, now)
+
     def sweep(self, now: float) -> None:
         """Finish every expired command that is not in flight (rule 5.2)."""
         if not any(cmd.expired(now) for cmd in self.queue):

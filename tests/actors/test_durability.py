@@ -327,3 +327,28 @@ async def test_a_full_disk_refuses_new_work_and_recovers_without_a_restart(
     store.full = False
     assert await sup.submit("dev", "GET", "/3/0/1", async_id="a") == Accepted()
     assert (await late.register()).code == Code.CREATED
+
+
+async def test_an_attempt_that_expired_while_waiting_for_the_store_is_never_sent(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: a PUT with a 60 s expiry, held for an hour by a stalled disk,
+    was executed when the disk came back (answered 200). Now it ends 429 REQUEST_EXPIRED
+    and never reaches the device."""
+    store = GatedStore()
+    store.open = True
+    server, dev = await online(nursery, "dev", store=store)
+    store.open = False
+    nursery.start_soon(
+        partial(server.sup.submit, "dev", "PUT", "/3/0/1", async_id="unlock", payload=b"1",
+                expiry=60)
+    )  # fmt: skip
+    await trio.sleep(3600)
+    store.commit()
+    await trio.sleep(10)
+    store.commit()
+    await trio.sleep(1)
+    assert [e.method for e in dev.executed] == []
+    assert responses(server)["unlock"] == {
+        "id": "unlock", "status": 429, "error": "REQUEST_EXPIRED"
+    }  # fmt: skip
