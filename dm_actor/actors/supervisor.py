@@ -598,8 +598,9 @@ class Supervisor:
             code, options = self._deregister(actor, request, now)
         else:
             code, options = Code.NOT_FOUND, ()
-        if code == Code.CREATED or code == Code.DELETED:
-            # the 2.01 / 2.02 promises what the store holds: answer once it is durable,
+        if code == Code.CREATED or code == Code.DELETED or code == Code.CHANGED:
+            # the 2.01 / 2.02 / 2.04 promises what the store holds (an Update's lifetime and
+            # address too: a restart must not expire what a 2.04 renewed): answer once durable,
             # on the transport the request came on
             def answer() -> None:
                 later = self.now()
@@ -767,6 +768,9 @@ class Supervisor:
             return Code.BAD_REQUEST, ()
         if parsed.reg_id != actor.reg.reg_id:
             return Code.NOT_FOUND, ()
+        if self._store_behind():  # its 2.04 would promise what the store cannot keep now
+            self.statistics["registrations_shed"] += 1
+            return Code.SERVICE_UNAVAILABLE, self._retry_after()
         reg = actor.reg.apply_update(parsed, now)
         actor.reg = reg
         actor.queue.queue_mode = reg.queue_mode

@@ -352,3 +352,30 @@ async def test_an_attempt_that_expired_while_waiting_for_the_store_is_never_sent
     assert responses(server)["unlock"] == {
         "id": "unlock", "status": 429, "error": "REQUEST_EXPIRED"
     }  # fmt: skip
+
+
+async def test_an_update_is_answered_once_durable_and_refused_while_the_disk_fails(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: Updates answered 2.04 while the disk was full were not kept;
+    after a restart the registration had expired although the device was told it was
+    renewed. Now the 2.04 waits for the store, and a failing store answers 5.03."""
+    store = FailingStore()
+    store.open = True
+    server, dev = await online(nursery, "dev", store=store)
+    store.open = False
+    answers: list[Message] = []
+
+    async def update() -> None:
+        answers.append(await dev.update())
+
+    nursery.start_soon(update)
+    await trio.sleep(1)
+    assert answers == []  # written, not yet durable: no 2.04 yet
+    store.commit()
+    await trio.sleep(0.1)
+    assert [a.code for a in answers] == [Code.CHANGED]
+    store.open = True
+    store.full = True
+    refused = await dev.update()
+    assert (refused.code, refused.max_age) == (Code.SERVICE_UNAVAILABLE, 60)
