@@ -362,7 +362,7 @@ async def test_an_update_is_answered_once_durable_and_refused_while_the_disk_fai
     renewed. Now the 2.04 waits for the store, and a failing store answers 5.03."""
     store = FailingStore()
     store.open = True
-    server, dev = await online(nursery, "dev", store=store)
+    _server, dev = await online(nursery, "dev", store=store)
     store.open = False
     answers: list[Message] = []
 
