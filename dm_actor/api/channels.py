@@ -129,6 +129,7 @@ class Channel:
         "extra",
         "forget",
         "idle_since",
+        "in_flight",
         "lost",
         "mechanism",
         "polling",
@@ -165,6 +166,9 @@ class Channel:
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
         self.unspilled = 0  # events in `events` that have no `seq` (not stored yet)
         self.unacked: list[Event] = []  # a long poll's response, until the next poll
+        # the batch last taken, until delivered, put back or held: stored by the spill like
+        # the events waiting (a slow receiver may hold it for many seconds)
+        self.in_flight: list[Event] = []
         self.receipt: Receipt | None = None  # ... and how to tell whether it arrived
         self.unstored: list[int] = []  # seqs of stored events dropped, to forget at the spill
         self.forget: Callable[[str, list[int]], None] | None = None  # stored events dropped
@@ -249,11 +253,14 @@ class Channel:
             if kind in groups:
                 message[kind] = groups[kind]
         self.delivered += n
+        self.in_flight = batch  # (the same list: a spill stores its events in place)
         return _encode(message), batch
 
     def unread(self, batch: list[Event]) -> None:
         """Put back the last message taken, not delivered: at the head, in order (and the
         count of lost events it told is told again)."""
+        if batch is self.in_flight:
+            self.in_flight = []
         events = self.events
         events.extendleft(reversed(batch))
         self.delivered -= len(batch)
@@ -295,6 +302,7 @@ class Channel:
         self.events.clear()
         self.unspilled = 0
         self.unacked = []
+        self.in_flight = []
         if self.receipt is not None:
             self.receipt.close()
             self.receipt = None
@@ -448,8 +456,9 @@ class NotificationHub:
                 await trio.lowlevel.checkpoint()  # other tasks run between slices
 
     def spill(self, budget: int | None = None) -> bool:
-        """Store every event waiting in a channel (or held in a long poll's response) that is
-        not stored yet (with `keep`); forget the stored ones the bound dropped.
+        """Store every event waiting in a channel (or held in a long poll's response, or taken
+        by a delivery not completed yet) that is not stored yet (with `keep`); forget the
+        stored ones the bound dropped.
 
         Events that a connected client takes within the interval never touch the disk; those
         of an application that is away are kept within one interval, as the Pelion queue
@@ -474,6 +483,10 @@ class NotificationHub:
             if unacked and any(event[3] is None for event in unacked):
                 channel.unacked = [_stored(event, app, keep) for event in unacked]
                 left -= len(unacked)
+            in_flight = channel.in_flight  # (taken by a delivery not completed yet)
+            if in_flight and any(event[3] is None for event in in_flight):
+                in_flight[:] = [_stored(event, app, keep) for event in in_flight]
+                left -= len(in_flight)
             if channel.unspilled > 0:
                 stored = _store_newest(channel.events, channel.unspilled, app, keep, left)
                 channel.unspilled -= stored
@@ -485,6 +498,8 @@ class NotificationHub:
         events waiting) until the application polls again (`settle`) or deletes the channel.
         Pelion's pull has no acknowledgement: the next poll is one."""
         self.settle(channel)  # (never two: a poll settles the previous one first)
+        if batch is channel.in_flight:
+            channel.in_flight = []
         if channel.closed:  # deleted while the response was written: nothing to keep
             if receipt is not None:
                 receipt.close()
@@ -552,6 +567,8 @@ class NotificationHub:
 
     def delivered(self, channel: Channel, batch: list[Event]) -> None:
         """A delivery mechanism handed `batch` to its client: durable events may be forgotten."""
+        if batch is channel.in_flight:
+            channel.in_flight = []
         if self.on_delivered is not None:
             seqs = [event[3] for event in batch if event[3] is not None]
             if seqs:
