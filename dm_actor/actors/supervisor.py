@@ -629,6 +629,10 @@ class Supervisor:
     def _retry_after(self) -> tuple[coap_message.Option, ...]:
         return ((OptionNumber.MAX_AGE.value, uint_bytes(self.settings.registration.retry_after)),)
 
+    def store_behind(self) -> bool:
+        """Whether the API must refuse writes now (503 STORE_IS_BEHIND): see `_store_behind`."""
+        return self._store_behind()
+
     def _store_behind(self) -> bool:
         """Whether new work must be refused: the store fails to write (a full disk, a
         read-only data directory: it retries) or is too far behind."""

@@ -85,6 +85,11 @@ def _json_media_type(content_type: bytes | None) -> bool:
     )
 
 
+#: the /v2 routes whose writes change what the store keeps for an application
+_KEPT_SETTINGS = frozenset(("notification", "subscriptions"))
+_WRITES = frozenset((b"PUT", b"POST", b"DELETE"))
+
+
 def text(status: int, body: str) -> Response:
     return status, TEXT, body.encode()
 
@@ -175,8 +180,18 @@ class Api:
         seg = req.segments
         if len(seg) >= 2 and seg[0] == "v2":
             handler = self._v2.get(seg[1])
-            if handler is not None:
-                return await handler(req)
+            if handler is None:
+                return NOT_FOUND_ROUTE
+            if seg[1] in _KEPT_SETTINGS and req.method in _WRITES:
+                # a channel or (pre-)subscription change is answered once it is stored, and
+                # refused while the store cannot keep it (a full disk): a 2xx is a promise
+                if self.sup.store_behind():
+                    return text(503, "STORE_IS_BEHIND")
+                response = await handler(req)
+                if response[0] < 300:
+                    await self.sup.store.durable()
+                return response
+            return await handler(req)
         elif len(seg) >= 2 and seg[0] == "v3" and seg[1] == "devices":
             return self._devices(req)
         return NOT_FOUND_ROUTE

@@ -315,3 +315,32 @@ async def test_without_crowding_an_idle_connection_stays_open(
         await trio.sleep(500)  # under the 600 s idle timeout
         assert (await client.request("GET", "/v3/devices")).status == 200
         assert client.connections == 1  # the same connection both times
+
+
+async def test_channel_and_presubscription_changes_are_answered_once_stored(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An attacker's finding: PUT /v2/notification/websocket (201) and PUT /v2/subscriptions
+    (204) were answered before they were stored, and while the disk was full: after the
+    restart the channel and the pre-subscriptions were gone. Now the answer waits for the
+    store, and a store that is behind refuses with 503."""
+    store = GatedStore()
+    api = await start_api(nursery, store=store)
+    done: list[int] = []
+
+    async def put(path: str, body: object) -> None:
+        async with api.client() as client:
+            done.append((await client.request("PUT", path, json=body)).status)
+
+    nursery.start_soon(put, "/v2/subscriptions", [{"endpoint-name": "x*"}])
+    nursery.start_soon(put, "/v2/notification/websocket", {})
+    await trio.sleep(5)
+    assert done == []  # written, not yet durable
+    store.commit()
+    await trio.sleep(1)
+    assert sorted(done) == [201, 204]
+    api.sup._held_limit = 1
+    store.delete_channel("nobody")  # a write the disk has not taken
+    async with api.client() as client:
+        reply = await client.request("PUT", "/v2/subscriptions", json=[{"endpoint-name": "y"}])
+        assert (reply.status, reply.text) == (503, "STORE_IS_BEHIND")
