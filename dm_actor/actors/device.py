@@ -539,7 +539,8 @@ class DeviceActor:
         self._transfer = None
         if isinstance(step, Complete):
             return transfer.first._replace(payload=step.body)
-        log.warning("%s: block-wise answer to %s failed: %s", self.endpoint, cmd.uri, step.reason)
+        self.sup.statistics["blockwise_failures"] += 1  # (summed up once a minute)
+        log.debug("%s: block-wise answer to %s failed: %s", self.endpoint, cmd.uri, step.reason)
         self._forget_observation(cmd)
         self.queue.attempt_succeeded(INCOMPLETE, now)
         return None
@@ -607,7 +608,8 @@ class DeviceActor:
             fetches[token] = (observation, transfer)
             return
         if isinstance(step, Failed):
-            log.warning("%s: a notification of %s in blocks failed: %s", self.endpoint, uri,
+            self.sup.statistics["blockwise_failures"] += 1
+            log.debug("%s: a notification of %s in blocks failed: %s", self.endpoint, uri,
                         step.reason)  # fmt: skip
             return
         first = transfer.first

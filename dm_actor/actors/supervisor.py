@@ -79,7 +79,7 @@ MAX_DATAGRAM = 4096
 REPORT_INTERVAL = 60
 _REFUSALS = frozenset(
     ("registrations_shed", "mailbox_overloaded", "decode_errors", "peer_errors",
-     "messages_refused", "frames_dropped", "datagrams_too_large")
+     "messages_refused", "frames_dropped", "datagrams_too_large", "blockwise_failures")
 )  # fmt: skip
 _SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
 
@@ -194,6 +194,7 @@ class Supervisor:
             "messages_refused": 0,
             "frames_dropped": 0,  # to a TCP connection whose send queue was full, or closing
             "datagrams_too_large": 0,  # over MAX_DATAGRAM bytes: dropped unread
+            "blockwise_failures": 0,  # answers or notifications in blocks a device broke
         }
 
     # -- wiring ---------------------------------------------------------------------------

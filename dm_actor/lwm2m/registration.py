@@ -15,6 +15,7 @@ response code (LwM2M 1.1 TS 6.2 and Leshan's `RegistrationHandler`):
   spaces, `/`, `\\`, `?`, `#` or `%`, and not `.` or `..`: it names the device in the REST
   API's paths, log lines and file-like tools, so nothing that changes a path's meaning.
 - 4.03 Forbidden is the caller's, for an endpoint the server refuses (none yet).
+- 4.02 Bad Option: object links sent in blocks (Block1, RFC 7959): not reassembled yet.
 - 4.13 Request Entity Too Large: an object list of more links than the server takes.
 - 4.12 Precondition Failed: an `lwm2m` version other than 1.0, 1.1 or 1.2.
 - 4.15 Unsupported Content-Format: a payload that is declared as anything but link-format.
@@ -56,6 +57,7 @@ _TRANSPORTS_1_0 = frozenset("UST")  # T is not LwM2M 1.0, but TCP clients send i
 _TRANSPORTS_1_1 = frozenset("UTSN")
 _KNOWN_PARAMS = frozenset(("ep", "lt", "lwm2m", "b", "sms", "Q", "et"))  # et: Pelion's type
 _LOCATION_PATH = OptionNumber.LOCATION_PATH.value
+_BLOCK1 = OptionNumber.BLOCK1.value
 _POST = Code.POST.value
 _DELETE = Code.DELETE.value
 
@@ -421,6 +423,10 @@ _SHARED_PAYLOAD = 1024
 
 
 def _objects(msg: Message, max_links: int = MAX_LINKS) -> RegisteredObjects:
+    if msg.option(_BLOCK1) is not None:
+        # not reassembled yet: a Register taken from its first block would list only part
+        # of the device's objects; 4.02 is RFC 7959's answer of a server without Block1
+        raise _Refusal(Code.BAD_OPTION, "object links sent in blocks (Block1) are not supported")
     content_format = msg.content_format
     if content_format is not None and content_format != ContentFormat.LINK_FORMAT:
         raise _Refusal(

@@ -616,3 +616,16 @@ def test_long_object_lists_are_not_kept_for_sharing() -> None:
         assert isinstance(req, RegisterRequest)
         assert len(req.objects.paths()) == 300
     assert len(link_format._ENTRIES) == before
+
+
+def test_a_register_in_blocks_is_refused_until_block1_is_reassembled() -> None:
+    """An attacker's finding (and Anjay with --outbuf-size 256): a Register sent with Block1
+    was registered with its first block's links only. Until Block1 requests are put back
+    together (the device-interop issue), it gets 4.02, RFC 7959's answer of a server
+    without Block1."""
+    first = request("ep=a", b"</1/0>,</3/0>,</33")
+    block1 = (OptionNumber.BLOCK1.value, bytes([0x08]))  # NUM 0, M=1, SZX 0 (16 bytes)
+    msg = first._replace(options=sort_options((*first.options, block1)))
+    result = parse_register(msg)
+    assert isinstance(result, RegistrationError)
+    assert result.code == Code.BAD_OPTION
