@@ -171,6 +171,7 @@ async def serve(
             port,
             sup.on_tcp_message,
             sup.on_tcp_closed,
+            is_bound=lambda conn: conn in sup.by_conn,  # a registered device's
             max_connections=tcp_cap,
             handshake_timeout=settings.tcp.handshake_timeout,
         )

@@ -110,7 +110,7 @@ class TcpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # connections open at once; 0: derived from the descriptor limit (RLIMIT_NOFILE) less a
     # reserve for HTTP's max_connections, the store and the UDP socket, at most 10000
     max_connections: NonNegative = 0
-    # a new connection must send its CSM and its first request within this, else Abort
+    # a new connection must send its CSM and register within this, else Abort
     handshake_timeout: Seconds = 10.0
 
 

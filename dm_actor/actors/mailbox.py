@@ -2,7 +2,9 @@
 
 A list and a parked task: about half the memory of a Trio memory channel (measured in
 docs/architecture.md), which matters at a million idle devices. Producers never block:
-`put` raises `Overloaded` when the mailbox is full, or `MailboxClosed` after `close`.
+`put` raises `Overloaded` when the mailbox is full, or `MailboxClosed` after `close`. A
+producer that must not drop (CoAP over TCP: nothing is retransmitted) awaits `wait_room`
+after `Overloaded` and puts again.
 """
 
 from __future__ import annotations
@@ -26,12 +28,14 @@ class MailboxClosed(Exception):
 
 
 class Mailbox(Generic[T]):
-    __slots__ = ("_capacity", "_items", "_waiter", "closed")
+    __slots__ = ("_capacity", "_items", "_room", "_waiter", "closed")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._items: list[T] = []
         self._waiter: trio.lowlevel.Task | None = None
+        # producers waiting for room (made when the first one waits: most mailboxes never fill)
+        self._room: trio.lowlevel.ParkingLot | None = None
         self.closed = False
 
     def __len__(self) -> int:
@@ -49,12 +53,14 @@ class Mailbox(Generic[T]):
         """Refuse further items and wake the owner, which sees `closed` and returns."""
         self.closed = True
         self._wake()
+        self._wake_producers()
 
     def take(self) -> list[T]:
         """Everything queued, oldest first, leaving the mailbox empty."""
         items = self._items
         if items:
             self._items = []
+            self._wake_producers()
         return items
 
     def wait(self) -> Awaitable[object]:
@@ -70,6 +76,24 @@ class Mailbox(Generic[T]):
             raise RuntimeError("only the owning task may wait on a mailbox")
         self._waiter = trio.lowlevel.current_task()
         return trio.lowlevel.wait_task_rescheduled(self._abort)  # noqa: ASYNC105
+
+    def wait_room(self) -> Awaitable[object]:
+        """Await it: returns when the owner has taken what was queued (there is room again)
+        or the mailbox is closed; at once (a checkpoint) when it is not full. Any number of
+        producers may wait. Nothing is reserved: put again, and wait again on `Overloaded`.
+        """
+        if len(self._items) < self._capacity or self.closed:
+            return trio.lowlevel.checkpoint()  # noqa: ASYNC105 - the caller awaits it
+        room = self._room
+        if room is None:
+            room = self._room = trio.lowlevel.ParkingLot()
+        return room.park()
+
+    def _wake_producers(self) -> None:
+        room = self._room
+        if room is not None:
+            self._room = None
+            room.unpark_all()
 
     def _abort(self, _: object) -> trio.lowlevel.Abort:
         self._waiter = None

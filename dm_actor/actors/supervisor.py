@@ -51,7 +51,7 @@ from dm_actor.store.base import EventRecord, PresubscriptionRecord, Snapshot, St
 from dm_actor.store.memory import MemoryStore
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from dm_actor.config import Settings
     from dm_actor.delivery.outcomes import Outcome
@@ -367,20 +367,32 @@ class Supervisor:
         if actor is not None:
             self._tell(actor, Signal.UNREACHABLE)
 
-    def on_tcp_message(self, conn: TcpConnection, msg: Message) -> None:
-        """A message on a CoAP-over-TCP connection (contained like `on_datagram`)."""
+    def on_tcp_message(
+        self, conn: TcpConnection, msg: Message
+    ) -> Callable[[], Awaitable[object]] | None:
+        """A message on a CoAP-over-TCP connection (contained like `on_datagram`). None when
+        it was taken; when its device's mailbox is full, what to await before offering it
+        again (nothing is retransmitted over TCP: the connection waits instead of dropping)."""
         try:
-            self._tcp_message(conn, msg)
+            return self._tcp_message(conn, msg)
         except StoreError:
             raise
         except Exception as exc:
             self.contain(self.by_conn.get(conn), exc, f"a message from {conn.peer}")
+        return None
 
-    def _tcp_message(self, conn: TcpConnection, msg: Message) -> None:
+    def _tcp_message(
+        self, conn: TcpConnection, msg: Message
+    ) -> Callable[[], Awaitable[object]] | None:
         actor = self.by_conn.get(conn)
         if actor is not None:
-            self._tell(actor, msg)
-            return
+            try:
+                actor.tell(msg)
+            except Overloaded:
+                return actor.mailbox.wait_room
+            except MailboxClosed:
+                pass
+            return None
         try:
             _check(msg)
         except DecodeError as exc:
@@ -388,8 +400,9 @@ class Supervisor:
             if 1 <= msg.code <= 31:
                 bad = Code.BAD_REQUEST if exc.reply is Reply.BAD_REQUEST else Code.BAD_OPTION
                 self.send_frame(conn, _tcp_frame(Message(0, bad, 0, msg.token)))
-            return
+            return None
         self._unknown_peer(msg, None, conn, None)
+        return None
 
     def on_tcp_closed(self, conn: TcpConnection) -> None:
         actor = self.by_conn.pop(conn, None)

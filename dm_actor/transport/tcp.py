@@ -6,15 +6,23 @@ Release or an Abort, and hands every other non-empty message to a synchronous ca
 together with its `TcpConnection`. A connection's writes go through a bounded queue drained by
 one writer task, so a sender never interleaves frames and never queues without limit.
 
+Nothing read is dropped (TCP has no retransmission): when the callback's receiver is full it
+says so, and the connection's reader waits for room before it hands on that message and the
+rest; meanwhile it reads nothing more, so what a connection holds stays bounded (the decoder's
+last read and partial frame; the peer's writes wait in TCP's window). Only that connection
+waits: the others and the server go on.
+
 Bounded against idle and hostile peers (docs/operations.md, "Limits"):
 
 - at most `max_connections` connections are open at once (`default_max_connections` derives
   it from the descriptor limit, keeping a reserve for HTTP, the store and the UDP socket); at
   the cap the oldest connection still in its handshake is shed with an Abort, and if there is
   none the new connection gets our CSM, a Release with Hold-Off, and is closed;
-- a connection must send its CSM and its first request within `handshake_timeout` seconds
-  of opening, else it gets an Abort and is closed (an LwM2M client's first request, a
-  Register or an Update, follows its CSM at once);
+- a connection is in its handshake until it is bound (the `is_bound` callback: a registered
+  device's, once its Register or Update was accepted); it must send its CSM and be bound
+  within `handshake_timeout` seconds of opening, else it gets an Abort and is closed (an LwM2M
+  client's Register or Update follows its CSM at once). Requests that were refused (4.04,
+  4.00, 5.03) do not end the handshake: such connections are the first shed at the cap;
 - a failing `accept` (out of descriptors: EMFILE, ENFILE; out of memory) pauses the listener
   for `ACCEPT_PAUSE` seconds instead of spinning, and is logged at most once per
   `LOG_INTERVAL`, never with a traceback;
@@ -61,7 +69,7 @@ from dm_actor.coap.framing_tcp import (
 from dm_actor.coap.numbers import Code, SignallingOption
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from dm_actor.coap.message import Message
     from dm_actor.transport.udp import Address
@@ -127,6 +135,8 @@ class TcpStatistics:
     """`accept` failures (EMFILE, ENFILE, ENOMEM, ENOBUFS...), each followed by a pause."""
     errors: int
     """Connections ended by an unexpected exception in their handling."""
+    receiver_waits: int
+    """Times a connection's reader waited for its receiver to have room (nothing dropped)."""
 
 
 def _keepalive(sock: trio.socket.SocketType) -> None:
@@ -173,7 +183,7 @@ class TcpConnection:
 
     __slots__ = (
         "_closing",
-        "_handshake",
+        "_deadline",
         "_has_data",
         "_has_room",
         "_limit",
@@ -191,8 +201,8 @@ class TcpConnection:
         self._has_data = trio.lowlevel.ParkingLot()
         self._has_room = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
-        # bounds the reading until the first request; its deadline is set by the listener
-        self._handshake = trio.CancelScope()
+        # when the handshake ends if the connection is not bound by then (set by the listener)
+        self._deadline = math.inf
         self._closing = False
 
     @property
@@ -280,8 +290,13 @@ class TcpListener:
         port: the port to bind; 0 picks a free one (`run()` reports which).
         on_message: called as `on_message(conn, msg)` for each request or response (not for
             signalling or empty messages), from the connection's reader task. It must not
-            block; reply with `conn.send_nowait()`.
+            block; reply with `conn.send_nowait()`. It returns None when it took the message;
+            when its receiver is full it returns a function whose awaitable ends once there
+            may be room: the reader awaits it and offers the same message again.
         on_closed: called as `on_closed(conn)` once, when a connection has ended.
+        is_bound: `is_bound(conn)` says whether the connection is bound (a registered
+            device's): only then does its handshake end (see the module's docstring). None:
+            no connection is ever bound.
         max_message_size: the largest frame accepted, announced in our CSM.
         send_queue_size: frames that may wait to be written per connection.
         close_timeout: seconds to finish writing queued frames when a connection closes.
@@ -299,6 +314,7 @@ class TcpListener:
         "_handshake_timeouts",
         "_handshaking",
         "_host",
+        "_is_bound",
         "_log_accept_error",
         "_log_error",
         "_log_refused",
@@ -309,6 +325,7 @@ class TcpListener:
         "_on_message",
         "_open",
         "_port",
+        "_receiver_waits",
         "_refusal",
         "_refused",
         "_send_queue_size",
@@ -319,9 +336,10 @@ class TcpListener:
         self,
         host: str,
         port: int,
-        on_message: Callable[[TcpConnection, Message], None],
+        on_message: Callable[[TcpConnection, Message], Callable[[], Awaitable[object]] | None],
         on_closed: Callable[[TcpConnection], None],
         *,
+        is_bound: Callable[[TcpConnection], bool] | None = None,
         max_message_size: int = MAX_MESSAGE_SIZE,
         send_queue_size: int = 64,
         close_timeout: float = 5.0,
@@ -332,6 +350,7 @@ class TcpListener:
         self._port = port
         self._on_message = on_message
         self._on_closed = on_closed
+        self._is_bound = is_bound or _never
         self._max_message_size = max_message_size
         self._send_queue_size = send_queue_size
         self._close_timeout = close_timeout
@@ -339,7 +358,7 @@ class TcpListener:
         self._handshake_timeout = handshake_timeout
         self._csm = csm(max_message_size)
         self._refusal = encode(self._csm) + encode(release(hold_off=REFUSAL_HOLD_OFF))
-        # connections without a request yet, oldest first: the first to shed at the cap
+        # connections not yet seen bound, oldest first: the first to shed at the cap
         self._handshaking: dict[TcpConnection, None] = {}
         self._open = 0
         self._accepted = 0
@@ -348,6 +367,7 @@ class TcpListener:
         self._handshake_timeouts = 0
         self._accept_errors = 0
         self._errors = 0
+        self._receiver_waits = 0
         self._log_accept_error = _Throttled(logging.WARNING)
         self._log_refused = _Throttled(logging.WARNING)
         self._log_shed = _Throttled(logging.WARNING)
@@ -362,6 +382,7 @@ class TcpListener:
             self._handshake_timeouts,
             self._accept_errors,
             self._errors,
+            self._receiver_waits,
         )
 
     async def run(
@@ -405,21 +426,29 @@ class TcpListener:
                 nursery.start_soon(self._serve, stream)
 
     def _shed_one(self) -> bool:
-        """Abort the oldest connection still in its handshake; False when there is none, or
-        when too many shed ones are still closing."""
-        if not self._handshaking or self._open >= self._max_connections + _SHED_SLACK:
+        """Abort the oldest connection still in its handshake (not bound); False when there
+        is none, or when too many shed ones are still closing."""
+        handshaking = self._handshaking
+        if self._open >= self._max_connections + _SHED_SLACK:
             return False
-        oldest = next(iter(self._handshaking))
-        del self._handshaking[oldest]
-        oldest._handshake.deadline = math.inf
-        oldest.abort("server busy", timeout=1.0)
-        self._shed += 1
-        self._log_shed(
-            "CoAP/TCP connection from %s shed at the cap (%d open): no request yet",
-            oldest.peer,
-            self._open,
-        )
-        return True
+        while handshaking:
+            oldest = next(iter(handshaking))
+            self._end_handshake(oldest)
+            if self._is_bound(oldest):  # bound since we last looked (its Register admitted)
+                continue
+            oldest.abort("server busy", timeout=1.0)
+            self._shed += 1
+            self._log_shed(
+                "CoAP/TCP connection from %s shed at the cap (%d open): not registered",
+                oldest.peer,
+                self._open,
+            )
+            return True
+        return False
+
+    def _end_handshake(self, conn: TcpConnection) -> None:
+        self._handshaking.pop(conn, None)
+        conn._deadline = math.inf
 
     async def _refuse(self, stream: trio.SocketStream) -> None:
         """Our CSM and a Release with Hold-Off (when the socket takes them at once), then close."""
@@ -438,7 +467,7 @@ class TcpListener:
                 return
             _keepalive(stream.socket)
             conn = TcpConnection(peer, self._send_queue_size)
-            conn._handshake.deadline = trio.current_time() + self._handshake_timeout
+            conn._deadline = trio.current_time() + self._handshake_timeout
             self._handshaking[conn] = None
             conn.send_nowait(self._csm)
             log.debug("TCP connection from %s", conn.peer)
@@ -466,21 +495,26 @@ class TcpListener:
     async def _read_loop(self, conn: TcpConnection, stream: trio.SocketStream) -> None:
         decoder = StreamDecoder(self._max_message_size)
         try:
-            with conn._handshake:
-                while True:
-                    data = await stream.receive_some(_RECEIVE_SIZE)
-                    if not data:
+            while True:
+                data = await self._receive(conn, stream)
+                if data is None:  # the handshake's deadline passed
+                    self._handshake_timeouts += 1
+                    self._end_handshake(conn)
+                    what = "CSM" if conn.csm is None else "registration"
+                    log.debug("TCP connection from %s: no %s in time", conn.peer, what)
+                    conn.abort(f"no {what} within {self._handshake_timeout:g} s", timeout=1.0)
+                    return
+                if not data:
+                    return
+                decoder.receive_data(data)
+                while (msg := decoder.next_message()) is not None:
+                    while (wait_room := self._dispatch(conn, msg)) is not None:
+                        # its receiver is full: nothing more is read from this connection
+                        # until the receiver has taken what it holds (back-pressure)
+                        self._receiver_waits += 1
+                        await wait_room()
+                    if conn.closed:
                         return
-                    decoder.receive_data(data)
-                    while (msg := decoder.next_message()) is not None:
-                        if not self._dispatch(conn, msg):
-                            return
-            # the handshake's deadline passed
-            self._handshake_timeouts += 1
-            self._handshaking.pop(conn, None)
-            what = "CSM" if conn.csm is None else "request"
-            log.debug("TCP connection from %s: no %s in time", conn.peer, what)
-            conn.abort(f"no {what} within {self._handshake_timeout:g} s", timeout=1.0)
         except BadCsmOption as exc:
             conn.abort(str(exc), exc.option)
         except DecodeError as exc:
@@ -490,13 +524,28 @@ class TcpListener:
         finally:
             conn.close(self._close_timeout)
 
-    def _dispatch(self, conn: TcpConnection, msg: Message) -> bool:
-        """Handle one message; False when the connection is closing."""
+    async def _receive(self, conn: TcpConnection, stream: trio.SocketStream) -> bytes | None:
+        """What the peer sent next (b"" at its end); None when its handshake's time ran out."""
+        while (deadline := conn._deadline) < math.inf:
+            with trio.move_on_at(deadline):
+                return await stream.receive_some(_RECEIVE_SIZE)
+            if conn.closed:  # shed meanwhile
+                return b""
+            if not self._is_bound(conn):
+                return None
+            self._end_handshake(conn)  # bound after its last message (its Register admitted)
+        return await stream.receive_some(_RECEIVE_SIZE)
+
+    def _dispatch(
+        self, conn: TcpConnection, msg: Message
+    ) -> Callable[[], Awaitable[object]] | None:
+        """Handle one message; what to await before offering it again when the receiver
+        is full, else None (see `conn.closed` for whether to go on)."""
         c = msg.code
         if conn.csm is None:
             if c != _CSM:
                 conn.abort("CSM expected as the first message")
-                return False
+                return None
             conn.csm = parse_csm(msg, BASE_CSM)
         elif c >> 5 == 7:
             check_signalling(msg)
@@ -515,8 +564,12 @@ class TcpListener:
             elif c != _PONG:
                 log.debug("unknown signal %d from %s ignored", c, conn.peer)
         elif c:
-            if conn in self._handshaking:  # its first request
-                del self._handshaking[conn]
-                conn._handshake.deadline = math.inf
-            self._on_message(conn, msg)
-        return not conn.closed
+            wait_room = self._on_message(conn, msg)
+            if conn in self._handshaking and self._is_bound(conn):  # its Register or Update
+                self._end_handshake(conn)
+            return wait_room
+        return None
+
+
+def _never(conn: TcpConnection) -> bool:
+    return False

@@ -365,6 +365,7 @@ class World:
         self.responses: dict[str, int] = defaultdict(int)  # AsyncIDResponses per async-id
         self.submitting = 0
         self.errors = _Errors()
+        self.reader_waits = 0  # TCP messages offered while their device's mailbox was full
         self.drops = self._drops()
 
     @classmethod
@@ -543,7 +544,14 @@ class World:
         if 1 <= msg.code <= 31:
             self.tcp_requests.setdefault((conn, msg.token), 0)
             self.unanswered.append((conn, msg.token))
-        self.sup.on_tcp_message(conn, msg)
+        self._offer(conn, msg)
+
+    def _offer(self, conn: FakeConn, msg: Message) -> None:
+        """A message on `conn`. When its device's mailbox is full, the real reader
+        (`TcpListener`) would wait for room and offer it again; this world has no reader
+        task, so it is dropped here and counted like the drops of `_drops`."""
+        if self.sup.on_tcp_message(conn, msg) is not None:
+            self.reader_waits += 1
 
     def _send(self, peer: Peer, data: bytes, *, hold: bool = False) -> None:
         if not peer.udp:  # TCP: again on the newest connection (no retransmission there)
@@ -635,8 +643,7 @@ class World:
             peer.observations.append((msg.token, req.conn))
         if not peer.udp:
             if req.conn is not None and not req.conn.closing:
-                self.sup.on_tcp_message(req.conn, Message(CON, code, 0, msg.token, options,
-                                                          payload))  # fmt: skip
+                self._offer(req.conn, Message(CON, code, 0, msg.token, options, payload))
             return
         if how == "separate":
             self._reply(peer, msg.mid, empty_ack(msg.mid))
@@ -669,7 +676,7 @@ class World:
             msg = Message(mtype, code, peer.next_mid(), token, options, payload)
             self.sup.on_datagram(encode(msg), peer.addr)
         elif conn is not None and not conn.closing:
-            self.sup.on_tcp_message(conn, Message(CON, code, 0, token, options, payload))
+            self._offer(conn, Message(CON, code, 0, token, options, payload))
 
     def _submit(self, action: Submit) -> None:
         if action.reuse is not None and self.async_ids:
@@ -772,7 +779,8 @@ class World:
 
     def _drops(self) -> tuple[int, ...]:
         stats = self.sup.statistics
-        return tuple(v for k, v in sorted(stats.items()) if k != "registrations")
+        counted = (v for k, v in sorted(stats.items()) if k != "registrations")
+        return (*counted, self.reader_waits)
 
     def healthy(self) -> bool:
         """The store keeps up: every answer waiting for it can be sent now."""

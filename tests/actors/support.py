@@ -68,7 +68,13 @@ async def start_server(
     udp = UdpEndpoint("127.0.0.1", 0, sup.on_datagram, sup.on_unreachable)
     addr = await nursery.start(udp.run)
     sup.attach_udp(udp.send)
-    tcp = TcpListener("127.0.0.1", 0, sup.on_tcp_message, sup.on_tcp_closed)
+    tcp = TcpListener(
+        "127.0.0.1",
+        0,
+        sup.on_tcp_message,
+        sup.on_tcp_closed,
+        is_bound=lambda conn: conn in sup.by_conn,
+    )
     tcp_addr = await nursery.start(tcp.run)
     return Server(sup, addr, events, udp, tcp_addr)
 

@@ -1,5 +1,6 @@
 """CoAP over TCP under idle and hostile peers: the connection cap, the handshake timeout,
-failing accepts, peers that reset at once, and the CSM's Max-Message-Size floor.
+failing accepts, peers that reset at once, the CSM's Max-Message-Size floor, and bursts
+beyond what a device's actor holds (back-pressure: nothing is dropped).
 
 Real sockets on 127.0.0.1 against `app.serve` (or a bare `TcpListener`), in virtual time
 (`autojump_clock`): the server's timers run without the test waiting for them.
@@ -40,7 +41,7 @@ from dm_actor.transport.tcp import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from dm_actor.transport.udp import Address
 
@@ -139,7 +140,7 @@ async def test_one_byte_then_silence_gets_abort_too(
     assert await peer.receive() is None
 
 
-async def test_a_csm_without_a_request_gets_abort_and_a_request_in_time_stays(
+async def test_a_csm_without_a_registration_gets_abort_and_a_device_in_time_stays(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     server = await start(nursery)
@@ -154,9 +155,9 @@ async def test_a_csm_without_a_request_gets_abort_and_a_request_in_time_stays(
     assert reply.code == Code.CREATED
     reply = await silent.receive()
     assert reply is not None
-    assert (reply.code, reply.payload) == (Code.ABORT, b"no request within 10 s")
+    assert (reply.code, reply.payload) == (Code.ABORT, b"no registration within 10 s")
     assert await silent.receive() is None
-    await trio.sleep(3600)  # once it spoke, a connection may idle (queue mode, Pings)
+    await trio.sleep(3600)  # once registered, a connection may idle (queue mode, Pings)
     await device.send(framing_tcp.ping(token=b"q"))
     assert await device.receive() == framing_tcp.pong(b"q")
     assert stats(server) == (1, 0, 0, 1)
@@ -184,6 +185,44 @@ async def test_at_the_cap_the_oldest_connection_without_a_request_is_shed(
     assert await device.receive() == framing_tcp.pong(b"d")
     await trio.testing.wait_all_tasks_blocked()
     assert stats(server) == (3, 0, 1, 0)
+
+
+async def test_connections_whose_requests_were_refused_stay_in_their_handshake(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Finding F2 (/work/notes/attack-device.md): any request used to end the handshake, so
+    `max_connections` sockets that each sent a GET of a path that does not exist (4.04) were
+    never shed nor timed out, and every later device was refused for ever. Only a connection
+    bound to a registered device leaves its handshake now."""
+    server = await start(nursery, "[tcp]\nmax_connections = 4\n")
+    device = await Peer.connect(server.coap_tcp)
+    assert (await device.register("dev")).code == Code.CREATED  # type: ignore[union-attr]
+    junk = [await Peer.connect(server.coap_tcp) for _ in range(3)]
+    for i, p in enumerate(junk):
+        assert (await p.receive()).code == Code.CSM  # type: ignore[union-attr]
+        if i == 2:  # a bare response: nothing to answer
+            await p.send(framing_tcp.csm(), Message(0, Code.CONTENT, 0, b"c"))
+            continue
+        get = Message(0, Code.GET, 0, b"g", path_options("/nothing"))
+        bad = Message(0, Code.POST, 0, b"b", path_options("/rd"))  # a Register without ep
+        await p.send(framing_tcp.csm(), get, bad)
+        assert await p.receive() == Message(0, Code.NOT_FOUND, 0, b"g")
+        assert (await p.receive()).code == Code.BAD_REQUEST  # type: ignore[union-attr]
+    newcomer = await Peer.connect(server.coap_tcp)  # the oldest refused one makes room
+    reply = await junk[0].receive()
+    assert reply is not None
+    assert (reply.code, reply.payload) == (Code.ABORT, b"server busy")
+    assert (await newcomer.register("new")).code == Code.CREATED  # type: ignore[union-attr]
+    for p in junk[1:]:  # the others time out
+        reply = await p.receive()
+        assert reply is not None
+        assert (reply.code, reply.payload) == (Code.ABORT, b"no registration within 10 s")
+        assert await p.receive() is None
+    await trio.sleep(3600)  # the registered devices' connections are never closed
+    for d in (device, newcomer):
+        await d.send(framing_tcp.ping(token=b"d"))
+        assert await d.receive() == framing_tcp.pong(b"d")
+    assert stats(server) == (2, 0, 1, 2)
 
 
 async def test_at_the_cap_with_every_connection_busy_a_new_one_is_refused(
@@ -386,3 +425,85 @@ async def test_a_max_message_size_from_the_floor_up_is_kept_on_the_connection(
             await came.wait()
         assert seen == [size]
         nursery.cancel_scope.cancel()
+
+
+# -- back-pressure: nothing read is dropped ----------------------------------------------------
+
+
+async def test_a_burst_beyond_the_actors_mailbox_is_answered_whole(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Finding F3 (/work/notes/attack-device.md): a burst of messages written at once used to
+    go to the device's actor without waiting, and past its 64-entry mailbox they were dropped;
+    over TCP nothing is retransmitted, so 136 of 200 Updates were never answered. The reader
+    now waits for room instead."""
+    server = await start(nursery)
+    device = await Peer.connect(server.coap_tcp)
+    created = await device.register("burst")
+    assert created is not None
+    assert created.code == Code.CREATED
+    location = path_options("/" + "/".join(created.location_path))
+    n = 500
+    await device.send(*(Message(0, Code.POST, 0, i.to_bytes(2, "big"), location) for i in range(n)))
+    answers = [await device.receive() for _ in range(n)]
+    assert [(a.code, a.token) for a in answers if a is not None] == [
+        (Code.CHANGED, i.to_bytes(2, "big")) for i in range(n)
+    ]
+    assert server.supervisor.statistics["mailbox_overloaded"] == 0
+    assert server.tcp is not None
+    assert server.tcp.statistics().receiver_waits > 0
+
+
+async def test_a_receiver_without_room_stalls_its_connection_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """While a connection's receiver has no room, nothing more is read from it (what it
+    holds stays bounded) and nothing is lost; other connections are served; the connection
+    can still be closed, and the server stopped."""
+    room = {b"a": trio.Event(), b"b": trio.Event()}  # per connection: its receiver has room
+    offered: list[bytes] = []
+    conns: dict[bytes, TcpConnection] = {}
+    closed: list[TcpConnection] = []
+
+    def on_message(conn: TcpConnection, msg: Message) -> Callable[[], Awaitable[object]] | None:
+        offered.append(msg.token)
+        key = msg.token[:1]
+        conns[key] = conn
+        if key in room and not room[key].is_set():
+            return room[key].wait
+        conn.send_nowait(Message(0, Code.CONTENT, 0, msg.token))
+        return None
+
+    listener = TcpListener(
+        "127.0.0.1", 0, on_message, closed.append, is_bound=lambda c: True, send_queue_size=256
+    )
+    burst = [Message(0, Code.GET, 0, b"%d" % i, path_options("/3/0/0")) for i in range(100)]
+    async with trio.open_nursery() as nursery:
+        addr = await nursery.start(listener.run)
+        stalled = [await Peer.connect(addr) for _ in range(2)]
+        for key, peer in zip((b"a", b"b"), stalled, strict=True):
+            assert (await peer.receive()).code == Code.CSM  # type: ignore[union-attr]
+            await peer.send(framing_tcp.csm(), Message(0, Code.GET, 0, key), *burst)
+        other = await Peer.connect(addr)
+        await other.receive()
+        await other.send(framing_tcp.csm(), Message(0, Code.GET, 0, b"o"))
+        assert await other.receive() == Message(0, Code.CONTENT, 0, b"o")
+        await trio.sleep(30)
+        assert sorted(offered) == [b"a", b"b", b"o"]  # nothing behind them was handed on
+        assert listener.statistics().receiver_waits == 2
+        room[b"a"].set()  # room: the message is offered again, then the rest in order
+        expected = [b"a", *(m.token for m in burst)]
+        for token in expected:
+            assert await stalled[0].receive() == Message(0, Code.CONTENT, 0, token)
+        assert offered == [b"a", b"b", b"o", *expected]
+        conns[b"b"].close()  # a connection still waiting can be closed
+        assert await stalled[1].receive() is None
+        await trio.testing.wait_all_tasks_blocked()
+        assert closed == [conns[b"b"]]
+        # a connection waiting for ever does not hold up the server's shutdown
+        room[b"b"] = trio.Event()
+        await stalled[0].send(Message(0, Code.GET, 0, b"b-again"))
+        await trio.testing.wait_all_tasks_blocked()
+        assert listener.statistics().receiver_waits == 3
+        nursery.cancel_scope.cancel()
+    assert listener.statistics().open == 0
