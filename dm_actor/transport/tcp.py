@@ -8,9 +8,11 @@ one writer task, so a sender never interleaves frames and never queues without l
 
 Nothing read is dropped (TCP has no retransmission): when the callback's receiver is full it
 says so, and the connection's reader waits for room before it hands on that message and the
-rest; meanwhile it reads nothing more, so what a connection holds stays bounded (the decoder's
-last read and partial frame; the peer's writes wait in TCP's window). Only that connection
-waits: the others and the server go on.
+rest; it waits too while `send_queue_size` frames wait to be written (a peer that does not
+read its answers). Meanwhile it reads nothing more, so what a connection holds stays bounded
+(the decoder's last read and partial frame; the peer's writes wait in TCP's window), and the
+answers to what it read fit in the send queue's slack (`SEND_QUEUE_HARD_FACTOR`). Only that
+connection waits: the others and the server go on.
 
 Bounded against idle and hostile peers (docs/operations.md, "Limits"):
 
@@ -47,7 +49,8 @@ import socket
 import sys
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -75,6 +78,7 @@ if TYPE_CHECKING:
     from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _CSM = Code.CSM.value
 _PING = Code.PING.value
@@ -104,6 +108,11 @@ _SHED_SLACK = 16
 KEEPALIVE_IDLE = 600
 KEEPALIVE_INTERVAL = 60
 KEEPALIVE_COUNT = 4
+#: Frames queued without waiting (`send_nowait`) may reach this many times a connection's
+#: send queue size before they are refused: the answers to what was already read (a mailbox's
+#: worth, answers the store released together) are not dropped, while the reader stops
+#: reading, and `send` waits, at the size itself.
+SEND_QUEUE_HARD_FACTOR = 16
 
 
 def default_max_connections(nofile: int, http_connections: int) -> int:
@@ -184,6 +193,7 @@ class TcpConnection:
     __slots__ = (
         "_closing",
         "_deadline",
+        "_hard_limit",
         "_has_data",
         "_has_room",
         "_limit",
@@ -198,6 +208,7 @@ class TcpConnection:
         self.csm: Csm | None = None
         self._queue: deque[bytes] = deque()
         self._limit = send_queue_size
+        self._hard_limit = send_queue_size * SEND_QUEUE_HARD_FACTOR
         self._has_data = trio.lowlevel.ParkingLot()
         self._has_room = trio.lowlevel.ParkingLot()
         self._scope = trio.CancelScope()
@@ -220,7 +231,8 @@ class TcpConnection:
         """Queue a message to be written (its `mtype` and `mid` are not sent).
 
         Raises:
-            trio.WouldBlock: the send queue is full (the peer reads slower than we write).
+            trio.WouldBlock: the send queue is full: `SEND_QUEUE_HARD_FACTOR` times its size
+                (the peer reads far slower than we write).
             trio.ClosedResourceError: the connection is closing.
             ValueError: the message cannot be framed.
         """
@@ -230,22 +242,26 @@ class TcpConnection:
         """Queue an already framed message (`framing_tcp.encode`), as `send_nowait` does."""
         if self._closing:
             raise trio.ClosedResourceError("the connection is closing")
-        if len(self._queue) >= self._limit:
+        if len(self._queue) >= self._hard_limit:
             raise trio.WouldBlock
         self._queue.append(frame)
         self._has_data.unpark()
 
     async def send(self, msg: Message) -> None:
-        """Queue a message, waiting while the send queue is full.
+        """Queue a message, waiting while the send queue holds its size or more.
 
         Raises:
             trio.ClosedResourceError: the connection is closing.
             ValueError: the message cannot be framed.
         """
         await trio.lowlevel.checkpoint()
+        await self._wait_room()
+        self.send_nowait(msg)
+
+    async def _wait_room(self) -> None:
+        """Return when the send queue has room or the connection is closing."""
         while len(self._queue) >= self._limit and not self._closing:
             await self._has_room.park()
-        self.send_nowait(msg)
 
     def close(self, timeout: float = 5.0) -> None:
         """Close after writing what is queued, giving up on the writes after `timeout` s."""
@@ -494,27 +510,27 @@ class TcpListener:
 
     async def _read_loop(self, conn: TcpConnection, stream: trio.SocketStream) -> None:
         decoder = StreamDecoder(self._max_message_size)
+        receive = partial(stream.receive_some, _RECEIVE_SIZE)
         try:
-            while True:
-                data = await self._receive(conn, stream)
-                if data is None:  # the handshake's deadline passed
-                    self._handshake_timeouts += 1
-                    self._end_handshake(conn)
-                    what = "CSM" if conn.csm is None else "registration"
-                    log.debug("TCP connection from %s: no %s in time", conn.peer, what)
-                    conn.abort(f"no {what} within {self._handshake_timeout:g} s", timeout=1.0)
-                    return
-                if not data:
-                    return
+            while data := await self._in_handshake(conn, receive):
                 decoder.receive_data(data)
                 while (msg := decoder.next_message()) is not None:
+                    # back-pressure: nothing more is read from this connection while its
+                    # answers cannot be queued (the peer does not read them) or its
+                    # receiver is full (until the receiver has taken what it holds)
+                    if len(conn._queue) >= conn._limit:
+                        await self._in_handshake(conn, conn._wait_room)
                     while (wait_room := self._dispatch(conn, msg)) is not None:
-                        # its receiver is full: nothing more is read from this connection
-                        # until the receiver has taken what it holds (back-pressure)
                         self._receiver_waits += 1
-                        await wait_room()
+                        await self._in_handshake(conn, wait_room)
                     if conn.closed:
                         return
+        except _HandshakeOver:
+            self._handshake_timeouts += 1
+            self._end_handshake(conn)
+            what = "CSM" if conn.csm is None else "registration"
+            log.debug("TCP connection from %s: no %s in time", conn.peer, what)
+            conn.abort(f"no {what} within {self._handshake_timeout:g} s", timeout=1.0)
         except BadCsmOption as exc:
             conn.abort(str(exc), exc.option)
         except DecodeError as exc:
@@ -524,17 +540,22 @@ class TcpListener:
         finally:
             conn.close(self._close_timeout)
 
-    async def _receive(self, conn: TcpConnection, stream: trio.SocketStream) -> bytes | None:
-        """What the peer sent next (b"" at its end); None when its handshake's time ran out."""
+    async def _in_handshake(self, conn: TcpConnection, wait: Callable[[], Awaitable[T]]) -> T:
+        """`await wait()`, within the connection's handshake deadline until it is bound.
+
+        Raises:
+            _HandshakeOver: the deadline passed and the connection is not bound.
+            trio.ClosedResourceError: the connection was shed meanwhile.
+        """
         while (deadline := conn._deadline) < math.inf:
             with trio.move_on_at(deadline):
-                return await stream.receive_some(_RECEIVE_SIZE)
-            if conn.closed:  # shed meanwhile
-                return b""
+                return await wait()
+            if conn.closed:
+                raise trio.ClosedResourceError
             if not self._is_bound(conn):
-                return None
+                raise _HandshakeOver
             self._end_handshake(conn)  # bound after its last message (its Register admitted)
-        return await stream.receive_some(_RECEIVE_SIZE)
+        return await wait()
 
     def _dispatch(
         self, conn: TcpConnection, msg: Message
@@ -569,6 +590,10 @@ class TcpListener:
                 self._end_handshake(conn)
             return wait_room
         return None
+
+
+class _HandshakeOver(Exception):
+    """A connection's handshake deadline passed before it was bound."""
 
 
 def _never(conn: TcpConnection) -> bool:

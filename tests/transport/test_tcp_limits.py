@@ -21,6 +21,7 @@ import trio
 import trio.testing
 
 from dm_actor import app
+from dm_actor.actors.mailbox import Mailbox, Overloaded
 from dm_actor.coap import framing_tcp
 from dm_actor.coap.framing_tcp import StreamDecoder
 from dm_actor.coap.message import Message, path_options
@@ -507,3 +508,77 @@ async def test_a_receiver_without_room_stalls_its_connection_only(
         assert listener.statistics().receiver_waits == 3
         nursery.cancel_scope.cancel()
     assert listener.statistics().open == 0
+
+
+async def test_a_burst_past_a_de_register_is_answered_by_the_next_owner(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The reader waits for room while the device de-registers: what it offers after that
+    is a stranger's (4.04), and the connection goes on."""
+    server = await start(nursery)
+    device = await Peer.connect(server.coap_tcp)
+    created = await device.register("leaving")
+    assert created is not None
+    location = path_options("/" + "/".join(created.location_path))
+    before = [Message(0, Code.POST, 0, b"u%d" % i, location) for i in range(100)]
+    after = [Message(0, Code.POST, 0, b"v%d" % i, location) for i in range(100)]
+    await device.send(*before, Message(0, Code.DELETE, 0, b"d", location), *after)
+    answers: dict[bytes, int] = {}
+    while len(answers) < 201 and (answer := await device.receive()) is not None:
+        answers[answer.token] = answer.code
+    assert answers == {
+        **{m.token: Code.CHANGED for m in before},
+        b"d": Code.DELETED,
+        **{m.token: Code.NOT_FOUND for m in after},
+    }
+    assert server.tcp is not None
+    assert server.tcp.statistics().receiver_waits > 0
+    assert server.supervisor.statistics["frames_dropped"] == 0
+
+
+async def test_requests_answered_by_the_reader_wait_for_room_in_the_send_queue(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """5,000 requests in one write, each answered at once by the reader's task (4.04): it
+    stops reading while its send queue is full instead of dropping answers (more than the
+    queue's hard limit were dropped before)."""
+    server = await start(nursery)
+    peer = await Peer.connect(server.coap_tcp)
+    await peer.receive()
+    n = 5000
+    gets = (Message(0, Code.GET, 0, i.to_bytes(2, "big"), path_options("/x")) for i in range(n))
+    await peer.send(framing_tcp.csm(), *gets)
+    answers = [await peer.receive() for _ in range(n)]
+    assert [(a.code, a.token) for a in answers if a is not None] == [
+        (Code.NOT_FOUND, i.to_bytes(2, "big")) for i in range(n)
+    ]
+    assert server.supervisor.statistics["frames_dropped"] == 0
+
+
+async def test_a_closing_mailbox_wakes_the_producers_waiting_for_room() -> None:
+    mailbox: Mailbox[int] = Mailbox(2)
+    mailbox.put(1)
+    mailbox.put(2)
+    with pytest.raises(Overloaded):
+        mailbox.put(3)
+    woken: list[int] = []
+
+    async def producer(i: int) -> None:
+        await mailbox.wait_room()
+        woken.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(producer, i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []
+        assert mailbox.take() == [1, 2]  # room: every waiting producer tries again
+        await trio.testing.wait_all_tasks_blocked()
+        assert sorted(woken) == [0, 1, 2]
+        mailbox.put(4)
+        mailbox.put(5)
+        nursery.start_soon(producer, 3)
+        await trio.testing.wait_all_tasks_blocked()
+        mailbox.close()
+    assert sorted(woken) == [0, 1, 2, 3]
+    await mailbox.wait_room()  # closed: at once
