@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -502,15 +502,19 @@ class Supervisor:
             self._admission_wake = trio.Event()
             while admission:
                 stop = clock() + ADMISSION_BUDGET
+                now = self.now()  # (once a pass: a pass is a few ms)
+                behind = self._store_behind()
                 while admission and clock() < stop:
                     queued_at, msg, addr, conn = admission.popleft()
-                    now = self.now()
-                    if now - queued_at > ADMISSION_WAIT or self._store_behind():
+                    if behind or now - queued_at > ADMISSION_WAIT:
                         self._shed(msg, addr, conn)
                         continue
                     try:
                         code, options = self._register(msg, addr, conn, now, via=None)
-                        self._answer_register(msg, addr, conn, code, options)
+                        # (its retransmissions are dropped since it was queued: `_unknown_peer`)
+                        self._after_durable(
+                            partial(self._reply_direct, msg, addr, conn, code, options, cache=True)
+                        )
                     except StoreError:
                         raise
                     except Exception as exc:
