@@ -467,3 +467,27 @@ async def test_f14_a_register_nested_in_a_drain_leaves_no_stale_registration_id(
     assert [rid for rid, a in sup.by_reg_id.items() if a is actor] == [actor.reg.reg_id]
     stored = {r.endpoint: r.reg_id for r in store.load().registrations}
     assert stored["e"] == actor.reg.reg_id
+
+
+@pytest.mark.xfail(strict=True, reason="F11: a retransmitted De-register gets 4.04, not its 2.02")
+async def test_f11_a_retransmitted_deregister_gets_the_same_answer(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The 2.02 of a De-register lives only in the ended actor's deduplication cache: the
+    client's retransmission (its 2.02 was lost) met no registration and got 4.04 Not Found
+    (RFC 7252 4.5: a duplicate within EXCHANGE_LIFETIME gets the same answer)."""
+    server = await start_server(nursery)
+    sup = server.sup
+    sent: list[Message] = []
+    sup.attach_udp(lambda data, addr: sent.append(decode(data)))
+    addr = ("127.0.0.1", 30000)
+    sup.on_datagram(register(100, "ep=dev&lt=600&b=U"), addr)
+    await trio.sleep(0.1)
+    [created] = [m for m in sent if m.mid == 100]
+    location = path_options("/" + "/".join(created.location_path))
+    deregister = encode(Message(CON, Code.DELETE, 101, b"\x09", location))
+    sup.on_datagram(deregister, addr)
+    await trio.sleep(3)
+    sup.on_datagram(deregister, addr)  # the 2.02 was lost: the client sends it again
+    await trio.sleep(1)
+    assert [m.code for m in sent if m.mid == 101] == [Code.DELETED, Code.DELETED]
