@@ -720,6 +720,11 @@ class Supervisor:
             assert self._nursery is not None, "Supervisor.run() is not running"
             self._nursery.start_soon(actor.run, name="device")  # one shared name string
             self._apply_presubscriptions(actor, now)
+            if actor.reg is not reg:
+                # binding handled the address's earlier mail, and a Register of this
+                # endpoint in it (a later one, nested) made a registration already: it
+                # stands, and this Register is answered with it (the device's last id)
+                return reg_iface.created(actor.reg.reg_id)
         else:
             # rule 8.1: the same endpoint registers again; the queue is kept
             self.by_reg_id.pop(actor.reg.reg_id, None)

@@ -424,9 +424,6 @@ async def test_f13_failed_notification_fetches_do_not_flood_the_log(
     assert len(warnings) <= 5, f"{len(warnings)} warning lines for 300 notifications"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="F14: a nested Register in _bind's drain leaves a stale reg id"
-)
 async def test_f14_a_register_nested_in_a_drain_leaves_no_stale_registration_id(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
