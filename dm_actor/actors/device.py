@@ -333,7 +333,11 @@ class DeviceActor:
             if not self.sup.store.is_durable(hold):
                 # answers to the device's own messages need no durable write: they leave now,
                 # to the address they answer (the device may move before the hold clears)
-                if self.addr is not None:
+                conn = self.conn
+                if conn is not None:
+                    for reply in self.coap.replies_to_send():
+                        self.sup.send_frame(conn, reply)
+                elif self.addr is not None:
                     for reply in self.coap.replies_to_send():
                         self.sup.send_datagram(reply, self.addr)
                 return

@@ -364,15 +364,17 @@ class CoapEndpoint:
         return event
 
     def replies_to_send(self) -> list[bytes]:
-        """Take out the datagrams ready to go that answer the peer (ACKs and Resets); our own
-        requests stay for `datagrams_to_send` (over TCP: nothing is taken)."""
+        """Take out the datagrams (or TCP frames) ready to go that answer the peer: ACKs,
+        Resets, responses; our own requests stay for `datagrams_to_send`."""
         out = self._out
-        if out is None or self.reliable:
+        if out is None:
             return []
-        replies = [d for d in out if d[0] & 0x20]  # type 2 (ACK) or 3 (Reset)
+        if self.reliable:  # frames: a response's code is 2.xx-5.xx
+            replies = [d for d in out if framing_tcp.frame_code(d) >= 64]
+        else:  # datagrams: type 2 (ACK) or 3 (Reset)
+            replies = [d for d in out if d[0] & 0x20]
         if replies:
-            rest = [d for d in out if not d[0] & 0x20]
-            self._out = rest or None
+            self._out = [d for d in out if d not in replies] or None
         return replies
 
     def datagrams_to_send(self) -> list[bytes]:

@@ -52,6 +52,14 @@ _LONGEST_BODY = 65805 + 0xFFFFFFFF
 # -- the frame codec ------------------------------------------------------------------------
 
 
+def frame_code(frame: bytes) -> int:
+    """The code of a frame `encode` made (after its length nibble and extended length)."""
+    return frame[1 + _EXTENDED_LENGTH_BYTES[frame[0] >> 4]]
+
+
+_EXTENDED_LENGTH_BYTES = (0,) * 13 + (1, 2, 4)
+
+
 def encode(msg: Message) -> bytes:
     """The RFC 8323 section 3.2 frame for a message (`msg.mtype` and `msg.mid` are not sent).
 

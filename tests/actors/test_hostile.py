@@ -423,3 +423,24 @@ async def test_a_datagram_over_the_size_cap_is_dropped_unread(
     assert sup.statistics["datagrams_too_large"] == 1 and sent == []
     sup.on_datagram(header + b"\xb2rd", ("127.0.0.1", 40040))  # a small one is answered
     assert sent and sup.statistics["datagrams_too_large"] == 1
+
+
+def test_an_answer_on_a_replaced_tcp_connection_leaves_while_an_attempt_is_held() -> None:
+    """Found by the stateful test after the drain-before-rebind change: with the store
+    stalled and an attempt held, a TCP device's wrong-id De-register was answered into the
+    TCP endpoint's output, which the move to UDP then replaced: the 4.04 never left. Answers
+    leave at once whatever the hold, over TCP too."""
+    from .stateful_support import Deregister, Filler, Register, Stall, Submit, run_actions
+
+    def reg(peer: int) -> Register:
+        return Register(peer=peer, ep=0, lifetime=86400, queue_mode=False, hold=False)
+
+    run_actions(
+        [
+            reg(0), reg(3), Stall(),
+            Filler(peer=0, count=1, settle_each=False, non=False, kind="get"),
+            Submit(ep=0, method=0, path=0, expiry=60, reuse=None),
+            Deregister(peer=3, ep=0, stale=True, hold=False), reg(0),
+        ],
+        0,
+    )  # fmt: skip
