@@ -26,7 +26,7 @@ import trio
 from sortedcontainers import SortedList
 
 from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
-from dm_actor.actors.events import EventStream, Item
+from dm_actor.actors.events import Event, EventStream, Item
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import (
     address_from_text,
@@ -181,6 +181,9 @@ class Supervisor:
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._observe_counter = 0  # internal async-ids of Observe commands
         self._event_seq = 0  # numbers the durable events (AsyncIDResponses)
+        # the events a restart owes the applications' channels (`restore`), until the hub
+        # takes them (`NotificationHub.restore`): not through the bounded event stream
+        self.owed_events: list[Event] = []
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self.statistics = {
@@ -305,9 +308,10 @@ class Supervisor:
                 subscriptions.setdefault(path, set()).add(owner)
             for path in subscriptions:
                 self._queue_observe(restored, path, now)  # the old observations are gone
+        owed = self.owed_events
         for event in snapshot.events:  # events owed to a channel: owed again
             item = msgspec.json.decode(event.item)
-            self.events.publish(event.kind, item, frozenset((event.owner,)), event.seq)
+            owed.append((event.kind, item, frozenset((event.owner,)), event.seq))
             self._event_seq = max(self._event_seq, event.seq)
         for owner, pres in snapshot.presubscriptions.items():
             self.presubscriptions[owner] = [

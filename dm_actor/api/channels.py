@@ -51,6 +51,7 @@ _EXPIRY_SWEEP = 60.0
 _SPILL_SLICE = 500  # events stored in one step of the event loop (others run in between)
 log = logging.getLogger(__name__)
 
+_ASYNC = "async-responses"
 _DEREGISTRATION_KINDS = frozenset(("de-registrations", "registrations-expired"))
 _ENDPOINT_KINDS = frozenset(("registrations", "reg-updates"))
 _encode = msgspec.json.Encoder().encode
@@ -327,6 +328,11 @@ class NotificationHub:
         orphan_ttl: ... for at most this many seconds; a channel opened meanwhile gets them.
             An SDK that starts its long poll and sends a request at once (Pelion's Python
             SDK does) thus never loses the response to that race.
+
+    An application's AsyncIDResponses (each stands for a 202) are not orphans: when it has no
+    channel (deleted, expired, none after a restart) they are *owed* (`owed`: stored, at most
+    `capacity` per application, the oldest dropped beyond) and its next channel of any type
+    gets them first. Its other events go with a deleted channel, as in Pelion.
     """
 
     def __init__(
@@ -357,6 +363,8 @@ class NotificationHub:
         self.orphan_ttl = orphan_ttl
         self.channels: dict[str, Channel] = {}
         self.orphans: dict[str, deque[tuple[float, Event]]] = {}
+        self.owed: dict[str, deque[Event]] = {}  # AsyncIDResponses of apps without a channel
+        self._owed_lost: dict[str, int] = {}  # ... dropped at the bound, for the next channel
         self.unrouted = 0  # events for applications without a channel, dropped
         self.nursery: trio.Nursery | None = None  # for delivery tasks (webhooks)
         self._held: set[Channel] = set()  # long-poll channels whose receipt is watched
@@ -531,7 +539,11 @@ class NotificationHub:
         return 0
 
     def _orphan(self, app: str, event: Event) -> None:
-        """Keep an event of `app`, which has no channel, for a while (bounded)."""
+        """Keep an event of `app`, which has no channel, for a while (bounded); an
+        AsyncIDResponse until its next channel (`owed`)."""
+        if event[0] == _ASYNC and event[3] is not None:  # (stored: every one a command ends)
+            self._owe(app, event)
+            return
         now = trio.current_time()
         kept = self.orphans.get(app)
         if kept is None:
@@ -541,6 +553,44 @@ class NotificationHub:
         while len(kept) > self.orphan_limit or kept[0][0] < oldest:
             kept.popleft()
             self.unrouted += 1
+
+    def _owe(self, app: str, event: Event) -> None:
+        """Keep `app`'s AsyncIDResponse until it has a channel again (at most `capacity`:
+        beyond, the oldest is dropped, its stored copy forgotten, and the next channel's
+        first message counts it in `events-lost`)."""
+        owed = self.owed.get(app)
+        if owed is None:
+            owed = self.owed[app] = deque()
+        owed.append(event)
+        if len(owed) > self.capacity:
+            seq = owed.popleft()[3]
+            self._owed_lost[app] = self._owed_lost.get(app, 0) + 1
+            if seq is not None and self.on_delivered is not None:
+                self.on_delivered(app, [seq])
+
+    def restore(self, events: list[Event]) -> None:
+        """The events a restart owes (each with one owner and its `seq`), into their owners'
+        channels (call once the stored channels are open, before the hub reads the stream):
+        a channel's bound drops the oldest and announces it (`events-lost`), as always. An
+        application without a channel is owed its AsyncIDResponses; its other events went
+        with its channel: their stored copies are forgotten."""
+        gone: dict[str, list[int]] = {}
+        for event in events:
+            assert event[2] is not None and len(event[2]) == 1
+            [app] = event[2]
+            channel = self.channels.get(app)
+            if channel is not None:
+                channel.push(event)
+            elif event[0] == _ASYNC:
+                self._owe(app, event)
+            else:
+                self.unrouted += 1
+                if event[3] is not None:
+                    gone.setdefault(app, []).append(event[3])
+        if self.on_delivered is not None:
+            for app, seqs in gone.items():
+                self.on_delivered(app, seqs)
+        self._spill_due.set()  # (seqs of events the bounds dropped are forgotten there)
 
     def open(
         self, app: str, mechanism: str, serialization: Serialization = DEFAULT_SERIALIZATION
@@ -554,6 +604,11 @@ class NotificationHub:
         channel.spill_due = self._wake_spill
         self.channels[app] = channel
         self.persist(channel)
+        owed = self.owed.pop(app, None)  # (older than the orphans)
+        if owed:
+            for event in owed:
+                channel.push(event)
+        channel.lost += self._owed_lost.pop(app, 0)
         kept = self.orphans.pop(app, None)
         if kept:
             oldest = trio.current_time() - self.orphan_ttl
@@ -593,11 +648,25 @@ class NotificationHub:
             )  # fmt: skip
 
     def delete(self, app: str, code: int = 1000) -> Channel | None:
+        """Delete `app`'s channel with its events, but its AsyncIDResponses not handed over
+        yet (waiting, or taken by a delivery not completed): they are owed to its next
+        channel. A long poll's response held is acknowledged by the deletion, unless it is
+        known not to have arrived (then it is owed too, as a poll would send it again)."""
         channel = self.channels.pop(app, None)
         if channel is not None:
+            self.settle(channel)
+            owed = [e for e in (*channel.in_flight, *channel.events) if e[0] == _ASYNC]
+            lost, unstored = channel.lost, channel.unstored
+            channel.unstored = []
             channel.close(code)
+            if unstored and self.on_delivered is not None:
+                self.on_delivered(app, unstored)  # (dropped by the bound before)
             if self.store is not None:
-                self.store.delete_channel(app)  # and the events it still owed
+                self.store.delete_channel(app)  # and the events it owed, but AsyncIDResponses
+            for event in owed:
+                self._owe(app, event)
+            if owed and lost:
+                self._owed_lost[app] = self._owed_lost.get(app, 0) + lost
         return channel
 
     def _transform_for(

@@ -262,7 +262,8 @@ class HttpServer:
             self._room.set()
 
     def _restore_channels(self) -> None:
-        """Reopen the channels the store kept; a callback resumes delivering at once."""
+        """Reopen the channels the store kept, with the events owed to them; a callback
+        resumes delivering at once."""
         for record in self.restored:
             try:
                 serialization = msgspec.json.decode(
@@ -276,6 +277,10 @@ class HttpServer:
             except (msgspec.ValidationError, ValueError) as exc:
                 log.warning("stored channel of %s not restored: %s", record.owner, exc)
         self.restored = []
+        # the events the restart owes, into those channels (not through the stream's bound)
+        sup = self.api.sup
+        owed, sup.owed_events = sup.owed_events, []
+        self.hub.restore(owed)
 
     # -- one connection -------------------------------------------------------------------
 

@@ -168,7 +168,8 @@ class Store(Protocol):
         ...
 
     def delete_channel(self, owner: str) -> None:
-        """Forget the channel and every event still owed to it."""
+        """Forget the channel and the events still owed to it, but its AsyncIDResponses
+        (`KEPT_EVENT_KIND`): each stands for a 202, owed to the owner's next channel."""
         ...
 
     def put_api_key(self, record: ApiKeyRecord) -> None: ...

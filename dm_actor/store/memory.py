@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from dm_actor.store.base import (
     EVENT_BYTES_CAP,
     EVENT_LIFETIME,
+    KEPT_EVENT_KIND,
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
@@ -125,8 +126,12 @@ class MemoryStore:
     def delete_channel(self, owner: str) -> None:
         self.writes += 1
         self.channels.pop(owner, None)
-        self.events.pop(owner, None)
+        events = self.events.pop(owner, None) or {}
         self.event_bytes.pop(owner, None)
+        kept = {seq: e for seq, e in events.items() if e.kind == KEPT_EVENT_KIND}
+        if kept:  # AsyncIDResponses stay owed to the owner's next channel
+            self.events[owner] = kept
+            self.event_bytes[owner] = sum(len(e.item) for e in kept.values())
 
     def put_api_key(self, record: ApiKeyRecord) -> None:
         self.writes += 1

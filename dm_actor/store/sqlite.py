@@ -155,7 +155,7 @@ class _Batch:
         self.presubscriptions: dict[str, Sequence[PresubscriptionRecord]] = {}
         self.channels: dict[str, ChannelRecord | None] = {}
         self.api_keys: dict[str, ApiKeyRecord | None] = {}
-        self.event_wipes: set[str] = set()  # owners whose events all go, before the puts
+        self.event_wipes: set[str] = set()  # owners whose events go (not AsyncIDResponses)
         self.event_deletes: dict[str, set[int]] = {}  # owner -> seqs to forget, before the puts
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq ->
 
@@ -349,11 +349,17 @@ class SqliteStore:
         self._filling().channels[record.owner] = record
 
     def delete_channel(self, owner: str) -> None:
-        """Forget the channel and every event still owed to it."""
+        """Forget the channel and the events still owed to it, but its AsyncIDResponses:
+        each stands for a 202, owed to the owner's next channel."""
         batch = self._filling()
         batch.channels[owner] = None
-        batch.events.pop(owner, None)
-        batch.event_deletes.pop(owner, None)
+        pending = batch.events.get(owner)
+        if pending:
+            kept = {seq: e for seq, e in pending.items() if e.kind == KEPT_EVENT_KIND}
+            if kept:
+                batch.events[owner] = kept
+            else:
+                del batch.events[owner]
         batch.event_wipes.add(owner)
 
     def put_api_key(self, record: ApiKeyRecord) -> None:
@@ -611,9 +617,9 @@ class SqliteStore:
 
     def _write_events(self, db: sqlite3.Connection, b: _Batch) -> int:
         """Write `b`'s events within the budget; returns the bytes of events stored after."""
-        for owner in b.event_wipes:
-            db.execute("DELETE FROM events WHERE owner = ?", (owner,))
-            db.execute("DELETE FROM event_bytes WHERE owner = ?", (owner,))
+        for owner in b.event_wipes:  # (AsyncIDResponses stay: see `delete_channel`)
+            db.execute("DELETE FROM events WHERE owner = ? AND kind != ?", (owner, KEPT_EVENT_KIND))
+            db.execute("DELETE FROM event_bytes WHERE owner = ? AND bytes <= 0", (owner,))
         if b.event_deletes:
             db.executemany(
                 "DELETE FROM events WHERE owner = ? AND seq = ?",
