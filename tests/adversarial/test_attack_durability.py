@@ -3,8 +3,9 @@ receives" (docs/delivery.md 1.6, 1.7 and 12) and on the HTTP side of the notific
 
 Each test is a finding's reproducer (notes: /work/notes/attack-durability.md, F1-F10; F2's
 32-command bound and F3 are documented limitations now, delivery.md 1.7, not tested); those
-still open are `xfail(strict=True)`, so a fix makes them fail until the mark goes. The last
-test pins HTTP edge cases that held. All run in virtual time over real loopback sockets (the
+still open are `xfail(strict=True)` (only F2 at 4cdef53), so a fix makes them fail until
+the mark goes; the others are regression tests, with HTTP edge cases and a De-register race
+that held. All run in virtual time over real loopback sockets (the
 restart tests on a real SQLite file), a few seconds in all.
 """
 
@@ -137,11 +138,6 @@ async def test_a_retry_after_a_restart_is_not_executed_again(
     assert (again, len(dev.executed)) == ([], executed)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F4: deleting a channel (to switch type) drops the AsyncIDResponses it owed, "
-    "stored copies too; delivery.md 12 says a webhook loses nothing not answered 2xx",
-)
 async def test_switching_from_a_failing_webhook_to_long_poll_keeps_the_async_responses(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -164,11 +160,6 @@ async def test_switching_from_a_failing_webhook_to_long_poll_keeps_the_async_res
         assert [r["id"] for r in await drain(client)] == ["r1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F5: Supervisor.restore publishes the stored events into the bounded "
-    "EventStream before the hub reads: beyond its capacity they are dropped unannounced",
-)
 async def test_a_restart_with_more_stored_events_than_the_stream_holds_announces_the_loss(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -346,11 +337,6 @@ async def test_a_command_started_at_once_never_leaves_after_a_de_register(
     assert responses(server)["reboot"]["error"] == "DEVICE_REMOVED_REGISTRATION"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F10: delete_channel wipes every stored event of the owner in its batch, also an "
-    "AsyncIDResponse committed with it and then delivered to the re-created channel",
-)
 async def test_an_async_response_committed_with_its_channels_deletion_stays_stored(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
