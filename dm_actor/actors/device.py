@@ -243,7 +243,7 @@ class DeviceActor:
                 if type(mail) is bytes and addr is not None:
                     self.sup.on_datagram(mail, addr)
                 elif isinstance(mail, Message) and conn is not None:
-                    self.sup.on_tcp_message(conn, mail)
+                    self._hand_on(conn, mail)
                 continue
             if type(mail) is bytes and addr is not None and self.addr != addr:
                 # another endpoint registered from this address while its mail was read: the
@@ -251,7 +251,7 @@ class DeviceActor:
                 self.sup.on_datagram(mail, addr)
                 continue
             if isinstance(mail, Message) and conn is not None and self.conn is not conn:
-                self.sup.on_tcp_message(conn, mail)  # (the same, for a connection taken)
+                self._hand_on(conn, mail)  # (the same, for a connection taken)
                 continue
             if type(mail) is bytes:
                 # any message but a Reset is a contact (a Reset fails the attempt, rule 3.4)
@@ -275,6 +275,12 @@ class DeviceActor:
                 self.end(now, expired=True)
             self._handle_events(now)
         self.pump(now, on_contact=contact, start=start)
+
+    def _hand_on(self, conn: TcpConnection, msg: Message) -> None:
+        """Give a message read on `conn` to the supervisor to route anew; if its new owner's
+        mailbox is full it is lost (its reader already handed it over): counted."""
+        if self.sup.on_tcp_message(conn, msg) is not None:
+            self.sup.statistics["mailbox_overloaded"] += 1
 
     def tell(self, mail: Mail) -> None:
         """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
