@@ -26,6 +26,7 @@ import trio
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType
 from dm_actor.transport.tcp import default_max_connections
+from tests.adversarial.support import authenticated_get, raise_descriptor_limit
 from tests.daemon import ROOT, Daemon, free_ports
 
 if TYPE_CHECKING:
@@ -37,18 +38,7 @@ ATTACKERS = 2300  # idle connections held at once, more than NOFILE
 ATTACK = 14.0  # seconds: the first ones time out (10 s), the rest are shed
 GET_INTERVAL = 0.1
 WORST_ALLOWED = 2.0
-REQUEST = (
-    b"GET /v3/devices?limit=2 HTTP/1.1\r\nHost: dm-actor\r\n"
-    b"Authorization: Bearer " + KEY.encode() + b"\r\nConnection: close\r\n\r\n"
-)
-
-
-def raise_own_limit(wanted: int) -> None:
-    """This process needs a descriptor per attacking connection."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+REQUEST = authenticated_get(KEY)
 
 
 def _limit_descriptors() -> None:  # runs in the child before exec
@@ -133,7 +123,7 @@ async def udp_register(addr: tuple[str, int], ep: str) -> Message:
 
 
 async def test_idle_tcp_connections_beyond_the_descriptor_limit(tmp_path: Path) -> None:
-    raise_own_limit(ATTACKERS + 1024)
+    raise_descriptor_limit(ATTACKERS + 1024)
     coap_port, http_port = free_ports(2)
     http = ("127.0.0.1", http_port)
     daemon = LimitedDaemon(

@@ -17,13 +17,13 @@ connects in 20 s; 34-45 GETs: median 5.5-7.9 ms, p99 = worst 128-308 ms.
 
 from __future__ import annotations
 
-import resource
 import socket
 import time
 from typing import TYPE_CHECKING
 
 import trio
 
+from tests.adversarial.support import authenticated_get, raise_descriptor_limit
 from tests.daemon import Daemon, free_ports
 
 if TYPE_CHECKING:
@@ -39,18 +39,7 @@ HEAD = (
     b"GET /v3/devices HTTP/1.1\r\nHost: dm-actor\r\nUser-Agent: slowloris\r\n"
     b"X-Padding: " + b"a" * 200 + b"\r\n"
 )
-REQUEST = (
-    b"GET /v3/devices?limit=2 HTTP/1.1\r\nHost: dm-actor\r\n"
-    b"Authorization: Bearer " + KEY.encode() + b"\r\nConnection: close\r\n\r\n"
-)
-
-
-def raise_descriptor_limit(wanted: int) -> None:
-    """The test process and the daemon (it inherits it) need a descriptor per connection."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+REQUEST = authenticated_get(KEY)
 
 
 class Attack:
