@@ -98,17 +98,24 @@ async def start_daemon(tmp_path: Path) -> AsyncIterator[Callable[..., Awaitable[
     started: list[Daemon] = []
 
     async def start(*extra: str) -> Served:
-        coap, http = free_ports(2)
-        data = tmp_path / f"data-{len(started)}"
-        args = ["--host", "127.0.0.1", "--coap-port", str(coap), "--http-port", str(http),
-                "--data-dir", str(data), "--api-key", KEY, "--log-level", "warning",
-                *extra]  # fmt: skip
-        daemon = Daemon(args, ("127.0.0.1", http), tmp_path / f"daemon-{len(started)}.log")
-        started.append(daemon)
-        await daemon.start()
-        with trio.fail_after(30):
-            await daemon.ready()
-        return Served(daemon, coap, http, data)
+        for attempt in range(3):  # a port found free may be taken before the daemon binds it
+            coap, http = free_ports(2)
+            data = tmp_path / f"data-{len(started)}"
+            args = ["--host", "127.0.0.1", "--coap-port", str(coap), "--http-port", str(http),
+                    "--data-dir", str(data), "--api-key", KEY, "--log-level", "warning",
+                    *extra]  # fmt: skip
+            daemon = Daemon(args, ("127.0.0.1", http), tmp_path / f"daemon-{len(started)}.log")
+            started.append(daemon)
+            await daemon.start()
+            try:
+                with trio.fail_after(30):
+                    await daemon.ready()
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == 2:
+                    raise
+                continue
+            return Served(daemon, coap, http, data)
+        raise AssertionError("unreachable")
 
     try:
         yield start
