@@ -620,7 +620,10 @@ class Supervisor:
             code, options = self._deregister(actor, request, now)
         else:
             code, options = Code.NOT_FOUND, ()
-        if code == Code.CREATED or code == Code.DELETED or code == Code.CHANGED:
+        store = self.store
+        if (code == Code.CREATED or code == Code.DELETED or code == Code.CHANGED) and not (
+            store.is_durable(store.mark())  # (already durable: the memory store)
+        ):
             # the 2.01 / 2.02 / 2.04 promises what the store holds (an Update's lifetime and
             # address too: a restart must not expire what a 2.04 renewed): answer once durable,
             # on the transport the request came on
