@@ -129,24 +129,36 @@ async def request(
                ("authorization", f"Bearer {key}"), ("connection", "close")]  # fmt: skip
     if body is not None:
         headers.append(("content-type", "application/json"))
+    async with stream:
+        return await _exchange(conn, stream, method, target, headers, data)
+
+
+async def _exchange(
+    conn: h11.Connection,
+    stream: trio.SocketStream,
+    method: str,
+    target: str,
+    headers: list[tuple[str, str]],
+    data: bytes,
+) -> tuple[int, bytes]:
+    """Send one request on `conn` and read its response: the status and the body."""
     status: int | None = None
     chunks: list[bytes] = []
-    async with stream:
-        out = conn.send(h11.Request(method=method, target=target, headers=headers))
-        out += conn.send(h11.Data(data=data)) if data else b""
-        await stream.send_all(out + conn.send(h11.EndOfMessage()))
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(65536))
-            elif isinstance(event, h11.Response):
-                status = int(event.status_code)
-            elif isinstance(event, h11.Data):
-                chunks.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage) and status is not None:
-                return status, b"".join(chunks)
-            elif isinstance(event, h11.ConnectionClosed):
-                raise trio.BrokenResourceError("closed before the response")
+    out = conn.send(h11.Request(method=method, target=target, headers=headers))
+    out += conn.send(h11.Data(data=data)) if data else b""
+    await stream.send_all(out + conn.send(h11.EndOfMessage()))
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = int(event.status_code)
+        elif isinstance(event, h11.Data):
+            chunks.append(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage) and status is not None:
+            return status, b"".join(chunks)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("closed before the response")
 
 
 class Session:
@@ -187,24 +199,8 @@ class Session:
         if body is not None:
             headers.append(("content-type", "application/json"))
         conn, stream = self.conn, self.stream
-        status: int | None = None
-        chunks: list[bytes] = []
         try:
-            out = conn.send(h11.Request(method=method, target=target, headers=headers))
-            out += conn.send(h11.Data(data=data)) if data else b""
-            await stream.send_all(out + conn.send(h11.EndOfMessage()))
-            while True:
-                event = conn.next_event()
-                if event is h11.NEED_DATA:
-                    conn.receive_data(await stream.receive_some(65536))
-                elif isinstance(event, h11.Response):
-                    status = int(event.status_code)
-                elif isinstance(event, h11.Data):
-                    chunks.append(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage) and status is not None:
-                    break
-                elif isinstance(event, h11.ConnectionClosed):
-                    raise trio.BrokenResourceError("closed before the response")
+            answer = await _exchange(conn, stream, method, target, headers, data)
         except BaseException:
             await self.aclose()
             raise
@@ -212,4 +208,4 @@ class Session:
             conn.start_next_cycle()
         else:
             await self.aclose()
-        return status, b"".join(chunks)
+        return answer
