@@ -55,6 +55,10 @@ class Mailbox(Generic[T]):
         self._wake()
         self._wake_producers()
 
+    def poke(self) -> None:
+        """Wake the owner without mail (its loop then looks at its state again)."""
+        self._wake()
+
     def take(self) -> list[T]:
         """Everything queued, oldest first, leaving the mailbox empty."""
         items = self._items
