@@ -20,6 +20,7 @@ from dm_actor.coap.dedup import BUSY, DedupCache
 from dm_actor.coap.errors import DecodeError, LocalProtocolError
 from dm_actor.coap.events import (
     Event,
+    FailureReason,
     MessageRefused,
     NotificationFailed,
     NotificationReceived,
@@ -150,7 +151,7 @@ class CoapEndpoint:
 
     def peer_unreachable(self, now: float) -> None:
         """The peer's port is closed (ICMP port unreachable): every outstanding request fails
-        with "unreachable", and so does every unacknowledged confirmable notification.
+        with UNREACHABLE, and so does every unacknowledged confirmable notification.
 
         `now` is accepted for uniformity with the other inputs; the failure is immediate.
         """
@@ -159,7 +160,7 @@ class CoapEndpoint:
             failed += [ex for ex in self._by_mid.values() if ex.notification]
         self._by_mid = self._by_token = None
         for ex in failed:
-            self._fail(ex, "unreachable")
+            self._fail(ex, FailureReason.UNREACHABLE)
 
     def handle_timer(self, now: float) -> None:
         """Retransmit or fail every exchange whose deadline is at or before `now`."""
@@ -173,7 +174,7 @@ class CoapEndpoint:
                 self._send(ex.datagram)
             else:
                 self._forget(ex)
-                self._fail(ex, "timeout")
+                self._fail(ex, FailureReason.TIMEOUT)
 
     # -- commands -------------------------------------------------------------------------
 
@@ -456,7 +457,7 @@ class CoapEndpoint:
         if msg.mtype == _RST:
             if not c:
                 self._forget(ex)
-                self._fail(ex, "reset")
+                self._fail(ex, FailureReason.RESET)
             return
         if not ex.datagram:
             return  # nobody ACKs a NON message
@@ -518,7 +519,7 @@ class CoapEndpoint:
             self.cancel_observation(token)  # a cancelling GET or a refused re-registration
         self._event(ResponseReceived(token, response))
 
-    def _fail(self, ex: Exchange, reason: str) -> None:
+    def _fail(self, ex: Exchange, reason: FailureReason) -> None:
         if ex.notification:
             self._event(NotificationFailed(ex.token, reason))
         else:

@@ -6,11 +6,21 @@ This module owns the event types only; it never builds messages, reads a clock o
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from dm_actor.coap.message import Message
+
+
+class FailureReason(enum.StrEnum):
+    """Why an exchange ended without an answer; `delivery` reads it as the failure of an
+    attempt (rule 3.4). A `StrEnum`, so that a log line reads "timeout", not the member."""
+
+    TIMEOUT = "timeout"  # no answer in time (every retransmission used up)
+    RESET = "reset"  # the peer answered with a Reset
+    UNREACHABLE = "unreachable"  # the caller reported an ICMP port-unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,24 +63,24 @@ class RequestAcknowledged:
 class RequestFailed:
     """Our request `token` ended without a response.
 
-    `reason` is "timeout" (no answer in time), "reset" (the peer answered with a Reset) or
-    "unreachable" (the caller reported an ICMP port-unreachable).
+    `reason` is TIMEOUT (no answer in time), RESET (the peer answered with a Reset) or
+    UNREACHABLE (the caller reported an ICMP port-unreachable).
     """
 
     token: bytes
-    reason: str
+    reason: FailureReason
 
 
 @dataclass(frozen=True, slots=True)
 class NotificationFailed:
     """Our confirmable notification on observation `token` got a Reset or was never ACKed.
 
-    RFC 7641 4.5.2 and 3.6: either way the peer is no longer interested; `reason` is "reset" or
-    "timeout".
+    RFC 7641 4.5.2 and 3.6: either way the peer is no longer interested; `reason` is RESET,
+    TIMEOUT or UNREACHABLE.
     """
 
     token: bytes
-    reason: str
+    reason: FailureReason
 
 
 @dataclass(frozen=True, slots=True)

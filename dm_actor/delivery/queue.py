@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from dm_actor.coap.events import FailureReason
 from dm_actor.delivery.outcomes import (
     EXPIRED,
     REMOVED,
@@ -79,12 +80,9 @@ class Verdict(enum.Enum):
     QUEUE_IS_FULL = "queue_is_full"  # 429
 
 
-class Failure(enum.Enum):
-    """Why an attempt failed (rule 3.4)."""
-
-    TIMEOUT = "timeout"
-    RESET = "reset"
-    UNREACHABLE = "unreachable"
+Failure = FailureReason
+"""Why an attempt failed (rule 3.4): the CoAP exchange's `FailureReason`, under the name the
+actors used before it was shared (to go once they import `FailureReason`)."""
 
 
 class DeviceQueue:
@@ -201,7 +199,7 @@ class DeviceQueue:
         self._finish(cmd, outcome, now)
         return cmd
 
-    def attempt_failed(self, failure: Failure, now: float) -> Command:
+    def attempt_failed(self, failure: FailureReason, now: float) -> Command:
         """The attempt in flight failed (rules 3.4-3.6, 4.3, 6.3)."""
         cmd = self._take_in_flight()
         cmd.attempts_left -= 1
@@ -210,7 +208,7 @@ class DeviceQueue:
         if cmd.expired(now):
             self._finish(cmd, EXPIRED, now)
         elif cmd.attempts_left <= 0:
-            self._finish(cmd, TIMED_OUT if failure is Failure.TIMEOUT else UNREACHABLE, now)
+            self._finish(cmd, TIMED_OUT if failure is FailureReason.TIMEOUT else UNREACHABLE, now)
         else:
             self.queue.insert(0, cmd)
         return cmd

@@ -20,6 +20,7 @@ from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.errors import LocalProtocolError
 from dm_actor.coap.events import (
     Event,
+    FailureReason,
     NotificationFailed,
     NotificationReceived,
     RequestAcknowledged,
@@ -86,7 +87,7 @@ def test_default_schedule_is_2_4_8_16_32_64_then_timeout_at_126() -> None:
         if deadline < 126.0:
             assert drain(ep) == []
     assert resends == [2.0, 6.0, 14.0, 30.0, 62.0]
-    assert drain(ep) == [RequestFailed(token, "timeout")]
+    assert drain(ep) == [RequestFailed(token, FailureReason.TIMEOUT)]
     assert ep.get_timer() is None
 
 
@@ -103,6 +104,7 @@ def test_random_factor_draws_first_timeout_in_range_and_doubles() -> None:
         assert gaps == pytest.approx([first * 2**i for i in range(5)])
         [failed] = drain(ep)
         assert isinstance(failed, RequestFailed)
+        assert failed.reason is FailureReason.TIMEOUT
     seeded = [CoapEndpoint(params, rng=random.Random(1)) for _ in range(2)]
     for ep in seeded:
         get(ep)
@@ -190,7 +192,7 @@ def test_empty_ack_then_no_response_times_out_at_max_transmit_wait() -> None:
     ep.handle_timer(135.9)
     assert drain(ep) == []
     ep.handle_timer(136.0)
-    assert drain(ep) == [RequestFailed(token, "timeout")]
+    assert drain(ep) == [RequestFailed(token, FailureReason.TIMEOUT)]
     assert ep.datagrams_to_send() == []
 
 
@@ -211,7 +213,7 @@ def test_reset_fails_the_request() -> None:
     ep.receive_datagram(reset_for(req.mid + 1), 0.5)
     assert drain(ep) == []
     ep.receive_datagram(reset_for(req.mid), 0.5)
-    assert drain(ep) == [RequestFailed(token, "reset")]
+    assert drain(ep) == [RequestFailed(token, FailureReason.RESET)]
     assert ep.get_timer() is None
 
 
@@ -227,12 +229,12 @@ def test_non_request_flows() -> None:
 
     reset, req = get(ep, confirmable=False)
     ep.receive_datagram(reset_for(req.mid), 0.5)
-    assert drain(ep) == [RequestFailed(reset, "reset")]
+    assert drain(ep) == [RequestFailed(reset, FailureReason.RESET)]
 
     silent, _ = get(ep, now=1.0, confirmable=False)
     assert ep.get_timer() == 1.0 + PARAMS.max_transmit_wait
     assert run_timers(ep) == []  # never retransmitted
-    assert drain(ep) == [RequestFailed(silent, "timeout")]
+    assert drain(ep) == [RequestFailed(silent, FailureReason.TIMEOUT)]
 
 
 def test_peer_unreachable_fails_everything_outstanding() -> None:
@@ -243,8 +245,8 @@ def test_peer_unreachable_fails_everything_outstanding() -> None:
     drain(ep)
     ep.peer_unreachable(2.0)
     assert set(drain(ep)) == {
-        RequestFailed(waiting, "unreachable"),
-        RequestFailed(fresh, "unreachable"),
+        RequestFailed(waiting, FailureReason.UNREACHABLE),
+        RequestFailed(fresh, FailureReason.UNREACHABLE),
     }
     assert ep.get_timer() is None
     assert ep.datagrams_to_send() == []
@@ -463,11 +465,11 @@ def test_con_notification_we_send_is_retransmitted_until_acked() -> None:
     ep.notify(b"ob", Code.CONTENT, options, b"v", 4.0, confirmable=True)
     ep.datagrams_to_send()
     ep.receive_datagram(reset_for(10), 5.0)
-    assert drain(ep) == [NotificationFailed(b"ob", "reset")]
+    assert drain(ep) == [NotificationFailed(b"ob", FailureReason.RESET)]
 
     ep.notify(b"ob", Code.CONTENT, options, b"v", 6.0, confirmable=True)
     assert run_timers(ep) == [8.0, 12.0, 20.0, 36.0, 68.0]
-    assert drain(ep) == [NotificationFailed(b"ob", "timeout")]
+    assert drain(ep) == [NotificationFailed(b"ob", FailureReason.TIMEOUT)]
 
     ep.notify(b"ob", Code.CONTENT, options, b"v", 7.0)
     assert sent(ep)[0].mtype == NON
@@ -485,7 +487,7 @@ def test_reliable_mode_writes_once_and_times_out() -> None:
     ]
     assert ep.get_timer() == 1.0 + PARAMS.max_transmit_wait
     assert run_timers(ep) == []
-    assert drain(ep) == [RequestFailed(token, "timeout")]
+    assert drain(ep) == [RequestFailed(token, FailureReason.TIMEOUT)]
 
 
 def test_reliable_mode_requests_responses_and_notifications() -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from dm_actor.coap.events import FailureReason
 from dm_actor.delivery.outcomes import EXPIRED, REMOVED, TIMED_OUT, UNREACHABLE, from_response
-from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Failure, Verdict
+from dm_actor.delivery.queue import Command, DeliveryPolicy, DeviceQueue, Verdict
 
 POLICY = DeliveryPolicy()
 OK = from_response(0x45, b"42", 0, 60)
@@ -63,7 +64,7 @@ def test_failed_attempt_goes_back_to_head_and_waits_for_contact() -> None:
     q.submit(cmd("a", retry=1), 0)
     q.submit(cmd("b"), 0)
     assert q.next_attempt(0) is not None
-    q.attempt_failed(Failure.RESET, 10)
+    q.attempt_failed(FailureReason.RESET, 10)
     assert [c.async_id for c in q.queue] == ["a", "b"]
     assert q.next_attempt(11) is None  # unreachable until contact (4.3)
     q.contact(60)
@@ -72,7 +73,7 @@ def test_failed_attempt_goes_back_to_head_and_waits_for_contact() -> None:
     q.contact(120)
     again = q.next_attempt(120, on_contact=True)
     assert again is not None and again.async_id == "a" and again.attempts == 2
-    q.attempt_failed(Failure.RESET, 121)
+    q.attempt_failed(FailureReason.RESET, 121)
     assert q.take_finished() == [(again, UNREACHABLE)]
 
 
@@ -80,7 +81,7 @@ def test_last_attempt_timing_out_is_504() -> None:
     q = DeviceQueue(POLICY, queue_mode=False, now=0)
     q.submit(cmd("a"), 0)
     assert q.next_attempt(0) is not None
-    q.attempt_failed(Failure.TIMEOUT, 126)
+    q.attempt_failed(FailureReason.TIMEOUT, 126)
     assert [o for _, o in q.take_finished()] == [TIMED_OUT]
 
 
@@ -92,7 +93,7 @@ def test_queue_mode_sends_only_while_awake() -> None:
     q.contact(500)
     sent = q.next_attempt(500, on_contact=True)
     assert sent is not None
-    q.attempt_failed(Failure.UNREACHABLE, 501)
+    q.attempt_failed(FailureReason.UNREACHABLE, 501)
     assert not q.awake(502)  # asleep after a failed attempt (6.3)
 
 
@@ -104,7 +105,7 @@ def test_expiry_sweep_and_expiry_during_transmission() -> None:
     assert sent is not None
     q.sweep(61)  # b expires; a is in flight and is left alone (3.6)
     assert q.take_finished() == [(q.find("b"), EXPIRED)]
-    q.attempt_failed(Failure.TIMEOUT, 126)
+    q.attempt_failed(FailureReason.TIMEOUT, 126)
     assert q.take_finished() == [(sent, EXPIRED)]
 
 
@@ -158,7 +159,7 @@ def test_an_attempt_that_never_left_does_not_restart_the_resend_grace() -> None:
     cmd = Command("a", "GET", "/3/0/1", b"", None, None, 0.0, 10_000.0, 3)
     q.submit(cmd, 0.0)
     assert q.next_attempt(0.0) is cmd
-    q.attempt_failed(Failure.TIMEOUT, 1.0)  # sent at 0, failed
+    q.attempt_failed(FailureReason.TIMEOUT, 1.0)  # sent at 0, failed
     q.contact(200.0)
     assert q.next_attempt(200.0, on_contact=True) is cmd  # grace passed: resend decided
     q.attempt_not_sent()  # ... but it never left
