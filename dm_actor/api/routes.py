@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.api.channels import NotificationHub
     from dm_actor.api.webhook import WebhookOptions
-    from dm_actor.delivery.queue import Command
+    from dm_actor.delivery.queue import CommandStatus
 
 Headers = list[tuple[bytes, bytes]]
 Response = tuple[int, Headers, bytes]
@@ -268,48 +268,30 @@ class Api:
         """The device's unfinished commands and when each may be attempted next."""
         q = actor.queue
         now = trio.current_time()
-        awake = q.awake(now)
-        grace = self.sup.policy.resend_grace
-        wake = "device-wake-up" if q.queue_mode else "device-contact"
-        commands = []
-        if q.in_flight is not None:
-            commands.append(self._command_view(q.in_flight, True, None, "response"))
-        for i, cmd in enumerate(q.queue):
-            not_before = None
-            if i or q.in_flight is not None:
-                waiting = "earlier-commands"
-            elif cmd.last_attempt_at is not None:
-                not_before = self.wall(cmd.last_attempt_at + grace)
-                waiting = wake
-            else:
-                waiting = "delivery" if awake else wake
-            commands.append(self._command_view(cmd, False, not_before, waiting))
         return DeviceQueueView(
             endpoint_name=actor.endpoint,
             queue_mode=q.queue_mode,
             reachable=q.reachable,
-            awake_until=self.wall(q.awake_until) if q.queue_mode and awake else None,
+            awake_until=self.wall(q.awake_until) if q.queue_mode and q.awake(now) else None,
             queue_length=len(q),
-            commands=commands,
+            commands=[self._command_view(status) for status in q.describe(now)],
         )
 
-    def _command_view(
-        self, cmd: Command, in_flight: bool, not_before: str | None, waiting: str
-    ) -> QueuedCommand:
-        last = cmd.last_attempt_at
+    def _command_view(self, status: CommandStatus) -> QueuedCommand:
+        last, not_before = status.last_attempt_at, status.next_attempt_not_before
         return QueuedCommand(
-            async_id=cmd.async_id,
-            method=cmd.method,
-            uri=cmd.uri,
-            subscription=cmd.observe,
-            in_flight=in_flight,
-            attempts=cmd.attempts,
-            attempts_left=cmd.attempts_left,
-            accepted_at=self.wall(cmd.accepted_at),
-            expires_at=self.wall(cmd.expires_at),
+            async_id=status.async_id,
+            method=status.method,
+            uri=status.uri,
+            subscription=status.subscription,
+            in_flight=status.in_flight,
+            attempts=status.attempts,
+            attempts_left=status.attempts_left,
+            accepted_at=self.wall(status.accepted_at),
+            expires_at=self.wall(status.expires_at),
             last_attempt_at=None if last is None else self.wall(last),
-            next_attempt_not_before=not_before,
-            waiting_for=waiting,
+            next_attempt_not_before=None if not_before is None else self.wall(not_before),
+            waiting_for=status.waiting_for,
         )
 
     # -- notification channels ------------------------------------------------------------

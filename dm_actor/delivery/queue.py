@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Literal
 
 from dm_actor.coap.events import FailureReason
 from dm_actor.delivery.outcomes import (
@@ -69,6 +70,33 @@ class Command:
 
     def expired(self, now: float) -> bool:
         return now >= self.expires_at
+
+
+Waiting = Literal["response", "earlier-commands", "delivery", "device-contact", "device-wake-up"]
+"""What an unfinished command waits for (`GET /v2/device-requests/{device-id}`):
+`response` (in flight), `earlier-commands` (behind another command), `delivery` (about to be
+sent), `device-contact` (a non-queue device must be heard from again, rule 7.1),
+`device-wake-up` (a queue-mode device must wake up, rules 6.2 and 7.1)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CommandStatus:
+    """One unfinished command as `DeviceQueue.describe` sees it: a snapshot, times in the
+    queue's clock (the caller turns them into wall-clock times)."""
+
+    async_id: str
+    method: str
+    uri: str
+    subscription: bool  # a subscription's Observe
+    in_flight: bool
+    attempts: int
+    attempts_left: int
+    accepted_at: float
+    expires_at: float
+    last_attempt_at: float | None
+    #: the end of the resend grace after an attempt (rule 7.1), for the head of the queue
+    next_attempt_not_before: float | None
+    waiting_for: Waiting
 
 
 class Verdict(enum.Enum):
@@ -256,6 +284,27 @@ class DeviceQueue:
 
     # -- outputs --------------------------------------------------------------------------
 
+    def describe(self, now: float) -> list[CommandStatus]:
+        """The unfinished commands, the one in flight first, each with what it waits for
+        (sections 2, 4, 6 and rule 7.1, as `next_attempt` decides them)."""
+        out = []
+        in_flight = self.in_flight
+        if in_flight is not None:
+            out.append(_status(in_flight, in_flight=True, not_before=None, waiting="response"))
+        wake: Waiting = "device-wake-up" if self.queue_mode else "device-contact"
+        for i, cmd in enumerate(self.queue):
+            not_before = None
+            waiting: Waiting
+            if i or in_flight is not None:
+                waiting = "earlier-commands"
+            elif cmd.last_attempt_at is not None:  # resent on a contact after the grace
+                not_before = cmd.last_attempt_at + self.policy.resend_grace
+                waiting = wake
+            else:
+                waiting = "delivery" if self.awake(now) else wake
+            out.append(_status(cmd, in_flight=False, not_before=not_before, waiting=waiting))
+        return out
+
     def take_finished(self) -> list[tuple[Command, Outcome]]:
         """Commands that finished since the last call, in order, with their outcomes."""
         done = self._done
@@ -285,3 +334,22 @@ class DeviceQueue:
         recent[cmd.async_id] = cmd
         if len(recent) > self.policy.recent_limit:
             del recent[next(iter(recent))]
+
+
+def _status(
+    cmd: Command, *, in_flight: bool, not_before: float | None, waiting: Waiting
+) -> CommandStatus:
+    return CommandStatus(
+        async_id=cmd.async_id,
+        method=cmd.method,
+        uri=cmd.uri,
+        subscription=cmd.observe,
+        in_flight=in_flight,
+        attempts=cmd.attempts,
+        attempts_left=cmd.attempts_left,
+        accepted_at=cmd.accepted_at,
+        expires_at=cmd.expires_at,
+        last_attempt_at=cmd.last_attempt_at,
+        next_attempt_not_before=not_before,
+        waiting_for=waiting,
+    )
