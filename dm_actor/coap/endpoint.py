@@ -181,9 +181,9 @@ class CoapEndpoint:
     def send_request(
         self,
         code: int,
-        options: tuple[Option, ...] = (),
-        payload: bytes = b"",
-        now: float = 0.0,
+        options: tuple[Option, ...],
+        payload: bytes,
+        now: float,
         *,
         confirmable: bool = True,
         observe: bool = False,
@@ -253,9 +253,9 @@ class CoapEndpoint:
         self,
         request: Message,
         code: int,
-        options: tuple[Option, ...] = (),
-        payload: bytes = b"",
-        now: float = 0.0,
+        options: tuple[Option, ...],
+        payload: bytes,
+        now: float,
     ) -> None:
         """Answer a request from the peer.
 
@@ -301,9 +301,9 @@ class CoapEndpoint:
         self,
         token: bytes,
         code: int,
-        options: tuple[Option, ...] = (),
-        payload: bytes = b"",
-        now: float = 0.0,
+        options: tuple[Option, ...],
+        payload: bytes,
+        now: float,
         *,
         confirmable: bool = False,
     ) -> None:

@@ -62,7 +62,7 @@ def get(
     ep: CoapEndpoint, now: float = 0.0, *, confirmable: bool = True, observe: bool = False
 ) -> tuple[bytes, Message]:
     token = ep.send_request(
-        Code.GET, path_options("/3/0/9"), now=now, confirmable=confirmable, observe=observe
+        Code.GET, path_options("/3/0/9"), b"", now, confirmable=confirmable, observe=observe
     )
     [msg] = sent(ep)
     return token, msg
@@ -266,7 +266,7 @@ def test_mid_and_token_allocation() -> None:
 
 def test_forced_mid_and_token() -> None:
     ep = CoapEndpoint(mid_start=100, token_seed=1)
-    token = ep.send_request(Code.GET, now=0.0, mid=4242, token=b"\x00\x00\x00\x02")
+    token = ep.send_request(Code.GET, (), b"", 0.0, mid=4242, token=b"\x00\x00\x00\x02")
     [msg] = sent(ep)
     assert (msg.mid, msg.token, token) == (4242, b"\x00\x00\x00\x02", b"\x00\x00\x00\x02")
     _, auto = get(ep)
@@ -275,16 +275,16 @@ def test_forced_mid_and_token() -> None:
     _, skipped = get(ep)
     assert skipped.token == b"\x00\x00\x00\x03"  # 2 is in use
     with pytest.raises(LocalProtocolError):
-        ep.send_request(Code.GET, now=0.0, mid=4242)
+        ep.send_request(Code.GET, (), b"", 0.0, mid=4242)
     with pytest.raises(LocalProtocolError):
-        ep.send_request(Code.GET, now=0.0, token=token)
+        ep.send_request(Code.GET, (), b"", 0.0, token=token)
     with pytest.raises(LocalProtocolError):
-        ep.send_request(Code.CONTENT, now=0.0)
+        ep.send_request(Code.CONTENT, (), b"", 0.0)
 
 
 def test_allocated_mid_skips_an_outstanding_forced_one() -> None:
     ep = CoapEndpoint(mid_start=10)
-    ep.send_request(Code.GET, now=0.0, mid=10)
+    ep.send_request(Code.GET, (), b"", 0.0, mid=10)
     ep.datagrams_to_send()
     _, msg = get(ep)
     assert msg.mid == 11
@@ -481,7 +481,7 @@ def test_con_notification_we_send_is_retransmitted_until_acked() -> None:
 
 def test_reliable_mode_writes_once_and_times_out() -> None:
     ep = CoapEndpoint(reliable=True, token_seed=5)
-    token = ep.send_request(Code.GET, path_options("/3/0"), now=1.0)
+    token = ep.send_request(Code.GET, path_options("/3/0"), b"", 1.0)
     assert ep.datagrams_to_send() == [
         framing_tcp.encode(Message(0, Code.GET, 0, token, path_options("/3/0")))
     ]
@@ -492,7 +492,7 @@ def test_reliable_mode_writes_once_and_times_out() -> None:
 
 def test_reliable_mode_requests_responses_and_notifications() -> None:
     ep = CoapEndpoint(reliable=True)
-    token = ep.send_request(Code.GET, now=0.0, observe=True)
+    token = ep.send_request(Code.GET, (), b"", 0.0, observe=True)
     ep.datagrams_to_send()
     first = Message(0, Code.CONTENT, 0, token, ((OBS.value, b""),))
     ep.receive_message(first, 1.0)
