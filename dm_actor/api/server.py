@@ -48,8 +48,8 @@ from dm_actor.api.webhook import WebhookOptions, parse_target
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from dm_actor.actors.device import Address
     from dm_actor.actors.supervisor import Supervisor
+    from dm_actor.address import Address
     from dm_actor.api.auth import ApiKeys
     from dm_actor.config import ApiSettings
     from dm_actor.store.base import ChannelRecord

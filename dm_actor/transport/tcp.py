@@ -74,8 +74,8 @@ from dm_actor.coap.numbers import Code, SignallingOption
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from dm_actor.address import Address
     from dm_actor.coap.message import Message
-    from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -36,6 +36,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+# re-exported for the modules that still import it from here (the one declaration is there)
+from dm_actor.address import Address as Address  # noqa: TC001
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -45,8 +48,6 @@ log = logging.getLogger(__name__)
 #: after `max_batch` datagrams: a burst of costly datagrams must not hold the event loop
 _BATCH_TIME = 0.005
 
-#: A socket address as `recvfrom` returns it: (host, port) for IPv4, 4 fields for IPv6.
-Address = tuple[str, int] | tuple[str, int, int, int]
 
 # Linux <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>; Python 3.11 exports none of them.
 _IP_RECVERR = 11

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from dm_actor.actors.supervisor import Supervisor
+    from dm_actor.address import Address
     from dm_actor.config import Settings
     from dm_actor.store.base import Store
-    from dm_actor.transport.udp import Address
 
 KEY_A = "ak_test_a"
 KEY_B = "ak_test_b"

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from dm_actor.actors.supervisor import Supervisor
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 PULL = b"GET /v2/notification/pull HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer %s\r\n\r\n"
 

@@ -22,7 +22,7 @@ from .client import KEY_A, KEYS, HttpClient, raw_exchange, start_api
 from .test_flow import online
 
 if TYPE_CHECKING:
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 GET_1 = {"method": "GET", "uri": "/3/0/1"}
 HEAD = b"GET /v3/devices HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 200

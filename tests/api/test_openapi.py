@@ -43,8 +43,8 @@ from .test_webhook import Receiver
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
 
+    from dm_actor.address import Address
     from dm_actor.coap.message import Message
-    from dm_actor.transport.udp import Address
 
 DOC_FILE = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
 DOC: dict[str, Any] = json.loads(DOC_FILE.read_text())

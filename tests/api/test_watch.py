@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     import pytest
 
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 KEY = "ak_watch"
 

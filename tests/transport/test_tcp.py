@@ -26,7 +26,7 @@ from dm_actor.transport.tcp import SEND_QUEUE_HARD_FACTOR, TcpConnection, TcpLis
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 WAIT = 5.0  # seconds: a hang guard only

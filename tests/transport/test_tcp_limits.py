@@ -44,7 +44,7 @@ from dm_actor.transport.tcp import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 WAIT = 60.0  # virtual seconds: a hang guard only
 _STREAMS: list[trio.SocketStream] = []

@@ -21,10 +21,12 @@ from dm_actor import app
 from dm_actor.coap.message import Message, decode, encode, path_options
 from dm_actor.coap.numbers import Code, MessageType
 from dm_actor.config import load_settings
-from dm_actor.transport.udp import Address, UdpEndpoint
+from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from dm_actor.address import Address
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 WAIT = 5.0  # seconds: a hang guard only; loopback answers in microseconds
