@@ -147,15 +147,17 @@ async def test_an_exception_while_handling_a_peer_ends_only_that_device(
     if bound:
         assert (await victim.register()).code == Code.CREATED
     sup = server.sup
-    original = sup.device_request if bound else sup._unknown_peer
+    target = sup if bound else sup.router
+    name = "device_request" if bound else "_unknown_peer"
+    original = getattr(target, name)
 
     def planted(*args: object, **kwargs: object) -> None:
         raise RuntimeError("a bug reached by a peer's bytes")
 
-    monkeypatch.setattr(sup, "device_request" if bound else "_unknown_peer", planted)
+    monkeypatch.setattr(target, name, planted)
     with trio.move_on_after(1):
         await (victim.update() if bound else victim.register())
-    monkeypatch.setattr(sup, "device_request" if bound else "_unknown_peer", original)
+    monkeypatch.setattr(target, name, original)
     assert sup.statistics["peer_errors"] == 1
     if bound:
         assert "victim" not in sup.by_endpoint

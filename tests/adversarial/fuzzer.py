@@ -43,7 +43,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
-import dm_actor.actors.supervisor as supervisor_module
+import dm_actor.actors.registrar as registrar_module
+import dm_actor.actors.registry as registry_module
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Accepted, Supervisor
 from dm_actor.coap import framing_tcp
@@ -263,13 +264,15 @@ def seeded_secrets(rng: random.Random) -> Iterator[None]:
         def token_hex(n: int = 6) -> str:
             return rng.randbytes(n).hex()
 
-    namespace = vars(supervisor_module)
-    saved = namespace["secrets"]
-    namespace["secrets"] = _Secrets
+    namespaces = [vars(registry_module), vars(registrar_module)]  # the modules that draw
+    saved = [namespace["secrets"] for namespace in namespaces]
+    for namespace in namespaces:
+        namespace["secrets"] = _Secrets
     try:
         yield
     finally:
-        namespace["secrets"] = saved
+        for namespace, module in zip(namespaces, saved, strict=True):
+            namespace["secrets"] = module
 
 
 class GateStore(MemoryStore):
@@ -396,7 +399,7 @@ class Episode:
         self.contained: list[tuple[str, str]] = []  # (signature, traceback) of contained bugs
         self.crash_at: int | None = None  # inputs executed when the first bug was contained
         self.device_errors = 0  # DecodeError / Lwm2mError a device's bytes caused (expected)
-        original = getattr(self.sup, "contain", None)
+        original = getattr(self.sup.registry, "contain", None)
         if original is not None:
 
             def contain(actor: Any, exc: Exception, where: str) -> None:
@@ -409,7 +412,7 @@ class Episode:
                         self.crash_at = len(self.ops)
                 original(actor, exc, where)
 
-            self.sup.contain = contain  # type: ignore[method-assign]
+            self.sup.registry.contain = contain  # type: ignore[method-assign]
         self.sent: dict[Address, deque[bytes]] = {}
         self.peers = [Peer(("127.0.0.1", 40000 + i), mid=rng.randrange(65536),
                            ep=b"dev-%d" % (i % 5)) for i in range(peers)]  # fmt: skip

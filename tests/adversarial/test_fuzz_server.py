@@ -103,14 +103,14 @@ async def test_fuzz_loopback(nursery: trio.Nursery, autojump_clock: trio.testing
     server = await start_server(nursery)
     sup = server.sup
     bugs: list[str] = []
-    original = sup.contain
+    original = sup.registry.contain
 
     def contain(actor: DeviceActor | None, exc: Exception, where: str) -> None:
         if not isinstance(exc, DecodeError | Lwm2mError):
             bugs.append(f"{where}: {exc!r}")
         original(actor, exc, where)
 
-    sup.contain = contain  # type: ignore[method-assign]
+    sup.registry.contain = contain  # type: ignore[method-assign]
     rng = random.Random(0xF023)
     seeds = udp_seeds()
     mutator = Mutator(rng, seeds)

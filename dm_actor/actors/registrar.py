@@ -1,0 +1,391 @@
+"""The registrar: the LwM2M registration interface (Register, Update, De-register) on the server.
+
+It owns what a registration request does to the registry: a new device actor (spawned in the
+actors' nursery) or a registration renewed on the existing one (rule 8.1, its queue kept),
+the binding of a device to the address or TCP connection it last spoke from (rule 0: the
+registration id is the proof), the lifetime heap and its sweeper (rule 8.3), the answers to
+peers that have no actor yet (and their cache, for retransmissions) and the 5.03 that sheds a
+Register the server cannot keep now. It never routes a datagram (the router gives it the
+requests) and never touches a command or a subscription beyond asking `subscriptions` to
+observe again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import secrets
+from collections import OrderedDict
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import trio
+
+from dm_actor.actors.device import Signal
+from dm_actor.actors.persist import registration_record
+from dm_actor.coap import message as coap_message
+from dm_actor.coap.message import Message, uint_bytes
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+from dm_actor.delivery.queue import DeviceQueue
+from dm_actor.lwm2m import registration as reg_iface
+from dm_actor.lwm2m.link_format import SHARED_ENTRIES
+from dm_actor.lwm2m.registration import Registration, RegistrationError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dm_actor.actors.device import Address, DeviceActor, TcpConnection
+    from dm_actor.actors.registry import Registry
+    from dm_actor.actors.subscriptions import Subscriptions
+    from dm_actor.lwm2m.link_format import RegisteredObjects
+
+_CON = MessageType.CON.value
+
+
+class Registrar:
+    """Registers, updates and de-registers devices, and ends those whose lifetime passed."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        subscriptions: Subscriptions,
+        new_actor: Callable[[Registration, DeviceQueue], DeviceActor],
+        *,
+        reply_cache_size: int,
+    ) -> None:
+        self.registry = registry
+        self.subscriptions = subscriptions
+        self._new_actor = new_actor  # (the supervisor's: the actor is given its host)
+        # replies to Registers from peers that had no actor yet, for retransmissions
+        # (None while the answer waits for the store: retransmissions are dropped meanwhile)
+        self.replies: OrderedDict[tuple[Address, int], tuple[float, bytes | None]] = OrderedDict()
+        self.reply_cache_size = reply_cache_size
+        self.lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
+        self._lifetime_scope: trio.CancelScope | None = None
+        self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
+
+    # -- the registration interface --------------------------------------------------------
+
+    def device_request(self, actor: DeviceActor, request: Message, now: float) -> None:
+        """A request from a registered device, after its actor's deduplication."""
+        registry = self.registry
+        kind = reg_iface.classify(request)
+        coap, addr, conn = actor.coap, actor.addr, actor.conn  # what the request came on
+        if kind == "register" and registry.store_behind():
+            registry.statistics["registrations_shed"] += 1
+            actor.coap.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), b"", now)
+            actor.flush(now)
+            return
+        if kind == "register":
+            code, options = self.register(request, addr, conn, now, via=actor)
+            if not actor.has_transport() and (addr is not None or conn is not None):
+                # another endpoint registered from this address or connection (NAT port
+                # reuse, a proxy, a renamed device): it is that device's now, and the answer
+                # goes out from here, cached for retransmissions like any new peer's
+                self._answer_register(request, addr, conn, code, options)
+                return
+        elif kind == "update":
+            code, options = self._update(actor, request, now)
+        elif kind == "deregister":
+            code, options = self._deregister(actor, request, now)
+        else:
+            code, options = Code.NOT_FOUND, ()
+        store = registry.store
+        if (code == Code.CREATED or code == Code.DELETED or code == Code.CHANGED) and not (
+            store.is_durable(store.mark())  # (already durable: the memory store)
+        ):
+            # the 2.01 / 2.02 / 2.04 promises what the store holds (an Update's lifetime and
+            # address too: a restart must not expire what a 2.04 renewed): answer once durable,
+            # on the transport the request came on
+            def answer() -> None:
+                later = registry.now()
+                if coap is not actor.coap or actor.addr != addr or actor.conn is not conn:
+                    # the device moved meanwhile (another address, connection or endpoint):
+                    # its new transport must not get an answer with the old one's Message ID
+                    self.reply_direct(request, addr, conn, code, options, cache=True)
+                elif not coap.answered(request):  # (taken twice: its entry expired meanwhile)
+                    coap.respond(request, code, options, b"", later)
+                    actor.flush(later)
+
+            registry.after_durable(answer, actor)
+        else:
+            actor.coap.respond(request, code, options, b"", now)
+            actor.flush(now)
+
+    def shed(self, request: Message, addr: Address | None, conn: TcpConnection | None) -> None:
+        """Refuse a Register the server cannot keep now (its store is behind or failing):
+        5.03 Service Unavailable with Max-Age, so the client waits before it tries again
+        (LwM2M clients then back off; without an answer they retransmit at once)."""
+        self.registry.statistics["registrations_shed"] += 1
+        self.reply_direct(
+            request, addr, conn, Code.SERVICE_UNAVAILABLE, self._retry_after(), cache=True
+        )
+
+    def _retry_after(self) -> tuple[coap_message.Option, ...]:
+        retry_after = self.registry.settings.registration.retry_after
+        return ((OptionNumber.MAX_AGE.value, uint_bytes(retry_after)),)
+
+    def _new_reg_id(self) -> str:
+        """An unguessable registration id: it is what authorises Updates (rule 0)."""
+        while (reg_id := secrets.token_hex(6)) in self.registry.by_reg_id:
+            pass
+        return reg_id
+
+    def register(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        now: float,
+        *,
+        via: DeviceActor | None,
+    ) -> reg_iface.Response:
+        registry = self.registry
+        r = registry.settings.registration
+        parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime, r.max_links)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
+            return Code.BAD_REQUEST, ()
+        reg = Registration.from_request(parsed, self._new_reg_id(), now)
+        actor = registry.by_endpoint.get(reg.endpoint)
+        if actor is not None:
+            # bound first: a replaced connection's mail is handled now (`bind`), and it may
+            # hold a Register (handled in full, nested) or a De-register (the actor ends)
+            self.bind(actor, addr, conn)
+            if actor.mailbox.closed:
+                actor = None
+        if actor is None:
+            actor = self._new_actor(
+                reg, DeviceQueue(registry.policy, queue_mode=reg.queue_mode, now=now)
+            )
+            registry.by_endpoint[reg.endpoint] = actor
+            registry.endpoint_names.add(reg.endpoint)
+            self.bind(actor, addr, conn)
+            assert registry.nursery is not None, "Supervisor.run() is not running"
+            registry.nursery.start_soon(actor.run, name="device")  # one shared name string
+            self.subscriptions.apply_presubscriptions(actor, now)
+            if actor.reg is not reg:
+                # binding handled the address's earlier mail, and a Register of this
+                # endpoint in it (a later one, nested) made a registration already: it
+                # stands, and this Register is answered with it (the device's last id)
+                return reg_iface.created(actor.reg.reg_id)
+        else:
+            # rule 8.1: the same endpoint registers again; the queue is kept
+            registry.by_reg_id.pop(actor.reg.reg_id, None)
+            actor.reg = reg
+            actor.queue.queue_mode = reg.queue_mode
+            actor.forget_observations()
+            self.subscriptions.observe_again(actor, now)  # rule 9.3
+            actor.queue.contact(now)
+            if via is not actor:
+                registry.tell(actor, Signal.WAKE)
+        registry.by_reg_id[reg.reg_id] = actor
+        self.watch_lifetime(reg)
+        registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
+        registry.statistics["registrations"] += 1
+        registry.events.publish("registrations", registration_item(reg))
+        return reg_iface.created(reg.reg_id)
+
+    def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
+        registry = self.registry
+        by_addr, by_conn = registry.by_addr, registry.by_conn
+        now = registry.now()
+        if (actor.addr is not None and actor.addr != addr) or (
+            actor.conn is not None and actor.conn is not conn
+        ):
+            # what came on the old address or connection first (an answer, say; a request is
+            # answered there) is handled while the actor still has it; nothing new starts
+            actor.drain(now)
+            if actor.mailbox.closed:
+                return  # (a De-register was among it)
+        if actor.addr is not None and actor.addr != addr and by_addr.get(actor.addr) is actor:
+            del by_addr[actor.addr]
+        replaced = actor.conn is not None and actor.conn is not conn
+        if replaced:  # a new connection (or UDP) before the old one was seen to close
+            assert actor.conn is not None
+            by_conn.pop(actor.conn, None)
+            actor.conn = None
+        reliable = conn is not None
+        if actor.coap.reliable != reliable:
+            actor.coap = registry.new_coap_endpoint(reliable=reliable)
+            actor.abandon_attempt(now)
+            replaced = True  # the old endpoint's observations are gone with it
+        actor.addr = addr
+        actor.conn = conn
+        if replaced:
+            actor.transport_lost(now)
+        if addr is not None:
+            previous = by_addr.get(addr)
+            if previous is not None and previous is not actor:
+                # another endpoint now speaks from its address: what came from there first
+                # is handled (and answered) now; what it sent there fails and an attempt
+                # not yet sent goes back to its queue (as on ICMP)
+                previous.drain(now)
+                previous.addr = None
+                registry.tell(previous, Signal.UNREACHABLE)
+            by_addr[addr] = actor
+        if conn is not None:
+            previous = by_conn.get(conn)
+            if previous is not None and previous is not actor:
+                previous.drain(now)
+                previous.conn = None  # what it sent on it fails on its next step
+                registry.tell(previous, Signal.UNREACHABLE)
+            by_conn[conn] = actor
+
+    def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
+        registry = self.registry
+        r = registry.settings.registration
+        parsed = reg_iface.parse_update(request, r.max_lifetime, r.max_links)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        if actor.conn is None and parsed.binding is not None and "U" not in parsed.binding:
+            return Code.BAD_REQUEST, ()
+        if parsed.reg_id != actor.reg.reg_id:
+            return Code.NOT_FOUND, ()
+        if registry.store_behind():  # its 2.04 would promise what the store cannot keep now
+            registry.statistics["registrations_shed"] += 1
+            return Code.SERVICE_UNAVAILABLE, self._retry_after()
+        reg = actor.reg.apply_update(parsed, now)
+        actor.reg = reg
+        actor.queue.queue_mode = reg.queue_mode
+        self.watch_lifetime(reg)
+        registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
+        registry.events.publish("reg-updates", registration_item(reg))
+        return reg_iface.changed()
+
+    def _deregister(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
+        parsed = reg_iface.parse_deregister(request)
+        if isinstance(parsed, RegistrationError):
+            return reg_iface.error(parsed)
+        if parsed.reg_id != actor.reg.reg_id:
+            return Code.NOT_FOUND, ()
+        if self.registry.store_behind():  # its 2.02 would wait for the store: come back later
+            self.registry.statistics["registrations_shed"] += 1
+            return Code.SERVICE_UNAVAILABLE, self._retry_after()
+        actor.end(now, expired=False)
+        return reg_iface.deleted()
+
+    # -- answers to peers without an actor --------------------------------------------------
+
+    def _answer_register(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        code: int,
+        options: tuple[coap_message.Option, ...],
+    ) -> None:
+        """Answer a Register from here once the store holds it; until then its
+        retransmissions are dropped, and after it they get the same answer."""
+        if addr is not None:
+            self.cache_reply(addr, request.mid, None)
+        self.registry.after_durable(
+            lambda: self.reply_direct(request, addr, conn, code, options, cache=True)
+        )
+
+    def reply_direct(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        code: int,
+        options: tuple[coap_message.Option, ...],
+        *,
+        cache: bool,
+    ) -> None:
+        if conn is not None:
+            self.registry.send_frame(conn, tcp_frame(Message(0, code, 0, request.token, options)))
+            return
+        if addr is None:
+            return
+        if request.mtype == _CON:
+            reply = Message(MessageType.ACK, code, request.mid, request.token, options)
+        else:
+            self._non_mid = mid = (self._non_mid + 1) & 0xFFFF
+            reply = Message(MessageType.NON, code, mid, request.token, options)
+        data = coap_message.encode(reply)
+        if cache:
+            self.cache_reply(addr, request.mid, data)
+        self.registry.send_datagram(data, addr)
+
+    def cache_reply(self, addr: Address, mid: int, data: bytes | None) -> None:
+        # an OrderedDict: with a plain dict, finding the oldest entry scans the deleted slots
+        # at its front, ~63 us per Register once the cache is full (docs/benchmarks.md)
+        replies = self.replies
+        now = self.registry.now()
+        while replies:
+            oldest = next(iter(replies.values()))
+            if oldest[0] > now and len(replies) < self.reply_cache_size:
+                break
+            replies.popitem(last=False)
+        replies[addr, mid] = (now + self.registry.params.exchange_lifetime, data)
+
+    # -- lifetimes --------------------------------------------------------------------------
+
+    def watch_lifetime(self, reg: Registration) -> None:
+        registry = self.registry
+        expires_at = reg.expires_at(registry.registration_grace)
+        heap = self.lifetimes
+        if len(heap) > 2 * len(registry.by_endpoint) + 1024:
+            # every Update pushes an entry and the stale ones leave only when due: rebuild
+            # from the live registrations (amortised O(1) per push; bounded whatever peers do)
+            grace = registry.registration_grace
+            heap[:] = [
+                (a.reg.expires_at(grace), ep, a.reg.reg_id)
+                for ep, a in registry.by_endpoint.items()
+            ]
+            heapq.heapify(heap)
+        heapq.heappush(heap, (expires_at, reg.endpoint, reg.reg_id))
+        scope = self._lifetime_scope
+        if scope is not None and expires_at < scope.deadline:
+            scope.deadline = expires_at
+
+    async def lifetime_sweeper(self) -> None:
+        """Rule 8.3: a registration without an Update within its lifetime (+ grace) ends."""
+        registry = self.registry
+        heap = self.lifetimes
+        while True:
+            with trio.CancelScope(deadline=heap[0][0] if heap else math.inf) as scope:
+                self._lifetime_scope = scope
+                await trio.sleep_forever()
+            self._lifetime_scope = None
+            now = registry.now()
+            while heap and heap[0][0] <= now:
+                _, endpoint, reg_id = heapq.heappop(heap)
+                actor = registry.by_endpoint.get(endpoint)
+                if actor is None or actor.reg.reg_id != reg_id:
+                    continue
+                if actor.reg.expires_at(registry.registration_grace) <= now:
+                    registry.tell(actor, Signal.EXPIRED)
+
+
+def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
+    """`EndpointData.resources` of an object list (shared by devices of one kind; read-only;
+    a long list is built each time, not kept: see `link_format.SHARED_ENTRIES`)."""
+    if len(objects.paths()) > SHARED_ENTRIES:
+        return _build_resources(objects)
+    return _shared_resources(objects)
+
+
+def _build_resources(objects: RegisteredObjects) -> list[dict[str, object]]:
+    return [{"path": str(p), "obs": True} for p in objects.paths()]
+
+
+_shared_resources = lru_cache(maxsize=256)(_build_resources)
+
+
+def registration_item(reg: Registration) -> dict[str, object]:
+    """The Pelion `EndpointData` of a registration event."""
+    item: dict[str, object] = {"ep": reg.endpoint, "original-ep": reg.endpoint}
+    if reg.endpoint_type is not None:
+        item["ept"] = reg.endpoint_type
+    item["q"] = reg.queue_mode
+    item["resources"] = _resources(reg.objects)
+    return item
+
+
+def tcp_frame(msg: Message) -> bytes:
+    from dm_actor.coap.framing_tcp import encode
+
+    return encode(msg)

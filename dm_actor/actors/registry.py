@@ -1,0 +1,207 @@
+"""The registry: what every part of the supervisor shares, and the bottom of the actor package.
+
+It owns the index maps of the device actors (by endpoint name, registration id, address and
+TCP connection), the counters (`statistics`), the durability gate (answers held until the
+store has committed what they promise, and the refusal of new work while it is behind), the
+way out (`send_datagram` / `send_frame`), the crash boundary (`contain`) and the settings,
+store and event stream. It never decides anything of the protocol: routing, registration,
+commands and subscriptions are the files above it (`router`, `registrar`, `commands`,
+`subscriptions`), which share it and never import each other downwards-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+from typing import TYPE_CHECKING
+
+import trio
+from sortedcontainers import SortedList
+
+from dm_actor.actors.mailbox import MailboxClosed, Overloaded
+from dm_actor.actors.persist import command_record
+from dm_actor.coap.endpoint import CoapEndpoint
+from dm_actor.delivery.queue import DeliveryPolicy
+from dm_actor.store.base import StoreError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
+    from dm_actor.actors.events import EventStream
+    from dm_actor.coap.message import Message
+    from dm_actor.coap.numbers import TransmissionParameters
+    from dm_actor.config import Settings
+    from dm_actor.delivery.queue import Command
+    from dm_actor.store.base import Store
+
+log = logging.getLogger(__name__)
+
+
+class Registry:
+    """The device actors' indexes, counters, durability gate and way out (one per server)."""
+
+    def __init__(
+        self, settings: Settings, *, store: Store, events: EventStream, mailbox_size: int
+    ) -> None:
+        d = settings.delivery
+        self.settings = settings
+        self.store: Store = store
+        self.events = events
+        self.mailbox_size = mailbox_size
+        self.registration_grace = settings.registration.expiry_grace
+        self.wall_offset = 0.0  # wall-clock minus Trio time; set when `Supervisor.run` starts
+        self.params: TransmissionParameters = settings.transmission_parameters()
+        # how long a device remembers a Message ID: ours, but at most RFC 7252's 247 s,
+        # the default of the clients in the field
+        self.resend_window = min(self.params.exchange_lifetime, 247.0)
+        self.policy = DeliveryPolicy(
+            queue_length=d.queue_length, awake_time=d.awake_time, resend_grace=d.resend_grace
+        )
+        self.by_endpoint: dict[str, DeviceActor] = {}
+        # the registered endpoint names in order, for listing pages without sorting every
+        # name per request (that sort was half of the server's CPU during a flood of 100k)
+        self.endpoint_names: SortedList[str] = SortedList()
+        self.by_reg_id: dict[str, DeviceActor] = {}
+        self.by_addr: dict[Address, DeviceActor] = {}
+        self.by_conn: dict[TcpConnection, DeviceActor] = {}
+        # answers waiting for `store.durable()`, with the device whose answer it is
+        self._held: list[tuple[Callable[[], None], DeviceActor | None]] = []
+        # beyond this many answers waiting for the store, or writes not yet committed (a
+        # stalled disk), new Registers are shed and new commands refused until it catches up
+        self.held_limit = 100_000
+        self.awaiting = 0  # answers held or being committed
+        self._held_wake = trio.Event()
+        self.nursery: trio.Nursery | None = None  # the actors' (set by `Supervisor.run`)
+        self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
+        self._udp_send: Callable[[bytes, Address], None] | None = None
+        self.statistics = {
+            "registrations": 0,
+            "registrations_shed": 0,
+            "mailbox_overloaded": 0,
+            "decode_errors": 0,
+            "peer_errors": 0,  # exceptions contained at a peer's boundary (see `contain`)
+            # messages dropped unread: the device's dedup window was full of requests whose
+            # answers wait for the store (the device retransmits them)
+            "messages_refused": 0,
+            "frames_dropped": 0,  # to a TCP connection whose send queue was full, or closing
+            "datagrams_too_large": 0,  # over MAX_DATAGRAM bytes: dropped unread
+            "blockwise_failures": 0,  # answers or notifications in blocks a device broke
+        }
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def attach_udp(self, send: Callable[[bytes, Address], None]) -> None:
+        self._udp_send = send
+
+    def new_coap_endpoint(self, *, reliable: bool, mid_start: int | None = None) -> CoapEndpoint:
+        seed = secrets.randbits(32)
+        return CoapEndpoint(
+            self.params,
+            reliable=reliable,
+            rng=None if self.params.ack_random_factor == 1.0 else self._rng,
+            mid_start=seed & 0xFFFF if mid_start is None else mid_start,
+            token_seed=seed,
+            dedup_limit=16,
+        )
+
+    def send_datagram(self, data: bytes, addr: Address) -> None:
+        if self._udp_send is not None:
+            try:
+                self._udp_send(data, addr)
+            except trio.ClosedResourceError:
+                log.debug("UDP endpoint closed: a datagram to %s is dropped (shutdown)", addr)
+
+    def send_frame(self, conn: TcpConnection, frame: bytes) -> None:
+        try:
+            conn.send_frame_nowait(frame)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            self.statistics["frames_dropped"] += 1  # (summed up in `_report`, not a line each)
+            log.debug("dropped a frame to %s: connection full or closing", conn.peer)
+
+    def now(self) -> float:
+        return trio.current_time()
+
+    def persist_command(self, endpoint: str, cmd: Command) -> None:
+        self.store.put_command(command_record(endpoint, cmd, self.wall_offset))
+
+    def tell(self, actor: DeviceActor, mail: bytes | Message | Signal) -> None:
+        try:
+            actor.tell(mail)
+        except Overloaded:
+            self.statistics["mailbox_overloaded"] += 1
+        except MailboxClosed:
+            pass
+
+    # -- the crash boundary -----------------------------------------------------------------
+
+    def contain(self, actor: DeviceActor | None, exc: Exception, where: str) -> None:
+        """The crash boundary: an exception raised while handling a peer's input (a bug, or
+        a device-level `DecodeError`/`Lwm2mError`) ends at most that device's registration
+        (its commands get their AsyncIDResponses, a `de-registrations` event is published),
+        is logged once with its traceback and counted; never the server. A store failure is
+        not a peer's doing and is never contained (`StoreError` propagates)."""
+        self.statistics["peer_errors"] += 1
+        name = "an unregistered peer" if actor is None else f"device {actor.endpoint}"
+        log.error("handling %s of %s failed: %r; %s", where, name, exc,
+                  "no registration to end" if actor is None else "its registration ends",
+                  exc_info=exc)  # fmt: skip
+        if actor is None or actor.mailbox.closed:
+            return
+        now = self.now()
+        try:
+            actor.end(now, expired=False)
+        except StoreError:
+            raise
+        except Exception:  # its state is broken: end it without its help
+            log.exception("device %s could not end cleanly", actor.endpoint)
+            actor.mailbox.close()
+            self.device_ended(actor, expired=False)
+
+    def device_ended(self, actor: DeviceActor, *, expired: bool) -> None:
+        """Called by the actor as it ends (rules 8.2, 8.3)."""
+        ep = actor.endpoint
+        if self.by_endpoint.get(ep) is actor:
+            del self.by_endpoint[ep]
+            self.endpoint_names.discard(ep)
+        self.by_reg_id.pop(actor.reg.reg_id, None)
+        if actor.addr is not None and self.by_addr.get(actor.addr) is actor:
+            del self.by_addr[actor.addr]
+        if actor.conn is not None:
+            self.by_conn.pop(actor.conn, None)
+        self.store.delete_registration(ep)
+        self.events.publish("registrations-expired" if expired else "de-registrations", ep)
+
+    # -- the durability gate ----------------------------------------------------------------
+
+    def store_behind(self) -> bool:
+        """Whether new work must be refused (the API answers 503 STORE_IS_BEHIND): the store
+        fails to write (a full disk, a read-only data directory: it retries) or is too far
+        behind."""
+        limit = self.held_limit
+        store = self.store
+        return not store.healthy() or self.awaiting >= limit or store.backlog() >= limit
+
+    def after_durable(self, send: Callable[[], None], actor: DeviceActor | None = None) -> None:
+        """Run `send` once every write made so far is durable (one group commit for many);
+        an exception it raises is contained at `actor`'s boundary (`contain`)."""
+        self._held.append((send, actor))
+        self.awaiting += 1
+        self._held_wake.set()
+
+    async def release_replies(self) -> None:
+        while True:
+            await self._held_wake.wait()
+            self._held_wake = trio.Event()
+            batch, self._held = self._held, []
+            await self.store.durable()
+            self.awaiting -= len(batch)
+            for send, actor in batch:
+                try:
+                    send()
+                except StoreError:
+                    raise
+                except Exception as exc:
+                    self.contain(actor, exc, "an answer held for the store")
+            del batch  # do not keep the last batch's requests alive while waiting
