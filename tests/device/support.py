@@ -77,10 +77,12 @@ def registration(
 @dataclass
 class Endpoints:
     """The machine's `new_endpoint`: CoAP endpoints with seeded randomness, each with its own
-    token range (a new endpoint never reuses an older one's tokens)."""
+    token range (a new endpoint never reuses an older one's tokens). Without a `mid_start`
+    the first Message ID is random, as the server's (`Registry.new_coap_endpoint`), unless
+    `mid_default` fixes it."""
 
     seed: int = 1
-    mid_default: int = 100
+    mid_default: int | None = None
     made: list[tuple[bool, int | None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -88,7 +90,9 @@ class Endpoints:
 
     def __call__(self, reliable: bool, mid_start: int | None) -> CoapEndpoint:
         self.made.append((reliable, mid_start))
-        start = self.mid_default if mid_start is None else mid_start
+        start = mid_start
+        if start is None:
+            start = self.rng.getrandbits(16) if self.mid_default is None else self.mid_default
         return CoapEndpoint(
             PARAMS,
             reliable=reliable,
@@ -107,7 +111,7 @@ def make_machine(
     queue_mode: bool = False,
     queue_length: int = 20,
     seed: int = 1,
-    mid_default: int = 100,
+    mid_default: int | None = None,
     now: float = 0.0,
 ) -> DeviceMachine:
     """A machine for a registered device, reachable at `addr` (UDP) or on `conn` (TCP)."""
@@ -196,7 +200,9 @@ class Driver:
         self.pending_limit: int | None = None  # a ReserveMids not yet durable
         self.durable_limit: int | None = None  # the last ReserveMids followed by durable
         self.finished: dict[str, int] = {}
-        self.mids_at: dict[int, float] = {}  # request MID -> when it was first sent
+        self.mids_at: dict[int, tuple[float, bytes]] = {}  # request MID -> (first sent, token)
+        #: Message IDs a restored command was stored with (rule 7.2 resends its exchange)
+        self.restored_mids: set[int] = set()
 
     def take(self, now: float = 0.0) -> list[Effect]:
         effects = self.m.effects()
@@ -230,10 +236,17 @@ class Driver:
                 raise ContractBroken(f"a request left during a hold: {msg}")
             if effect.conn is None:
                 limit = self.durable_limit
+                if msg.mid in self.restored_mids:
+                    return
                 if limit is None or not 0 < (limit - msg.mid) & 0xFFFF <= 256:
                     raise ContractBroken(f"MID {msg.mid} is not below the durable limit {limit}")
-                first = self.mids_at.setdefault(msg.mid, now)
-                del first  # (reuse within EXCHANGE_LIFETIME: checked by the stateful test)
+                # a MID names one exchange for EXCHANGE_LIFETIME: sent again only as the same
+                # exchange (a retransmission, or the resend of rule 7.2: the same token)
+                seen = self.mids_at.get(msg.mid)
+                if seen is None or seen[1] != msg.token:
+                    if seen is not None and now - seen[0] < PARAMS.exchange_lifetime:
+                        raise ContractBroken(f"MID {msg.mid} reused within EXCHANGE_LIFETIME")
+                    self.mids_at[msg.mid] = (now, msg.token)
 
 
 # -- the fake device --------------------------------------------------------------------------
@@ -259,6 +272,10 @@ class FakeDevice:
         if self.tcp:
             return msg._replace(mtype=0, mid=0)
         return encode(msg)
+
+    def ping(self) -> bytes:
+        """A CoAP ping (an empty CON): a contact, answered with a Reset."""
+        return encode(Message(CON, 0, self.next_mid()))
 
     def ack(self, req: Message) -> bytes | Message:
         """An empty ACK (UDP only): the answer comes separately."""
