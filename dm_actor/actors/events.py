@@ -8,34 +8,53 @@ size). The API layer batches what it reads into `NotificationMessage`s.
 from __future__ import annotations
 
 from collections import deque
+from typing import Literal, NamedTuple, cast, get_args
 
 import trio
 
-#: The `NotificationMessage` keys, in the order Pelion documents them.
-KINDS = (
+Kind = Literal[
     "notifications",
     "registrations",
     "reg-updates",
     "de-registrations",
     "registrations-expired",
     "async-responses",
-)
-
+]
+#: The `NotificationMessage` keys, in the order Pelion documents them.
+KINDS: tuple[Kind, ...] = get_args(Kind)
 Item = dict[str, object] | str
-#: (kind, item, owners, seq): owners are the applications the event is for, None for all of
-#: them; seq numbers a durable event (an AsyncIDResponse kept in the store until a channel
-#: delivered it, see `Supervisor.events_delivered`), None for the others
+
+
+class ChannelEvent(NamedTuple):
+    """One event for the notification channels, as the stream hands it out.
+
+    A NamedTuple: the memory of the plain tuple it replaces, with names instead of
+    `event[3]` (it still unpacks as `kind, item, owners, seq`).
+    """
+
+    kind: Kind
+    item: Item
+    #: the applications the event is for, None for all of them
+    owners: frozenset[str] | None
+    #: numbers a durable event (an AsyncIDResponse kept in the store until a channel
+    #: delivered it, see `Supervisor.events_delivered`), None for the others
+    seq: int | None
+
+
+#: The positional shape `(kind, item, owners, seq)` a `ChannelEvent` has (it is one): what
+#: the supervisor's restore still builds as a plain tuple; `NotificationHub.restore` turns
+#: it into a `ChannelEvent`. To go once the restore builds `ChannelEvent`s.
 Event = tuple[str, Item, frozenset[str] | None, int | None]
 
 
 class EventStream:
-    """A bounded FIFO of `(kind, item)` with one reader."""
+    """A bounded FIFO of `ChannelEvent`s with one reader."""
 
     __slots__ = ("_events", "_waiter", "capacity", "dropped", "published")
 
     def __init__(self, capacity: int = 100_000) -> None:
         self.capacity = capacity
-        self._events: deque[Event] = deque()
+        self._events: deque[ChannelEvent] = deque()
         self._waiter = trio.Event()
         self.dropped = 0
         self.published = 0
@@ -54,17 +73,18 @@ class EventStream:
         if len(events) >= self.capacity:
             events.popleft()
             self.dropped += 1
-        events.append((kind, item, owners, seq))
+        # (publishers name kinds with plain strings: `kind` is one of KINDS)
+        events.append(ChannelEvent(cast("Kind", kind), item, owners, seq))
         self.published += 1
         self._waiter.set()
 
-    def take(self, limit: int = 10_000) -> list[Event]:
+    def take(self, limit: int = 10_000) -> list[ChannelEvent]:
         """Up to `limit` events, oldest first, without waiting."""
         events = self._events
         n = min(limit, len(events))
         return [events.popleft() for _ in range(n)]
 
-    async def get(self, limit: int = 10_000) -> list[Event]:
+    async def get(self, limit: int = 10_000) -> list[ChannelEvent]:
         """Wait for at least one event, then take up to `limit`."""
         while not self._events:
             self._waiter = trio.Event()

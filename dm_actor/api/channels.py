@@ -31,12 +31,12 @@ import msgspec
 import trio
 import trio.lowlevel
 
-from dm_actor.actors.events import KINDS
+from dm_actor.actors.events import KINDS, ChannelEvent
 from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
 from dm_actor.store.base import ChannelRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from dm_actor.actors.events import Event, EventStream, Item
     from dm_actor.store.base import Store
@@ -155,7 +155,7 @@ class Channel:
         self.mechanism = mechanism
         self.serialization = serialization
         self.capacity = capacity
-        self.events: deque[Event] = deque()
+        self.events: deque[ChannelEvent] = deque()
         self.dropped = 0  # events dropped at the bound, in all
         self.lost = 0  # ... of which the next message taken tells the client
         self._told = 0  # what the last message taken told (given back by `unread`)
@@ -166,10 +166,10 @@ class Channel:
         self.session: Session | None = None  # the live WebSocket
         self.extra: object = None  # what a delivery mechanism keeps (a webhook's url)
         self.unspilled = 0  # events in `events` that have no `seq` (not stored yet)
-        self.unacked: list[Event] = []  # a long poll's response, until the next poll
+        self.unacked: list[ChannelEvent] = []  # a long poll's response, until the next poll
         # the batch last taken, until delivered, put back or held: stored by the spill like
         # the events waiting (a slow receiver may hold it for many seconds)
-        self.in_flight: list[Event] = []
+        self.in_flight: list[ChannelEvent] = []
         self.receipt: Receipt | None = None  # ... and how to tell whether it arrived
         self.unstored: list[int] = []  # seqs of stored events dropped, to forget at the spill
         self.forget: Callable[[str, list[int]], None] | None = None  # stored events dropped
@@ -180,7 +180,7 @@ class Channel:
     def __len__(self) -> int:
         return len(self.events)
 
-    def push(self, event: Event) -> None:
+    def push(self, event: ChannelEvent) -> None:
         events = self.events
         if len(events) >= self.capacity:
             self._dropped(events.popleft())
@@ -189,8 +189,9 @@ class Channel:
                 self._too_slow(session)
         transform = self._transform
         if transform is not None:
-            event = (event[0], transform(event[0], event[1], event[3]), None, event[3])
-        if event[3] is None:
+            kind, seq = event.kind, event.seq
+            event = ChannelEvent(kind, transform(kind, event.item, seq), None, seq)
+        if event.seq is None:
             self.unspilled += 1
         events.append(event)
         self._ready.set()
@@ -202,12 +203,12 @@ class Channel:
             session.stop(1001, f"Too slow: {self.capacity} events waiting, the oldest dropped.")
             self._ready.set()
 
-    def _dropped(self, event: Event) -> None:
+    def _dropped(self, event: ChannelEvent) -> None:
         """`event` fell off the bound: counted for the client; its stored copy (if any) is
         forgotten at the next spill, with the others (one store call, not one per event)."""
         self.dropped += 1
         self.lost += 1
-        seq = event[3]
+        seq = event.seq
         if seq is None:
             self.unspilled -= 1
         elif self.forget is not None:
@@ -225,7 +226,7 @@ class Channel:
                 self._ready = trio.Event()
             await self._ready.wait()
 
-    def take(self) -> tuple[bytes, list[Event]]:
+    def take(self) -> tuple[bytes, list[ChannelEvent]]:
         """The next `NotificationMessage` (JSON) and the events it holds, removed.
 
         When events were dropped since the previous message, it says how many first:
@@ -257,7 +258,7 @@ class Channel:
         self.in_flight = batch  # (the same list: a spill stores its events in place)
         return _encode(message), batch
 
-    def unread(self, batch: list[Event]) -> None:
+    def unread(self, batch: list[ChannelEvent]) -> None:
         """Put back the last message taken, not delivered: at the head, in order (and the
         count of lost events it told is told again)."""
         if batch is self.in_flight:
@@ -267,7 +268,7 @@ class Channel:
         self.delivered -= len(batch)
         self.lost += self._told
         self._told = 0
-        unstored = sum(event[3] is None for event in batch)
+        unstored = sum(event.seq is None for event in batch)
         if unstored:  # (a spill may have run while they were out)
             self.unspilled += unstored
             if self.spill_due is not None:
@@ -362,8 +363,8 @@ class NotificationHub:
         self.orphan_limit = orphan_limit
         self.orphan_ttl = orphan_ttl
         self.channels: dict[str, Channel] = {}
-        self.orphans: dict[str, deque[tuple[float, Event]]] = {}
-        self.owed: dict[str, deque[Event]] = {}  # AsyncIDResponses of apps without a channel
+        self.orphans: dict[str, deque[tuple[float, ChannelEvent]]] = {}
+        self.owed: dict[str, deque[ChannelEvent]] = {}  # AsyncIDResponses of apps without a channel
         self._owed_lost: dict[str, int] = {}  # ... dropped at the bound, for the next channel
         self.unrouted = 0  # events for applications without a channel, dropped
         self.nursery: trio.Nursery | None = None  # for delivery tasks (webhooks)
@@ -409,7 +410,7 @@ class NotificationHub:
                 batch = await get(10_000)
                 self._spill_due.set()
                 for event in batch:
-                    owners = event[2]
+                    owners = event.owners
                     if owners is None:
                         for channel in channels.values():
                             channel.push(event)
@@ -488,11 +489,11 @@ class NotificationHub:
             if keep is None or left <= 0:
                 continue
             unacked = channel.unacked  # (older than every event waiting: stored first)
-            if unacked and any(event[3] is None for event in unacked):
+            if unacked and any(event.seq is None for event in unacked):
                 channel.unacked = [_stored(event, app, keep) for event in unacked]
                 left -= len(unacked)
             in_flight = channel.in_flight  # (taken by a delivery not completed yet)
-            if in_flight and any(event[3] is None for event in in_flight):
+            if in_flight and any(event.seq is None for event in in_flight):
                 in_flight[:] = [_stored(event, app, keep) for event in in_flight]
                 left -= len(in_flight)
             if channel.unspilled > 0:
@@ -501,7 +502,7 @@ class NotificationHub:
                 left -= stored
         return left <= 0 and any(c.unspilled > 0 for c in self.channels.values())
 
-    def hold(self, channel: Channel, batch: list[Event], receipt: Receipt | None) -> None:
+    def hold(self, channel: Channel, batch: list[ChannelEvent], receipt: Receipt | None) -> None:
         """A long poll answered with `batch`: keep it (stored at the next spill like the
         events waiting) until the application polls again (`settle`) or deletes the channel.
         Pelion's pull has no acknowledgement: the next poll is one."""
@@ -516,7 +517,7 @@ class NotificationHub:
         if receipt is not None:
             self._held.add(channel)
             self._holding.set()
-        if self.keep is not None and any(event[3] is None for event in batch):
+        if self.keep is not None and any(event.seq is None for event in batch):
             self._spill_due.set()
 
     def settle(self, channel: Channel) -> int:
@@ -538,10 +539,10 @@ class NotificationHub:
         self.delivered(channel, batch)
         return 0
 
-    def _orphan(self, app: str, event: Event) -> None:
+    def _orphan(self, app: str, event: ChannelEvent) -> None:
         """Keep an event of `app`, which has no channel, for a while (bounded); an
         AsyncIDResponse until its next channel (`owed`)."""
-        if event[0] == _ASYNC and event[3] is not None:  # (stored: every one a command ends)
+        if event.kind == _ASYNC and event.seq is not None:  # (stored: every one a command ends)
             self._owe(app, event)
             return
         now = trio.current_time()
@@ -554,7 +555,7 @@ class NotificationHub:
             kept.popleft()
             self.unrouted += 1
 
-    def _owe(self, app: str, event: Event) -> None:
+    def _owe(self, app: str, event: ChannelEvent) -> None:
         """Keep `app`'s AsyncIDResponse until it has a channel again (at most `capacity`:
         beyond, the oldest is dropped, its stored copy forgotten, and the next channel's
         first message counts it in `events-lost`)."""
@@ -563,30 +564,31 @@ class NotificationHub:
             owed = self.owed[app] = deque()
         owed.append(event)
         if len(owed) > self.capacity:
-            seq = owed.popleft()[3]
+            seq = owed.popleft().seq
             self._owed_lost[app] = self._owed_lost.get(app, 0) + 1
             if seq is not None and self.on_delivered is not None:
                 self.on_delivered(app, [seq])
 
-    def restore(self, events: list[Event]) -> None:
+    def restore(self, events: Sequence[Event]) -> None:
         """The events a restart owes (each with one owner and its `seq`), into their owners'
         channels (call once the stored channels are open, before the hub reads the stream):
         a channel's bound drops the oldest and announces it (`events-lost`), as always. An
         application without a channel is owed its AsyncIDResponses; its other events went
         with its channel: their stored copies are forgotten."""
         gone: dict[str, list[int]] = {}
-        for event in events:
-            assert event[2] is not None and len(event[2]) == 1
-            [app] = event[2]
+        for fields in events:
+            event = ChannelEvent._make(fields)
+            assert event.owners is not None and len(event.owners) == 1
+            [app] = event.owners
             channel = self.channels.get(app)
             if channel is not None:
                 channel.push(event)
-            elif event[0] == _ASYNC:
+            elif event.kind == _ASYNC:
                 self._owe(app, event)
             else:
                 self.unrouted += 1
-                if event[3] is not None:
-                    gone.setdefault(app, []).append(event[3])
+                if event.seq is not None:
+                    gone.setdefault(app, []).append(event.seq)
         if self.on_delivered is not None:
             for app, seqs in gone.items():
                 self.on_delivered(app, seqs)
@@ -620,12 +622,12 @@ class NotificationHub:
             self._spill_due.set()
         return channel
 
-    def delivered(self, channel: Channel, batch: list[Event]) -> None:
+    def delivered(self, channel: Channel, batch: list[ChannelEvent]) -> None:
         """A delivery mechanism handed `batch` to its client: durable events may be forgotten."""
         if batch is channel.in_flight:
             channel.in_flight = []
         if self.on_delivered is not None:
-            seqs = [event[3] for event in batch if event[3] is not None]
+            seqs = [event.seq for event in batch if event.seq is not None]
             if seqs:
                 self.on_delivered(channel.app, seqs)
 
@@ -655,7 +657,7 @@ class NotificationHub:
         channel = self.channels.pop(app, None)
         if channel is not None:
             self.settle(channel)
-            owed = [e for e in (*channel.in_flight, *channel.events) if e[0] == _ASYNC]
+            owed = [e for e in (*channel.in_flight, *channel.events) if e.kind == _ASYNC]
             lost, unstored = channel.lost, channel.unstored
             channel.unstored = []
             channel.close(code)
@@ -706,16 +708,16 @@ class NotificationHub:
         return transform
 
 
-def _stored(event: Event, app: str, keep: Callable[[str, str, Item], int]) -> Event:
+def _stored(event: ChannelEvent, app: str, keep: Callable[[str, str, Item], int]) -> ChannelEvent:
     """`event` with a `seq` (stored now if it had none), its item as it was (its uid)."""
-    if event[3] is not None:
+    if event.seq is not None:
         return event
-    kind, item = event[0], event[1]
-    return (kind, item, None, keep(app, kind, item))
+    kind, item = event.kind, event.item
+    return ChannelEvent(kind, item, None, keep(app, kind, item))
 
 
 def _store_newest(
-    events: deque[Event],
+    events: deque[ChannelEvent],
     count: int,
     app: str,
     keep: Callable[[str, str, Item], int],
@@ -724,16 +726,16 @@ def _store_newest(
     """Store the `count` events of `events` that have no `seq` (at most `budget` of them,
     the oldest first), visiting from the newest end (where pushed events are) and reaching
     further only for events put back at the head. Returns how many were stored."""
-    newest: list[Event] = []
+    newest: list[ChannelEvent] = []
     while count and events:
         event = events.pop()
-        if event[3] is None:
+        if event.seq is None:
             count -= 1
         newest.append(event)
     newest.reverse()  # stored oldest first: `seq` orders them after a restart
     stored = 0
     for i, event in enumerate(newest):
-        if event[3] is None:
+        if event.seq is None:
             if stored >= budget:
                 break
             newest[i] = _stored(event, app, keep)

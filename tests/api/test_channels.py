@@ -8,7 +8,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from dm_actor.actors.events import EventStream
+from dm_actor.actors.events import KINDS, ChannelEvent, EventStream
 from dm_actor.api.channels import (
     LONG_POLLING,
     WEB_SOCKET,
@@ -44,7 +44,7 @@ async def test_events_reach_only_their_applications(nursery: trio.Nursery) -> No
     message, _ = b.take()
     assert json.loads(message) == {"registrations": [{"ep": "d"}],
                                    "async-responses": [response(2)]}  # fmt: skip
-    assert [e[1] for _, e in hub.orphans["nobody"]] == [response(2)]  # kept for a while
+    assert [e.item for _, e in hub.orphans["nobody"]] == [response(2)]  # kept for a while
 
 
 async def test_an_application_without_a_channel_gets_its_last_minute_of_events(
@@ -76,7 +76,7 @@ async def test_bounded_buffer_drops_the_oldest(nursery: trio.Nursery) -> None:
     channel.unread(batch)  # not delivered: back at the head, in order
     events.publish("async-responses", response(5), frozenset({"a"}))
     await trio.testing.wait_all_tasks_blocked()
-    assert [e[1]["id"] for e in channel.events] == ["r3", "r4", "r5"]  # type: ignore[index]
+    assert [e.item["id"] for e in channel.events] == ["r3", "r4", "r5"]  # type: ignore[index]
 
 
 async def test_max_chunk_size_splits_messages(nursery: trio.Nursery) -> None:
@@ -354,5 +354,42 @@ async def test_a_spill_in_slices_stores_the_oldest_first(nursery: trio.Nursery) 
         events.publish("async-responses", response(i), frozenset({"a"}))
     await trio.testing.wait_all_tasks_blocked()
     assert hub.spill(500) and hub.spill(500) and not hub.spill(500)
-    assert [e[3] for e in channel.events] == list(range(101, 1301))
+    assert [e.seq for e in channel.events] == list(range(101, 1301))
     assert [item for _, item in keeper.kept.values()] == [response(i) for i in range(1200)]
+
+
+async def test_the_stream_hands_out_named_events(nursery: trio.Nursery) -> None:
+    """Publishers keep their positional call; what the hub reads has names (and still
+    unpacks as `kind, item, owners, seq`)."""
+    events = EventStream()
+    events.publish("async-responses", response(1), frozenset({"a"}), 7)
+    [event] = events.take()
+    assert isinstance(event, ChannelEvent)
+    assert (event.kind, event.item, event.owners, event.seq) == (
+        "async-responses", response(1), frozenset({"a"}), 7,
+    )  # fmt: skip
+    kind, _, owners, seq = event
+    assert (kind, owners, seq) == ("async-responses", frozenset({"a"}), 7)
+    assert KINDS[-1] == "async-responses" and len(KINDS) == 6  # Pelion's order, from `Kind`
+
+
+async def test_events_a_restart_owes_as_plain_tuples_are_restored_named(
+    nursery: trio.Nursery,
+) -> None:
+    """The supervisor's restore still builds `(kind, item, owners, seq)` tuples: the hub
+    turns them into `ChannelEvent`s (a channel's buffer holds only named events)."""
+    forgotten: list[tuple[str, list[int]]] = []
+    _, hub = await start_hub(nursery, on_delivered=lambda app, seqs: forgotten.append((app, seqs)))
+    channel = hub.open("a", WEB_SOCKET)
+    hub.restore([
+        ("async-responses", response(1), frozenset({"a"}), 11),
+        ("async-responses", response(2), frozenset({"b"}), 12),  # no channel: owed
+        ("notifications", {"ep": "d"}, frozenset({"b"}), 13),  # went with b's channel: forgotten
+    ])  # fmt: skip
+    [event] = channel.events
+    assert type(event) is ChannelEvent
+    assert event.seq == 11
+    [owed] = hub.owed["b"]
+    assert type(owed) is ChannelEvent
+    assert owed.item == response(2)
+    assert forgotten == [("b", [13])]
