@@ -22,12 +22,12 @@ import msgspec
 import trio
 
 from dm_actor import __version__, app
-from dm_actor.api import watch
 from dm_actor.app import StartupError
 from dm_actor.config import ConfigError, Settings, load_settings
 from dm_actor.sim import cli as sim_cli
 from dm_actor.store.base import StoreError, StoreFailed
 from dm_actor.store.sqlite import read_only
+from dm_actor.tools import watch
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -13,9 +13,9 @@ from trio_websocket import WebSocketConnection, wrap_client_stream
 
 from dm_actor import app, cli
 from dm_actor.api.auth import ApiKeys
-from dm_actor.api.watch import Watcher
 from dm_actor.coap.numbers import Code
 from dm_actor.config import ServerSettings, Settings
+from dm_actor.tools.watch import Watcher
 from tests.actors.support import Device
 
 from .client import HttpClient, close_code
