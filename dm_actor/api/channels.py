@@ -22,7 +22,6 @@ import itertools
 import logging
 import math
 import secrets
-import time
 from collections import deque
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
@@ -319,7 +318,9 @@ class NotificationHub:
     Args:
         events: the supervisor's event stream (the hub is its only reader).
         capacity: events kept per channel before the oldest are dropped.
-        wall_clock: the wall clock for `include_timestamp` (injected for tests).
+        wall_clock: the wall clock for `include_timestamp` and the channels kept in the store:
+            the server's one injected clock (`HttpServer` passes the supervisor's), never
+            the hub's own `time.time()`.
         idle_expiry: how long a channel of each mechanism lives without a consumer: a
             WebSocket channel 24 h without a socket, a long-poll channel 10 min without a
             poll (Pelion's limits); then it is deleted with its queue. Callbacks expire
@@ -341,7 +342,7 @@ class NotificationHub:
         events: EventStream,
         *,
         capacity: int = 100_000,
-        wall_clock: Callable[[], float] = time.time,
+        wall_clock: Callable[[], float],
         orphan_limit: int = 1000,
         orphan_ttl: float = 60.0,
         on_delivered: Callable[[str, list[int]], None] | None = None,

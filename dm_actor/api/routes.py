@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
-import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -144,20 +143,20 @@ class Api:
     Args:
         sup: the running supervisor.
         hub: the notification hub (channels).
-        wall_offset: added to a `trio.current_time()` value gives wall-clock seconds.
         webhooks: the callback channels (default: over `hub` with default timers).
+
+    Times are dated with the supervisor's injected wall clock (`sup.wall_offset`), never
+    with a clock of the API's own.
     """
 
     def __init__(
         self,
         sup: Supervisor,
         hub: NotificationHub,
-        wall_offset: float,
         webhooks: Webhooks | None = None,
     ) -> None:
         self.sup = sup
         self.hub = hub
-        self.wall_offset = wall_offset
         self.webhooks = webhooks or Webhooks(hub)
         self.max_presubscriptions = 1024  # entries per application (Pelion's limit)
         self._v2: dict[str, Callable[[Request], Awaitable[Response]]] = {
@@ -171,10 +170,11 @@ class Api:
     def create(
         cls, sup: Supervisor, hub: NotificationHub, webhook_options: WebhookOptions | None = None
     ) -> Api:
-        return cls(sup, hub, time.time() - trio.current_time(), Webhooks(hub, webhook_options))
+        return cls(sup, hub, Webhooks(hub, webhook_options))
 
     def wall(self, t: float) -> str:
-        return iso_time(t + self.wall_offset)
+        """The wall-clock time (ISO 8601) of `t`, a Trio time."""
+        return iso_time(t + self.sup.wall_offset)
 
     async def dispatch(self, req: Request) -> Response:
         seg = req.segments

@@ -142,7 +142,11 @@ class HttpServer:
         self.keys = api_keys
         self.options = options or HttpOptions()
         self.hub = NotificationHub(
-            sup.events, on_delivered=sup.events_delivered, keep=sup.keep_event, store=sup.store
+            sup.events,
+            wall_clock=partial(_wall_clock, sup),
+            on_delivered=sup.events_delivered,
+            keep=sup.keep_event,
+            store=sup.store,
         )
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.api.max_presubscriptions = self.options.max_presubscriptions
@@ -798,6 +802,12 @@ def _peer(stream: trio.SocketStream) -> object:
         return stream.socket.getpeername()
     except OSError:
         return "?"
+
+
+def _wall_clock(sup: Supervisor) -> float:
+    """Now, by the supervisor's injected wall clock: Trio time plus its `wall_offset` (the
+    offset is read at each call: it is set when the supervisor starts)."""
+    return trio.current_time() + sup.wall_offset
 
 
 def _parts_allowed(size: int) -> int:
