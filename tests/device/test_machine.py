@@ -908,3 +908,25 @@ def test_the_driver_catches_a_request_sent_during_a_hold() -> None:
     d.held = True
     with pytest.raises(ContractBroken, match="during a hold"):
         d.take()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="after end() the machine still accepts a submit (Verdict.ACCEPTED), starts its "
+    "attempt (the address is kept) and, once durable, sends the request to a device whose "
+    "registration ended (Link.ENDED); no Finished ever comes for it. Expected: refused, or "
+    "finished at once with 429 DEVICE_REMOVED_REGISTRATION, and nothing sent.",
+)
+def test_rules_8_2_and_8_3_a_command_submitted_after_the_end_is_never_sent_nor_lost() -> None:
+    m = make_machine()
+    d = Driver(m)
+    m.end(0.0)
+    d.take()
+    cmd = command(now=1.0)
+    verdict = m.submit(cmd, 1.0)
+    effects = d.take(1.0) + d.durable(1.0)
+    assert not requests(effects)
+    if verdict.value == "accepted":
+        assert [(f.command, f.outcome) for f in of_type(effects, Finished)] == [
+            (cmd, outcomes.REMOVED)
+        ]
