@@ -23,6 +23,7 @@ import logging
 import math
 import secrets
 from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Protocol
 
@@ -312,6 +313,20 @@ class Channel:
         self._ready.set()
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HubStatistics:
+    """What `NotificationHub.statistics()` returns (a frozen snapshot)."""
+
+    channels: int  # open channels
+    waiting: int  # events in the channels' buffers, not taken yet
+    dropped: int  # events the channels' bounds dropped, in all (open channels)
+    delivered: int  # events taken by the open channels' consumers, in all
+    orphans: int  # events kept for applications without a channel
+    owed: int  # AsyncIDResponses owed to applications without a channel
+    unrouted: int  # events for applications without a channel, dropped
+    expired: int  # channels deleted for want of a consumer
+
+
 class NotificationHub:
     """The channels of every application, and the task that fills them.
 
@@ -373,6 +388,20 @@ class NotificationHub:
         self._holding = trio.Event()  # set when `_held` gets one
         self._uid_prefix = secrets.token_hex(10)
         self._uids = itertools.count(1)
+
+    def statistics(self) -> HubStatistics:
+        """The hub's counters now (a walk over the channels: for monitoring, not per event)."""
+        channels = self.channels.values()
+        return HubStatistics(
+            channels=len(self.channels),
+            waiting=sum(len(c) for c in channels),
+            dropped=sum(c.dropped for c in channels),
+            delivered=sum(c.delivered for c in channels),
+            orphans=sum(len(kept) for kept in self.orphans.values()),
+            owed=sum(len(owed) for owed in self.owed.values()),
+            unrouted=self.unrouted,
+            expired=self.expired,
+        )
 
     async def run(
         self,

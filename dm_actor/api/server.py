@@ -110,7 +110,7 @@ class _Slot:
         self.anonymous = 0
 
 
-#: the refusals of the HTTP port that `statistics` counts, and how the log names them
+#: the refusals of the HTTP port that `statistics()` counts, and how the log names them
 _REFUSALS = {
     "connections_shed": "connections shed to make room (no complete request head yet)",
     "head_timeouts": "request heads not complete in time",
@@ -127,6 +127,25 @@ _LOG_INTERVAL = 60.0  # refusals are logged as one summary line per interval at 
 
 #: accept() errors that mean "out of resources for now" (trio's serve_listeners pauses too)
 _ACCEPT_CAPACITY_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpStatistics:
+    """What `HttpServer.statistics()` returns: counters since the server started (trio's
+    `statistics()` style: a frozen snapshot, not a live dict)."""
+
+    connections: int  # connections served, in all
+    served: int  # ... being served now
+    requests: int  # requests answered
+    bad_requests: int  # requests refused as malformed (400, 413, 431, ...)
+    connections_shed: int  # the refusals of `_REFUSALS`, each as the log names it
+    head_timeouts: int
+    body_timeouts: int
+    send_timeouts: int
+    refused_per_address: int
+    server_errors: int
+    accept_errors: int
+    websockets_too_slow: int  # WebSockets closed with 1001 for a slow client
 
 
 class HttpServer:
@@ -151,8 +170,9 @@ class HttpServer:
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.api.max_presubscriptions = self.options.max_presubscriptions
         self.restored = list(channels)
-        self.statistics = {"connections": 0, "requests": 0, "bad_requests": 0}
-        self.statistics.update(dict.fromkeys(_REFUSALS, 0))
+        self._counts = {"connections": 0, "requests": 0, "bad_requests": 0}
+        self._counts.update(dict.fromkeys(_REFUSALS, 0))
+        self._counts["websockets_too_slow"] = 0
         self.served = 0  # connections being served
         # sheddable connections (no complete request head yet, idle keep-alive, or uploading
         # the body of an unauthenticated request), oldest first
@@ -163,6 +183,24 @@ class HttpServer:
         self._anonymous: dict[trio.SocketStream, _Slot] = {}  # unauthenticated upgrades
         self._unlogged: dict[str, int] = {}
         self._logged_at = -_LOG_INTERVAL
+
+    def statistics(self) -> HttpStatistics:
+        """The HTTP port's counters since it started, and the connections served now."""
+        c = self._counts
+        return HttpStatistics(
+            connections=c["connections"],
+            served=self.served,
+            requests=c["requests"],
+            bad_requests=c["bad_requests"],
+            connections_shed=c["connections_shed"],
+            head_timeouts=c["head_timeouts"],
+            body_timeouts=c["body_timeouts"],
+            send_timeouts=c["send_timeouts"],
+            refused_per_address=c["refused_per_address"],
+            server_errors=c["server_errors"],
+            accept_errors=c["accept_errors"],
+            websockets_too_slow=c["websockets_too_slow"],
+        )
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -241,7 +279,7 @@ class HttpServer:
 
     def _refused(self, kind: str) -> None:
         """Count a refusal; log the refusals as one line per `_LOG_INTERVAL` at most."""
-        self.statistics[kind] += 1
+        self._counts[kind] += 1
         self._unlogged[kind] = self._unlogged.get(kind, 0) + 1
         now = trio.current_time()
         if now - self._logged_at >= _LOG_INTERVAL:
@@ -290,7 +328,7 @@ class HttpServer:
 
     async def connection(self, stream: trio.SocketStream, slot: _Slot | None = None) -> None:
         """Serve requests on one connection until it closes, breaks, or is shed."""
-        self.statistics["connections"] += 1
+        self._counts["connections"] += 1
         slot = slot or _Slot(_address(stream))
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.options.max_header)
         try:
@@ -363,7 +401,7 @@ class HttpServer:
             return None  # ConnectionClosed: the client is done
         if received - len(conn.trailing_data[0]) > options.max_header:
             # h11 bounds only a head that arrives in parts; this one came whole
-            self.statistics["bad_requests"] += 1
+            self._counts["bad_requests"] += 1
             response = text(431, "Malformed HTTP request: request head too large")
             await self._send(conn, stream, response, close=True, slot=slot)
             return None
@@ -413,7 +451,7 @@ class HttpServer:
         if size > options.max_body:
             response = text(413, "Request body too large.")
         else:
-            self.statistics["bad_requests"] += 1
+            self._counts["bad_requests"] += 1
             response = text(400, "Malformed HTTP request: body in too many small parts")
         await self._send(conn, stream, response, close=True, slot=slot)
         return None
@@ -456,7 +494,7 @@ class HttpServer:
             elif chunked and any(n == b"content-length" for n, _ in event.headers):
                 refusal = "both Content-Length and Transfer-Encoding"  # request smuggling
             if refusal is not None:
-                self.statistics["bad_requests"] += 1
+                self._counts["bad_requests"] += 1
                 response = text(400, f"Malformed HTTP request: {refusal}")
                 await self._send(conn, stream, response, close=True, slot=slot)
                 return False
@@ -476,13 +514,13 @@ class HttpServer:
             if body is None:
                 return False
         except h11.RemoteProtocolError as exc:
-            self.statistics["bad_requests"] += 1
+            self._counts["bad_requests"] += 1
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 status = exc.error_status_hint
                 response = text(status, f"Malformed HTTP request: {exc}")
                 await self._send(conn, stream, response, close=True, slot=slot)
             return False
-        self.statistics["requests"] += 1
+        self._counts["requests"] += 1
         path, _, query = event.target.decode("ascii").partition("?")
         segments = path.split("/")[1:]
         for i, seg in enumerate(segments):
@@ -768,7 +806,7 @@ class HttpServer:
     def _too_slow(self, app: str, reason: str) -> None:
         """Log (once per socket) and count a WebSocket closed because its client is too slow."""
         log.info("WebSocket of %s closed (1001): %s", app, reason)
-        self.statistics["websockets_too_slow"] = self.statistics.get("websockets_too_slow", 0) + 1
+        self._counts["websockets_too_slow"] += 1
 
     async def _close(
         self,

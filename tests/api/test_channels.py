@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
@@ -12,6 +14,7 @@ from dm_actor.actors.events import KINDS, ChannelEvent, EventStream
 from dm_actor.api.channels import (
     LONG_POLLING,
     WEB_SOCKET,
+    HubStatistics,
     NotificationHub,
     Session,
     durable_uid,
@@ -393,3 +396,21 @@ async def test_events_a_restart_owes_as_plain_tuples_are_restored_named(
     assert type(owed) is ChannelEvent
     assert owed.item == response(2)
     assert forgotten == [("b", [13])]
+
+
+async def test_the_hub_statistics_are_a_frozen_snapshot(nursery: trio.Nursery) -> None:
+    events, hub = await start_hub(nursery, capacity=2)
+    channel = hub.open("a", LONG_POLLING)
+    for i in range(3):  # one more than the channel holds: the oldest is dropped
+        events.publish("async-responses", response(i), frozenset({"a"}))
+    events.publish("async-responses", response(9), frozenset({"nobody"}))  # kept a while
+    await trio.testing.wait_all_tasks_blocked()
+    stats = hub.statistics()
+    assert stats == HubStatistics(
+        channels=1, waiting=2, dropped=1, delivered=0, orphans=1, owed=0, unrouted=0, expired=0
+    )
+    channel.take()
+    assert hub.statistics().delivered == 2
+    assert stats.waiting == 2  # a snapshot: taken before
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.waiting = 0  # type: ignore[misc]
