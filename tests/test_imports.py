@@ -18,8 +18,6 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "dm_actor"
 MAX_ACTOR_FILE_LINES = 400
@@ -263,13 +261,11 @@ def test_the_graph_of_dm_actor_is_read() -> None:
     assert sum(len(edges) for edges in graph.values()) > 100
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: the device<->supervisor circle is being removed")
 def test_no_import_circle_among_dm_actor_modules() -> None:
     found = circles(import_graph(ROOT))
     assert not found, "import circles:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12: supervisor.py and device.py are being split")
 def test_no_actor_file_is_over_400_lines() -> None:
     long = {
         str(p.relative_to(ROOT)): n

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from dm_actor.actors.device import Signal
 from dm_actor.delivery.queue import Command, Verdict
 from dm_actor.lwm2m.attributes import InvalidAttributes, parse_attributes
 from dm_actor.lwm2m.errors import InvalidPath
@@ -99,38 +98,17 @@ class Commands:
         now = registry.now()
         cmd = self.make_command(actor, async_id, method, checked, payload, content_format,
                                 accept, retry, expiry, now, owner=owner)  # fmt: skip
-        verdict = actor.queue.submit(cmd, now)
+        # queued, answered from the cache, or started at once (`DeviceActor.submit`): its
+        # write (with the attempt's Message ID and token, if started) is asked for now, and
+        # the 202 waits until it is durable (a crash in between would lose it)
+        verdict = actor.submit(cmd, now)
         if verdict is Verdict.ASYNC_ID_IN_USE:
             return Rejected(409, "ASYNC_ID_IN_USE")
         if verdict is Verdict.QUEUE_IS_FULL:
             return Rejected(429, "QUEUE_IS_FULL")
-        store = registry.store
-        if verdict is Verdict.DUPLICATE:
-            await store.durable()  # the first acceptance may still be on its way
-            return Accepted(duplicate=True)
-        if method == "GET" and accept is None and len(actor.queue) == 1:
-            # only with nothing ahead of it: a queued PUT may change the value, and answers
-            # must come in the order the commands were accepted
-            fresh = actor.cached(cmd.uri, now)
-            if fresh is not None:
-                # answered from the cache: its AsyncIDResponse is written now and the 202
-                # waits for it like any acceptance (a crash in between would lose it)
-                actor.queue.finish_now(cmd, fresh, now)
-                for done, outcome in actor.queue.take_finished():
-                    self.command_finished(actor, done, outcome)
-                await store.durable()
-                return Accepted()
-        if actor.start_now(cmd, now):  # one write: the command and its attempt's MID, token
-            try:
-                await store.durable()
-                actor.flush(registry.now())  # the request leaves with the 202
-            finally:
-                registry.tell(actor, Signal.WAKE)
-            return Accepted()
-        registry.persist_command(device_id, cmd)
-        await store.durable()
-        registry.tell(actor, Signal.WAKE)
-        return Accepted()
+        # (a duplicate: the first acceptance may still be on its way)
+        await registry.store.durable()
+        return Accepted(duplicate=verdict is Verdict.DUPLICATE)
 
     @staticmethod
     def check_uri(actor: DeviceActor, method: str, uri: str, payload: bytes) -> str | Rejected:

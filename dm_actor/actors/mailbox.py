@@ -28,7 +28,7 @@ class MailboxClosed(Exception):
 
 
 class Mailbox(Generic[T]):
-    __slots__ = ("_capacity", "_items", "_room", "_waiter", "closed")
+    __slots__ = ("_capacity", "_items", "_room", "_waiter", "closed", "interrupt")
 
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
@@ -37,6 +37,8 @@ class Mailbox(Generic[T]):
         # producers waiting for room (made when the first one waits: most mailboxes never fill)
         self._room: trio.lowlevel.ParkingLot | None = None
         self.closed = False
+        # a scope the owner waits in for something else (the store): mail cancels it
+        self.interrupt: trio.CancelScope | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -108,3 +110,5 @@ class Mailbox(Generic[T]):
         if waiter is not None:
             self._waiter = None
             trio.lowlevel.reschedule(waiter)
+        elif self.interrupt is not None:
+            self.interrupt.cancel()

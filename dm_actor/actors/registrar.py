@@ -34,9 +34,11 @@ from dm_actor.lwm2m.registration import Registration, RegistrationError
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dm_actor.actors.device import Address, DeviceActor, TcpConnection
+    from dm_actor.actors.device import DeviceActor
+    from dm_actor.actors.host import TcpConnection
     from dm_actor.actors.registry import Registry
     from dm_actor.actors.subscriptions import Subscriptions
+    from dm_actor.address import Address
     from dm_actor.lwm2m.link_format import RegisteredObjects
 
 _CON = MessageType.CON.value
@@ -70,11 +72,11 @@ class Registrar:
         """A request from a registered device, after its actor's deduplication."""
         registry = self.registry
         kind = reg_iface.classify(request)
-        coap, addr, conn = actor.coap, actor.addr, actor.conn  # what the request came on
+        addr, conn = actor.addr, actor.conn  # what the request came on
+        link = actor.machine.link_id
         if kind == "register" and registry.store_behind():
             registry.statistics["registrations_shed"] += 1
-            actor.coap.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), b"", now)
-            actor.flush(now)
+            actor.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), now)
             return
         if kind == "register":
             code, options = self.register(request, addr, conn, now, via=actor)
@@ -98,19 +100,16 @@ class Registrar:
             # address too: a restart must not expire what a 2.04 renewed): answer once durable,
             # on the transport the request came on
             def answer() -> None:
-                later = registry.now()
-                if coap is not actor.coap or actor.addr != addr or actor.conn is not conn:
+                if actor.machine.link_id != link:
                     # the device moved meanwhile (another address, connection or endpoint):
                     # its new transport must not get an answer with the old one's Message ID
                     self.reply_direct(request, addr, conn, code, options, cache=True)
-                elif not coap.answered(request):  # (taken twice: its entry expired meanwhile)
-                    coap.respond(request, code, options, b"", later)
-                    actor.flush(later)
+                else:
+                    actor.respond(request, code, options, registry.now())
 
             registry.after_durable(answer, actor)
         else:
-            actor.coap.respond(request, code, options, b"", now)
-            actor.flush(now)
+            actor.respond(request, code, options, now)
 
     def shed(self, request: Message, addr: Address | None, conn: TcpConnection | None) -> None:
         """Refuse a Register the server cannot keep now (its store is behind or failing):
@@ -149,12 +148,10 @@ class Registrar:
             return Code.BAD_REQUEST, ()
         reg = Registration.from_request(parsed, self._new_reg_id(), now)
         actor = registry.by_endpoint.get(reg.endpoint)
-        if actor is not None:
-            # bound first: a replaced connection's mail is handled now (`bind`), and it may
-            # hold a Register (handled in full, nested) or a De-register (the actor ends)
-            self.bind(actor, addr, conn)
-            if actor.mailbox.closed:
-                actor = None
+        # bound first: a replaced connection's mail is handled now (`bind`), and it may hold
+        # a Register (handled in full, nested) or a De-register (the actor ends)
+        if actor is not None and not self.bind(actor, addr, conn):
+            actor = None
         if actor is None:
             actor = self._new_actor(
                 reg, DeviceQueue(registry.policy, queue_mode=reg.queue_mode, now=now)
@@ -173,13 +170,8 @@ class Registrar:
         else:
             # rule 8.1: the same endpoint registers again; the queue is kept
             registry.by_reg_id.pop(actor.reg.reg_id, None)
-            actor.reg = reg
-            actor.queue.queue_mode = reg.queue_mode
-            actor.forget_observations()
+            actor.reregistered(reg, now)
             self.subscriptions.observe_again(actor, now)  # rule 9.3
-            actor.queue.contact(now)
-            if via is not actor:
-                registry.tell(actor, Signal.WAKE)
         registry.by_reg_id[reg.reg_id] = actor
         self.watch_lifetime(reg)
         registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
@@ -187,51 +179,32 @@ class Registrar:
         registry.events.publish("registrations", registration_item(reg))
         return reg_iface.created(reg.reg_id)
 
-    def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> None:
+    def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> bool:
+        """Bind `actor` to `addr` or `conn` (`DeviceActor.bind`) and update the indexes; a
+        device that spoke from there before loses it (`DeviceActor.lose_transport`). False
+        when the actor's earlier mail ended its registration (a De-register was among it)."""
         registry = self.registry
         by_addr, by_conn = registry.by_addr, registry.by_conn
         now = registry.now()
-        if (actor.addr is not None and actor.addr != addr) or (
-            actor.conn is not None and actor.conn is not conn
-        ):
-            # what came on the old address or connection first (an answer, say; a request is
-            # answered there) is handled while the actor still has it; nothing new starts
-            actor.drain(now)
-            if actor.mailbox.closed:
-                return  # (a De-register was among it)
-        if actor.addr is not None and actor.addr != addr and by_addr.get(actor.addr) is actor:
-            del by_addr[actor.addr]
-        replaced = actor.conn is not None and actor.conn is not conn
-        if replaced:  # a new connection (or UDP) before the old one was seen to close
-            assert actor.conn is not None
-            by_conn.pop(actor.conn, None)
-            actor.conn = None
-        reliable = conn is not None
-        if actor.coap.reliable != reliable:
-            actor.coap = registry.new_coap_endpoint(reliable=reliable)
-            actor.abandon_attempt(now)
-            replaced = True  # the old endpoint's observations are gone with it
-        actor.addr = addr
-        actor.conn = conn
-        if replaced:
-            actor.transport_lost(now)
+        old = actor.bind(addr, conn, now)
+        if old is None:
+            return False
+        old_addr, old_conn = old
+        if old_addr is not None and old_addr != addr and by_addr.get(old_addr) is actor:
+            del by_addr[old_addr]
+        if old_conn is not None and old_conn is not conn:
+            by_conn.pop(old_conn, None)
         if addr is not None:
             previous = by_addr.get(addr)
             if previous is not None and previous is not actor:
-                # another endpoint now speaks from its address: what came from there first
-                # is handled (and answered) now; what it sent there fails and an attempt
-                # not yet sent goes back to its queue (as on ICMP)
-                previous.drain(now)
-                previous.addr = None
-                registry.tell(previous, Signal.UNREACHABLE)
+                previous.lose_transport(now)
             by_addr[addr] = actor
         if conn is not None:
             previous = by_conn.get(conn)
             if previous is not None and previous is not actor:
-                previous.drain(now)
-                previous.conn = None  # what it sent on it fails on its next step
-                registry.tell(previous, Signal.UNREACHABLE)
+                previous.lose_transport(now)
             by_conn[conn] = actor
+        return True
 
     def _update(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
         registry = self.registry
@@ -247,8 +220,7 @@ class Registrar:
             registry.statistics["registrations_shed"] += 1
             return Code.SERVICE_UNAVAILABLE, self._retry_after()
         reg = actor.reg.apply_update(parsed, now)
-        actor.reg = reg
-        actor.queue.queue_mode = reg.queue_mode
+        actor.updated(reg)
         self.watch_lifetime(reg)
         registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
         registry.events.publish("reg-updates", registration_item(reg))

@@ -23,13 +23,16 @@ from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import command_record
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.delivery.queue import DeliveryPolicy
+from dm_actor.device.machine import MachineConfig
 from dm_actor.store.base import StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dm_actor.actors.device import Address, DeviceActor, Signal, TcpConnection
+    from dm_actor.actors.device import DeviceActor, Signal
     from dm_actor.actors.events import EventStream
+    from dm_actor.actors.host import TcpConnection
+    from dm_actor.address import Address
     from dm_actor.coap.message import Message
     from dm_actor.coap.numbers import TransmissionParameters
     from dm_actor.config import Settings
@@ -76,6 +79,12 @@ class Registry:
         self.nursery: trio.Nursery | None = None  # the actors' (set by `Supervisor.run`)
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._udp_send: Callable[[bytes, Address], None] | None = None
+        # what every device machine shares
+        self.machine_config = MachineConfig(
+            new_endpoint=self._machine_endpoint,
+            resend_window=self.resend_window,
+            registration_grace=self.registration_grace,
+        )
         self.statistics = {
             "registrations": 0,
             "registrations_shed": 0,
@@ -105,6 +114,9 @@ class Registry:
             token_seed=seed,
             dedup_limit=16,
         )
+
+    def _machine_endpoint(self, reliable: bool, mid_start: int | None) -> CoapEndpoint:
+        return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start)
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
         if self._udp_send is not None:

@@ -32,9 +32,10 @@ from dm_actor.store.base import StoreError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from dm_actor.actors.device import Address, TcpConnection
+    from dm_actor.actors.host import TcpConnection
     from dm_actor.actors.registrar import Registrar
     from dm_actor.actors.registry import Registry
+    from dm_actor.address import Address
 
 _POST = Code.POST.value
 _CON = MessageType.CON.value
@@ -156,7 +157,6 @@ class Router:
                 raise
             except Exception as exc:
                 registry.contain(actor, exc, f"the close of {conn.peer}")
-            registry.tell(actor, Signal.WAKE)  # its task re-arms its timer
         registry.by_conn.pop(conn, None)  # (in case its last mail bound it again)
         admission = self.admission
         if admission and any(entry[3] is conn for entry in admission):

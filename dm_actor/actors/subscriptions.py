@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dm_actor.actors.commands import MAX_EXPIRY, Accepted, Rejected
-from dm_actor.actors.device import Signal
 from dm_actor.delivery.queue import Verdict
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
@@ -75,7 +74,6 @@ class Subscriptions:
         if self._add_subscription(actor, checked, owner, registry.now()) is Verdict.QUEUE_IS_FULL:
             return Rejected(429, "QUEUE_IS_FULL")
         await registry.store.durable()
-        registry.tell(actor, Signal.WAKE)
         return Accepted()
 
     def observe_again(self, actor: DeviceActor, now: float) -> None:
@@ -101,11 +99,7 @@ class Subscriptions:
         return Verdict.ACCEPTED
 
     def queue_observe(self, actor: DeviceActor, path: str, now: float) -> Verdict:
-        queue = actor.queue
-        pending = [queue.in_flight, *queue.queue]
-        if path in actor.observed_paths() or any(
-            c is not None and c.observe and c.uri == path for c in pending
-        ):
+        if actor.machine.observing(path):
             return Verdict.DUPLICATE
         self._observe_counter += 1
         async_id = f"{_SUBSCRIPTION_PREFIX}{self._observe_counter}"
@@ -114,10 +108,8 @@ class Subscriptions:
         # closed, say) is observed again when it is back
         cmd = self.commands.make_command(actor, async_id, "GET", path, b"", None, None,
                                          None, MAX_EXPIRY, now, observe=True)  # fmt: skip
-        verdict = queue.submit(cmd, now)
-        if verdict is Verdict.ACCEPTED:
-            self.registry.persist_command(actor.endpoint, cmd)
-        return verdict
+        # (queued and stored; its task starts it, in order with its mail)
+        return actor.submit(cmd, now, start=False)
 
     def unsubscribe(self, device_id: str, path: str, owner: str = "") -> bool:
         """Remove `owner`'s subscription; the observation ends with the last subscriber."""

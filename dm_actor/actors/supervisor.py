@@ -29,6 +29,7 @@ from dm_actor.actors.registry import Registry
 from dm_actor.actors.router import MAX_DATAGRAM, Router
 from dm_actor.actors.subscriptions import Presubscription, Subscriptions
 from dm_actor.delivery.queue import DeviceQueue
+from dm_actor.device.machine import DeviceMachine
 from dm_actor.store.memory import MemoryStore
 
 if TYPE_CHECKING:
@@ -156,7 +157,8 @@ class Supervisor:
         self.registry.contain(actor, exc, where)
 
     def _new_actor(self, reg: Registration, queue: DeviceQueue) -> DeviceActor:
-        return DeviceActor(self, reg, queue, None, None)
+        return DeviceActor(self, DeviceMachine(self.registry.machine_config, reg, queue),
+                           self.mailbox_size)  # fmt: skip
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the sweeps and host the actors until cancelled."""
@@ -196,20 +198,26 @@ class Supervisor:
             addr = address_from_text(rec.address)
             queue.reachable = addr is not None
             queue.awake_until = 0.0
-            actor = DeviceActor(self, reg, queue, None, None)
             if addr is not None:
                 previous = self.by_addr.get(addr)
                 if previous is None or previous.reg.updated_at <= reg.updated_at:
                     if previous is not None:  # it moved: the later registration has it now
-                        previous.addr = None
+                        previous.machine.lose_address()
                         previous.queue.reachable = False
-                    actor.addr = addr
-                    self.by_addr[addr] = actor
                 else:
                     queue.reachable = False
-            next_mid = snapshot.next_mids.get(reg.endpoint)
-            if next_mid is not None:  # past every MID the old process may have sent it
-                actor.coap = self.new_coap_endpoint(reliable=False, mid_start=next_mid)
+                    addr = None
+            machine = DeviceMachine(
+                self.registry.machine_config,
+                reg,
+                queue,
+                addr=addr,
+                # past every MID the old process may have sent it (None: a random start)
+                mid_start=snapshot.next_mids.get(reg.endpoint),
+            )
+            actor = DeviceActor(self, machine, self.mailbox_size)
+            if addr is not None:
+                self.by_addr[addr] = actor
             self.by_endpoint[reg.endpoint] = actor
             self.endpoint_names.add(reg.endpoint)
             self.by_reg_id[reg.reg_id] = actor

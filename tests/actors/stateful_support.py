@@ -45,7 +45,9 @@ from dm_actor.config import DeliverySettings, Settings
 from tests.actors.support import OBJECTS, GatedStore
 
 if TYPE_CHECKING:
-    from dm_actor.actors.device import Address, DeviceActor, TcpConnection
+    from dm_actor.actors.device import DeviceActor
+    from dm_actor.actors.host import TcpConnection
+    from dm_actor.address import Address
 
 CON, NON, ACK, RST = 0, 1, 2, 3
 N_UDP = 3  # UDP peers (addresses)
@@ -585,7 +587,7 @@ class World:
             actor = self.sup.by_reg_id.get(path[1])
         if actor is None or (actor.addr == addr and actor.conn is conn):
             return False
-        return actor._hold is not None and (len(actor.mailbox) > 0 or bool(actor.coap._out))
+        return actor.machine.held and (len(actor.mailbox) > 0 or bool(actor.coap._out))
 
     def _deliver(self, peer: Peer, data: bytes) -> None:
         """A CON request reaches the server: a new exchange unless the server remembers its
@@ -717,7 +719,7 @@ class World:
         """Read what the server sent; True if the peers answered anything automatically."""
         more = False
         out, self.outbox = self.outbox, []
-        by_addr = {p.addr: p for p in self.peers if p.udp}
+        by_addr: dict[Address, Peer] = {p.addr: p for p in self.peers if p.udp}
         for data, addr in out:
             peer = by_addr[addr]
             msg = decode(data)

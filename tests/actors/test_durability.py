@@ -9,10 +9,10 @@ import pytest
 import trio
 import trio.testing
 
-from dm_actor.actors.device import MID_BLOCK
 from dm_actor.actors.supervisor import Accepted, Rejected
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+from dm_actor.device.machine import MID_BLOCK
 
 from .support import Device, GatedStore, TcpDevice, online, responses, start_server
 

@@ -8,11 +8,11 @@ import trio
 import trio.testing
 
 from dm_actor import app
-from dm_actor.actors.device import MID_BLOCK
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.numbers import Code
 from dm_actor.config import parse_settings
+from dm_actor.device.machine import MID_BLOCK
 
 from .support import Device
 

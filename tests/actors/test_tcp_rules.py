@@ -7,11 +7,12 @@ from functools import partial
 import trio
 import trio.testing
 
-from dm_actor.actors.device import MID_BLOCK, Signal
+from dm_actor.actors.device import Signal
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap import framing_tcp
 from dm_actor.coap.message import Message, Option, path_options, query_options
 from dm_actor.coap.numbers import Code
+from dm_actor.device.machine import MID_BLOCK
 from dm_actor.transport.tcp import TcpConnection
 
 from .support import (
@@ -107,9 +108,7 @@ async def test_a_reconnect_while_the_actor_is_busy_keeps_the_new_connection(
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
     await trio.sleep(0.1)
-    actor = server.sup.by_endpoint["dev"]
-    actor.tell(Signal.WAKE)  # the actor's task now waits for the attempt's write
-    await trio.sleep(0.1)
+    actor = server.sup.by_endpoint["dev"]  # (its task now waits for the attempt's write)
     await dev.disconnect()
     await trio.sleep(0.1)
     await dev.connect(nursery)
