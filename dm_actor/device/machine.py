@@ -245,6 +245,10 @@ class DeviceMachine:
         verdict = queue.submit(cmd, now)
         if verdict is not Verdict.ACCEPTED:
             return verdict
+        if self.link is Link.ENDED:  # (rule 8.2: it ends at once, and is never sent)
+            queue.remove_all(now)
+            self._finished()
+            return verdict
         if cmd.method == "GET" and cmd.accept is None and not cmd.observe and len(queue) == 1:
             # (only with nothing ahead of it: a queued PUT may change the value, and answers
             # must come in the order the commands were accepted)
@@ -309,7 +313,13 @@ class DeviceMachine:
 
     def end(self, now: float) -> None:
         """The registration ended: every command finishes (rules 8.2, 8.3)."""
-        self.queue.remove_all(now)
+        queue, coap = self.queue, self.coap
+        in_flight, transfer = queue.in_flight, self._transfer
+        for ours in (in_flight and in_flight.token, transfer and transfer.token):
+            if ours:
+                coap.abandon(ours)  # nothing more is sent to the device, nor retransmitted
+        self.forget_observations()
+        queue.remove_all(now)
         self._to(_I.ENDED)
         self._transfer = None
         self._finished()
@@ -327,7 +337,9 @@ class DeviceMachine:
         replaced = self.conn is not None and self.conn is not conn
         moved = replaced or self.addr != addr or self.conn is not conn
         if self.coap.reliable != reliable:
-            self.coap = self.config.new_endpoint(reliable, None)
+            # back on UDP: Message IDs go on past every one reserved (and so maybe sent)
+            # before, which the device may still remember (its deduplication)
+            self.coap = self.config.new_endpoint(reliable, None if reliable else self._mid_limit)
             self._abandon_attempt(now)
             replaced = moved = True  # the old endpoint's observations are gone with it
         self.addr = addr

@@ -259,13 +259,6 @@ def test_rule_7_2_an_exchange_older_than_the_devices_memory_is_not_resent() -> N
     assert req.mid == 5000 and req.token != b"old!"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bind() UDP->TCP->UDP makes the new UDP endpoint with new_endpoint(False, None): its "
-    "first MID is random (or, here, fixed), not past the MIDs the machine sent (and reserved) "
-    "within EXCHANGE_LIFETIME; one may be reused, and the device answers it from its "
-    "deduplication cache. The machine knows the next free MID (_mid_limit / the old endpoint).",
-)
 def test_a_device_that_moves_to_tcp_and_back_never_gets_a_recent_message_id_again() -> None:
     m = make_machine(mid_default=100)
     d = Driver(m)
@@ -864,13 +857,6 @@ def test_rules_8_2_and_8_3_end_finishes_every_command_with_429(held: bool) -> No
     assert not requests(d.take(10.0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="end() finishes the command in flight (429) but leaves its exchange in the CoAP "
-    "endpoint: get_timer() still returns its retransmission deadline and handle_timer() "
-    "sends the request again after the registration ended (Link.ENDED: 'nothing more is "
-    "sent'). Harmless only while the actor stops feeding timers after end.",
-)
 def test_rules_8_2_and_8_3_nothing_is_retransmitted_after_the_registration_ended() -> None:
     m = make_machine()
     d = Driver(m)
@@ -910,13 +896,6 @@ def test_the_driver_catches_a_request_sent_during_a_hold() -> None:
         d.take()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="after end() the machine still accepts a submit (Verdict.ACCEPTED), starts its "
-    "attempt (the address is kept) and, once durable, sends the request to a device whose "
-    "registration ended (Link.ENDED); no Finished ever comes for it. Expected: refused, or "
-    "finished at once with 429 DEVICE_REMOVED_REGISTRATION, and nothing sent.",
-)
 def test_rules_8_2_and_8_3_a_command_submitted_after_the_end_is_never_sent_nor_lost() -> None:
     m = make_machine()
     d = Driver(m)
