@@ -144,6 +144,27 @@ def test_answers_to_the_devices_own_requests_leave_during_a_hold() -> None:
     assert len(requests(d.durable(2.0))) == 1
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="during a hold the machine sends only CoapEndpoint.replies_to_send(), which picks "
+    "ACK and Reset datagrams: the NON response to a NON request of the device (RFC 7252 "
+    "5.2.3) is an answer to the device's own request but stays in the endpoint until "
+    "durable() (a slow disk delays a NON Update's answer). Its Message ID also comes from "
+    "the request counter without the machine's reservation check.",
+)
+def test_a_non_request_of_the_device_is_answered_during_a_hold() -> None:
+    m = make_machine()
+    d = Driver(m)
+    dev = FakeDevice()
+    m.submit(command(), 0.0)
+    d.take()
+    deliver(m, dev.request(Code.POST, "/rd/abc", con=False), 1.0)
+    (asked,) = of_type(d.take(1.0), DeviceRequest)
+    m.respond(asked.request, Code.CHANGED, (), 1.0)
+    replies = sent(d.take(1.0))
+    assert [(r.mtype, r.code, r.token) for r in replies] == [(1, Code.CHANGED, asked.request.token)]
+
+
 def test_rule_5_2_an_attempt_that_expired_while_its_write_waited_is_never_sent() -> None:
     m = make_machine()
     d = Driver(m)
@@ -172,6 +193,51 @@ def test_rule_2_1_the_next_command_waits_for_its_own_write_after_the_first_finis
     assert of_type(effects, Hold) and not requests(effects)  # `second`'s exchange is written
     reqs = requests(d.durable(1.0))
     assert [r.payload for r in reqs] == [b"b"]
+
+
+def test_rule_3_4_a_decided_attempt_waits_while_the_address_is_taken_and_keeps_its_retry() -> None:
+    m = make_machine()
+    d = Driver(m)
+    cmd = command(retry=0)
+    m.submit(cmd, 0.0)
+    d.take()
+    m.lose_address()  # another device registered from this address
+    assert not requests(d.durable(0.5))  # durable, but nowhere to go
+    assert state(m) is AttemptState.DECIDED
+    m.unreachable(0.5)  # (reported in order with the mail)
+    d.take(0.5)
+    assert state(m) is AttemptState.IDLE and m.queue.queue == [cmd] and cmd.attempts_left == 1
+    m.bind(ADDR2, None, 1.0)
+    deliver(m, FakeDevice().ping(), 1.0)
+    d.take(1.0)
+    (req,) = requests(d.durable(1.0))
+    assert (req.mid, req.token) == (cmd.mid, cmd.token)  # the same exchange, from ADDR2
+    assert of_type(d.log, Send)[-1].addr == ADDR2
+
+
+def test_rules_6_1_to_6_3_a_queue_mode_device_is_sent_to_only_while_awake() -> None:
+    m = make_machine(queue_mode=True)
+    d = Driver(m)
+    dev = FakeDevice()
+    first = command(retry=1, now=0.0, expiry=3600.0)
+    req = start(m, d, first)  # awake since its Register (rule 6.4)
+    deliver(m, dev.answer(req, payload=b"1"), 1.0)
+    d.take(1.0)
+    late = command(now=100.0, expiry=3600.0)  # 93 s after its last message: asleep
+    m.submit(late, 100.0)
+    effects = d.take(100.0)
+    assert of_type(effects, StoreCommand) and not of_type(effects, Hold)
+    m.settle(150.0)
+    assert not d.take(150.0)
+    deliver(m, dev.request(Code.POST, "/rd/abc"), 200.0)  # it wakes up (rule 6.2)
+    effects = d.take(200.0)
+    assert of_type(effects, DeviceRequest)
+    assert of_type(effects, Hold)
+    (req,) = requests(d.durable(200.0))
+    _time_out(m, d)  # rule 6.3: asleep again; the command stays at the head
+    assert m.queue.queue == [late] and late.attempts_left == 2
+    m.submit(command(now=400.0), 400.0)
+    assert not requests(d.take(400.0) + d.durable(400.0))
 
 
 # -- Message-ID reservation -----------------------------------------------------------------------
