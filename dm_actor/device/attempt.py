@@ -176,11 +176,11 @@ def mermaid() -> str:
     lines = ["```mermaid", "stateDiagram-v2", "    [*] --> idle"]
     for (state, event), nxt in ATTEMPT_TRANSITIONS.items():
         if not isinstance(nxt, _Refused) and not (event is _I.ENDED and state is not _S.IDLE):
-            lines.append(f"    {state.value} --> {nxt.value}: {event.value}")
+            lines.append(f"    {state.name.lower()} --> {nxt.name.lower()}: {event.value}")
     lines.append("    note right of idle: ended, from every state, leads here too")
     lines += ["```", "", "```mermaid", "stateDiagram-v2", "    [*] --> none"]
     for (link, levent), lnxt in LINK_TRANSITIONS.items():
         if not isinstance(lnxt, _Refused):
-            lines.append(f"    {link.value} --> {lnxt.value}: {levent.value}")
+            lines.append(f"    {link.name.lower()} --> {lnxt.name.lower()}: {levent.value}")
     lines.append("```")
     return "\n".join(lines)

@@ -144,11 +144,12 @@ def _edges(block: str) -> set[tuple[str, str, str]]:
 
 def test_the_diagram_shows_exactly_the_allowed_transitions() -> None:
     """docs/architecture.md embeds `mermaid()`: every allowed pair is drawn, no refused one
-    (ENDED from a busy state is drawn once, as a note on idle)."""
+    (ENDED from a busy state is drawn once, as a note on idle); states by their enum names
+    (mermaid's ids take no hyphen)."""
     text = mermaid()
     attempt_block, link_block = text.split("```\n\n```")
     expected = {
-        (state.value, nxt.value, event.value)
+        (state.name.lower(), nxt.name.lower(), event.value)
         for (state, event), nxt in ATTEMPT_TRANSITIONS.items()
         if isinstance(nxt, AttemptState)
         and not (event is AttemptInput.ENDED and state is not AttemptState.IDLE)
@@ -156,7 +157,7 @@ def test_the_diagram_shows_exactly_the_allowed_transitions() -> None:
     assert _edges(attempt_block) == expected
     assert "ended, from every state" in attempt_block
     assert _edges(link_block) == {
-        (link.value, nxt.value, event.value)
+        (link.name.lower(), nxt.name.lower(), event.value)
         for (link, event), nxt in LINK_TRANSITIONS.items()
         if isinstance(nxt, Link)
     }
