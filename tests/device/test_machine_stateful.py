@@ -238,7 +238,6 @@ class MachineWorld(RuleBasedStateMachine):
 
     # -- the server's side -------------------------------------------------------------------
 
-    @precondition(lambda self: not self.ended)
     @rule(
         method=st.sampled_from(METHODS),
         path=st.sampled_from(PATHS),
@@ -250,6 +249,8 @@ class MachineWorld(RuleBasedStateMachine):
     def submit(
         self, method: str, path: str, retry: int, expiry: float, observe: bool, start: bool
     ) -> None:
+        """A command (also after the end: it must finish at once with 429, unsent)."""
+        mark = len(self.d.log)
         observe = observe and method == "GET" and "?" not in path
         payload = b"" if method in ("GET", "DELETE") else b"v"
         cmd = command(method, path, payload, now=self.now, expiry=expiry, retry=retry,
@@ -261,6 +262,8 @@ class MachineWorld(RuleBasedStateMachine):
             assert verdict is Verdict.QUEUE_IS_FULL
             assert len(self.m.queue) == QUEUE
         self.take()
+        if self.ended:
+            assert not requests(self.d.log[mark:])
 
     @precondition(lambda self: not self.ended)
     @rule()
@@ -276,12 +279,15 @@ class MachineWorld(RuleBasedStateMachine):
         self.d.durable(self.now)
         self.take()
 
-    @precondition(lambda self: not self.ended)
     @rule(seconds=st.sampled_from([0.5, 2.5, 10.0, 45.0, 130.0, 250.0]))
     def sleep(self, seconds: float) -> None:
-        """Time passes; every timer due meanwhile fires at its time (the store keeps up)."""
+        """Time passes; every timer due meanwhile fires at its time (the store keeps up).
+        (Also after the end, when the machine must have no timer and send nothing.)"""
         end = self.now + seconds
         m = self.m
+        mark = len(self.d.log)
+        if self.ended:
+            assert m.get_timer() is None
         while (timer := m.get_timer()) is not None and timer <= end:
             self.now = max(self.now, timer)
             m.handle_timer(self.now)
@@ -290,6 +296,8 @@ class MachineWorld(RuleBasedStateMachine):
         self.now = end
         m.settle(self.now)
         self.take()
+        if self.ended:
+            assert not requests(self.d.log[mark:])
 
     @precondition(lambda self: not self.ended)
     @rule(kind=st.sampled_from(["settle"] * 8 + ["sweep"] * 8 + ["reregistered"] * 3 + ["end"]))
