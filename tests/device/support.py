@@ -144,15 +144,15 @@ def command(
     if payload and content_format is None:
         content_format = TEXT
     return Command(
-        async_id or f"c{next(_ids)}",
-        method,
-        uri,
-        payload,
-        content_format,
-        accept,
-        now,
-        now + expiry,
-        1 + retry,
+        async_id=async_id or f"c{next(_ids)}",
+        method=method,
+        uri=uri,
+        payload=payload,
+        content_format=content_format,
+        accept=accept,
+        accepted_at=now,
+        expires_at=now + expiry,
+        attempts_left=1 + retry,
         observe=observe,
     )
 
