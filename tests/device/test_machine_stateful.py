@@ -196,7 +196,10 @@ class MachineWorld(RuleBasedStateMachine):
             mark = len(d.log)
             d.take(self.now)
             if d.held and not self.stalled:
-                d.durable(self.now)  # (the actor's wait for the store, which keeps up)
+                d.durable(self.now)  # (the actor's wait for the store, which keeps up,
+                if not self.ended:  # then its next step)
+                    m.settle(self.now)
+                    d.take(self.now)
             new = d.log[mark:]
             where = self.transport()
             # (what was sent on a transport the machine has left cannot be answered to it)
@@ -218,13 +221,26 @@ class MachineWorld(RuleBasedStateMachine):
                 if isinstance(effect, DeviceRequest):
                     m.respond(effect.request, Code.CHANGED, (), self.now)
 
+    def settle(self) -> None:
+        """The actor's step ends: `settle`, and carry out. Then rule 4.1 holds: a command
+        never attempted, at the head, for a device awake and reachable, is in flight (unless
+        the store is behind)."""
+        m = self.m
+        m.settle(self.now)
+        self.take()
+        q = m.queue
+        if self.ended or m.held or not m.has_transport() or q.in_flight is not None:
+            return
+        head = q.queue[0] if q.queue else None
+        if head is not None and head.last_attempt_at is None and q.awake(self.now):
+            raise AssertionError(f"rule 4.1: {head} waits on a device awake and reachable")
+
     def feed(self, data: bytes | Message) -> None:
         if isinstance(data, bytes):
             self.m.receive_datagram(data, self.now)
         else:
             self.m.receive_message(data, self.now)
-        self.m.settle(self.now)
-        self.take()
+        self.settle()
 
     def send(self, data: bytes | Message, hold: bool) -> None:
         """The device sends `data`: now, or into the network (for `release`)."""
@@ -277,7 +293,7 @@ class MachineWorld(RuleBasedStateMachine):
         """The store makes every write durable, and keeps up from now on."""
         self.stalled = False
         self.d.durable(self.now)
-        self.take()
+        self.settle()
 
     @rule(seconds=st.sampled_from([0.5, 2.5, 10.0, 45.0, 130.0, 250.0]))
     def sleep(self, seconds: float) -> None:
@@ -291,11 +307,9 @@ class MachineWorld(RuleBasedStateMachine):
         while (timer := m.get_timer()) is not None and timer <= end:
             self.now = max(self.now, timer)
             m.handle_timer(self.now)
-            m.settle(self.now)
-            self.take()
+            self.settle()
         self.now = end
-        m.settle(self.now)
-        self.take()
+        self.settle()
         if self.ended:
             assert not requests(self.d.log[mark:])
 
@@ -314,7 +328,7 @@ class MachineWorld(RuleBasedStateMachine):
             m.end(self.now)
             self.ended = True
         if not self.ended:
-            m.settle(self.now)
+            self.settle()
         self.take()
 
     # -- the transport ------------------------------------------------------------------------
@@ -348,7 +362,7 @@ class MachineWorld(RuleBasedStateMachine):
             if kind == "taken":
                 m.lose_address()
             m.unreachable(self.now)
-            m.settle(self.now)
+            self.settle()
         self.take()
 
     # -- the device's side ----------------------------------------------------------------------
