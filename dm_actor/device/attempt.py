@@ -9,11 +9,9 @@ state, or `REFUSED` — a pair that cannot happen unless the machine has a bug, 
 walks every pair (`tests/device/test_attempt.py`), and the diagram in `docs/architecture.md`
 is generated from these tables (`mermaid()`), so the picture cannot drift from the code.
 
-What comes next fits without new nullable fields: a request body sent in blocks (Block1,
-with 4.13 / Size1 renegotiation) is one more state between DECIDED and SENT entered by
-`BLOCK_SENT`; an Observe the device refuses is `ANSWERED` with the refusal as the outcome;
-the 2.01 of a wake-up Register ordered before the first queued command is a `DURABLE` that
-waits for the answer's own hold.
+A request body sent in blocks (Block1, with 4.13 / Size1 renegotiation) is UPLOADING,
+entered by `BLOCK_SENT`; an Observe the device refuses is `ANSWERED` with the refusal as
+the outcome.
 
 This module owns the tables only; it never reads a clock or does I/O.
 """
@@ -32,6 +30,7 @@ class AttemptState(enum.Enum):
     SENT = "sent"  # the request left (CON: retransmitted until acknowledged)
     ACKED = "acked"  # an empty ACK came: the separate response is awaited (RFC 7252 5.2.2)
     IN_BLOCKS = "in-blocks"  # the answer comes in blocks: the next one was asked (RFC 7959)
+    UPLOADING = "uploading"  # the request body goes in blocks: the next one was sent (Block1)
 
 
 class AttemptInput(enum.Enum):
@@ -42,6 +41,9 @@ class AttemptInput(enum.Enum):
     EXPIRED = "expired"  # the command expired while its write waited (rule 5.2)
     ACKED = "acked"  # the device acknowledged the request (or a block request)
     BLOCK_ASKED = "block-asked"  # the answer came in blocks: the next block was asked for
+    # a block of the request body was taken (2.31), or refused as too large (4.13, block 0):
+    # the next block (or block 0, smaller) was sent
+    BLOCK_SENT = "block-sent"
     ANSWERED = "answered"  # the whole answer arrived (or a broken block-wise one: 502)
     FAILED = "failed"  # no answer: timeout, Reset, ICMP (rule 3.4; a retry is used)
     TRANSPORT_LOST = "transport-lost"  # closed, replaced, or the address taken (rule 3.4)
@@ -97,6 +99,7 @@ _ATTEMPT: dict[AttemptState, dict[AttemptInput, AttemptState]] = {
     },
     _S.SENT: {
         _I.ACKED: _S.ACKED,
+        _I.BLOCK_SENT: _S.UPLOADING,
         _I.BLOCK_ASKED: _S.IN_BLOCKS,
         _I.ANSWERED: _S.IDLE,
         _I.FAILED: _S.IDLE,
@@ -105,9 +108,19 @@ _ATTEMPT: dict[AttemptState, dict[AttemptInput, AttemptState]] = {
     },
     _S.ACKED: {
         _I.ACKED: _S.ACKED,
+        _I.BLOCK_SENT: _S.UPLOADING,
         _I.BLOCK_ASKED: _S.IN_BLOCKS,
         _I.ANSWERED: _S.IDLE,
         _I.FAILED: _S.IDLE,
+        _I.TRANSPORT_LOST: _S.IDLE,
+        _I.ENDED: _S.IDLE,
+    },
+    _S.UPLOADING: {
+        _I.ACKED: _S.UPLOADING,
+        _I.BLOCK_SENT: _S.UPLOADING,
+        _I.BLOCK_ASKED: _S.IN_BLOCKS,  # the final answer itself comes in blocks
+        _I.ANSWERED: _S.IDLE,
+        _I.FAILED: _S.IDLE,  # a retry sends from block 0 again
         _I.TRANSPORT_LOST: _S.IDLE,
         _I.ENDED: _S.IDLE,
     },

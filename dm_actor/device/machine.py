@@ -18,10 +18,24 @@ the actor reports `durable`, only answers to the device's own messages leave.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dm_actor.coap.blockwise import Ask, Block, Complete, Failed
+from dm_actor.coap.blockwise import (
+    Ask,
+    Block,
+    Block1Receiver,
+    Block1Sender,
+    Complete,
+    Continue,
+    Failed,
+    Reject,
+    Send as BlockSend,
+    get_block,
+    get_size,
+    size_option,
+)
+from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.events import (
     MessageRefused,
     NotificationReceived,
@@ -56,7 +70,7 @@ from dm_actor.device.effects import (
     Send,
     StoreCommand,
 )
-from dm_actor.device.transfer import Transfer
+from dm_actor.device.transfer import Block1Pool, Incoming, Transfer, Upload
 from dm_actor.lwm2m import path as lwm2m_path
 
 if TYPE_CHECKING:
@@ -72,7 +86,17 @@ _METHODS = {"GET": Code.GET.value, "PUT": Code.PUT.value, "POST": Code.POST.valu
             "DELETE": Code.DELETE.value}  # fmt: skip
 _CONTENT_FORMAT = OptionNumber.CONTENT_FORMAT.value
 _ACCEPT = OptionNumber.ACCEPT.value
+_BLOCK1 = OptionNumber.BLOCK1.value
 _BLOCK2 = OptionNumber.BLOCK2.value
+_SIZE1 = OptionNumber.SIZE1.value
+_MAX_AGE = OptionNumber.MAX_AGE.value
+_CONTINUE = Code.CONTINUE.value
+_TOO_LARGE = Code.REQUEST_ENTITY_TOO_LARGE.value
+_INCOMPLETE = Code.REQUEST_ENTITY_INCOMPLETE.value
+_BAD_OPTION = Code.BAD_OPTION.value
+_UNAVAILABLE = Code.SERVICE_UNAVAILABLE.value
+#: room for a request's header, token and options in a TCP frame beside a block's payload
+_FRAME_OVERHEAD = 128
 _RST = 3
 _FETCH_LIMIT = 8  # notifications being fetched in blocks at once, per device
 #: Message IDs are reserved in the store this many at a time (one write per block), so that
@@ -93,6 +117,30 @@ class MachineConfig:
     resend_window: float
     #: seconds a registration outlives its lifetime before it ends (rule 8.3)
     registration_grace: float
+    #: the largest block we send or ask for, as an SZX (6: 1024 bytes; a 1024-byte block
+    #: and its header fit an IPv6 minimum-MTU path, 1280 bytes)
+    block_szx: int = 6
+    #: the largest request body a device may send in blocks (a Register of many links)
+    max_body_in: int = 64 * 1024
+    #: the shared bound on requests being reassembled
+    block1_pool: Block1Pool = field(default_factory=lambda: Block1Pool(256, 60.0))
+    #: the largest frame a TCP connection takes (its CSM's Max-Message-Size)
+    frame_limit: Callable[[object], int] = lambda conn: 1152
+    #: Max-Age of a 5.03 (the client waits that long before it tries again)
+    retry_after: int = 60
+
+
+class _Rare:
+    """What few devices need, made on first use: a request being reassembled from blocks,
+    the block size a device asked for (4.13), and answers that must leave before anything
+    of ours (a wake-up Register's 2.01)."""
+
+    __slots__ = ("answering", "incoming", "szx")
+
+    def __init__(self) -> None:
+        self.incoming: Incoming | None = None
+        self.szx: int | None = None
+        self.answering = 0  # Register answers held for the store: our requests wait
 
 
 class DeviceMachine:
@@ -106,6 +154,7 @@ class DeviceMachine:
         "_mid_limit",
         "_observations",
         "_out",
+        "_rare",
         "_transfer",
         "addr",
         "attempt",
@@ -145,7 +194,9 @@ class DeviceMachine:
         self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
         self._cache: ValueCache | None = None
         self._mid_limit: int | None = None  # the first Message ID not reserved in the store
-        self._transfer: Transfer | None = None  # the answer to the attempt, in blocks
+        # the attempt's body going out in blocks, or its answer coming in blocks
+        self._transfer: Transfer | Upload | None = None
+        self._rare: _Rare | None = None
         # notifications whose rest is being fetched, by the fetching exchange's token
         self._fetches: dict[bytes, tuple[bytes, Transfer]] | None = None
 
@@ -273,7 +324,13 @@ class DeviceMachine:
     def pump(self, now: float, *, on_contact: bool = False, start: bool = True) -> None:
         """Start the next attempt if the rules allow, report what finished, send what may go."""
         queue = self.queue
-        if start and queue.queue and (self.conn is not None or self.addr):
+        rare = self._rare
+        if (
+            start
+            and queue.queue
+            and (self.conn is not None or self.addr)
+            and (rare is None or not rare.answering)
+        ):
             cmd = queue.next_attempt(now, on_contact=on_contact)
             if cmd is not None:
                 self._start_attempt(cmd, now)
@@ -291,8 +348,22 @@ class DeviceMachine:
         """Answer a request the device sent (`DeviceRequest`), unless it was answered."""
         coap = self.coap
         if not coap.answered(request):  # (taken twice: its entry expired meanwhile)
+            block1 = request.option(_BLOCK1)
+            if block1 is not None:  # the last block of a request in blocks: echoed (2.5)
+                options = tuple(sorted((*options, (_BLOCK1, block1)), key=lambda o: o[0]))
             coap.respond(request, code, options, b"", now)
         self._flush(now)
+
+    def answer_pending(self) -> None:
+        """A Register's answer waits for the store: none of our requests leaves before it
+        (a client ignores requests until it is registered; issue 13 item 5)."""
+        self._rare_state().answering += 1
+
+    def answer_sent(self, now: float) -> None:
+        """That answer left (or will never leave): our requests may go again."""
+        rare = self._rare
+        if rare is not None and rare.answering:
+            rare.answering -= 1
 
     def sweep(self, now: float) -> None:
         """Finish every expired command not in flight (rule 5.2)."""
@@ -319,6 +390,9 @@ class DeviceMachine:
             if ours:
                 coap.abandon(ours)  # nothing more is sent to the device, nor retransmitted
         self.forget_observations()
+        if self._rare is not None and self._rare.incoming is not None:
+            self._rare.incoming = None
+            self.config.block1_pool.release(self)
         queue.remove_all(now)
         self._to(_I.ENDED)
         self._transfer = None
@@ -462,15 +536,173 @@ class DeviceMachine:
             self._to(_I.DURABLE)
 
     def _transmit(self, cmd: Command, now: float) -> None:
+        """Send the decided attempt: its stored exchange (Message ID, token); a body larger
+        than a block goes in blocks, block 0 on that exchange (RFC 7959 2.5)."""
+        options = self._request_options(cmd)
+        payload = cmd.payload
+        szx = self._block_szx()
+        if len(payload) > 16 << szx:
+            sender = Block1Sender(payload, szx)
+            first = sender.current
+            options += (first.block.option(_BLOCK1), size_option(_SIZE1, len(payload)))
+            payload = first.payload
+            assert cmd.token is not None
+            self._transfer = Upload(sender, cmd.token)
         self.coap.send_request(
             _METHODS[cmd.method],
-            tuple(sorted(self._request_options(cmd), key=lambda o: o[0])),
-            cmd.payload,
+            tuple(sorted(options, key=lambda o: o[0])),
+            payload,
             now,
             observe=cmd.observe,
             mid=cmd.mid,
             token=cmd.token,
         )
+
+    def _block_szx(self) -> int:
+        """The block size for this device: ours, or smaller where it asked (4.13) or its TCP
+        frames are small (CSM Max-Message-Size)."""
+        szx = self.config.block_szx
+        rare = self._rare
+        if rare is not None and rare.szx is not None:
+            szx = min(szx, rare.szx)
+        conn = self.conn
+        if conn is not None:
+            room = self.config.frame_limit(conn) - _FRAME_OVERHEAD
+            while szx > 0 and 16 << szx > room:
+                szx -= 1
+        return szx
+
+    def _uploaded(self, cmd: Command, upload: Upload, response: Message, now: float) -> bool:
+        """Take the answer to a block of the request body: True when it is the final
+        answer; else the next block (or block 0 again, smaller, after a 4.13) was sent, or
+        the upload failed (the command ends 502)."""
+        code = response.code
+        try:
+            block1 = get_block(response, _BLOCK1)
+        except DecodeError as exc:
+            return self._upload_failed(cmd, str(exc), now)
+        sender = upload.sender
+        step = sender.on_response(code, block1)
+        if isinstance(step, Failed):
+            return self._upload_failed(cmd, step.reason, now)
+        if not isinstance(step, BlockSend):  # (Done: this answer is the final one)
+            return True
+        upload.token = self._send_upload_block(cmd, sender, now)
+        self._to(_I.BLOCK_SENT)
+        return False
+
+    def _smaller_blocks(self, cmd: Command, response: Message, now: float) -> bool:
+        """The device answered 4.13 to the whole body, or to block 0 of it: send the body
+        again in smaller blocks (RFC 7959 2.9.3), as a new exchange, if a smaller block fits
+        what it said — the block size of its Block1, or its Size1 as the most it takes at
+        once; a bare 4.13 (Anjay: the datagram was over its input buffer) halves the size,
+        down to 16 bytes. The size is kept for the device's next bodies. False when no
+        smaller block is possible: the 4.13 is the answer."""
+        transfer = self._transfer
+        if transfer is None:  # the whole body was sent: a block must be smaller than it
+            top, limit = self._block_szx(), len(cmd.payload) - 1
+        elif type(transfer) is Upload and transfer.sender.current.block.num == 0:
+            szx = transfer.sender.current.block.szx
+            top, limit = szx - 1, (16 << szx) - 1
+        else:
+            return False
+        try:
+            block1 = get_block(response, _BLOCK1)
+            size1 = get_size(response, _SIZE1)
+        except DecodeError:
+            block1 = size1 = None
+        if block1 is not None:
+            limit = min(limit, 16 << block1.szx)
+        elif size1 is not None:
+            limit = min(limit, size1)
+        szx = max((x for x in range(top + 1) if 16 << x <= limit), default=-1)
+        if szx < 0:
+            return False
+        self._rare_state().szx = szx
+        sender = Block1Sender(cmd.payload, szx)
+        self._transfer = upload = Upload(sender, b"")
+        upload.token = self._send_upload_block(cmd, sender, now)
+        self._to(_I.BLOCK_SENT)
+        return True
+
+    def _upload_failed(self, cmd: Command, reason: str, now: float) -> bool:
+        self._transfer = None
+        self._emit(Count("blockwise_failures"))
+        log.debug("%s: sending %s in blocks failed: %s", self.reg.endpoint, cmd.uri, reason)
+        self.queue.attempt_succeeded(INCOMPLETE, now)
+        self._to(_I.ANSWERED)
+        return False
+
+    def _send_upload_block(self, cmd: Command, sender: Block1Sender, now: float) -> bytes:
+        """The current block of the body, as a new exchange (block 0 again after a 4.13
+        carries Size1 again)."""
+        step = sender.current
+        options = (*self._request_options(cmd), step.block.option(_BLOCK1))
+        if step.block.num == 0:
+            options += (size_option(_SIZE1, len(cmd.payload)),)
+        coap = self.coap
+        return coap.send_request(
+            _METHODS[cmd.method],
+            tuple(sorted(options, key=lambda o: o[0])),
+            step.payload,
+            now,
+            observe=cmd.observe,
+            mid=None if coap.reliable else self._new_mid(),
+        )
+
+    def _incoming_block(self, request: Message, now: float) -> Message | None:
+        """One block of a request the device sends in blocks (RFC 7959 2.5): answered 2.31
+        until the last, which comes back whole (its Block1 is echoed by `respond`). A gap is
+        4.08, a body over `max_body_in` 4.13 with Size1, a full shared pool 5.03."""
+        coap = self.coap
+        try:
+            block = get_block(request, _BLOCK1)
+            size1 = get_size(request, _SIZE1)
+            key = (request.code, request.uri_path, request.uri_query)
+        except DecodeError:
+            coap.respond(request, _BAD_OPTION, (), b"", now)
+            return None
+        assert block is not None
+        rare = self._rare_state()
+        incoming = rare.incoming
+        pool = self.config.block1_pool
+        if incoming is None or incoming.key != key or block.num == 0:
+            if incoming is not None:
+                pool.release(self)
+                rare.incoming = incoming = None
+            if block.num == 0 and not block.more:
+                return request  # the whole body in one block
+            if block.num != 0:
+                coap.respond(request, _INCOMPLETE, (), b"", now)
+                return None
+            if not pool.take(self, now):
+                retry = ((_MAX_AGE, uint_bytes(self.config.retry_after)),)
+                coap.respond(request, _UNAVAILABLE, retry, b"", now)
+                return None
+            config = self.config
+            receiver = Block1Receiver(szx=config.block_szx, max_body=config.max_body_in)
+            incoming = rare.incoming = Incoming(key, receiver)
+        elif not pool.take(self, now):  # (its place was given to another: start again)
+            rare.incoming = None
+            coap.respond(request, _INCOMPLETE, (), b"", now)
+            return None
+        step = incoming.receiver.feed(block, request.payload, size1)
+        if isinstance(step, Continue):
+            coap.respond(request, _CONTINUE, (step.block.option(_BLOCK1),), b"", now)
+            return None
+        rare.incoming = None
+        pool.release(self)
+        if isinstance(step, Reject):
+            size = () if step.size1 is None else (size_option(_SIZE1, step.size1),)
+            coap.respond(request, step.code, size, b"", now)
+            return None
+        return request._replace(payload=step.body)
+
+    def _rare_state(self) -> _Rare:
+        rare = self._rare
+        if rare is None:
+            rare = self._rare = _Rare()
+        return rare
 
     def _request_options(self, cmd: Command) -> tuple[Option, ...]:
         uri, _, query = cmd.uri.partition("?")
@@ -551,7 +783,11 @@ class DeviceMachine:
                     self.queue.attempt_failed(Failure(event.reason), now)
                     self._to(_I.FAILED)
             elif isinstance(event, RequestReceived):
-                self._emit(DeviceRequest(event.request))
+                request: Message | None = event.request
+                if request is not None and request.option(_BLOCK1) is not None:
+                    request = self._incoming_block(request, now)
+                if request is not None:
+                    self._emit(DeviceRequest(request))
             elif isinstance(event, RequestAcknowledged):
                 if self._ours(event.token):
                     self._to(_I.ACKED)  # the separate response will follow
@@ -576,7 +812,14 @@ class DeviceMachine:
             return
         cmd = self.queue.in_flight
         assert cmd is not None
-        if self._transfer is not None or response.option(_BLOCK2) is not None:
+        transfer = self._transfer
+        if response.code == _TOO_LARGE and cmd.payload and self._smaller_blocks(cmd, response, now):
+            return  # sent again in (smaller) blocks
+        if type(transfer) is Upload:
+            if not self._uploaded(cmd, transfer, response, now):
+                return  # the next block was sent, or the upload failed
+            self._transfer = transfer = None
+        if transfer is not None or response.option(_BLOCK2) is not None:
             whole = self._reassemble(cmd, response, now)
             if whole is None:
                 return  # the next block was asked for, or the transfer failed
@@ -625,7 +868,7 @@ class DeviceMachine:
         block, a body over 1 MiB) ends the command with 502 BLOCKWISE_TRANSFER_FAILED.
         """
         transfer = self._transfer
-        if transfer is None:
+        if not isinstance(transfer, Transfer):
             transfer = self._transfer = Transfer(response)
         step = transfer.feed(response)
         if isinstance(step, Ask):

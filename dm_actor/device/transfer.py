@@ -1,14 +1,26 @@
-"""A body that arrives in blocks (RFC 7959 2.4): the answer to the attempt in flight, or a
-notification (RFC 7959 2.6) whose rest is fetched with GETs.
+"""Bodies in blocks (RFC 7959): one transfer's bookkeeping each; sending and answering the
+blocks is the machine's.
 
-This module owns one transfer's bookkeeping; asking for the next block is the machine's.
+`Transfer`: a body that arrives in blocks (2.4), the answer to the attempt in flight, or a
+notification (2.6) whose rest is fetched with GETs. `Upload`: a request body we send in
+blocks (2.5). `Incoming`: a request the device sends in blocks, reassembled. `Block1Pool`:
+the bound on reassemblies, shared by every device.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dm_actor.coap.blockwise import Ask, Block2Assembler, Complete, Failed, get_block, get_size
+from dm_actor.coap.blockwise import (
+    Ask,
+    Block1Receiver,
+    Block1Sender,
+    Block2Assembler,
+    Complete,
+    Failed,
+    get_block,
+    get_size,
+)
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.numbers import OptionNumber
 
@@ -44,3 +56,61 @@ class Transfer:
             return Failed(str(exc))
         etag, size2 = response.option(_ETAG), get_size(response, _SIZE2)
         return self.assembler.feed(block, response.payload, etag, size2)
+
+
+class Upload:
+    """A request body we send in blocks (RFC 7959 2.5, Block1): the sender, and the exchange
+    of the block sent last (block 0's is the command's own, the one a restart resends)."""
+
+    __slots__ = ("sender", "token")
+
+    def __init__(self, sender: Block1Sender, token: bytes) -> None:
+        self.sender = sender
+        self.token = token
+
+
+class Incoming:
+    """A request the device sends in blocks (RFC 7959 2.5, Block1), reassembled: one per
+    device at a time, named by its method, path and query."""
+
+    __slots__ = ("key", "receiver")
+
+    def __init__(self, key: tuple[object, ...], receiver: Block1Receiver) -> None:
+        self.key = key
+        self.receiver = receiver
+
+
+class Block1Pool:
+    """The bound on requests being reassembled from blocks, shared by every device (and by
+    the peers that have no device yet): at most `limit` at once, each at most its receiver's
+    `max_body`. When it is full, the oldest one idle for `max_age` seconds gives its place
+    (its next block is answered 4.08); else a new one is refused (5.03). Times are `now`."""
+
+    __slots__ = ("_slots", "limit", "max_age")
+
+    def __init__(self, limit: int, max_age: float) -> None:
+        self.limit = limit
+        self.max_age = max_age
+        self._slots: dict[object, float] = {}  # owner -> when its last block came, oldest first
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def take(self, owner: object, now: float) -> bool:
+        """Hold (or keep holding) a place for `owner`'s transfer; False when there is none."""
+        slots = self._slots
+        if owner in slots:
+            del slots[owner]  # (to the end: the oldest stays first)
+        elif len(slots) >= self.limit:
+            oldest = next(iter(slots))
+            if now - slots[oldest] < self.max_age:
+                return False
+            del slots[oldest]
+        slots[owner] = now
+        return True
+
+    def holds(self, owner: object) -> bool:
+        return owner in self._slots
+
+    def release(self, owner: object) -> None:
+        self._slots.pop(owner, None)
