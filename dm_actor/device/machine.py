@@ -675,18 +675,23 @@ class DeviceMachine:
             if block.num != 0:
                 coap.respond(request, _INCOMPLETE, (), b"", now)
                 return None
-            if not pool.take(self, now):
-                retry = ((_MAX_AGE, uint_bytes(self.config.retry_after)),)
+            config = self.config
+            new = Block1Receiver(szx=config.block_szx, max_body=config.max_body_in)
+            incoming = Incoming(key, new)
+            if not pool.take(self, incoming, now):
+                retry = ((_MAX_AGE, uint_bytes(config.retry_after)),)
                 coap.respond(request, _UNAVAILABLE, retry, b"", now)
                 return None
-            config = self.config
-            receiver = Block1Receiver(szx=config.block_szx, max_body=config.max_body_in)
-            incoming = rare.incoming = Incoming(key, receiver)
-        elif not pool.take(self, now):  # (its place was given to another: start again)
+            rare.incoming = incoming
+        elif incoming.receiver is None:  # (its place was given to another: start again)
             rare.incoming = None
             coap.respond(request, _INCOMPLETE, (), b"", now)
             return None
-        step = incoming.receiver.feed(block, request.payload, size1)
+        else:
+            pool.take(self, incoming, now)  # (it holds its place: only its time moves)
+        receiver = incoming.receiver
+        assert receiver is not None
+        step = receiver.feed(block, request.payload, size1)
         if isinstance(step, Continue):
             coap.respond(request, _CONTINUE, (step.block.option(_BLOCK1),), b"", now)
             return None

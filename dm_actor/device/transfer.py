@@ -70,47 +70,47 @@ class Upload:
 
 
 class Incoming:
-    """A request the device sends in blocks (RFC 7959 2.5, Block1), reassembled: one per
-    device at a time, named by its method, path and query."""
+    """A request a peer sends in blocks (RFC 7959 2.5, Block1), reassembled: one per peer at
+    a time, named by its method, path and query. `receiver` is None once its place in the
+    pool was given to another (its buffer is freed; its next block is answered 4.08)."""
 
     __slots__ = ("key", "receiver")
 
     def __init__(self, key: tuple[object, ...], receiver: Block1Receiver) -> None:
         self.key = key
-        self.receiver = receiver
+        self.receiver: Block1Receiver | None = receiver
 
 
 class Block1Pool:
-    """The bound on requests being reassembled from blocks, shared by every device (and by
-    the peers that have no device yet): at most `limit` at once, each at most its receiver's
-    `max_body`. When it is full, the oldest one idle for `max_age` seconds gives its place
-    (its next block is answered 4.08); else a new one is refused (5.03). Times are `now`."""
+    """The bound on requests being reassembled from blocks, shared by every device and by
+    the peers that have no device yet: at most `limit` at once, each at most its receiver's
+    `max_body`, so at most `limit * max_body` bytes whatever peers do. When it is full, the
+    one idle longest gives its place if it was idle `max_age` seconds (its buffer is freed
+    at once); else a new one is refused (the caller answers 5.03). Times are `now`."""
 
     __slots__ = ("_slots", "limit", "max_age")
 
     def __init__(self, limit: int, max_age: float) -> None:
         self.limit = limit
         self.max_age = max_age
-        self._slots: dict[object, float] = {}  # owner -> when its last block came, oldest first
+        # owner -> (when its last block came, its transfer), the longest idle first
+        self._slots: dict[object, tuple[float, Incoming]] = {}
 
     def __len__(self) -> int:
         return len(self._slots)
 
-    def take(self, owner: object, now: float) -> bool:
+    def take(self, owner: object, incoming: Incoming, now: float) -> bool:
         """Hold (or keep holding) a place for `owner`'s transfer; False when there is none."""
         slots = self._slots
-        if owner in slots:
-            del slots[owner]  # (to the end: the oldest stays first)
-        elif len(slots) >= self.limit:
+        if slots.pop(owner, None) is None and len(slots) >= self.limit:
             oldest = next(iter(slots))
-            if now - slots[oldest] < self.max_age:
+            since, given = slots[oldest]
+            if now - since < self.max_age:
                 return False
             del slots[oldest]
-        slots[owner] = now
+            given.receiver = None
+        slots[owner] = (now, incoming)
         return True
-
-    def holds(self, owner: object) -> bool:
-        return owner in self._slots
 
     def release(self, owner: object) -> None:
         self._slots.pop(owner, None)

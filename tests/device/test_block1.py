@@ -317,6 +317,9 @@ def test_the_shared_pool_bounds_reassemblies_and_gives_a_stale_place_away() -> N
     assert busy.code == Code.SERVICE_UNAVAILABLE and busy.max_age == 60
     m2.receive_datagram(_block_request(dev2, 0, True, b"a" * 64), 70.0)  # m1's went stale
     assert [r.code for r in sent(d2.take())] == [Code.CONTINUE]
+    # m1's buffer is freed at once: the pool bounds the bytes held, not only the places
+    assert m1._rare is not None and m1._rare.incoming is not None
+    assert m1._rare.incoming.receiver is None
     m1.receive_datagram(_block_request(dev1, 1, False, b"b"), 71.0)
     assert [r.code for r in sent(d1.take())] == [Code.REQUEST_ENTITY_INCOMPLETE]
     m2.end(72.0)
