@@ -666,6 +666,34 @@ def test_rfc_7959_2_6_a_newer_notification_replaces_a_fetch_in_progress() -> Non
     assert not requests(d.take(10.0))  # the abandoned GET is not retransmitted either
 
 
+def test_rfc_7959_2_6_fetches_of_notifications_in_blocks_never_pile_up() -> None:
+    """At most 8 fetches per device: a ninth abandons the oldest (its GET is not sent
+    again, its late answer notifies nothing)."""
+    m = make_machine()
+    d = Driver(m)
+    dev = FakeDevice()
+    tokens = []
+    for i in range(10):
+        req = start(m, d, command("GET", f"/3303/{i}/5700", observe=True, now=float(i)), float(i))
+        deliver(m, dev.answer(req, payload=b"v", observe=1), float(i))
+        tokens.append(req.token)
+    d.take(10.0)
+    gets = []
+    for n, token in enumerate(tokens):
+        deliver(m, dev.notification(token, 5, BODY[:64], block=Block(0, more=True, szx=2)), 11.0)
+        gets += _fetch_requests(d.take(11.0))
+        assert len(set(m._fetches or ())) <= 8, n
+    assert len(gets) == 10
+    retransmit = due(m)
+    m.handle_timer(retransmit)
+    again = {r.token for r in requests(d.take(retransmit))}
+    assert again and again <= {g.token for g in gets[2:]}  # the 2 oldest are not sent again
+    deliver(m, dev.in_blocks(gets[0], BODY[:128]), 15.0)
+    assert not of_type(d.take(15.0), Notified)
+    deliver(m, dev.in_blocks(gets[-1], BODY[:128]), 15.5)
+    assert [n.uri for n in of_type(d.take(15.5), Notified)] == ["/3303/9/5700"]
+
+
 def test_an_observation_whose_first_answer_comes_in_blocks_is_notified_whole() -> None:
     m = make_machine()
     d = Driver(m)
