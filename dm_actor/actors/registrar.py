@@ -13,6 +13,7 @@ observe again.
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 import secrets
 from collections import OrderedDict
@@ -25,9 +26,9 @@ from dm_actor.actors.device import Signal
 from dm_actor.actors.persist import registration_record
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
-from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber, code_str
 from dm_actor.delivery.queue import DeviceQueue
-from dm_actor.lwm2m import registration as reg_iface
+from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
 from dm_actor.lwm2m.link_format import SHARED_ENTRIES
 from dm_actor.lwm2m.registration import Registration, RegistrationError
 
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from dm_actor.lwm2m.link_format import RegisteredObjects
 
 _CON = MessageType.CON.value
+log = logging.getLogger(__name__)
 
 
 class Registrar:
@@ -90,6 +92,10 @@ class Registrar:
             code, options = self._update(actor, request, now)
         elif kind == "deregister":
             code, options = self._deregister(actor, request, now)
+        elif kind == "send":
+            # LwM2M Send: nothing of it is stored, so its answer waits for no commit
+            actor.respond(request, *self.send(actor, request, now), now)
+            return
         else:
             code, options = Code.NOT_FOUND, ()
         store = registry.store
@@ -110,6 +116,30 @@ class Registrar:
             registry.after_durable(answer, actor)
         else:
             actor.respond(request, code, options, now)
+
+    def send(
+        self, actor: DeviceActor, request: Message, now: float, *, body: bytes | None = None
+    ) -> reg_iface.Response:
+        """An LwM2M Send (`POST /dp`, SenML JSON or CBOR) of a registered device: its values
+        go to the applications subscribed to their paths as `notifications`, and the answer
+        is 2.04; refused with 4.15 (another format), 4.00 (a malformed body), 4.13 (too
+        large), 4.05/4.04 (not `POST /dp`), logged and counted. `body`: the whole body of a
+        Send that came in Block1 blocks (`request` is then its last block)."""
+        registry = self.registry
+        wall = registry.wall_offset + now
+        if body is None:
+            parsed = lwm2m_send.parse_send(request, wall)
+        else:
+            parsed = lwm2m_send.parse_body(request.content_format, body, wall)
+        stats = registry.statistics
+        if isinstance(parsed, lwm2m_send.SendError):
+            stats["sends_refused"] = stats.get("sends_refused", 0) + 1
+            log.info("%s: Send refused (%s): %s", actor.endpoint, code_str(parsed.code),
+                     parsed.reason)  # fmt: skip
+            return parsed.code, ()
+        stats["sends"] = stats.get("sends", 0) + 1
+        self.subscriptions.sent(actor, parsed)
+        return Code.CHANGED, ()
 
     def shed(self, request: Message, addr: Address | None, conn: TcpConnection | None) -> None:
         """Refuse a Register the server cannot keep now (its store is behind or failing):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from dm_actor.actors.commands import MAX_EXPIRY, Accepted, Rejected
+from dm_actor.delivery.outcomes import Outcome
 from dm_actor.delivery.queue import Verdict
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.commands import Commands
     from dm_actor.actors.device import DeviceActor
     from dm_actor.actors.registry import Registry
-    from dm_actor.delivery.outcomes import Outcome
+    from dm_actor.lwm2m.send import SendRequest
 
 _SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
 
@@ -187,3 +188,13 @@ class Subscriptions:
         owners = (actor.subscriptions or {}).get(uri)
         if owners:
             self.registry.events.publish("notifications", item, frozenset(owners))
+
+    def sent(self, actor: DeviceActor, send: SendRequest) -> None:
+        """An LwM2M Send's values: one notification per subscribed path the Send covers,
+        shaped as the device's notifications are (the values under that path, as a SenML
+        pack in the Send's format; see docs/api.md, "LwM2M Send")."""
+        subscriptions = actor.subscriptions
+        if not subscriptions:
+            return
+        for path, payload in send.payloads(sorted(subscriptions)):
+            self.notification(actor, path, Outcome(200, None, payload, send.content_format))
