@@ -372,14 +372,15 @@ class CoapEndpoint:
 
     def replies_to_send(self) -> list[bytes]:
         """Take out the datagrams (or TCP frames) ready to go that answer the peer: ACKs,
-        Resets, responses; our own requests stay for `datagrams_to_send`."""
+        Resets, responses (a NON request's NON response too); our own requests stay for
+        `datagrams_to_send`."""
         out = self._out
         if out is None:
             return []
         if self.reliable:  # frames: a response's code is 2.xx-5.xx
             replies = [d for d in out if framing_tcp.frame_code(d) >= 64]
-        else:  # datagrams: type 2 (ACK) or 3 (Reset)
-            replies = [d for d in out if d[0] & 0x20]
+        else:  # datagrams: type 2 (ACK) or 3 (Reset), or a NON (type 1) with a response code
+            replies = [d for d in out if d[0] & 0x20 or (d[0] & 0x30 == 0x10 and d[1] >= 64)]
         if replies:
             self._out = [d for d in out if d not in replies] or None
         return replies

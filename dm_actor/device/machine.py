@@ -193,7 +193,9 @@ class DeviceMachine:
         self._contact = False  # a message since the last `settle` (rule 7.1's resend)
         self._observations: dict[bytes, tuple[str, NotificationOrder]] | None = None
         self._cache: ValueCache | None = None
-        self._mid_limit: int | None = None  # the first Message ID not reserved in the store
+        # the first Message ID not reserved in the store (restored: the stored one, so a
+        # move to TCP and back continues past it too)
+        self._mid_limit: int | None = mid_start
         # the attempt's body going out in blocks, or its answer coming in blocks
         self._transfer: Transfer | Upload | None = None
         self._rare: _Rare | None = None
@@ -215,8 +217,10 @@ class DeviceMachine:
         return self.conn is not None or self.addr is not None
 
     def get_timer(self) -> float | None:
-        """When `handle_timer` must be called next (None: never, until new input)."""
-        return self.coap.get_timer()
+        """When `handle_timer` must be called next (None: never, until new input). While
+        held, none: nothing of ours leaves, so no retransmission clock runs (requests
+        already out would otherwise pile up their retransmissions, or time out unsent)."""
+        return None if self._held else self.coap.get_timer()
 
     def effects(self) -> list[Effect]:
         """What to do, in order, since the last call (carry out every one)."""
@@ -271,7 +275,7 @@ class DeviceMachine:
         """Retransmit or time out what is due (call at `get_timer()` or later)."""
         coap = self.coap
         timer = coap.get_timer()
-        if timer is not None and timer <= now:
+        if timer is not None and timer <= now and not self._held:
             coap.handle_timer(now)
             self._handle_events(now)
             self._flush(now)
@@ -837,19 +841,26 @@ class DeviceMachine:
         self.queue.attempt_succeeded(outcome, now)
         self._to(_I.ANSWERED)
         uri = cmd.uri
+        stale = False
         if cmd.observe:
             if outcome.status == 200 and response.observe is not None:
                 observations = self._observations
                 if observations is None:
                     observations = self._observations = {}
-                order = NotificationOrder()
-                order.accept(response.observe, now)
-                observations[token] = (uri, order)
-                self._emit(Notified(uri, outcome))
+                entry = observations.get(token)
+                if entry is None:
+                    order = NotificationOrder()
+                    order.accept(response.observe, now)
+                    observations[token] = (uri, order)
+                    self._emit(Notified(uri, outcome))
+                elif self.conn is None and entry[1].accept(response.observe, now):
+                    self._emit(Notified(uri, outcome))
+                else:  # a newer notification came while it was in blocks (RFC 7641 3.4)
+                    stale = True
             else:
                 log.info("%s refused to be observed on %s: %d", self.reg.endpoint, uri,
                          outcome.status)  # fmt: skip
-        if cmd.method == "GET" and "?" not in uri and cmd.accept is None:
+        if cmd.method == "GET" and "?" not in uri and cmd.accept is None and not stale:
             # (only what a request without Accept got is served again from the cache: the
             # cache is looked up for those alone, and a TLV answer is not a text one)
             self._remember(uri, outcome, now)
@@ -924,7 +935,14 @@ class DeviceMachine:
         observations = self._observations
         entry = None if observations is None else observations.get(token)
         if entry is None:
-            return
+            cmd = self.queue.in_flight
+            if cmd is None or cmd.token != token or self.attempt is not _S.IN_BLOCKS:
+                return
+            # the observation's first answer still comes in blocks: this one is newer, and
+            # the first answer will not be notified after it (RFC 7641 3.4)
+            if observations is None:
+                observations = self._observations = {}
+            entry = observations[token] = (cmd.uri, NotificationOrder())
         uri, order = entry
         seq = message.observe
         if seq is not None and self.conn is None and not order.accept(seq, now):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 from functools import partial
 
-import pytest
 import trio
 import trio.testing
 
@@ -18,11 +17,6 @@ from dm_actor.coap.numbers import Code, OptionNumber
 from .support import GatedStore, online
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the actor handles CoAP timers during a hold: retransmissions of a request already "
-    "out pile up unsent and leave in one burst when the store commits",
-)
 async def test_a_request_already_out_is_not_retransmitted_in_a_burst_after_a_hold(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -64,11 +58,6 @@ async def test_a_request_already_out_is_not_retransmitted_in_a_burst_after_a_hol
     assert len(burst) <= 2, f"{len(burst)} copies of the fetch at once after the hold"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the actor runs CoAP timers during a hold: a notification's block fetch times out "
-    "unsent while the store is slow and the notification is never published",
-)
 async def test_a_notification_in_blocks_is_not_lost_to_a_slow_store(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -144,14 +144,6 @@ def test_answers_to_the_devices_own_requests_leave_during_a_hold() -> None:
     assert len(requests(d.durable(2.0))) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="during a hold the machine sends only CoapEndpoint.replies_to_send(), which picks "
-    "ACK and Reset datagrams: the NON response to a NON request of the device (RFC 7252 "
-    "5.2.3) is an answer to the device's own request but stays in the endpoint until "
-    "durable() (a slow disk delays a NON Update's answer). Its Message ID also comes from "
-    "the request counter without the machine's reservation check.",
-)
 def test_a_non_request_of_the_device_is_answered_during_a_hold() -> None:
     m = make_machine()
     d = Driver(m)
@@ -694,6 +686,33 @@ def test_rfc_7959_2_6_fetches_of_notifications_in_blocks_never_pile_up() -> None
     assert [n.uri for n in of_type(d.take(15.5), Notified)] == ["/3303/9/5700"]
 
 
+def test_rfc_7252_4_2_a_fetch_out_during_a_long_hold_is_neither_burst_nor_lost() -> None:
+    """A notification's block fetch is out; a command's write then waits 200 s for the
+    store. Its retransmissions do not pile up and leave at once when the store commits
+    (`Driver` refuses the same request twice in one batch), it does not time out unsent,
+    and the notification is published whole."""
+    m = make_machine()
+    d = Driver(m)
+    dev = FakeDevice()
+    token = _observe(m, d, dev)
+    deliver(m, dev.notification(token, 9, BODY[:64], block=Block(0, more=True, szx=2)), 1.0)
+    (get,) = _fetch_requests(d.take(1.0))
+    m.submit(command("PUT", "/3/0/1", b"x", now=1.5), 1.5)
+    d.take(1.5)
+    assert m.held
+    now = 1.5
+    while now < 200.0:  # the actor's loop: the timer, or 5 s without one
+        timer = m.get_timer()
+        now = min(200.0, max(now + 0.1, timer if timer is not None else now + 5.0))
+        m.handle_timer(now)
+        m.settle(now)
+        assert not requests(d.take(now))
+    effects = d.durable(200.0)
+    assert [r.token for r in requests(effects)].count(get.token) <= 1
+    deliver(m, dev.in_blocks(get, BODY[:128]), 200.5)
+    assert [n.outcome.payload for n in of_type(d.log, Notified)][-1] == BODY[:128]
+
+
 def test_an_observation_whose_first_answer_comes_in_blocks_is_notified_whole() -> None:
     m = make_machine()
     d = Driver(m)
@@ -709,15 +728,6 @@ def test_an_observation_whose_first_answer_comes_in_blocks_is_notified_whole() -
     assert [n.outcome.payload for n in of_type(d.take(1.0), Notified)] == [b"next"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a notification that arrives while the observation's first answer is still "
-    "coming in blocks (IN_BLOCKS) is dropped: the endpoint already holds the observation "
-    "(block 0 had Observe) and reports NotificationReceived, but DeviceMachine._notification "
-    "finds no entry in _observations (added only when the whole first answer is in) and "
-    "returns; then the older, whole first value is notified last (RFC 7641 3.4: the newest "
-    "must win) and the application keeps it until the next notification.",
-)
 def test_rfc_7641_3_4_a_notification_during_the_first_answers_blocks_is_not_lost() -> None:
     m = make_machine()
     d = Driver(m)

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import pytest
 
+from dm_actor.coap.blockwise import Block, get_block
 from dm_actor.coap.numbers import Code
-from dm_actor.device.machine import MID_BLOCK
-from tests.device.support import ADDR, Driver, command, make_machine, requests
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="after a restart, a device that moves to TCP and back to UDP before its first UDP "
-    "request gets a random Message ID start, not one past the store's reservation "
-    "(bd909b7 continues from _mid_limit, which a restored machine has not set yet)",
+from dm_actor.device.effects import Send
+from dm_actor.device.machine import MID_BLOCK, DeviceMachine
+from tests.device.support import (
+    ADDR,
+    BLOCK2,
+    Driver,
+    FakeDevice,
+    command,
+    decode_send,
+    deliver,
+    make_machine,
+    of_type,
+    requests,
 )
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_after_a_restart_tcp_and_back_continues_past_the_stored_reservation(seed: int) -> None:
     """The restored machine starts its Message IDs at the store's reservation (`mid_start`):
@@ -36,3 +43,44 @@ def test_after_a_restart_tcp_and_back_continues_past_the_stored_reservation(seed
     (req,) = requests(d.durable(3.0))
     assert req.code == Code.PUT
     assert (req.mid - mid_start) & 0xFFFF < MID_BLOCK, f"MID {req.mid}: not past {mid_start}"
+
+
+def _start_observation(m: DeviceMachine, d: Driver, dev: FakeDevice) -> bytes:
+    assert m.submit(command("GET", "/3303/0/5700", observe=True), 0.0).value == "accepted"
+    d.take(0.0)
+    (req,) = requests(d.durable(0.0))
+    deliver(m, dev.answer(req, payload=b"20", observe=5), 0.5)
+    d.take(0.5)
+    assert m.observed_paths() == {"/3303/0/5700"}
+    return req.token
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a request queued during a hold (a notification's block fetch) stays in the "
+    "endpoint's output after its connection is replaced and its exchange failed: it is sent "
+    "on the new connection when the hold clears (147062d did the same)",
+)
+def test_rule_3_4_nothing_queued_for_a_replaced_connection_is_sent_on_the_new_one() -> None:
+    """RFC 8323 / rule 3.4: what was sent (or queued) on a connection dies with it. A TCP
+    device's notification came in blocks while an attempt waited for the store (a hold: the
+    fetch GET waits in the endpoint); then the device opens a new connection. The fetch
+    failed with the old connection; when the store commits only the held command's request
+    may go out on the new connection, never the dead fetch."""
+    old_conn, new_conn = object(), object()
+    m = make_machine(addr=None, conn=old_conn)
+    d = Driver(m)
+    dev = FakeDevice(tcp=True)
+    token = _start_observation(m, d, dev)
+    assert m.submit(command("GET", "/3/0/1", now=1.0), 1.0).value == "accepted"
+    d.take(1.0)  # decided and stored: held
+    assert m.held
+    block0 = Block(0, more=True, szx=2)
+    deliver(m, dev.notification(token, 9, bytes(64), block=block0), 1.5)
+    assert not requests(d.take(1.5))  # the fetch GET waits for the hold
+    m.bind(None, new_conn, 2.0)  # a new connection: the old one's exchanges fail
+    d.take(2.0)
+    out = [(decode_send(s), s.conn) for s in of_type(d.durable(2.5), Send)]
+    fetches = [msg for msg, _ in out if get_block(msg, BLOCK2) is not None]
+    assert not fetches, f"{len(fetches)} fetch GET(s) of the old connection sent on the new one"
+    assert [(msg.code, conn is new_conn) for msg, conn in out] == [(Code.GET, True)]
