@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from dm_actor.sim.client import Profile
+from dm_actor.sim.client import SEND_FORMATS, Profile
 from dm_actor.sim.fleet import BINDINGS, Fleet, FleetConfig, raise_fd_limit
 
 if TYPE_CHECKING:
@@ -117,6 +117,19 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         metavar="S",
         help="sensor values change every S seconds",
     )
+    p.add_argument(
+        "--send",
+        type=float,
+        metavar="S",
+        help="LwM2M Send (POST /dp) of each device's temperatures every S seconds (default: none)",
+    )
+    p.add_argument(
+        "--send-format",
+        choices=tuple(SEND_FORMATS),
+        default="cbor",
+        help="the Sends' format: SenML CBOR (as Anjay) or SenML JSON (as Wakaama); "
+        "default %(default)s",
+    )
     p.add_argument("--progress", type=float, default=1.0, metavar="S",
                    help="progress line interval (0: none)")  # fmt: skip
 
@@ -137,7 +150,15 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     bindings = tuple(BINDINGS) if binding == "mixed" else (binding,)
     if args.duration <= 0 or not math.isfinite(args.duration):
         raise ValueError("--duration must be a positive number of seconds")
-    profile = Profile(awake=args.awake, sleep=args.sleep, register_on_wake=args.register_on_wake)
+    if args.send is not None and not (args.send > 0 and math.isfinite(args.send)):
+        raise ValueError("--send must be a positive number of seconds")
+    profile = Profile(
+        awake=args.awake,
+        sleep=args.sleep,
+        register_on_wake=args.register_on_wake,
+        send_interval=args.send,
+        send_format=SEND_FORMATS[args.send_format],
+    )
     return FleetConfig(
         server=server,
         devices=args.devices,
@@ -211,7 +232,8 @@ def _progress_line(fleet: Fleet, elapsed: float) -> str:
     return (
         f"[{elapsed:7.1f}s] registered {t.registered}/{len(fleet.devices)}  "
         f"requests {t.requests}  notifications {t.notifications}  updates {t.updates}  "
-        f"asleep {t.sleeping}  errors {t.errors}"
+        + (f"sends {t.sends}  " if fleet.profile.send_interval is not None else "")
+        + f"asleep {t.sleeping}  errors {t.errors}"
     )
 
 

@@ -2,8 +2,9 @@
 
 `SimDevice` is an `ObjectTree` (its LwM2M objects) plus the client side of the protocol on
 one `CoapEndpoint`: Register, Update at `update_interval(lifetime)`, re-Register when the
-registration is lost, answers to the server's requests, notifications by the rules, and queue
-mode that really sleeps: after its awake window the device asks the network to close its
+registration is lost, answers to the server's requests, notifications by the rules, LwM2M
+Send of its temperatures every `Profile.send_interval` (optional), and queue mode that really
+sleeps: after its awake window the device asks the network to close its
 socket or connection, and on waking it opens a new one and sends an Update (or a Register, as
 Anjay does).
 
@@ -29,6 +30,8 @@ from dm_actor.coap.events import (
 )
 from dm_actor.coap.message import Message, Option, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, ContentFormat, OptionNumber, TransmissionParameters
+from dm_actor.lwm2m import content
+from dm_actor.lwm2m.content import ResourceValue
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import from_segments
 from dm_actor.lwm2m.registration import update_interval
@@ -45,8 +48,6 @@ from dm_actor.sim.objects import (
 if TYPE_CHECKING:
     import socket
 
-    from dm_actor.lwm2m.content import ResourceValue
-
 # device states
 IDLE = 0  # not started, or waiting to retry / reboot (`next_at`)
 CONNECTING = 1  # waiting for the network (a TCP connect) before `then`
@@ -57,6 +58,7 @@ SLEEPING = 4  # queue mode: socket closed until `next_at`
 # what is in flight (`req_kind`), or what to send once connected (`then`)
 REGISTER = 1
 UPDATE = 2
+SEND = 3  # LwM2M Send (never in `then`)
 
 # transports (`transport`)
 SHARED_UDP = 0  # a socket shared with other devices, told apart by source address
@@ -76,6 +78,9 @@ _LWM2M_1_1 = (_URI_QUERY, b"lwm2m=1.1")
 _BINDING_U = (_URI_QUERY, b"b=U")
 _BINDING_T = (_URI_QUERY, b"b=T")
 _QUEUE = (_URI_QUERY, b"Q")
+_DP = (_URI_PATH, b"dp")
+#: the formats a simulated device can Send in
+SEND_FORMATS = {"cbor": ContentFormat.SENML_CBOR.value, "json": ContentFormat.SENML_JSON.value}
 _INF = math.inf
 _PING = Code.PING.value
 
@@ -94,6 +99,12 @@ class Profile:
         reboot_delay: seconds from answering Execute /3/0/4 to registering again.
         retry_base: seconds before the first retry of a failed Register; doubling.
         retry_max: the longest wait between Register attempts.
+        send_interval: seconds between two LwM2M Sends of a registered device's temperatures
+            (`POST /dp`, every `/3303/x/5700` with its time); None: no Sends. The first comes
+            at a random point of the first interval after registering, so a fleet that
+            registers at once does not Send at once.
+        send_format: the Sends' content format (SenML CBOR 112, as Anjay; SenML JSON 110, as
+            Wakaama).
         params: CoAP transmission parameters of the devices.
     """
 
@@ -105,6 +116,8 @@ class Profile:
     reboot_delay: float = 2.0
     retry_base: float = 5.0
     retry_max: float = 300.0
+    send_interval: float | None = None
+    send_format: int = ContentFormat.SENML_CBOR.value
     params: TransmissionParameters = field(default_factory=TransmissionParameters)
 
 
@@ -118,6 +131,8 @@ class Totals:
         "registered",
         "registrations",
         "requests",
+        "sends",
+        "sends_refused",
         "sleeping",
         "updates",
         "wakes",
@@ -133,6 +148,8 @@ class Totals:
         self.sleeping = 0  # asleep right now
         self.wakes = 0
         self.reboots = 0
+        self.sends = 0  # LwM2M Sends answered 2.04
+        self.sends_refused = 0  # ... answered with another code (4.04 also re-registers)
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -233,6 +250,8 @@ class SimDevice(ObjectTree):
         "req_kind",
         "req_token",
         "requests",
+        "send_at",
+        "sends",
         "sock",
         "src",
         "state",
@@ -276,6 +295,7 @@ class SimDevice(ObjectTree):
         self.next_at = start_at
         self.update_at = _INF
         self.awake_until = _INF
+        self.send_at = _INF
         self.then = REGISTER
         self.location = ""
         self.failures = 0
@@ -290,6 +310,7 @@ class SimDevice(ObjectTree):
         self.updates = 0
         self.requests = 0
         self.notifications = 0
+        self.sends = 0
         self.errors = 0
         self.executed: list[Executed] | None = [] if profile.record else None
         # the fleet's: its socket, source address index, bound port, scheduled deadline
@@ -317,10 +338,12 @@ class SimDevice(ObjectTree):
         state = self.state
         if state == REGISTERED:
             at = _INF
-            if self.req_token is None:  # as in `on_timer`: no Update nor sleep meanwhile
+            if self.req_token is None:  # as in `on_timer`: no Update, Send nor sleep meanwhile
                 at = self.update_at
                 if self.queue and self.awake_until < at:
                     at = self.awake_until
+                if self.send_at < at:
+                    at = self.send_at
             observations = self.observations
             if observations:
                 for obs in observations.values():
@@ -347,6 +370,8 @@ class SimDevice(ObjectTree):
             if self.req_token is None:
                 if self.update_at <= now:
                     self._update(now)
+                elif self.send_at <= now:
+                    self._send(now)
                 elif self.queue and self.awake_until <= now:
                     self._sleep(now)
             if self.observations:
@@ -456,6 +481,35 @@ class SimDevice(ObjectTree):
         self._request(UPDATE, options, payload, now)
         self.update_at = _INF
 
+    def _send(self, now: float) -> None:
+        """LwM2M Send (`POST /dp`) of every temperature's value, with its time."""
+        interval = self.profile.send_interval
+        assert interval is not None
+        self.send_at = now + interval
+        world = self.world
+        tick = self.tick(now)
+        stamp = world.epoch + now
+        values = [
+            ResourceValue(f"/3303/{t.iid}/5700", t.sample(world, tick), stamp)
+            for t in self.temperatures
+        ]
+        if not values:
+            return
+        fmt = self.profile.send_format
+        options = (_DP, (_CONTENT_FORMAT, uint_bytes(fmt)))
+        self._request(SEND, options, content.encode(fmt, values), now)
+
+    def _sent(self, code: int, now: float) -> None:
+        if code == Code.CHANGED:
+            self.sends += 1
+            self.net.totals.sends += 1
+            return
+        self.errors += 1
+        self.net.totals.errors += 1
+        self.net.totals.sends_refused += 1
+        if code == Code.NOT_FOUND:
+            self._register(now)  # the server does not know it (any more)
+
     def _request(self, kind: int, options: tuple[Option, ...], payload: bytes, now: float) -> None:
         self.req_token = self.coap.send_request(Code.POST, options, payload, now)
         self.req_kind = kind
@@ -541,6 +595,11 @@ class SimDevice(ObjectTree):
             self.state = REGISTERED
             self.update_at = now + update_interval(self.lifetime)
             self.awake_until = now + self.profile.awake
+            interval = self.profile.send_interval
+            if interval is not None:
+                self.send_at = now + interval * self.world.rng.random()
+        elif kind == SEND:
+            self._sent(code, now)
         elif code == Code.CHANGED:
             self.updates += 1
             self.net.totals.updates += 1
@@ -558,6 +617,9 @@ class SimDevice(ObjectTree):
         self.req_token = None
         if self.req_kind == REGISTER:
             self._lost(now)
+        elif self.req_kind == SEND:  # not answered: the next Send comes at its time
+            self.errors += 1
+            self.net.totals.errors += 1
         else:
             self.errors += 1
             self.net.totals.errors += 1

@@ -35,11 +35,20 @@ def test_arguments_make_the_fleet_config() -> None:
     assert parse("--server", "coap://localhost").server == ("127.0.0.1", 5683)  # type: ignore[attr-defined]
 
 
+def test_send_arguments() -> None:
+    assert parse().profile.send_interval is None  # type: ignore[attr-defined]
+    profile = parse("--send", "30").profile  # type: ignore[attr-defined]
+    assert (profile.send_interval, profile.send_format) == (30.0, 112)  # SenML CBOR
+    assert parse("--send", "5", "--send-format", "json").profile.send_format == 110  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["--server", "http://127.0.0.1:80"],
         ["--duration", "0"],
+        ["--send", "0"],
+        ["--send", "inf"],
         ["--loss", "1.5"],
         ["--source-addresses", "0"],
     ],

@@ -7,6 +7,7 @@ import random
 from dm_actor.coap import framing_tcp
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, ContentFormat, MessageType, OptionNumber
+from dm_actor.lwm2m import content
 from dm_actor.lwm2m.registration import update_interval
 from dm_actor.sim.client import (
     IDLE,
@@ -323,3 +324,72 @@ def test_tcp_sends_csm_first_and_answers_ping() -> None:
     assert pong is not None and (pong.code, pong.token) == (Code.PONG, b"p")
     dev.on_closed(2.0)
     assert (dev.state, dev.errors, net.totals.registered) == (IDLE, 1, 0)
+
+
+# -- LwM2M Send ------------------------------------------------------------------------------
+
+
+def test_send_posts_the_temperatures_to_dp_with_their_time() -> None:
+    net = FakeNet()
+    dev = device(net, profile=Profile(send_interval=10.0), temperatures=2)
+    dev.world.epoch = 1_700_000_000.0
+    register(net, dev)
+    first = dev.send_at
+    assert 0.0 <= first < 10.0 and dev.deadline() == first  # a random point of the interval
+    dev.on_timer(first - 0.001)
+    assert net.take() == []
+    dev.on_timer(first)
+    [send] = net.take()
+    assert (send.mtype, send.code, send.uri_path) == (CON, Code.POST, ("dp",))
+    assert send.content_format == ContentFormat.SENML_CBOR
+    values = content.decode(ContentFormat.SENML_CBOR, send.payload)
+    stamp = 1_700_000_000.0 + first
+    assert [(v.path, v.time) for v in values] == [("/3303/0/5700", stamp), ("/3303/1/5700", stamp)]
+    assert values[0].value == dev.temperature(0).value
+    assert dev.send_at == first + 10.0
+    dev.on_datagram(encode(Message(ACK, Code.CHANGED, send.mid, send.token)), first)
+    assert (dev.sends, net.totals.sends, net.totals.errors) == (1, 1, 0)
+    dev.on_timer(first + 10.0)
+    [again] = net.take()
+    assert again.uri_path == ("dp",) and again.mid != send.mid
+
+
+def test_send_in_senml_json_and_the_server_s_refusals() -> None:
+    net = FakeNet()
+    profile = Profile(send_interval=5.0, send_format=ContentFormat.SENML_JSON)
+    dev = device(net, profile=profile)
+    register(net, dev)
+    dev.on_timer(dev.send_at)
+    [send] = net.take()
+    assert send.content_format == ContentFormat.SENML_JSON
+    assert [v.path for v in content.decode(ContentFormat.SENML_JSON, send.payload)] == [
+        "/3303/0/5700"
+    ]
+    # 4.15: counted, still registered; the next Send at its time
+    dev.on_datagram(encode(Message(ACK, Code.UNSUPPORTED_CONTENT_FORMAT, send.mid, send.token)),
+                    1.0)  # fmt: skip
+    assert (net.totals.sends_refused, dev.state, net.take()) == (1, REGISTERED, [])
+    # 4.04: the server does not know it: it registers again
+    dev.on_timer(dev.send_at)
+    [send] = net.take()
+    dev.on_datagram(encode(Message(ACK, Code.NOT_FOUND, send.mid, send.token)), 6.0)
+    [reg] = net.take()
+    assert reg.uri_path == ("rd",) and net.totals.sends_refused == 2
+
+
+def test_an_update_due_goes_before_a_send_and_no_send_without_the_option() -> None:
+    net = FakeNet()
+    dev = device(net, profile=Profile(send_interval=1000.0))
+    register(net, dev)
+    t = dev.send_at = dev.update_at  # both due at once
+    dev.on_timer(t)
+    [update] = net.take()
+    assert update.uri_path == ("rd", "r1")
+    dev.on_timer(t + 1)  # the Update is in flight: the Send waits
+    assert net.take() == []
+    dev.on_datagram(encode(Message(ACK, Code.CHANGED, update.mid, update.token)), t + 1)
+    dev.on_timer(t + 1)
+    [send] = net.take()
+    assert send.uri_path == ("dp",)
+    plain = device(FakeNet())
+    assert plain.send_at == float("inf")

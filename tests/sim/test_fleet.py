@@ -167,3 +167,35 @@ async def test_lossy_network_still_executes_each_command_exactly_once(
     for dev in fleet.devices:
         assert len(executed(dev, "/3311/0/5851")) == 1  # retransmissions deduplicated
         assert dev.light(0).dimmer == 42
+
+
+async def test_sends_reach_the_subscribers_as_notifications(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """`Profile.send_interval`: every device Sends its temperature (LwM2M Send, SenML CBOR);
+    the server answers 2.04 and publishes each to the application subscribed to it."""
+    listening, view, fleet, fleet_scope = await start(nursery, {
+        "devices": 40, "bindings": ("U", "T"), "ramp": 20.0, "seed": 5,
+        "profile": Profile(send_interval=10.0),
+    })  # fmt: skip
+    sup = listening.supervisor
+    await trio.sleep(3)
+    assert fleet.totals.registered == 40
+    subscribed = fleet.devices[::2]  # half of them
+    for dev in subscribed:
+        assert await sup.subscribe(dev.endpoint, "/3303/0/5700") == Accepted()
+    before = {dev.endpoint: dev.sends for dev in subscribed}
+    await trio.sleep(30)
+    fleet_scope.cancel()
+    await trio.sleep(5)
+    totals = fleet.totals
+    assert totals.sends >= 40 * 3 and totals.errors == 0 and totals.sends_refused == 0
+    assert sup.statistics["sends"] == totals.sends
+    sent = [n for n in view.take("notifications") if n["ct"] == "application/senml+cbor"]  # type: ignore[index]
+    assert {n["path"] for n in sent} == {"/3303/0/5700"}  # type: ignore[index]
+    by_device = Counter(str(n["ep"]) for n in sent)  # type: ignore[index]
+    assert set(by_device) == set(before)
+    for dev in subscribed:
+        # each Send answered since the subscription was published once (give or take the
+        # one whose 2.04 was on its way as the subscription came, or as the fleet stopped)
+        assert abs(by_device[dev.endpoint] - (dev.sends - before[dev.endpoint])) <= 1
