@@ -134,10 +134,11 @@ class DeviceActor:
             if mark is not None:
                 # mail is read during a hold too (answers to the device leave; a request of
                 # ours waits): whichever comes first, the store's commit, mail or the timer
-                with trio.CancelScope(deadline=math.inf if timer is None else timer) as scope:
-                    mailbox.interrupt = scope
-                    await store.durable(mark)
-                mailbox.interrupt = None
+                if not mailbox and not mailbox.closed:  # (mail that came meanwhile: read it)
+                    with trio.CancelScope(deadline=math.inf if timer is None else timer) as sc:
+                        mailbox.interrupt = sc
+                        await store.durable(mark)
+                    mailbox.interrupt = None
                 self._release(trio.current_time())
             elif timer is None:
                 await mailbox.wait()
