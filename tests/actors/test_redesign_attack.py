@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from functools import partial
 
+import pytest
 import trio
 import trio.testing
 
@@ -88,3 +89,41 @@ async def test_a_notification_in_blocks_is_not_lost_to_a_slow_store(
     published = [item for _, item in server.take("notifications")]
     payloads = [base64.b64decode(str(p["payload"])) for p in published if isinstance(p, dict)]
     assert payloads == [value]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a request queued during a hold (a notification's block fetch) is timed from when "
+    "it was queued, not from when it leaves: after a hold longer than ACK_TIMEOUT it is "
+    "retransmitted in the same instant it is first sent",
+)
+async def test_a_fetch_queued_during_a_hold_is_timed_from_when_it_leaves(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """RFC 7252 4.2: the first retransmission comes ACK_TIMEOUT after the first send. Mail is
+    read during a hold (the redesign's one intended change), so a notification in blocks
+    that arrives while a command's attempt waits for a slow store makes a fetch GET that
+    waits with it. When the store commits the GET leaves, and must not leave again at once
+    (as the held attempt itself does not: test_durability.py's "timed from when it
+    leaves")."""
+    store = GatedStore()
+    store.open = True
+    server, dev = await online(nursery, store=store, block_szx=0)  # 16-byte blocks
+    await server.sup.subscribe("dev", "/3303/0/5700")
+    await trio.sleep(1)
+    dev.answer = False  # (nothing answered: only what the server sends is looked at)
+    store.open = False
+    nursery.start_soon(partial(server.sup.submit, "dev", "GET", "/3/0/1", async_id="a"))
+    await trio.sleep(1)
+    await dev.notify("/3303/0/5700", b"x" * 40)  # during the hold: the rest is fetched
+    await trio.sleep(60)  # the store stalls
+    released = trio.current_time()
+    store.open = True
+    store.commit()
+    await trio.sleep(1)  # (less than ACK_TIMEOUT)
+    fetches = [
+        m.mid
+        for t, m in dev.arrivals
+        if t >= released and m.code == Code.GET and m.option(OptionNumber.BLOCK2) is not None
+    ]
+    assert len(fetches) == 1, f"the fetch GET left {len(fetches)} times within a second"
