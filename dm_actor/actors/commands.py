@@ -151,8 +151,19 @@ class Commands:
             retry = d.default_retry_queue_mode if queue_mode else d.default_retry
         if expiry is None:
             expiry = d.default_expiry_queue_mode if queue_mode else d.default_expiry
-        return Command(async_id, method, uri, payload, content_format, accept, now,
-                       now + expiry, 1 + retry, observe, owner)  # fmt: skip
+        return Command(
+            async_id=async_id,
+            method=method,
+            uri=uri,
+            payload=payload,
+            content_format=content_format,
+            accept=accept,
+            accepted_at=now,
+            expires_at=now + expiry,
+            attempts_left=1 + retry,
+            observe=observe,
+            owner=owner,
+        )
 
     # -- what the actors report -------------------------------------------------------------
 

@@ -31,9 +31,13 @@ class DeliveryPolicy:
     recent_limit: int = 32  # finished commands remembered per device for rule 1.7
 
 
-@dataclass(slots=True, eq=False)
+@dataclass(kw_only=True, slots=True, eq=False)
 class Command:
-    """One accepted device request and its delivery bookkeeping."""
+    """One accepted device request and its delivery bookkeeping.
+
+    Keyword-only: its fields are declared here once; the store's `CommandRecord` keeps
+    those of them that outlive a restart (`dm_actor.actors.persist` converts by name).
+    """
 
     async_id: str
     method: str

@@ -45,8 +45,9 @@ import math
 import os
 import sqlite3
 import time
+from itertools import starmap
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import trio
@@ -254,18 +255,8 @@ class SqliteStore:
         db = self._db
         try:
             return Snapshot(
-                registrations=[
-                    _registration(*r)
-                    for r in db.execute(
-                        f"SELECT {', '.join(_REG_FIELDS)} FROM registrations ORDER BY rowid"
-                    )
-                ],
-                commands=[
-                    _command(*r)
-                    for r in db.execute(
-                        f"SELECT {', '.join(_CMD_FIELDS)} FROM commands ORDER BY rowid"
-                    )
-                ],
+                registrations=_load(db, RegistrationRecord, "registrations"),
+                commands=_load(db, CommandRecord, "commands"),
                 subscriptions=_group(db.execute("SELECT * FROM subscriptions ORDER BY 1, 2, 3")),
                 presubscriptions=_presubscriptions(
                     db.execute("SELECT * FROM presubscriptions ORDER BY owner, position")
@@ -903,22 +894,14 @@ def _presubscriptions(rows: Any) -> dict[str, list[PresubscriptionRecord]]:
     return grouped
 
 
-def _registration(
-    endpoint: str, reg_id: str, lifetime: int, version: str, binding: str, queue_mode: int,
-    links: str, registered_at: float, updated_at: float, endpoint_type: str | None,
-    address: str | None,
-) -> RegistrationRecord:  # fmt: skip
-    return RegistrationRecord(endpoint, reg_id, lifetime, version, binding, bool(queue_mode),
-                              links, registered_at, updated_at, endpoint_type,
-                              address)  # fmt: skip
+R = TypeVar("R", RegistrationRecord, CommandRecord)
 
 
-def _command(
-    endpoint: str, async_id: str, method: str, uri: str, payload: bytes,
-    content_format: int | None, accept: int | None, accepted_at: float, expires_at: float,
-    attempts_left: int, attempts: int, last_attempt_at: float | None, observe: int, owner: str,
-    mid: int | None, token: bytes | None,
-) -> CommandRecord:  # fmt: skip
-    return CommandRecord(endpoint, async_id, method, uri, payload, content_format, accept,
-                         accepted_at, expires_at, attempts_left, attempts, last_attempt_at,
-                         bool(observe), owner, mid, token)  # fmt: skip
+def _load(db: sqlite3.Connection, kind: type[R], table: str) -> list[R]:
+    """Every row of `table` as a `kind`, in rowid order (for commands, the order of their
+    acceptance): the columns are named as `kind`'s fields, and a bool, which SQLite keeps
+    as an integer, is a bool again."""
+    flags = [f.name for f in msgspec.structs.fields(kind) if f.type is bool]
+    rows = db.execute(f"SELECT {', '.join(kind.__struct_fields__)} FROM {table} ORDER BY rowid")
+    replace = msgspec.structs.replace
+    return [replace(r, **{f: bool(getattr(r, f)) for f in flags}) for r in starmap(kind, rows)]

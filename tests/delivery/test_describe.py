@@ -18,7 +18,17 @@ OK = from_response(0x45, b"42", 0, 60)
 
 
 def cmd(async_id: str, now: float = 0.0, *, retry: int = 0) -> Command:
-    return Command(async_id, "GET", "/3/0/1", b"", None, None, now, now + 7200, 1 + retry)
+    return Command(
+        async_id=async_id,
+        method="GET",
+        uri="/3/0/1",
+        payload=b"",
+        content_format=None,
+        accept=None,
+        accepted_at=now,
+        expires_at=now + 7200,
+        attempts_left=1 + retry,
+    )
 
 
 def waiting(q: DeviceQueue, now: float) -> list[tuple[str, str]]:

@@ -11,7 +11,17 @@ OK = from_response(0x45, b"42", 0, 60)
 
 
 def cmd(async_id: str, now: float = 0.0, *, expiry: float = 7200, retry: int = 0) -> Command:
-    return Command(async_id, "GET", "/3/0/1", b"", None, None, now, now + expiry, 1 + retry)
+    return Command(
+        async_id=async_id,
+        method="GET",
+        uri="/3/0/1",
+        payload=b"",
+        content_format=None,
+        accept=None,
+        accepted_at=now,
+        expires_at=now + expiry,
+        attempts_left=1 + retry,
+    )
 
 
 def test_queue_full_at_21() -> None:
@@ -156,7 +166,17 @@ def test_an_attempt_that_never_left_keeps_its_retry() -> None:
 def test_an_attempt_that_never_left_does_not_restart_the_resend_grace() -> None:
     policy = DeliveryPolicy()
     q = DeviceQueue(policy, queue_mode=False, now=0.0)
-    cmd = Command("a", "GET", "/3/0/1", b"", None, None, 0.0, 10_000.0, 3)
+    cmd = Command(
+        async_id="a",
+        method="GET",
+        uri="/3/0/1",
+        payload=b"",
+        content_format=None,
+        accept=None,
+        accepted_at=0.0,
+        expires_at=10_000.0,
+        attempts_left=3,
+    )
     q.submit(cmd, 0.0)
     assert q.next_attempt(0.0) is cmd
     q.attempt_failed(FailureReason.TIMEOUT, 1.0)  # sent at 0, failed
