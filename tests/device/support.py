@@ -189,7 +189,8 @@ class Driver:
     """A machine and its actor's side of the contract, in float time.
 
     `take()` collects the effects and checks them: no request leaves between a `Hold` and
-    `durable`; every request's Message ID is below the last reservation made durable; no
+    `durable`; every request's Message ID is below the last reservation made durable, and
+    names one exchange within EXCHANGE_LIFETIME; no request twice in one batch; no
     command finishes twice. `durable()` plays the store catching up.
     """
 
@@ -208,6 +209,11 @@ class Driver:
         effects = self.m.effects()
         for effect in effects:
             self._check(effect, now)
+        burst = [s.data for s in effects if isinstance(s, Send) and is_request(decode_send(s).code)]
+        if len(set(burst)) != len(burst):
+            # (retransmissions that piled up while held would leave at once: RFC 7252 4.2
+            # spaces them out)
+            raise ContractBroken("the same request more than once in one batch of effects")
         self.log += effects
         return effects
 
