@@ -8,7 +8,7 @@ import pytest
 
 from dm_actor.coap.blockwise import Block, get_block
 from dm_actor.coap.numbers import Code
-from dm_actor.device.effects import Send
+from dm_actor.device.effects import Finished, Send
 from dm_actor.device.machine import MID_BLOCK, DeviceMachine
 from tests.device.support import (
     ADDR,
@@ -84,3 +84,33 @@ def test_rule_3_4_nothing_queued_for_a_replaced_connection_is_sent_on_the_new_on
     fetches = [msg for msg, _ in out if get_block(msg, BLOCK2) is not None]
     assert not fetches, f"{len(fetches)} fetch GET(s) of the old connection sent on the new one"
     assert [(msg.code, conn is new_conn) for msg, conn in out] == [(Code.GET, True)]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="68031d3's fix adds an _observations entry for a notification during the first "
+    "answer's blocks; when that transfer then fails (502) the entry stays: observed_paths() "
+    "and observing() report a path observed that the endpoint has cancelled",
+)
+def test_a_failed_first_answer_in_blocks_leaves_no_observation_behind() -> None:
+    """An Observe whose first answer never comes whole is no observation (the endpoint's
+    is cancelled: `_forget_observation`). A notification that came while the answer was in
+    blocks must not leave one behind either, or `Subscriptions.queue_observe` sees the path
+    as observed (`DeviceMachine.observing`) and never queues a new Observe for it."""
+    m = make_machine()
+    d = Driver(m)
+    dev = FakeDevice()
+    body = bytes(range(128))
+    assert m.submit(command("GET", "/3/0", observe=True), 0.0).value == "accepted"
+    d.take(0.0)
+    (req,) = requests(d.durable(0.0))
+    deliver(m, dev.in_blocks(req, body, observe=3), 0.5)
+    (second,) = requests(d.take(0.5))
+    deliver(m, dev.notification(req.token, 4, b"newer"), 0.6)
+    d.take(0.6)
+    # the device breaks the transfer: an error answer to the next block
+    deliver(m, dev.answer(second, Code.NOT_FOUND), 0.7)
+    effects = d.take(0.7)
+    assert [f.outcome.status for f in of_type(effects, Finished)] == [502]
+    assert m.observed_paths() == set()
+    assert not m.observing("/3/0")
