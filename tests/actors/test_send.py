@@ -8,6 +8,7 @@ import json
 import socket
 from pathlib import Path
 
+import cbor2
 import trio
 import trio.testing
 
@@ -19,7 +20,7 @@ from dm_actor.lwm2m.content import ResourceValue
 
 from ..api.client import start_api
 from ..api.test_flow import pull
-from .support import Device, Server, online, start_server
+from .support import Device, Server, online, online_tcp, start_server
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 SENML_JSON, SENML_CBOR = 110, 112
@@ -273,3 +274,24 @@ async def test_an_application_receives_a_send_on_its_channel(
         assert message == {"notifications": [
             {"ep": "dev", "path": "/3303/0/5700", "ct": "application/senml+json",
              "payload": base64.b64encode(body).decode()}]}  # fmt: skip
+
+
+async def test_a_send_over_tcp(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    server, dev = await online_tcp(nursery)
+    await server.sup.subscribe("dev", "/3303/0")
+    await trio.sleep(1)
+    server.take()
+    body = cbor2.dumps([{-2: "/3303/0/5700", -3: 1.7e9, 2: 21.5}])
+    options = (*path_options("/dp"), (OptionNumber.CONTENT_FORMAT, uint_bytes(SENML_CBOR)))
+    token = dev.coap.send_request(Code.POST, options, body, trio.current_time())
+    await dev._flush()
+    with trio.fail_after(5):
+        while token not in dev._responses:
+            await dev._wake.wait()
+    assert dev._responses[token].code == Code.CHANGED
+    [(path, payload)] = sent_notifications(server, "application/senml+cbor")
+    assert path == "/3303/0"
+    assert content.decode(SENML_CBOR, payload) == [ResourceValue("/3303/0/5700", 21.5, 1.7e9)]
+    await dev.disconnect()
