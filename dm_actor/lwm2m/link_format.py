@@ -145,7 +145,8 @@ class RegisteredObjects:
 
     Attributes:
         alt_path: the client's alternate path (`"/lwm2m"`), or `""` for the root.
-        content_formats: the `ct=` values of the root entry (LwM2M 1.1+), in the given order.
+        content_formats: the `ct=` values of the root entry, in the given order: the formats
+            the client announces (`Registration.preferred_accept` chooses among them).
         versions: `(object_id, ver)` for each object registered with a `ver=` attribute.
         entries: the packed, sorted keys; build values with `registered_objects`.
     """
@@ -236,9 +237,12 @@ def registered_objects(links: Iterable[Link]) -> RegisteredObjects:
     """The LwM2M object list of a Register or Update payload.
 
     A link whose `rt` includes `oma.lwm2m` is the root entry: its target becomes `alt_path` and
-    every other link is read relative to it. Links that are not an object or object instance
-    below the root are ignored: LwM2M gives them no meaning. An object with a `ver=` attribute
-    counts as listed even when the attribute was put on an instance link.
+    every other link is read relative to it. Its `ct=` (one number, or a quoted space-separated
+    list: RFC 7252 7.2.1) are the content formats the client announces; without such an entry
+    a plain `</>` link's `ct=` is read instead (LwM2M 1.0's `</>;ct=11543`). Links that are
+    not an object or object instance below the root are ignored: LwM2M gives them no meaning.
+    An object with a `ver=` attribute counts as listed even when the attribute was put on an
+    instance link.
 
     Raises:
         LinkFormatError: two root entries, a root target not starting with `/`, or a `ct=` that
@@ -258,6 +262,12 @@ def registered_objects(links: Iterable[Link]) -> RegisteredObjects:
                 raise LinkFormatError(f"root entry <{link.target}> does not start with '/'")
             alt_path = link.target.rstrip("/")
             content_formats = _content_formats(link.params.get("ct"))
+    if not root_seen:
+        # LwM2M 1.0 announces formats on a plain root link, without rt: `</>;ct=11543`
+        for link in links:
+            if link.target == "/":
+                content_formats = _content_formats(link.params.get("ct"))
+                break
     keys: set[int] = set()
     versions: dict[int, str] = {}
     prefix = alt_path + "/" if alt_path else ""

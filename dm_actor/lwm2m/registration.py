@@ -17,7 +17,11 @@ response code (LwM2M 1.1 TS 6.2 and Leshan's `RegistrationHandler`):
 - 4.03 Forbidden is the caller's, for an endpoint the server refuses (none yet).
 - 4.02 Bad Option: object links sent in blocks (Block1, RFC 7959): not reassembled yet.
 - 4.13 Request Entity Too Large: an object list of more links than the server takes.
-- 4.12 Precondition Failed: an `lwm2m` version other than 1.0, 1.1 or 1.2.
+- 4.12 Precondition Failed: an `lwm2m` version other than 1.0 or 1.1. LwM2M 1.2 is refused on
+  purpose: what a 1.2 client may rely on (the `edge`, `con` and `hqmax` notification
+  attributes, LwM2M Gateway prefixed paths, Bootstrap-Pack) is not implemented, and a 1.2
+  client answered 4.12 registers again as 1.1 (Anjay does; docs/operations.md, "Device
+  compatibility").
 - 4.15 Unsupported Content-Format: a payload that is declared as anything but link-format.
 
 Query parameters this module does not know (Pelion's `aid`, `iep`, `est`, ...) are ignored, as
@@ -33,14 +37,17 @@ from typing import TYPE_CHECKING, Literal
 
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.numbers import Code, ContentFormat, OptionNumber, is_request
+from dm_actor.lwm2m.content import CODECS
 from dm_actor.lwm2m.errors import LinkFormatError
 from dm_actor.lwm2m.link_format import RegisteredObjects, parse_links, registered_objects
 
 if TYPE_CHECKING:
     from dm_actor.coap.message import Message, Option
+    from dm_actor.lwm2m.path import Path
 
-#: LwM2M versions the server accepts; a Register without `lwm2m=` is 1.0.
-SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0", "1.1", "1.2")
+#: LwM2M versions the server accepts; a Register without `lwm2m=` is 1.0. Others get 4.12,
+#: after which a 1.2 client falls back to 1.1 (see the module docstring).
+SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0", "1.1")
 MAX_LIFETIME = 0xFFFFFFFF
 #: the most object links a Register or Update may carry by default (more: 4.13)
 MAX_LINKS = 512
@@ -60,6 +67,25 @@ _LOCATION_PATH = OptionNumber.LOCATION_PATH.value
 _BLOCK1 = OptionNumber.BLOCK1.value
 _POST = Code.POST.value
 _DELETE = Code.DELETE.value
+
+#: The formats that carry several values (an object, an instance, a multiple resource), in the
+#: order the server asks for them when a device announces more than one: SenML first, as its
+#: records carry each value's type (TLV and the pre-1.1 LwM2M JSON leave the bytes untyped
+#: for the applications), CBOR before JSON as it is smaller. Only formats the server decodes.
+PREFERRED_FORMATS: tuple[int, ...] = tuple(
+    int(cf)
+    for cf in (
+        ContentFormat.SENML_CBOR,
+        ContentFormat.SENML_JSON,
+        ContentFormat.LWM2M_CBOR,
+        ContentFormat.LWM2M_TLV,
+        ContentFormat.LWM2M_JSON,
+        ContentFormat.LWM2M_TLV_LEGACY,
+        ContentFormat.LWM2M_JSON_LEGACY,
+    )
+    if cf in CODECS
+)
+_TLV = ContentFormat.LWM2M_TLV.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +186,35 @@ class Registration:
     def expires_at(self, grace: float = 0.0) -> float:
         """When the registration lapses without an Update: last update + lifetime + grace."""
         return self.updated_at + self.lifetime + grace
+
+    def preferred_accept(self, path: Path) -> int | None:
+        """The Accept for a Read or Observe of `path` when the application names no format.
+
+        Pure and cheap (nothing is stored per device: it reads the shared `objects`).
+
+        1. The device announced formats on its root link (`</>;ct=110`, `ct="110 112"`): the
+           first of `PREFERRED_FORMATS` among them, for every path, single resources too
+           (Wakaama built with SenML JSON only answers a read without Accept with 5.00, as it
+           defaults to the TLV it lacks, for `/3/0/0` as for `/3/0`).
+        2. Else LwM2M 1.0: TLV (11542) for an object or an instance, which 1.0 clients must
+           support for them; None for a resource or resource instance, which a 1.0 client
+           answers as text/plain or opaque (TLV for a multiple resource) by itself.
+        3. Else (1.1, nothing announced): None. 1.1 made TLV optional and makes no multi-value
+           format mandatory, so any format asked for blind may be refused with 4.06, while a
+           client left to choose picks one it has (Anjay: SenML CBOR, else SenML JSON, else
+           TLV; text/plain for a single resource). The server decodes all of them.
+
+        Only for GET (Read, Observe); Discover asks for link-format (40) itself, and the
+        methods that send a body say its Content-Format instead.
+        """
+        announced = self.objects.content_formats
+        if announced:
+            for cf in PREFERRED_FORMATS:
+                if cf in announced:
+                    return cf
+        if self.lwm2m_version == "1.0" and path.resource_id is None:
+            return _TLV
+        return None
 
     def apply_update(self, update: UpdateRequest, now: float) -> Registration:
         """The registration after `update` at `now`.

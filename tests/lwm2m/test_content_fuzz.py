@@ -86,7 +86,8 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
 
 
 def test_seeds_decode_somewhere() -> None:
-    assert len(SEEDS) == 47  # 37 content answers, 4 text writes, 6 encodings
+    # at least 37 content answers, 4 text writes (more as captures are added), 6 encodings
+    assert len(SEEDS) >= 47
     for seed in SEEDS:
         assert any(_decodes(cf, seed, base) for cf in CODECS for base in ("/3/0", "/3/0/9"))
 

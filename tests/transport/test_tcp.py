@@ -124,6 +124,13 @@ async def test_real_anjay_client_stream_gets_answered(peer: Peer) -> None:
     assert register.code == Code.POST
     reply = await peer.receive()
     assert reply is not None
+    # it registers as LwM2M 1.2 (that capture's server took it): 4.12, so that it falls back
+    # to 1.1 as it does over UDP (issue 13 item 8)
+    assert "lwm2m=1.2" in register.uri_query
+    assert (reply.code, reply.token) == (Code.PRECONDITION_FAILED, register.token)
+    await peer.stream.send_all(client[1].replace(b"lwm2m=1.2", b"lwm2m=1.1"))  # its fallback
+    reply = await peer.receive()
+    assert reply is not None
     assert (reply.code, reply.token) == (Code.CREATED, register.token)
     assert reply.location_path[0] == "rd"
 

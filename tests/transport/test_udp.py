@@ -240,16 +240,33 @@ async def test_real_client_register_is_created(
     request = decode(register)
     assert request.code == Code.POST  # the captured client's first datagram
     reply = await _exchange(client, register, server)
-    expected = Code.CREATED  # LwM2M 1.0, 1.1 and 1.2 are all accepted
+    # LwM2M 1.0 and 1.1 are accepted; 1.2 gets 4.12 (Anjay then registers as 1.1, below)
+    expected = Code.PRECONDITION_FAILED if "lwm2m=1.2" in request.uri_query else Code.CREATED
     assert (reply.mtype, reply.code, reply.mid, reply.token) == (
         MessageType.ACK,
         expected,
         request.mid,
         request.token,
     )
-    assert reply.location_path[0] == "rd"
+    if expected == Code.CREATED:
+        assert reply.location_path[0] == "rd"
     # a retransmitted Register gets the same answer, not a second registration
     assert await _exchange(client, register, server) == reply
+
+
+async def test_anjay_1_2_register_gets_4_12_and_its_1_1_retry_2_01(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    """Issue 13 item 8, with Anjay's datagrams: the 1.2 Register, then the 1.1 one it sent
+    after the capture's server answered 4.12."""
+    lines = (VECTORS / "anjay-client-udp.jsonl").read_text().splitlines()
+    first, _, retry = (bytes.fromhex(json.loads(line)["hex"]) for line in lines[1:4])
+    assert "lwm2m=1.2" in decode(first).uri_query and "lwm2m=1.1" in decode(retry).uri_query
+    refused = await _exchange(client, first, server)
+    assert (refused.code, refused.token) == (Code.PRECONDITION_FAILED, decode(first).token)
+    created = await _exchange(client, retry, server)
+    assert (created.code, created.token) == (Code.CREATED, decode(retry).token)
+    assert created.location_path[0] == "rd"
 
 
 async def test_malformed_confirmable_gets_reset_and_serving_goes_on(
