@@ -32,9 +32,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     from dm_actor.actors.events import EventStream
+    from dm_actor.address import Address
     from dm_actor.config import Settings
     from dm_actor.store.base import Store
-    from dm_actor.transport.udp import Address
 
 log = logging.getLogger(__name__)
 

@@ -41,12 +41,6 @@ class ChannelEvent(NamedTuple):
     seq: int | None
 
 
-#: The positional shape `(kind, item, owners, seq)` a `ChannelEvent` has (it is one): what
-#: the supervisor's restore still builds as a plain tuple; `NotificationHub.restore` turns
-#: it into a `ChannelEvent`. To go once the restore builds `ChannelEvent`s.
-Event = tuple[str, Item, frozenset[str] | None, int | None]
-
-
 class EventStream:
     """A bounded FIFO of `ChannelEvent`s with one reader."""
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import msgspec
 import trio
 
 from dm_actor.actors.commands import METHODS, Accepted, Commands, Rejected
 from dm_actor.actors.device import DeviceActor, Signal
-from dm_actor.actors.events import EventStream
+from dm_actor.actors.events import ChannelEvent, EventStream
 from dm_actor.actors.persist import address_from_text, command_from_record, registration_from_record
 from dm_actor.actors.registrar import Registrar
 from dm_actor.actors.registry import Registry
@@ -35,7 +35,7 @@ from dm_actor.store.memory import MemoryStore
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from dm_actor.actors.events import Event
+    from dm_actor.actors.events import Kind
     from dm_actor.config import Settings
     from dm_actor.lwm2m.registration import Registration
     from dm_actor.store.base import Snapshot, Store
@@ -80,7 +80,7 @@ class Supervisor:
         self.router = router = Router(registry, registrar)
         # the events a restart owes the applications' channels (`restore`), until the hub
         # takes them (`NotificationHub.restore`): not through the bounded event stream
-        self.owed_events: list[Event] = []
+        self.owed_events: list[ChannelEvent] = []
 
         # -- the facade: what the API, the app, the device actors and the tests reach -------
         # (plain aliases of the parts' objects and methods; none is ever rebound)
@@ -246,7 +246,8 @@ class Supervisor:
         commands = self.commands
         for event in snapshot.events:  # events owed to a channel: owed again
             item = msgspec.json.decode(event.item)
-            owed.append((event.kind, item, frozenset((event.owner,)), event.seq))
+            kind = cast("Kind", event.kind)  # (the store keeps the kind it was given)
+            owed.append(ChannelEvent(kind, item, frozenset((event.owner,)), event.seq))
             commands.event_seq = max(commands.event_seq, event.seq)
         for owner, pres in snapshot.presubscriptions.items():
             self.presubscriptions[owner] = [

@@ -38,7 +38,7 @@ from dm_actor.store.base import ChannelRecord
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from dm_actor.actors.events import Event, EventStream, Item
+    from dm_actor.actors.events import EventStream, Item
     from dm_actor.store.base import Store
 
 WEB_SOCKET = "WEB_SOCKET"
@@ -599,15 +599,14 @@ class NotificationHub:
             if seq is not None and self.on_delivered is not None:
                 self.on_delivered(app, [seq])
 
-    def restore(self, events: Sequence[Event]) -> None:
+    def restore(self, events: Sequence[ChannelEvent]) -> None:
         """The events a restart owes (each with one owner and its `seq`), into their owners'
         channels (call once the stored channels are open, before the hub reads the stream):
         a channel's bound drops the oldest and announces it (`events-lost`), as always. An
         application without a channel is owed its AsyncIDResponses; its other events went
         with its channel: their stored copies are forgotten."""
         gone: dict[str, list[int]] = {}
-        for fields in events:
-            event = ChannelEvent._make(fields)
+        for event in events:
             assert event.owners is not None and len(event.owners) == 1
             [app] = event.owners
             channel = self.channels.get(app)

@@ -112,11 +112,6 @@ class Verdict(enum.Enum):
     QUEUE_IS_FULL = "queue_is_full"  # 429
 
 
-Failure = FailureReason
-"""Why an attempt failed (rule 3.4): the CoAP exchange's `FailureReason`, under the name the
-actors used before it was shared (to go once they import `FailureReason`)."""
-
-
 class DeviceQueue:
     """The delivery state of one device.
 

@@ -37,6 +37,7 @@ from dm_actor.coap.blockwise import (
 )
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.events import (
+    FailureReason,
     MessageRefused,
     NotificationReceived,
     RequestAcknowledged,
@@ -48,7 +49,7 @@ from dm_actor.coap.message import Message, Option, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.coap.observe import NotificationOrder
 from dm_actor.delivery.outcomes import INCOMPLETE, Outcome, from_response
-from dm_actor.delivery.queue import Command, DeviceQueue, Failure, Verdict
+from dm_actor.delivery.queue import Command, DeviceQueue, Verdict
 from dm_actor.device.attempt import (
     AttemptInput,
     AttemptState,
@@ -740,7 +741,7 @@ class DeviceMachine:
         if state is _S.DECIDED:
             self.queue.attempt_not_sent()
         elif state is not _S.IDLE:
-            self.queue.attempt_failed(Failure.UNREACHABLE, now)
+            self.queue.attempt_failed(FailureReason.UNREACHABLE, now)
         self._to(_I.TRANSPORT_LOST)
 
     def _transport_lost(self, now: float) -> None:
@@ -789,7 +790,7 @@ class DeviceMachine:
                     if self._transfer is not None:  # a retry asks from the first block again
                         self._transfer = None
                         self._forget_observation()
-                    self.queue.attempt_failed(Failure(event.reason), now)
+                    self.queue.attempt_failed(event.reason, now)
                     self._to(_I.FAILED)
             elif isinstance(event, RequestReceived):
                 request: Message | None = event.request

@@ -36,11 +36,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
-# re-exported for the modules that still import it from here (the one declaration is there)
-from dm_actor.address import Address as Address  # noqa: TC001
-
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from dm_actor.address import Address
 
 log = logging.getLogger(__name__)
 

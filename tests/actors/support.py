@@ -33,9 +33,10 @@ from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import Settings
 from dm_actor.store.memory import MemoryStore
 from dm_actor.transport.tcp import TcpListener
-from dm_actor.transport.udp import Address, UdpEndpoint
+from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
+    from dm_actor.address import Address
     from dm_actor.store.base import Store
 
 OBJECTS = b"</1/0>,</3/0>,</3303/0>,</3311/0>"

@@ -22,7 +22,7 @@ from .support import OBJECTS, Device, GatedStore, online, start_server
 
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 CON, ACK = MessageType.CON, MessageType.ACK
 

@@ -34,7 +34,7 @@ from dm_actor.transport.tcp import TcpListener
 from tests.actors.support import GatedStore, TcpDevice, online, responses, start_server
 
 if TYPE_CHECKING:
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 CON, NON = MessageType.CON, MessageType.NON
 OBJECTS = b"</1/0>,</3/0>,</3303/0>"

@@ -36,7 +36,7 @@ from tests.adversarial.fuzzer import (
 
 if TYPE_CHECKING:
     from dm_actor.actors.device import DeviceActor
-    from dm_actor.transport.udp import Address
+    from dm_actor.address import Address
 
 #: inputs through the callbacks (the run stops earlier at `WALL_LIMIT` s on a slow machine)
 INPUTS = 250_000

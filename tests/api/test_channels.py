@@ -11,6 +11,7 @@ import trio
 import trio.testing
 
 from dm_actor.actors.events import KINDS, ChannelEvent, EventStream
+from dm_actor.actors.supervisor import Supervisor
 from dm_actor.api.channels import (
     LONG_POLLING,
     WEB_SOCKET,
@@ -21,6 +22,9 @@ from dm_actor.api.channels import (
     iso_time,
 )
 from dm_actor.api.schemas import Serialization, SerializationConfig
+from dm_actor.config import Settings
+from dm_actor.store.base import EventRecord
+from dm_actor.store.memory import MemoryStore
 
 
 def response(i: int) -> dict[str, object]:
@@ -376,26 +380,42 @@ async def test_the_stream_hands_out_named_events(nursery: trio.Nursery) -> None:
     assert KINDS[-1] == "async-responses" and len(KINDS) == 6  # Pelion's order, from `Kind`
 
 
-async def test_events_a_restart_owes_as_plain_tuples_are_restored_named(
+async def test_events_a_restart_owes_are_restored_into_their_channels(
     nursery: trio.Nursery,
 ) -> None:
-    """The supervisor's restore still builds `(kind, item, owners, seq)` tuples: the hub
-    turns them into `ChannelEvent`s (a channel's buffer holds only named events)."""
+    """The supervisor's restore builds `ChannelEvent`s from the store's records; the hub
+    routes each to its owner's channel, owes an AsyncIDResponse to an application without
+    one, and forgets its other events."""
     forgotten: list[tuple[str, list[int]]] = []
     _, hub = await start_hub(nursery, on_delivered=lambda app, seqs: forgotten.append((app, seqs)))
     channel = hub.open("a", WEB_SOCKET)
     hub.restore([
-        ("async-responses", response(1), frozenset({"a"}), 11),
-        ("async-responses", response(2), frozenset({"b"}), 12),  # no channel: owed
-        ("notifications", {"ep": "d"}, frozenset({"b"}), 13),  # went with b's channel: forgotten
+        ChannelEvent("async-responses", response(1), frozenset({"a"}), 11),
+        ChannelEvent("async-responses", response(2), frozenset({"b"}), 12),  # no channel: owed
+        ChannelEvent("notifications", {"ep": "d"}, frozenset({"b"}), 13),  # went with b's channel
     ])  # fmt: skip
     [event] = channel.events
-    assert type(event) is ChannelEvent
-    assert event.seq == 11
+    assert (event.kind, event.item, event.seq) == ("async-responses", response(1), 11)
     [owed] = hub.owed["b"]
-    assert type(owed) is ChannelEvent
     assert owed.item == response(2)
     assert forgotten == [("b", [13])]
+
+
+async def test_the_supervisor_restores_stored_events_as_named_events(
+    nursery: trio.Nursery,
+) -> None:
+    store = MemoryStore(clock=lambda: 100.0)  # (events live 24 h)
+    store.put_event(EventRecord("a", 7, "async-responses", b'{"id":"x","status":200}', 1.0))
+    store.put_event(EventRecord("b", 9, "notifications", b'{"ep":"d"}', 2.0))
+    sup = Supervisor(Settings(), store=store)
+    await nursery.start(sup.run)
+    sup.restore(store.load())
+    assert sup.owed_events == [
+        ChannelEvent("async-responses", {"id": "x", "status": 200}, frozenset({"a"}), 7),
+        ChannelEvent("notifications", {"ep": "d"}, frozenset({"b"}), 9),
+    ]
+    assert all(type(e) is ChannelEvent for e in sup.owed_events)
+    assert sup.commands.event_seq >= 9  # new events are numbered after them
 
 
 async def test_the_hub_statistics_are_a_frozen_snapshot(nursery: trio.Nursery) -> None:
