@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
+import trio.testing
 
 from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Supervisor
@@ -110,6 +111,15 @@ async def online_tcp(
     assert (await dev.register()).code == Code.CREATED
     server.take()
     return server, dev
+
+
+async def settle() -> None:
+    """Until idle: let every task run until all of them wait (for a datagram, a timer, the
+    store), without moving the virtual clock. A `trio.sleep(0.01)` that only lets tasks run
+    also lets 10 ms pass (and every timer due in them fire); keep `trio.sleep(n)` for "n
+    seconds pass". A store writing in a worker thread counts as waiting: after `settle()`
+    its commit may still be running."""
+    await trio.testing.wait_all_tasks_blocked()
 
 
 def responses(server: Server) -> dict[str, dict[str, object]]:

@@ -14,7 +14,7 @@ from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.blockwise import get_block
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 
-from .support import Device, Executed, TcpDevice, online, responses, start_server
+from .support import Device, Executed, TcpDevice, online, responses, settle, start_server
 
 if TYPE_CHECKING:
     from dm_actor.coap.message import Message
@@ -197,7 +197,7 @@ async def test_notifications_in_blocks_never_pile_up_fetches(
     for i in range(300):
         await dev.notify("/3/0/1", b"x" * 64)
         if i % 50 == 0:
-            await trio.sleep(0.01)
+            await settle()
     await trio.sleep(0.5)
     actor = server.sup.by_endpoint["dev"]
     assert len(actor.coap._by_token or {}) <= 8

@@ -14,7 +14,7 @@ from dm_actor.coap.message import Message, decode, encode, path_options, query_o
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.device.machine import MID_BLOCK
 
-from .support import Device, GatedStore, TcpDevice, online, responses, start_server
+from .support import Device, GatedStore, TcpDevice, online, responses, settle, start_server
 
 
 def register_datagram(mid: int) -> bytes:
@@ -127,7 +127,7 @@ async def test_a_request_leaves_only_once_its_message_id_and_token_are_durable(
 
     writes = store.writes
     nursery.start_soon(submit, "a", "/3/0/1")
-    await trio.testing.wait_all_tasks_blocked()
+    await settle()
     nursery.start_soon(submit, "b", "/3/0/2")
     await trio.sleep(10)
     assert done == [] and dev.executed == []  # written, not durable: no 202, no request
@@ -193,9 +193,9 @@ async def test_a_202_always_means_the_command_is_in_the_store(
                                             content_format=0))  # fmt: skip
 
     nursery.start_soon(subscribe)
-    await trio.testing.wait_all_tasks_blocked()
+    await settle()
     nursery.start_soon(submit)
-    await trio.testing.wait_all_tasks_blocked()
+    await settle()
     assert "c" in store.commands["dev"]  # written before anyone waits for the commit
     store.open = True
     store.commit()
@@ -214,7 +214,7 @@ async def test_an_attempt_that_ended_before_its_write_committed_is_never_sent(
     server, dev = await online(nursery, store=store)
     store.open = False
     nursery.start_soon(partial(server.sup.submit, "dev", "POST", "/3/0/4", async_id="reboot"))
-    await trio.testing.wait_all_tasks_blocked()
+    await settle()
     nursery.start_soon(dev.deregister)
     await trio.sleep(1)
     store.open = True

@@ -17,6 +17,7 @@ import trio.testing
 
 from dm_actor.api import server as server_module
 from dm_actor.api.server import HttpOptions, HttpServer
+from tests.actors.support import settle
 
 from .client import KEY_A, KEYS, HttpClient, raw_exchange, start_api
 from .test_flow import online
@@ -74,7 +75,7 @@ async def test_slow_heads_cannot_lock_out_a_complete_request(
     slow = [Slow(addr) for _ in range(8)]
     for s in slow:
         nursery.start_soon(s.run)
-        await trio.sleep(0.01)
+        await settle()  # connected, in this order
     await trio.sleep(1)
     assert server.served == 8
     async with HttpClient(addr, KEY_A) as client, HttpClient(addr, None) as anonymous:
