@@ -292,6 +292,25 @@ class CoapEndpoint:
                 self._dedup.answer(request.mid, b"")  # a duplicate NON is not answered again
         self._send(reply)
 
+    def discard_unsent(self) -> None:
+        """Drop what waits to be taken out: the transport it was meant for is gone (its
+        exchanges fail with `peer_unreachable`; nothing of it may reach a new connection)."""
+        self._out = None
+
+    def rebase_unsent(self, now: float) -> None:
+        """Our confirmable requests still waiting to be taken out (their sender held them
+        back, e.g. until the store made their Message ID durable) are timed from `now`, the
+        moment they really leave: their first retransmission comes ACK_TIMEOUT after it
+        (RFC 7252 4.2), not at once. Call it just before `datagrams_to_send`."""
+        out, by_mid = self._out, self._by_mid
+        if not out or not by_mid:
+            return
+        waiting = {id(d) for d in out}
+        for ex in by_mid.values():
+            if ex.first_send < now and id(ex.datagram) in waiting and ex.datagram:
+                ex.deadline += now - ex.first_send
+                ex.first_send = now
+
     def answered(self, request: Message) -> bool:
         """True when a CON `request` from the peer was answered already (its Message ID is
         remembered with our reply); a request processed twice must not be answered twice."""

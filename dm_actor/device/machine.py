@@ -347,6 +347,7 @@ class DeviceMachine:
         """Every write asked for so far is durable: the decided attempt leaves (or, if it
         expired while the store took its time, finishes unsent: rule 5.2)."""
         self._held = False
+        self.coap.rebase_unsent(now)  # (what waited leaves now: its clock starts now)
         self._flush(now)
 
     def respond(self, request: Message, code: int, options: tuple[Option, ...], now: float) -> None:
@@ -747,7 +748,9 @@ class DeviceMachine:
     def _transport_lost(self, now: float) -> None:
         """What was sent on the transport fails now (rule 3.4), an attempt not yet sent
         waits for the next transport, and observations are made again (RFC 8323)."""
-        self.coap.peer_unreachable(now)
+        coap = self.coap
+        coap.discard_unsent()  # (held back for the old transport: never for a new one)
+        coap.peer_unreachable(now)
         self._fail_decided()
         self._fetches = None
         self._handle_events(now)
@@ -905,10 +908,16 @@ class DeviceMachine:
 
     def _forget_observation(self) -> None:
         """An Observe whose first answer never came whole: the endpoint may already hold the
-        observation (the first block had Observe); drop it, or it would stay live unseen."""
+        observation (the first block had Observe), and a notification that came meanwhile
+        made ours; drop both, or it would stay live unseen (and the path would look
+        observed, so no new Observe would be queued for it)."""
         cmd = self.queue.in_flight
-        if cmd is not None and cmd.observe and cmd.token is not None:
-            self.coap.cancel_observation(cmd.token)
+        token = None if cmd is None or not cmd.observe else cmd.token
+        if token is not None:
+            self.coap.cancel_observation(token)
+            if self._observations is not None:
+                self._observations.pop(token, None)
+            self._drop_fetches(token)
 
     def _ask_block(self, cmd: Command, block: Block, now: float) -> bytes:
         """The next block of the answer to `cmd`: the same request with Block2 and, as in

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 from functools import partial
 
-import pytest
 import trio
 import trio.testing
 
@@ -91,12 +90,6 @@ async def test_a_notification_in_blocks_is_not_lost_to_a_slow_store(
     assert payloads == [value]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a request queued during a hold (a notification's block fetch) is timed from when "
-    "it was queued, not from when it leaves: after a hold longer than ACK_TIMEOUT it is "
-    "retransmitted in the same instant it is first sent",
-)
 async def test_a_fetch_queued_during_a_hold_is_timed_from_when_it_leaves(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:

@@ -86,12 +86,6 @@ def test_rule_3_4_nothing_queued_for_a_replaced_connection_is_sent_on_the_new_on
     assert [(msg.code, conn is new_conn) for msg, conn in out] == [(Code.GET, True)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="68031d3's fix adds an _observations entry for a notification during the first "
-    "answer's blocks; when that transfer then fails (502) the entry stays: observed_paths() "
-    "and observing() report a path observed that the endpoint has cancelled",
-)
 def test_a_failed_first_answer_in_blocks_leaves_no_observation_behind() -> None:
     """An Observe whose first answer never comes whole is no observation (the endpoint's
     is cancelled: `_forget_observation`). A notification that came while the answer was in
