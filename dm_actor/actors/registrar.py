@@ -24,6 +24,7 @@ import trio
 
 from dm_actor.actors.device import Signal
 from dm_actor.actors.persist import registration_record
+from dm_actor.actors.refusals import Refusals
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber, code_str
@@ -67,6 +68,7 @@ class Registrar:
         self.lifetimes: list[tuple[float, str, str]] = []  # (expires_at, endpoint, reg_id)
         self._lifetime_scope: trio.CancelScope | None = None
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
+        self.refusals = Refusals(registry)  # refusals in the log, once each (the router's too)
 
     # -- the registration interface --------------------------------------------------------
 
@@ -78,6 +80,7 @@ class Registrar:
         link = actor.machine.link_id
         if kind == "register" and registry.store_behind():
             registry.statistics["registrations_shed"] += 1
+            self.refusals.registration(kind, request, addr, conn, Code.SERVICE_UNAVAILABLE, actor)
             actor.respond(request, Code.SERVICE_UNAVAILABLE, self._retry_after(), now)
             return
         if kind == "register":
@@ -98,6 +101,8 @@ class Registrar:
             return
         else:
             code, options = Code.NOT_FOUND, ()
+        if code >= Code.BAD_REQUEST:  # refused: one log line with the reason (refusals.py)
+            self.refusals.registration(kind, request, addr, conn, code, actor)
         store = registry.store
         if (code == Code.CREATED or code == Code.DELETED or code == Code.CHANGED) and not (
             store.is_durable(store.mark())  # (already durable: the memory store)

@@ -25,7 +25,7 @@ from dm_actor.actors.registrar import tcp_frame
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.errors import DecodeError, Reply
 from dm_actor.coap.message import Message
-from dm_actor.coap.numbers import Code, MessageType
+from dm_actor.coap.numbers import Code, MessageType, code_str
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.store.base import StoreError
 
@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 _POST = Code.POST.value
 _CON = MessageType.CON.value
+_BAD_REQUEST = Code.BAD_REQUEST.value
+_UNAVAILABLE = Code.SERVICE_UNAVAILABLE.value
 #: new peers' Registers waiting to be taken; more get 5.03 at once
 ADMISSION_LIMIT = 4096
 #: a Register that waited longer gets 5.03 (its client has retransmitted meanwhile)
@@ -71,6 +73,8 @@ class Router:
             # nothing LwM2M sends needs it (bodies go in blocks of at most 1024 bytes), and
             # decoding one packed with options costs ~30 ms (an attacker's finding)
             self.registry.statistics["datagrams_too_large"] += 1
+            why = f"{len(data)} bytes, over {MAX_DATAGRAM}"
+            self.registrar.refusals.refuse("a datagram", None, addr, None, "dropped", why)
             return
         try:
             self._datagram(data, addr)
@@ -100,6 +104,10 @@ class Router:
             reply = coap_message.reply_for(exc)
             if reply is not None:
                 registry.send_datagram(reply, addr)
+            answer = "dropped" if reply is None else "Reset" if not reply[1] else code_str(reply[1])
+            mid = -1 if exc.mid is None else exc.mid
+            refusals = self.registrar.refusals
+            refusals.refuse("a malformed datagram", None, addr, None, answer, str(exc), mid=mid)
             return
         self._unknown_peer(msg, addr, None, data)
 
@@ -140,9 +148,13 @@ class Router:
             _check(msg)
         except DecodeError as exc:
             self.registry.statistics["decode_errors"] += 1
+            answer: int | str = "dropped"
             if 1 <= msg.code <= 31:
                 bad = Code.BAD_REQUEST if exc.reply is Reply.BAD_REQUEST else Code.BAD_OPTION
                 self.registry.send_frame(conn, tcp_frame(Message(0, bad, 0, msg.token)))
+                answer = bad
+            refusals = self.registrar.refusals
+            refusals.refuse("a malformed message", None, None, conn, answer, str(exc))
             return None
         self._unknown_peer(msg, None, conn, None)
         return None
@@ -179,6 +191,8 @@ class Router:
         if kind == "register":
             admission = self.admission
             if registry.store_behind() or len(admission) >= self.admission_limit:
+                why = "the store is behind" if registry.store_behind() else "admission is full"
+                registrar.refusals.refuse("Register", msg, addr, conn, _UNAVAILABLE, why)
                 registrar.shed(msg, addr, conn)
                 return
             if addr is not None:  # until it is answered, retransmissions are dropped
@@ -196,8 +210,13 @@ class Router:
                 return
         if 1 <= msg.code <= 31:
             registrar.reply_direct(msg, addr, conn, Code.NOT_FOUND, (), cache=False)
+            known = kind in ("update", "deregister")
+            why = "no such registration" if known else "the peer is not registered"
+            registrar.refusals.refuse(None, msg, addr, conn, Code.NOT_FOUND, why)
         elif addr is not None and msg.mtype == _CON:
             registry.send_datagram(coap_message.reset_for(msg.mid), addr)
+            what = f"a CON {code_str(msg.code)}"
+            registrar.refusals.refuse(what, msg, addr, conn, "Reset", "the peer is not registered")
 
     async def admit(self) -> None:
         """Register new peers, at most `ADMISSION_BUDGET` seconds of CPU per scheduler pass.
@@ -223,10 +242,14 @@ class Router:
                 while admission and clock() < stop:
                     queued_at, msg, addr, conn = admission.popleft()
                     if behind or now - queued_at > ADMISSION_WAIT:
+                        why = "the store is behind" if behind else "waited too long for admission"
+                        registrar.refusals.refuse("Register", msg, addr, conn, _UNAVAILABLE, why)
                         registrar.shed(msg, addr, conn)
                         continue
                     try:
                         code, options = registrar.register(msg, addr, conn, now, via=None)
+                        if code >= _BAD_REQUEST:  # one log line with the reason
+                            registrar.refusals.registration("register", msg, addr, conn, code, None)
                         # (its retransmissions are dropped since it was queued: `_unknown_peer`)
                         registry.after_durable(
                             partial(

@@ -54,6 +54,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
+from dm_actor.coap import trace
 from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.framing_tcp import (
     BASE_CSM,
@@ -199,6 +200,7 @@ class TcpConnection:
         "_limit",
         "_queue",
         "_scope",
+        "_trace",
         "csm",
         "peer",
     )
@@ -215,6 +217,8 @@ class TcpConnection:
         # when the handshake ends if the connection is not bound by then (set by the listener)
         self._deadline = math.inf
         self._closing = False
+        # debug logging of each frame: read again with each chunk the read loop receives
+        self._trace = log.isEnabledFor(logging.DEBUG)
 
     @property
     def max_message_size(self) -> int:
@@ -246,6 +250,8 @@ class TcpConnection:
             raise trio.WouldBlock
         self._queue.append(frame)
         self._has_data.unpark()
+        if self._trace:
+            _trace_frame(frame, self.peer)
 
     async def send(self, msg: Message) -> None:
         """Queue a message, waiting while the send queue holds its size or more.
@@ -276,7 +282,10 @@ class TcpConnection:
     ) -> None:
         """Send an Abort (even past the queue limit) and close (see `close`)."""
         if not self._closing:
-            self._queue.append(encode(abort(diagnostic, bad_csm_option)))
+            frame = encode(abort(diagnostic, bad_csm_option))
+            self._queue.append(frame)
+            if self._trace:
+                _trace_frame(frame, self.peer)
             self.close(timeout)
 
     async def _write_loop(self, stream: trio.abc.SendStream) -> None:
@@ -514,7 +523,10 @@ class TcpListener:
         try:
             while data := await self._in_handshake(conn, receive):
                 decoder.receive_data(data)
+                conn._trace = tracing = log.isEnabledFor(logging.DEBUG)
                 while (msg := decoder.next_message()) is not None:
+                    if tracing:
+                        log.debug("CoAP %s", trace.describe(msg, "in", "tcp", conn.peer))
                     # back-pressure: nothing more is read from this connection while its
                     # answers cannot be queued (the peer does not read them) or its
                     # receiver is full (until the receiver has taken what it holds)
@@ -598,3 +610,16 @@ class _HandshakeOver(Exception):
 
 def _never(conn: TcpConnection) -> bool:
     return False
+
+
+def _trace_frame(frame: bytes, peer: Address) -> None:
+    """Log one frame we send at debug level (only called while debug is on)."""
+    decoder = StreamDecoder(len(frame) + 16)
+    try:
+        decoder.receive_data(frame)
+        msg = decoder.next_message()
+    except DecodeError as exc:
+        log.debug("CoAP %s", trace.undecodable(frame, "out", "tcp", peer, str(exc)))
+        return
+    if msg is not None:
+        log.debug("CoAP %s", trace.describe(msg, "out", "tcp", peer))

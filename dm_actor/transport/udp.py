@@ -20,6 +20,11 @@ CPU a Register takes; reading it only for the first datagram of each batch would
 but would leave the count carried by the batch's later datagrams unseen until the next batch.
 Drops are seen with the first datagram queued after them (the ones queued before carry the
 older count).
+
+At debug level each datagram in and out is decoded once more and logged as one line
+(`coap.trace.describe`). Whether debug is on is read once per receive batch (`_trace`, which
+`send` reads too), so with debug off this costs one boolean test per datagram and builds
+nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from dm_actor.coap import message as coap_message, trace
+from dm_actor.coap.errors import DecodeError
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
@@ -46,6 +54,8 @@ log = logging.getLogger(__name__)
 #: a receive batch ends after this many seconds of handling (checked every 16 datagrams), as
 #: after `max_batch` datagrams: a burst of costly datagrams must not hold the event loop
 _BATCH_TIME = 0.005
+#: longer datagrams are not decoded for the debug log (the router drops them unread)
+_TRACE_MAX = 4096
 
 
 # Linux <linux/in.h>, <linux/in6.h>, <linux/errqueue.h>; Python 3.11 exports none of them.
@@ -129,6 +139,7 @@ class UdpEndpoint:
         "_sent",
         "_sock",
         "_socket_buffer",
+        "_trace",
         "_unreachable",
     )
 
@@ -158,6 +169,7 @@ class UdpEndpoint:
         self._unreachable = 0
         self._kernel_drops = 0
         self._drops_logged_at = -math.inf
+        self._trace = log.isEnabledFor(logging.DEBUG)  # read again each receive batch
 
     def statistics(self) -> UdpStatistics:
         return UdpStatistics(
@@ -199,6 +211,8 @@ class UdpEndpoint:
             else:
                 raise
         self._sent += 1
+        if self._trace:
+            _trace(data, "out", addr)
 
     async def run(
         self, *, task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED
@@ -251,8 +265,10 @@ class UdpEndpoint:
         on_datagram = self._on_datagram
         wait_readable = trio.lowlevel.wait_readable
         clock = time.perf_counter
+        is_enabled_for = log.isEnabledFor
         while True:
             await wait_readable(sock)
+            self._trace = tracing = is_enabled_for(logging.DEBUG)
             n = 0
             ancillary = None
             stop = clock() + _BATCH_TIME
@@ -269,6 +285,8 @@ class UdpEndpoint:
                 n += 1
                 if anc:  # present only once the kernel has dropped something
                     ancillary = anc
+                if tracing:
+                    _trace(data, "in", addr)
                 on_datagram(data, addr)
             self._received += n
             if ancillary is not None:
@@ -301,6 +319,7 @@ class UdpEndpoint:
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(sock)
+            self._trace = tracing = log.isEnabledFor(logging.DEBUG)
             n = 0
             while n < limit:
                 try:
@@ -313,6 +332,8 @@ class UdpEndpoint:
                     self._drain_errors(sock)
                     continue
                 n += 1
+                if tracing:
+                    _trace(data, "in", addr)
                 on_datagram(data, addr)
             self._received += n
             if n == 0 or self._errors_pending:
@@ -342,3 +363,15 @@ class UdpEndpoint:
                     self._on_unreachable(addr)
                 else:
                     log.debug("UDP socket error %s for %s ignored", errno.errorcode.get(err), addr)
+
+
+def _trace(data: bytes, direction: str, addr: Address) -> None:
+    """Log one datagram at debug level (only called while debug is on)."""
+    if len(data) > _TRACE_MAX:  # decoding one packed with options can cost milliseconds
+        log.debug("CoAP %s", trace.undecodable(data, direction, "udp", addr, "not decoded"))
+        return
+    try:
+        line = trace.describe(coap_message.decode(data), direction, "udp", addr)
+    except DecodeError as exc:
+        line = trace.undecodable(data, direction, "udp", addr, str(exc))
+    log.debug("CoAP %s", line)
