@@ -723,8 +723,11 @@ class DeviceMachine:
             options += query_options(query)
         if cmd.content_format is not None:
             options += ((_CONTENT_FORMAT, uint_bytes(cmd.content_format)),)
-        if cmd.accept is not None:
-            options += ((_ACCEPT, uint_bytes(cmd.accept)),)
+        accept = cmd.accept
+        if accept is None and cmd.method == "GET":  # (Read, Observe: issue 13 item 4)
+            accept = self.reg.preferred_accept(path)  # what the device announced, or None
+        if accept is not None:
+            options += ((_ACCEPT, uint_bytes(accept)),)
         return options
 
     def _fail_decided(self) -> None:

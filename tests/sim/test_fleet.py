@@ -20,6 +20,7 @@ from dm_actor.actors.events import EventStream
 from dm_actor.actors.supervisor import Accepted
 from dm_actor.coap.numbers import Code
 from dm_actor.config import parse_settings
+from dm_actor.lwm2m import content
 from dm_actor.sim.client import OWN_UDP, SHARED_UDP, SLEEPING, TCP, Profile
 from dm_actor.sim.fleet import Fleet, FleetConfig
 
@@ -98,7 +99,14 @@ async def test_mixed_fleet_registers_answers_notifies_sleeps_and_wakes(
     await trio.sleep(10)
     answers = {str(r["id"]): r for r in view.take("async-responses")}  # type: ignore[index]
     assert sorted(answers) == sorted(f"get-{ep}" for ep in devices)
-    assert {(r["status"], r["payload"]) for r in answers.values()} == {(200, b64("dm-actor"))}  # type: ignore[index]
+    # (the devices announce SenML JSON, `</>;ct=110`: a read without accept asks for it)
+    assert {(r["status"], r["ct"]) for r in answers.values()} == {(200, "application/senml+json")}  # type: ignore[index]
+    values = {
+        str(v.value)
+        for r in answers.values()
+        for v in content.decode(110, base64.b64decode(str(r["payload"])))  # type: ignore[index]
+    }
+    assert values == {"dm-actor"}
     assert all(len(executed(d, "/3/0/0")) == 1 for d in devices.values())
 
     # notifications: every device observes its temperature
@@ -125,7 +133,13 @@ async def test_mixed_fleet_registers_answers_notifies_sleeps_and_wakes(
     assert fleet.totals.wakes >= 150
     woken = {str(r["id"]): r for r in view.take("async-responses")}  # type: ignore[index]
     assert sorted(woken) == sorted(f"wake-{d.endpoint}" for d in asleep)
-    assert {(r["status"], r["payload"]) for r in woken.values()} == {(200, b64("sim-1"))}  # type: ignore[index]
+    assert {r["status"] for r in woken.values()} == {200}  # type: ignore[index]
+    values = {
+        str(v.value)
+        for r in woken.values()
+        for v in content.decode(110, base64.b64decode(str(r["payload"])))  # type: ignore[index]
+    }
+    assert values == {"sim-1"}
     for dev in asleep:
         [at] = executed(dev, "/3/0/1")  # exactly once, after waking
         assert at > 144.0
