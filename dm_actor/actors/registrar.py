@@ -13,7 +13,6 @@ observe again.
 from __future__ import annotations
 
 import heapq
-import logging
 import math
 import secrets
 from collections import OrderedDict
@@ -27,7 +26,7 @@ from dm_actor.actors.persist import registration_record
 from dm_actor.actors.refusals import Refusals
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
-from dm_actor.coap.numbers import Code, MessageType, OptionNumber, code_str
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.delivery.queue import DeviceQueue
 from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
 from dm_actor.lwm2m.link_format import SHARED_ENTRIES
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
     from dm_actor.lwm2m.link_format import RegisteredObjects
 
 _CON = MessageType.CON.value
-log = logging.getLogger(__name__)
 
 
 class Registrar:
@@ -139,8 +137,8 @@ class Registrar:
         stats = registry.statistics
         if isinstance(parsed, lwm2m_send.SendError):
             stats["sends_refused"] = stats.get("sends_refused", 0) + 1
-            log.info("%s: Send refused (%s): %s", actor.endpoint, code_str(parsed.code),
-                     parsed.reason)  # fmt: skip
+            self.refusals.refuse("Send", request, actor.addr, actor.conn, parsed.code,
+                                 parsed.reason)  # fmt: skip
             return parsed.code, ()
         stats["sends"] = stats.get("sends", 0) + 1
         self.subscriptions.sent(actor, parsed)

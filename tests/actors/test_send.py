@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import cbor2
 import trio
@@ -21,6 +23,9 @@ from dm_actor.lwm2m.content import ResourceValue
 from ..api.client import start_api
 from ..api.test_flow import pull
 from .support import Device, Server, online, online_tcp, start_server
+
+if TYPE_CHECKING:
+    import pytest
 
 VECTORS = Path(__file__).resolve().parent.parent / "vectors"
 SENML_JSON, SENML_CBOR = 110, 112
@@ -295,3 +300,20 @@ async def test_a_send_over_tcp(
     assert path == "/3303/0"
     assert content.decode(SENML_CBOR, payload) == [ResourceValue("/3303/0/5700", 21.5, 1.7e9)]
     await dev.disconnect()
+
+
+async def test_a_refused_send_is_one_log_line_with_its_reason(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, dev = await online(nursery)
+    caplog.set_level(logging.INFO, "dm_actor.actors.refusals")
+    datagram = send_datagram(b'[{"bn":"/3/0/9","v":1}]', 0, 0x7400)
+    assert (await raw(dev, datagram)).code == Code.UNSUPPORTED_CONTENT_FORMAT
+    assert (await raw(dev, datagram)).code == Code.UNSUPPORTED_CONTENT_FORMAT  # retransmitted
+    assert (await raw(dev, send_datagram(b"[", SENML_JSON, 0x7401))).code == Code.BAD_REQUEST
+    lines = [r.getMessage() for r in caplog.records if r.name == "dm_actor.actors.refusals"]
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("refused Send from udp 127.0.0.1:")
+    assert lines[0].endswith(": 4.15, content format 0")
+    assert ": 4.00, bad SenML JSON" in lines[1]
+    assert server.sup.statistics["sends_refused"] == 2
