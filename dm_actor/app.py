@@ -22,14 +22,15 @@ from typing import TYPE_CHECKING
 import trio
 
 from dm_actor.actors.supervisor import Supervisor
-from dm_actor.api import ApiKeys, HttpOptions, load_api_keys, serve_http
+from dm_actor.api import ApiKeys, HttpOptions, load_api_keys
 from dm_actor.api.auth import KEY_FILE
+from dm_actor.api.server import HttpServer
 from dm_actor.store.sqlite import SqliteStore
 from dm_actor.transport.tcp import TcpListener, default_max_connections
 from dm_actor.transport.udp import UdpEndpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
     from dm_actor.actors.events import EventStream
     from dm_actor.address import Address
@@ -129,6 +130,25 @@ def tcp_max_connections(settings: Settings, nofile: int) -> int:
     return derived
 
 
+async def stop(store: Store, http_server: HttpServer | None, grace: float) -> None:
+    """The graceful part of a stop, at most `grace` seconds: no new HTTP connection; the
+    store commits what it holds; the HTTP answers in progress go out (a 202 waiting for its
+    commit included), each closing its connection; what they wrote commits too. Then the
+    caller cancels everything (long polls, WebSockets, CoAP, the sweeps)."""
+    if http_server is not None:
+        http_server.stop_accepting()
+    with trio.move_on_after(grace) as scope:
+        await store.durable()
+        if http_server is not None:
+            await http_server.answered()
+        await store.durable()
+    if scope.cancelled_caught:
+        log.warning(
+            "stopping after graceful_timeout (%.1f s): %d writes not yet committed, HTTP "
+            "answers still in progress are cut", grace, store.backlog(),
+        )  # fmt: skip
+
+
 async def serve(
     settings: Settings,
     *,
@@ -137,9 +157,11 @@ async def serve(
     wall_clock: Callable[[], float] = time.time,
     http: bool = True,
     api_keys: ApiKeys | None = None,
+    shutdown_trigger: Callable[[], Awaitable[object]] | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the server until cancelled.
+    """Run the server until cancelled, or until `shutdown_trigger()` returns: then stop
+    gracefully (`stop`) and return.
 
     Start it with `listening = await nursery.start(serve, settings)` (or `trio.run`).
     `wall_clock` dates what the store keeps (tests pass one that follows virtual time).
@@ -193,6 +215,7 @@ async def serve(
                 gc.set_threshold(50_000, 50, 1000)
                 nursery.start_soon(freeze_long_lived, settings.server.gc_freeze_interval)
             http_addr = None
+            http_server = None
             if http:
                 if api_keys is None:
                     key_file = Path(settings.server.data_dir) / KEY_FILE
@@ -203,10 +226,9 @@ async def serve(
                 channels = [] if snapshot is None else snapshot.channels
                 options = HttpOptions.from_settings(settings.api)
                 http_port = settings.server.http_port
+                http_server = HttpServer(sup, api_keys, options, channels)
                 async with _starting(f"cannot listen on http://{host}:{http_port} (HTTP API)"):
-                    http_addr = await nursery.start(
-                        serve_http, sup, host, http_port, api_keys, options, channels
-                    )
+                    http_addr = await nursery.start(http_server.run, host, http_port)
                 if api_keys.generated:
                     log.warning(
                         "first start: generated the API key %s (kept in %s)",
@@ -218,6 +240,10 @@ async def serve(
             task_status.started(
                 Listening(udp_addr, tcp_addr, sup, http_addr, api_keys, udp=udp, tcp=tcp)
             )
+            if shutdown_trigger is not None:
+                await shutdown_trigger()
+                await stop(sup.store, http_server, settings.server.graceful_timeout)
+                nursery.cancel_scope.cancel()
     finally:
         if sqlite is not None:
             sqlite.close()

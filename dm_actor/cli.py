@@ -108,7 +108,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 async def run_until_signalled(settings: Settings) -> None:
-    """Serve until SIGINT, SIGTERM or SIGHUP arrives, then cancel everything and return.
+    """Serve until SIGINT, SIGTERM or SIGHUP arrives, stop gracefully (at most
+    `[server] graceful_timeout` seconds: see `app.stop`), then cancel everything and return.
+    A second signal meanwhile cancels at once.
 
     SIGHUP (a closed terminal, or a reload request) stops cleanly too: there is no reload,
     settings are read at start.
@@ -116,17 +118,26 @@ async def run_until_signalled(settings: Settings) -> None:
     Raises:
         StartupError: a port or the API key file could not be opened (in a group).
     """
+    stopping = trio.Event()
     async with trio.open_nursery() as nursery:
+
+        async def serving(*, task_status: trio.TaskStatus[app.Listening]) -> None:
+            await app.serve(settings, shutdown_trigger=stopping.wait, task_status=task_status)
+            nursery.cancel_scope.cancel()  # stopped gracefully: no more signals to wait for
+
         with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
-            await nursery.start(app.serve, settings)
+            await nursery.start(serving)
             async for signum in signals:
                 name = signal.Signals(signum).name
+                if stopping.is_set():
+                    log.warning("%s again: stopping at once", name)
+                    nursery.cancel_scope.cancel()
+                    break
                 if signum == signal.SIGHUP:
                     log.warning("%s: stopping (no reload: restart to apply new settings)", name)
                 else:
                     log.info("%s: stopping", name)
-                nursery.cancel_scope.cancel()
-                break
+                stopping.set()
 
 
 def leaves(exc: BaseException) -> list[BaseException]:

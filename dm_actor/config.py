@@ -46,6 +46,9 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     # and the free disk space below which none is stored (docs/operations.md, "Disk space")
     event_disk_budget: Annotated[int, msgspec.Meta(ge=0)] = 256 * 2**20
     disk_headroom: Annotated[int, msgspec.Meta(ge=0)] = 64 * 2**20
+    # on SIGTERM/SIGINT/SIGHUP, at most this long for the store to commit what it holds and
+    # for the HTTP answers in progress to go out, then everything stops (0: at once)
+    graceful_timeout: Annotated[float, msgspec.Meta(ge=0)] = 5.0
 
 
 class DeliverySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

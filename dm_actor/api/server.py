@@ -183,6 +183,24 @@ class HttpServer:
         self._anonymous: dict[trio.SocketStream, _Slot] = {}  # unauthenticated upgrades
         self._unlogged: dict[str, int] = {}
         self._logged_at = -_LOG_INTERVAL
+        # stopping (`stop_accepting`): no new connection, each answer closes its connection
+        self.stopping = False
+        self._accepting: list[trio.CancelScope] = []
+        self._answering = 0  # requests dispatched whose answer is not yet sent
+        self._answered = trio.Event()  # set when `_answering` drops to 0
+
+    def stop_accepting(self) -> None:
+        """Stop taking connections (the listeners close) and close each connection after
+        its next answer; `answered()` then waits for the answers in progress."""
+        self.stopping = True
+        for scope in self._accepting:
+            scope.cancel()
+
+    async def answered(self) -> None:
+        """Return once no request is being answered (a 202 waiting for the store is)."""
+        while self._answering:
+            self._answered = trio.Event()
+            await self._answered.wait()
 
     def statistics(self) -> HttpStatistics:
         """The HTTP port's counters since it started, and the connections served now."""
@@ -224,7 +242,10 @@ class HttpServer:
         wait hundreds of passes."""
         raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
         raw.setblocking(False)
-        with raw:
+        with raw, trio.CancelScope() as accepting:
+            self._accepting.append(accepting)
+            if self.stopping:
+                accepting.cancel()
             async with listener:
                 while True:
                     try:
@@ -547,13 +568,19 @@ class HttpServer:
         req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
             return await self._long_poll(conn, stream, app)
+        self._answering += 1
         try:
-            response = await self.api.dispatch(req)
-        except Exception:  # a handler's bug: answered, counted, logged (once a minute)
-            self._server_error(event)
-            response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
-        await self._send(conn, stream, response)
-        return conn.our_state is h11.DONE
+            try:
+                response = await self.api.dispatch(req)
+            except Exception:  # a handler's bug: answered, counted, logged (once a minute)
+                self._server_error(event)
+                response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
+            await self._send(conn, stream, response, close=self.stopping)
+        finally:
+            self._answering -= 1
+            if not self._answering:
+                self._answered.set()
+        return conn.our_state is h11.DONE and not self.stopping
 
     def _server_error(self, event: h11.Request) -> None:
         first = self._unlogged.get("server_errors", 0) == 0
