@@ -353,6 +353,15 @@ class DeviceActor:
         self.machine.reregistered(reg, now)
         self._done(now)
 
+    def answer_pending(self) -> None:
+        """A Register's answer waits for the store: none of our requests leaves before it."""
+        self.machine.answer_pending()
+
+    def answer_sent(self, now: float) -> None:
+        """That answer left: our requests may go (the task starts the next attempt)."""
+        self.machine.answer_sent(now)
+        self._done(now)
+
     def updated(self, reg: Registration) -> None:
         self.machine.updated(reg)
 

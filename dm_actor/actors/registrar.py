@@ -16,7 +16,6 @@ import heapq
 import math
 import secrets
 from collections import OrderedDict
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import trio
@@ -24,12 +23,12 @@ import trio
 from dm_actor.actors.device import Signal
 from dm_actor.actors.persist import registration_record
 from dm_actor.actors.refusals import Refusals
-from dm_actor.coap import message as coap_message
+from dm_actor.actors.render import registration_item
+from dm_actor.coap import framing_tcp, message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.delivery.queue import DeviceQueue
 from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
-from dm_actor.lwm2m.link_format import SHARED_ENTRIES
 from dm_actor.lwm2m.registration import Registration, RegistrationError
 
 if TYPE_CHECKING:
@@ -40,9 +39,9 @@ if TYPE_CHECKING:
     from dm_actor.actors.registry import Registry
     from dm_actor.actors.subscriptions import Subscriptions
     from dm_actor.address import Address
-    from dm_actor.lwm2m.link_format import RegisteredObjects
 
 _CON = MessageType.CON.value
+_BLOCK1 = OptionNumber.BLOCK1.value
 
 
 class Registrar:
@@ -108,15 +107,7 @@ class Registrar:
             # the 2.01 / 2.02 / 2.04 promises what the store holds (an Update's lifetime and
             # address too: a restart must not expire what a 2.04 renewed): answer once durable,
             # on the transport the request came on
-            def answer() -> None:
-                if actor.machine.link_id != link:
-                    # the device moved meanwhile (another address, connection or endpoint):
-                    # its new transport must not get an answer with the old one's Message ID
-                    self.reply_direct(request, addr, conn, code, options, cache=True)
-                else:
-                    actor.respond(request, code, options, registry.now())
-
-            registry.after_durable(answer, actor)
+            self.answer_held(request, addr, conn, code, options, actor, link)
         else:
             actor.respond(request, code, options, now)
 
@@ -283,11 +274,47 @@ class Registrar:
     ) -> None:
         """Answer a Register from here once the store holds it; until then its
         retransmissions are dropped, and after it they get the same answer."""
-        if addr is not None:
+        self.answer_held(request, addr, conn, code, options, None, 0)
+
+    def answer_held(
+        self,
+        request: Message,
+        addr: Address | None,
+        conn: TcpConnection | None,
+        code: int,
+        options: tuple[coap_message.Option, ...],
+        actor: DeviceActor | None,
+        link: int,
+    ) -> None:
+        """Answer once the store holds what the answer promises: through `actor`, if it
+        still speaks on the transport the request came on (`link`), else from here (cached
+        for retransmissions, which are dropped until then). A device registered by it hears
+        its 2.01 before any request of ours (Wakaama ignores requests until registered; a
+        waking Anjay registers anew from a new port: issue 13 item 5)."""
+        registry = self.registry
+        if actor is None and addr is not None:
             self.cache_reply(addr, request.mid, None)
-        self.registry.after_durable(
-            lambda: self.reply_direct(request, addr, conn, code, options, cache=True)
-        )
+        registered = None
+        if code == Code.CREATED:
+            registered = registry.by_conn.get(conn) if conn is not None else None
+            if registered is None and addr is not None:
+                registered = registry.by_addr.get(addr)
+            if registered is not None:
+                registered.answer_pending()
+
+        def answer() -> None:
+            try:
+                if actor is None or actor.machine.link_id != link:
+                    # (the device moved meanwhile: its new transport must not get an answer
+                    # with the old one's Message ID)
+                    self.reply_direct(request, addr, conn, code, options, cache=True)
+                else:
+                    actor.respond(request, code, options, registry.now())
+            finally:
+                if registered is not None:
+                    registered.answer_sent(registry.now())
+
+        registry.after_durable(answer, actor)
 
     def reply_direct(
         self,
@@ -299,6 +326,9 @@ class Registrar:
         *,
         cache: bool,
     ) -> None:
+        block1 = request.option(_BLOCK1)
+        if block1 is not None and code != Code.CONTINUE:  # (a request in blocks: echoed, 2.5)
+            options = coap_message.sort_options((*options, (_BLOCK1, block1)))
         if conn is not None:
             self.registry.send_frame(conn, tcp_frame(Message(0, code, 0, request.token, options)))
             return
@@ -365,32 +395,5 @@ class Registrar:
                     registry.tell(actor, Signal.EXPIRED)
 
 
-def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
-    """`EndpointData.resources` of an object list (shared by devices of one kind; read-only;
-    a long list is built each time, not kept: see `link_format.SHARED_ENTRIES`)."""
-    if len(objects.paths()) > SHARED_ENTRIES:
-        return _build_resources(objects)
-    return _shared_resources(objects)
-
-
-def _build_resources(objects: RegisteredObjects) -> list[dict[str, object]]:
-    return [{"path": str(p), "obs": True} for p in objects.paths()]
-
-
-_shared_resources = lru_cache(maxsize=256)(_build_resources)
-
-
-def registration_item(reg: Registration) -> dict[str, object]:
-    """The Pelion `EndpointData` of a registration event."""
-    item: dict[str, object] = {"ep": reg.endpoint, "original-ep": reg.endpoint}
-    if reg.endpoint_type is not None:
-        item["ept"] = reg.endpoint_type
-    item["q"] = reg.queue_mode
-    item["resources"] = _resources(reg.objects)
-    return item
-
-
 def tcp_frame(msg: Message) -> bytes:
-    from dm_actor.coap.framing_tcp import encode
-
-    return encode(msg)
+    return framing_tcp.encode(msg)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,7 +24,8 @@ from dm_actor.actors.registrar import tcp_frame
 from dm_actor.coap import message as coap_message
 from dm_actor.coap.errors import DecodeError, Reply
 from dm_actor.coap.message import Message
-from dm_actor.coap.numbers import Code, MessageType, code_str
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber, code_str
+from dm_actor.device.transfer import Answer, Incoming, intake
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.store.base import StoreError
 
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from dm_actor.address import Address
 
 _POST = Code.POST.value
+_BLOCK1 = OptionNumber.BLOCK1.value
 _CON = MessageType.CON.value
 _BAD_REQUEST = Code.BAD_REQUEST.value
 _UNAVAILABLE = Code.SERVICE_UNAVAILABLE.value
@@ -61,6 +62,8 @@ class Router:
         self.admission: deque[tuple[float, Message, Address | None, TcpConnection | None]] = deque()
         self.admission_limit = ADMISSION_LIMIT
         self._admission_wake = trio.Event()
+        # Registers in blocks from peers without an actor, by peer (bounded by the pool)
+        self._blocks: dict[object, Incoming] = {}
 
     # -- transport callbacks ----------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class Router:
             except Exception as exc:
                 registry.contain(actor, exc, f"the close of {conn.peer}")
         registry.by_conn.pop(conn, None)  # (in case its last mail bound it again)
+        if self._blocks.pop(("peer", conn), None) is not None:  # (a Register in blocks on it)
+            registry.machine_config.block1_pool.release(("peer", conn))
         admission = self.admission
         if admission and any(entry[3] is conn for entry in admission):
             # a Register that came on it and still waits for admission: a registration
@@ -188,6 +193,11 @@ class Router:
         registry, registrar = self.registry, self.registrar
         kind = reg_iface.classify(msg)
         now = registry.now()
+        if kind == "register" and msg.option(_BLOCK1) is not None:
+            whole = self._reassembled(msg, addr, conn, now)
+            if whole is None:
+                return  # (answered: 2.31 for the next block, or why not)
+            msg = whole
         if kind == "register":
             admission = self.admission
             if registry.store_behind() or len(admission) >= self.admission_limit:
@@ -217,6 +227,38 @@ class Router:
             registry.send_datagram(coap_message.reset_for(msg.mid), addr)
             what = f"a CON {code_str(msg.code)}"
             registrar.refusals.refuse(what, msg, addr, conn, "Reset", "the peer is not registered")
+
+    def _reassembled(
+        self, msg: Message, addr: Address | None, conn: TcpConnection | None, now: float
+    ) -> Message | None:
+        """A Register in blocks from a peer without an actor (Anjay with a small buffer):
+        put back together (`device.transfer.intake`, within the pool every device shares),
+        each block answered 2.31 from here and cached for its retransmissions; None until
+        the last block, then the whole Register (its Block1 echoed in the 2.01)."""
+        registry, registrar = self.registry, self.registrar
+        config = registry.machine_config
+        pool = config.block1_pool
+        owner = ("peer", addr if conn is None else conn)
+        blocks = self._blocks
+        incoming, result = intake(
+            blocks.pop(owner, None),
+            owner,
+            msg,
+            pool,
+            szx=config.block_szx,
+            max_body=config.max_body_in,
+            retry_after=config.retry_after,
+            now=now,
+        )
+        if incoming is not None:
+            blocks[owner] = incoming
+            if len(blocks) > 2 * pool.limit:  # (places given away leave their entries)
+                for key in [k for k, v in blocks.items() if v.receiver is None]:
+                    del blocks[key]
+        if isinstance(result, Answer):
+            registrar.reply_direct(msg, addr, conn, result.code, result.options, cache=True)
+            return None
+        return result
 
     async def admit(self) -> None:
         """Register new peers, at most `ADMISSION_BUDGET` seconds of CPU per scheduler pass.
@@ -251,11 +293,7 @@ class Router:
                         if code >= _BAD_REQUEST:  # one log line with the reason
                             registrar.refusals.registration("register", msg, addr, conn, code, None)
                         # (its retransmissions are dropped since it was queued: `_unknown_peer`)
-                        registry.after_durable(
-                            partial(
-                                registrar.reply_direct, msg, addr, conn, code, options, cache=True
-                            )
-                        )
+                        registrar.answer_held(msg, addr, conn, code, options, None, 0)
                     except StoreError:
                         raise
                     except Exception as exc:

@@ -24,12 +24,9 @@ from typing import TYPE_CHECKING
 from dm_actor.coap.blockwise import (
     Ask,
     Block,
-    Block1Receiver,
     Block1Sender,
     Complete,
-    Continue,
     Failed,
-    Reject,
     Send as BlockSend,
     get_block,
     get_size,
@@ -71,7 +68,7 @@ from dm_actor.device.effects import (
     Send,
     StoreCommand,
 )
-from dm_actor.device.transfer import Block1Pool, Incoming, Transfer, Upload
+from dm_actor.device.transfer import Answer, Block1Pool, Incoming, Transfer, Upload, intake
 from dm_actor.lwm2m import path as lwm2m_path
 
 if TYPE_CHECKING:
@@ -658,56 +655,24 @@ class DeviceMachine:
 
     def _incoming_block(self, request: Message, now: float) -> Message | None:
         """One block of a request the device sends in blocks (RFC 7959 2.5): answered 2.31
-        until the last, which comes back whole (its Block1 is echoed by `respond`). A gap is
-        4.08, a body over `max_body_in` 4.13 with Size1, a full shared pool 5.03."""
-        coap = self.coap
-        try:
-            block = get_block(request, _BLOCK1)
-            size1 = get_size(request, _SIZE1)
-            key = (request.code, request.uri_path, request.uri_query)
-        except DecodeError:
-            coap.respond(request, _BAD_OPTION, (), b"", now)
-            return None
-        assert block is not None
+        until the last, which comes back whole (its Block1 is echoed by `respond`); see
+        `transfer.intake` for the refusals."""
         rare = self._rare_state()
-        incoming = rare.incoming
-        pool = self.config.block1_pool
-        if incoming is None or incoming.key != key or block.num == 0:
-            if incoming is not None:
-                pool.release(self)
-                rare.incoming = incoming = None
-            if block.num == 0 and not block.more:
-                return request  # the whole body in one block
-            if block.num != 0:
-                coap.respond(request, _INCOMPLETE, (), b"", now)
-                return None
-            config = self.config
-            new = Block1Receiver(szx=config.block_szx, max_body=config.max_body_in)
-            incoming = Incoming(key, new)
-            if not pool.take(self, incoming, now):
-                retry = ((_MAX_AGE, uint_bytes(config.retry_after)),)
-                coap.respond(request, _UNAVAILABLE, retry, b"", now)
-                return None
-            rare.incoming = incoming
-        elif incoming.receiver is None:  # (its place was given to another: start again)
-            rare.incoming = None
-            coap.respond(request, _INCOMPLETE, (), b"", now)
+        config = self.config
+        rare.incoming, result = intake(
+            rare.incoming,
+            self,
+            request,
+            config.block1_pool,
+            szx=config.block_szx,
+            max_body=config.max_body_in,
+            retry_after=config.retry_after,
+            now=now,
+        )
+        if isinstance(result, Answer):
+            self.coap.respond(request, result.code, result.options, b"", now)
             return None
-        else:
-            pool.take(self, incoming, now)  # (it holds its place: only its time moves)
-        receiver = incoming.receiver
-        assert receiver is not None
-        step = receiver.feed(block, request.payload, size1)
-        if isinstance(step, Continue):
-            coap.respond(request, _CONTINUE, (step.block.option(_BLOCK1),), b"", now)
-            return None
-        rare.incoming = None
-        pool.release(self)
-        if isinstance(step, Reject):
-            size = () if step.size1 is None else (size_option(_SIZE1, step.size1),)
-            coap.respond(request, step.code, size, b"", now)
-            return None
-        return request._replace(payload=step.body)
+        return result
 
     def _rare_state(self) -> _Rare:
         rare = self._rare

@@ -9,7 +9,7 @@ the bound on reassemblies, shared by every device.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from dm_actor.coap.blockwise import (
     Ask,
@@ -17,17 +17,24 @@ from dm_actor.coap.blockwise import (
     Block1Sender,
     Block2Assembler,
     Complete,
+    Continue,
     Failed,
+    Reject,
     get_block,
     get_size,
+    size_option,
 )
 from dm_actor.coap.errors import DecodeError
-from dm_actor.coap.numbers import OptionNumber
+from dm_actor.coap.message import uint_bytes
+from dm_actor.coap.numbers import Code, OptionNumber
 
 if TYPE_CHECKING:
-    from dm_actor.coap.message import Message
+    from dm_actor.coap.message import Message, Option
 
+_BLOCK1 = OptionNumber.BLOCK1.value
 _BLOCK2 = OptionNumber.BLOCK2.value
+_SIZE1 = OptionNumber.SIZE1.value
+_MAX_AGE = OptionNumber.MAX_AGE.value
 _ETAG = OptionNumber.ETAG.value
 _SIZE2 = OptionNumber.SIZE2.value
 #: ask for blocks of at most 1024 bytes
@@ -114,3 +121,76 @@ class Block1Pool:
 
     def release(self, owner: object) -> None:
         self._slots.pop(owner, None)
+
+
+class Answer(NamedTuple):
+    """What to answer a block of a request instead of handling it (yet)."""
+
+    code: int
+    options: tuple[Option, ...] = ()
+
+
+def intake(
+    incoming: Incoming | None,
+    owner: object,
+    request: Message,
+    pool: Block1Pool,
+    *,
+    szx: int,
+    max_body: int,
+    retry_after: int,
+    now: float,
+) -> tuple[Incoming | None, Message | Answer]:
+    """Take one block of a request a peer sends in blocks (RFC 7959 2.5, Block1).
+
+    Args:
+        incoming: the peer's transfer so far, or None.
+        owner: the peer, as the pool knows it.
+        request: the request, with a Block1 option.
+        pool: the shared bound.
+        szx: the largest block size asked for in 2.31 answers.
+        max_body: the largest body taken.
+        retry_after: Max-Age of a 5.03 when the pool is full.
+        now: the time.
+
+    Returns:
+        The transfer to keep (None: none), and either the whole request (the last block's,
+        with the whole body; its Block1 is to be echoed in the answer) or the `Answer` to
+        give: 2.31 Continue, 4.08 for a gap, 4.13 + Size1 for a body over `max_body`, 4.02
+        for a malformed option, 5.03 + Max-Age when the pool is full.
+    """
+    try:
+        block = get_block(request, _BLOCK1)
+        size1 = get_size(request, _SIZE1)
+        key = (request.code, request.uri_path, request.uri_query)
+    except DecodeError:
+        if incoming is not None:
+            pool.release(owner)
+        return None, Answer(Code.BAD_OPTION.value)
+    if block is None:
+        return incoming, request
+    if incoming is None or incoming.key != key or block.num == 0:
+        if incoming is not None:
+            pool.release(owner)
+        if block.num == 0 and not block.more:
+            return None, request  # the whole body in one block
+        if block.num != 0:
+            return None, Answer(Code.REQUEST_ENTITY_INCOMPLETE.value)
+        incoming = Incoming(key, Block1Receiver(szx=szx, max_body=max_body))
+        if not pool.take(owner, incoming, now):
+            retry = ((_MAX_AGE, uint_bytes(retry_after)),)
+            return None, Answer(Code.SERVICE_UNAVAILABLE.value, retry)
+    elif incoming.receiver is None:  # (its place was given to another: start again)
+        return None, Answer(Code.REQUEST_ENTITY_INCOMPLETE.value)
+    else:
+        pool.take(owner, incoming, now)  # (it holds its place: only its time moves)
+    receiver = incoming.receiver
+    assert receiver is not None
+    step = receiver.feed(block, request.payload, size1)
+    if isinstance(step, Continue):
+        return incoming, Answer(Code.CONTINUE.value, (step.block.option(_BLOCK1),))
+    pool.release(owner)
+    if isinstance(step, Reject):
+        size = () if step.size1 is None else (size_option(_SIZE1, step.size1),)
+        return None, Answer(step.code, size)
+    return None, request._replace(payload=step.body)

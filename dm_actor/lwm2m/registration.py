@@ -15,7 +15,8 @@ response code (LwM2M 1.1 TS 6.2 and Leshan's `RegistrationHandler`):
   spaces, `/`, `\\`, `?`, `#` or `%`, and not `.` or `..`: it names the device in the REST
   API's paths, log lines and file-like tools, so nothing that changes a path's meaning.
 - 4.03 Forbidden is the caller's, for an endpoint the server refuses (none yet).
-- 4.02 Bad Option: object links sent in blocks (Block1, RFC 7959): not reassembled yet.
+- 4.02 Bad Option: a part of object links sent in blocks (Block1, RFC 7959) that was not
+  reassembled (the server reassembles them first: docs/api.md, "Device compatibility").
 - 4.13 Request Entity Too Large: an object list of more links than the server takes.
 - 4.12 Precondition Failed: an `lwm2m` version other than 1.0 or 1.1. LwM2M 1.2 is refused on
   purpose: what a 1.2 client may rely on (the `edge`, `con` and `hqmax` notification
@@ -478,10 +479,11 @@ _SHARED_PAYLOAD = 1024
 
 
 def _objects(msg: Message, max_links: int = MAX_LINKS) -> RegisteredObjects:
-    if msg.option(_BLOCK1) is not None:
-        # not reassembled yet: a Register taken from its first block would list only part
-        # of the device's objects; 4.02 is RFC 7959's answer of a server without Block1
-        raise _Refusal(Code.BAD_OPTION, "object links sent in blocks (Block1) are not supported")
+    block1 = msg.option(_BLOCK1)
+    if block1 and block1[-1] & 0x08:  # (its M bit: more blocks follow)
+        # a part: the server reassembles blocks before it parses (its last block's Block1
+        # stays, to be echoed); a part here lists only some of the device's objects
+        raise _Refusal(Code.BAD_OPTION, "object links sent in blocks were not reassembled")
     content_format = msg.content_format
     if content_format is not None and content_format != ContentFormat.LINK_FORMAT:
         raise _Refusal(

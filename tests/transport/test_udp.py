@@ -19,7 +19,7 @@ import trio.testing
 
 from dm_actor import app
 from dm_actor.coap.message import Message, decode, encode, path_options
-from dm_actor.coap.numbers import Code, MessageType
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.config import load_settings
 from dm_actor.transport.udp import UdpEndpoint
 
@@ -240,8 +240,11 @@ async def test_real_client_register_is_created(
     request = decode(register)
     assert request.code == Code.POST  # the captured client's first datagram
     reply = await _exchange(client, register, server)
-    # LwM2M 1.0 and 1.1 are accepted; 1.2 gets 4.12 (Anjay then registers as 1.1, below)
+    # LwM2M 1.0 and 1.1 are accepted; 1.2 gets 4.12 (Anjay then registers as 1.1, below); the
+    # first block of a Register in blocks gets 2.31 Continue (the whole one: below)
     expected = Code.PRECONDITION_FAILED if "lwm2m=1.2" in request.uri_query else Code.CREATED
+    if request.option(OptionNumber.BLOCK1.value) is not None:
+        expected = Code.CONTINUE
     assert (reply.mtype, reply.code, reply.mid, reply.token) == (
         MessageType.ACK,
         expected,
@@ -334,3 +337,33 @@ async def test_a_malformed_path_from_an_unknown_peer_gets_bad_request(
     assert await _exchange(client, encode(bad), server) == Message(
         MessageType.ACK, Code.BAD_REQUEST, 2, b"b"
     )
+
+
+@pytest.mark.parametrize(
+    "stem", ["anjay-client-udp-block1-register", "anjay-client-udp-block1-register-64"]
+)
+async def test_anjay_register_in_block1_blocks_is_registered_whole(
+    server: Address, client: trio.socket.SocketType, stem: str
+) -> None:
+    """Issue 13 item 3, with Anjay's datagrams (--outbuf-size 256 / 128): each block but the
+    last gets 2.31 Continue echoing its Block1; the last gets 2.01 with Block1 echoed, and the
+    registration lists every link of the reassembled body; a retransmitted block gets the
+    same answer."""
+    lines = (VECTORS / f"{stem}.jsonl").read_text().splitlines()[1:]
+    sent = [bytes.fromhex(json.loads(line)["hex"]) for line in lines]
+    blocks = [
+        d
+        for d in sent
+        if decode(d).code == Code.POST and decode(d).option(OptionNumber.BLOCK1.value) is not None
+    ]
+    assert len(blocks) >= 2
+    replies = [await _exchange(client, block, server) for block in blocks]
+    codes = [r.code for r in replies]
+    assert codes == [Code.CONTINUE] * (len(blocks) - 1) + [Code.CREATED]
+    for block, reply in zip(blocks, replies, strict=True):
+        assert reply.option(OptionNumber.BLOCK1.value) == decode(block).option(
+            OptionNumber.BLOCK1.value
+        )
+    assert replies[-1].location_path[0] == "rd"
+    assert await _exchange(client, blocks[-1], server) == replies[-1]
+    assert await _exchange(client, blocks[0], server) == replies[0]
