@@ -367,3 +367,20 @@ async def test_anjay_register_in_block1_blocks_is_registered_whole(
     assert replies[-1].location_path[0] == "rd"
     assert await _exchange(client, blocks[-1], server) == replies[-1]
     assert await _exchange(client, blocks[0], server) == replies[0]
+
+
+async def test_anjay_send_in_block1_blocks_is_answered_2_04(
+    server: Address, client: trio.socket.SocketType
+) -> None:
+    """Issue 13 items 3 and 6, with Anjay's datagrams (`--outbuf-size 256`): its Register in
+    two blocks, then a 185-byte LwM2M Send (SenML CBOR) in two blocks: 2.31, 2.01, 2.31, 2.04,
+    each echoing its Block1."""
+    lines = (VECTORS / "anjay-client-udp-block1-send.jsonl").read_text().splitlines()[1:]
+    sent = [bytes.fromhex(json.loads(line)["hex"]) for line in lines]
+    requests = [d for d in sent if decode(d).code in (Code.POST, Code.DELETE)]
+    replies = [await _exchange(client, d, server) for d in requests[:4]]
+    assert [r.code for r in replies] == [Code.CONTINUE, Code.CREATED, Code.CONTINUE, Code.CHANGED]
+    for request, reply in zip(requests, replies, strict=False):
+        assert reply.option(OptionNumber.BLOCK1.value) == decode(request).option(
+            OptionNumber.BLOCK1.value
+        )
