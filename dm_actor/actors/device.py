@@ -165,8 +165,8 @@ class DeviceActor:
     def _step(self, now: float, start: bool) -> None:
         machine = self.machine
         mailbox = self.mailbox
-        machine.handle_timer(now)
-        self._carry_out(now)
+        if machine.handle_timer(now):
+            self._carry_out(now)
         # where the mail came from (see `bind`): every datagram from `addr`, every message on
         # `conn`
         addr, conn = machine.addr, machine.conn
@@ -224,27 +224,27 @@ class DeviceActor:
         store = host.store
         while True:
             for effect in machine.effects():
-                kind = type(effect)
+                kind = type(effect)  # (the common ones first: an answer, a device's request)
                 if kind is Send:
                     data, addr, conn = cast("Send", effect)
                     if conn is not None:
                         host.send_frame(cast("TcpConnection", conn), data)
                     elif addr is not None:
                         host.send_datagram(data, addr)
-                elif kind is StoreCommand:
-                    host.persist_command(self.endpoint, cast("StoreCommand", effect).command)
-                elif kind is ReserveMids:
-                    store.put_next_mid(self.endpoint, cast("ReserveMids", effect).limit)
+                elif kind is DeviceRequest:
+                    host.device_request(self, cast("DeviceRequest", effect).request, now)
                 elif kind is Hold:
                     self._mark = store.mark()
+                elif kind is StoreCommand:
+                    host.persist_command(self.endpoint, cast("StoreCommand", effect).command)
                 elif kind is Finished:
                     cmd, outcome = cast("Finished", effect)
                     host.command_finished(self, cmd, outcome)
                 elif kind is Notified:
                     uri, value = cast("Notified", effect)
                     host.notification(self, uri, value)
-                elif kind is DeviceRequest:
-                    host.device_request(self, cast("DeviceRequest", effect).request, now)
+                elif kind is ReserveMids:
+                    store.put_next_mid(self.endpoint, cast("ReserveMids", effect).limit)
                 elif kind is ObserveAgain:
                     host.observe_again(self, now)
                 elif kind is Count:
@@ -286,7 +286,10 @@ class DeviceActor:
     def respond(self, request: Message, code: int, options: tuple[Option, ...], now: float) -> None:
         """Answer a request of the device's (`DeviceRequest`)."""
         self.machine.respond(request, code, options, now)
-        self._done(now)
+        if self._stepping:  # (from its own step, which goes on: no wake-up needed)
+            self._carry_out(now)
+        else:
+            self._done(now)
 
     def bind(
         self, addr: Address | None, conn: TcpConnection | None, now: float

@@ -269,14 +269,17 @@ class DeviceMachine:
         self._handle_events(now)
         self._flush(now)
 
-    def handle_timer(self, now: float) -> None:
-        """Retransmit or time out what is due (call at `get_timer()` or later)."""
+    def handle_timer(self, now: float) -> bool:
+        """Retransmit or time out what is due (call at `get_timer()` or later); whether
+        anything was."""
         coap = self.coap
         timer = coap.get_timer()
-        if timer is not None and timer <= now and not self._held:
-            coap.handle_timer(now)
-            self._handle_events(now)
-            self._flush(now)
+        if timer is None or timer > now or self._held:
+            return False
+        coap.handle_timer(now)
+        self._handle_events(now)
+        self._flush(now)
+        return True
 
     def unreachable(self, now: float) -> None:
         """An ICMP error for a datagram we sent, or the address was taken by another device:
