@@ -361,9 +361,12 @@ class DeviceActor:
         self.machine.answer_pending()
 
     def answer_sent(self, now: float) -> None:
-        """That answer left: our requests may go (the task starts the next attempt)."""
-        self.machine.answer_sent(now)
-        self._done(now)
+        """That answer left: our requests may go (the task starts the next attempt, if
+        there is one: a new device's task is not woken for nothing)."""
+        machine = self.machine
+        machine.answer_sent(now)
+        if machine.queue.queue:
+            self._done(now)
 
     def updated(self, reg: Registration) -> None:
         self.machine.updated(reg)
