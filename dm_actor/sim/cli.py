@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from dm_actor.sim.client import SEND_FORMATS, Profile
+from dm_actor.sim.client import MIN_BUFFER_SIZE, SEND_FORMATS, Profile, Totals
 from dm_actor.sim.fleet import BINDINGS, Fleet, FleetConfig, raise_fd_limit
 
 if TYPE_CHECKING:
@@ -130,6 +130,25 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
         help="the Sends' format: SenML CBOR (as Anjay) or SenML JSON (as Wakaama); "
         "default %(default)s",
     )
+    p.add_argument(
+        "--temperatures",
+        type=int,
+        default=1,
+        metavar="N",
+        help="/3303 instances per device (more make longer Registers and Sends); "
+        "default %(default)s",
+    )
+    p.add_argument(
+        "--lights", type=int, default=1, metavar="N", help="/3311 instances per device (default 1)"
+    )
+    p.add_argument(
+        "--buffer-size",
+        type=int,
+        metavar="N",
+        help="small-buffer devices, as Anjay's --outbuf-size N --inbuf-size N: Register, Update "
+        "and Send in Block1 blocks when over N bytes, a bare 4.13 to a request over N bytes, "
+        f"request bodies taken in Block1 blocks (at least {MIN_BUFFER_SIZE}; default: no limit)",
+    )
     p.add_argument("--progress", type=float, default=1.0, metavar="S",
                    help="progress line interval (0: none)")  # fmt: skip
 
@@ -152,12 +171,17 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         raise ValueError("--duration must be a positive number of seconds")
     if args.send is not None and not (args.send > 0 and math.isfinite(args.send)):
         raise ValueError("--send must be a positive number of seconds")
+    if not 0 <= args.temperatures <= 1000 or not 0 <= args.lights <= 1000:
+        raise ValueError("--temperatures and --lights must be within 0..1000")
+    if args.buffer_size is not None and args.buffer_size < MIN_BUFFER_SIZE:
+        raise ValueError(f"--buffer-size must be at least {MIN_BUFFER_SIZE} bytes")
     profile = Profile(
         awake=args.awake,
         sleep=args.sleep,
         register_on_wake=args.register_on_wake,
         send_interval=args.send,
         send_format=SEND_FORMATS[args.send_format],
+        buffer_size=args.buffer_size,
     )
     return FleetConfig(
         server=server,
@@ -172,6 +196,8 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         source_addresses=args.source_addresses,
         prefix=args.prefix,
         sample_period=args.sample_period,
+        temperatures=args.temperatures,
+        lights=args.lights,
         profile=profile,
     )
 
@@ -233,8 +259,13 @@ def _progress_line(fleet: Fleet, elapsed: float) -> str:
         f"[{elapsed:7.1f}s] registered {t.registered}/{len(fleet.devices)}  "
         f"requests {t.requests}  notifications {t.notifications}  updates {t.updates}  "
         + (f"sends {t.sends}  " if fleet.profile.send_interval is not None else "")
+        + (_block_counts(t) if fleet.profile.buffer_size is not None else "")
         + f"asleep {t.sleeping}  errors {t.errors}"
     )
+
+
+def _block_counts(t: Totals) -> str:
+    return f"blocks sent {t.blocks_sent}  received {t.blocks_received}  4.13 {t.too_large}  "
 
 
 def summarise(

@@ -3,10 +3,12 @@
 `SimDevice` is an `ObjectTree` (its LwM2M objects) plus the client side of the protocol on
 one `CoapEndpoint`: Register, Update at `update_interval(lifetime)`, re-Register when the
 registration is lost, answers to the server's requests, notifications by the rules, LwM2M
-Send of its temperatures every `Profile.send_interval` (optional), and queue mode that really
-sleeps: after its awake window the device asks the network to close its
-socket or connection, and on waking it opens a new one and sends an Update (or a Register, as
-Anjay does).
+Send of its temperatures every `Profile.send_interval` (optional), a small message buffer
+(`Profile.buffer_size`, as Anjay's `--outbuf-size`/`--inbuf-size`: its own requests in Block1
+blocks, a bare 4.13 to a request over the buffer, a request body in Block1 blocks put back
+together), and queue mode that really sleeps: after its awake window the device asks the
+network to close its socket or connection, and on waking it opens a new one and sends an
+Update (or a Register, as Anjay does).
 
 It never touches a socket or reads a clock: the fleet calls `on_timer`, `on_datagram`,
 `on_stream_data`, `on_connected` and `on_closed` with `now`, asks `deadline()` when to call
@@ -20,15 +22,27 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from dm_actor.coap import framing_tcp
+from dm_actor.coap.blockwise import (
+    Block,
+    Block1Receiver,
+    Block1Sender,
+    Complete,
+    Continue,
+    Failed,
+    Send,
+    get_block,
+    get_size,
+    size_option,
+)
 from dm_actor.coap.endpoint import CoapEndpoint
-from dm_actor.coap.errors import DecodeError
+from dm_actor.coap.errors import DecodeError, Reply
 from dm_actor.coap.events import (
     NotificationFailed,
     RequestFailed,
     RequestReceived,
     ResponseReceived,
 )
-from dm_actor.coap.message import Message, Option, query_options, uint_bytes
+from dm_actor.coap.message import Message, Option, encode, query_options, uint_bytes
 from dm_actor.coap.numbers import Code, ContentFormat, OptionNumber, TransmissionParameters
 from dm_actor.lwm2m import content
 from dm_actor.lwm2m.content import ResourceValue
@@ -71,7 +85,16 @@ _OBSERVE = OptionNumber.OBSERVE.value
 _LOCATION_PATH = OptionNumber.LOCATION_PATH.value
 _LINK_FORMAT = ContentFormat.LINK_FORMAT.value
 _URI_QUERY = OptionNumber.URI_QUERY.value
+_BLOCK1 = OptionNumber.BLOCK1.value
+_SIZE1 = OptionNumber.SIZE1.value
+_CON = 0
+_ACK = 2
 _RST = 3
+_TOO_LARGE = Code.REQUEST_ENTITY_TOO_LARGE.value
+#: the smallest `Profile.buffer_size`: a request's options and token plus a 16-byte block
+MIN_BUFFER_SIZE = 64
+#: the largest request body a device puts back together from Block1 blocks
+MAX_BLOCK1_BODY = 64 * 1024
 _RD = (_URI_PATH, b"rd")
 _LINK_FORMAT_OPTION = (_CONTENT_FORMAT, uint_bytes(_LINK_FORMAT))
 _LWM2M_1_1 = (_URI_QUERY, b"lwm2m=1.1")
@@ -105,6 +128,15 @@ class Profile:
             registers at once does not Send at once.
         send_format: the Sends' content format (SenML CBOR 112, as Anjay; SenML JSON 110, as
             Wakaama).
+        buffer_size: the largest CoAP message the device sends or takes, in bytes, as Anjay's
+            `--outbuf-size N --inbuf-size N` (None: no limit). A Register, Update or Send
+            whose body is larger than the largest block whose message fits goes in Block1
+            blocks of that size, as Anjay does (RFC 7959 2.5: the same options in each, a new
+            Message ID and token per block, the next block after the 2.31; a smaller size
+            the server asks for is followed); a request from the server larger than this
+            gets a bare 4.13 (its token only, no Size1 nor Block1, as Anjay); a request body
+            in Block1 blocks is answered 2.31 per block and executed once, whole. Over TCP
+            the CSM announces it as Max-Message-Size.
         params: CoAP transmission parameters of the devices.
     """
 
@@ -118,13 +150,20 @@ class Profile:
     retry_max: float = 300.0
     send_interval: float | None = None
     send_format: int = ContentFormat.SENML_CBOR.value
+    buffer_size: int | None = None
     params: TransmissionParameters = field(default_factory=TransmissionParameters)
+
+    def __post_init__(self) -> None:
+        if self.buffer_size is not None and self.buffer_size < MIN_BUFFER_SIZE:
+            raise ValueError(f"buffer_size must be at least {MIN_BUFFER_SIZE} bytes")
 
 
 class Totals:
     """Counters over the whole fleet (the live progress line and the summary)."""
 
     __slots__ = (
+        "blocks_received",
+        "blocks_sent",
         "errors",
         "notifications",
         "reboots",
@@ -134,6 +173,7 @@ class Totals:
         "sends",
         "sends_refused",
         "sleeping",
+        "too_large",
         "updates",
         "wakes",
     )
@@ -150,6 +190,9 @@ class Totals:
         self.reboots = 0
         self.sends = 0  # LwM2M Sends answered 2.04
         self.sends_refused = 0  # ... answered with another code (4.04 also re-registers)
+        self.blocks_sent = 0  # Block1 blocks of the devices' own requests (small buffer)
+        self.blocks_received = 0  # Block1 blocks of the server's requests
+        self.too_large = 0  # requests over a device's buffer, answered with a bare 4.13
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -174,14 +217,17 @@ class Network(Protocol):
 class Executed:
     """A request the device executed (recorded when `Profile.record` is set)."""
 
-    __slots__ = ("at", "code", "mid", "path", "token")
+    __slots__ = ("at", "code", "mid", "path", "payload", "token")
 
-    def __init__(self, at: float, code: int, path: str, mid: int, token: bytes) -> None:
+    def __init__(
+        self, at: float, code: int, path: str, mid: int, token: bytes, payload: bytes = b""
+    ) -> None:
         self.at = at
         self.code = code
         self.path = path
         self.mid = mid
         self.token = token
+        self.payload = payload  # the whole body (put together when it came in blocks)
 
     def __repr__(self) -> str:
         return f"Executed({self.at:.3f}, {self.code}, {self.path!r}, mid={self.mid})"
@@ -235,6 +281,7 @@ class SimDevice(ObjectTree):
         "errors",
         "executed",
         "failures",
+        "inbound",
         "index",
         "location",
         "net",
@@ -259,6 +306,7 @@ class SimDevice(ObjectTree):
         "transport",
         "update_at",
         "updates",
+        "upload",
     )
 
     def __init__(
@@ -301,6 +349,10 @@ class SimDevice(ObjectTree):
         self.failures = 0
         self.req_token: bytes | None = None
         self.req_kind = 0
+        # small buffer: our request going out in blocks (the sender, the request's options)
+        self.upload: tuple[Block1Sender, tuple[Option, ...]] | None = None
+        # small buffer: a request of the server's coming in blocks (code and Uri-Path, receiver)
+        self.inbound: tuple[tuple[int, tuple[str, ...]], Block1Receiver] | None = None
         self.coap = self._new_endpoint()
         self.decoder: framing_tcp.StreamDecoder | None = None
         self.observations: dict[bytes, Observation] | None = None
@@ -389,8 +441,25 @@ class SimDevice(ObjectTree):
                 self.observations.pop(token, None)  # RFC 7641 3.6: a Reset cancels
         if self.queue and self.state == REGISTERED:
             self.awake_until = max(self.awake_until, now + self.profile.awake)
+        buffer = self.profile.buffer_size
+        if buffer is not None and len(data) > buffer:
+            self._too_large(data)
+            return
         self.coap.receive_datagram(data, now)
         self._process(now)
+
+    def _too_large(self, data: bytes) -> None:
+        """A datagram over the buffer: a CON request gets a bare 4.13 (its token only, no
+        Size1 nor Block1, as Anjay answers); anything else is dropped, as it cannot be read."""
+        if len(data) < 4 or data[0] >> 6 != 1 or (data[0] >> 4) & 3 != _CON:
+            return
+        code = data[1]
+        tkl = data[0] & 0xF
+        if not 0 < code < 32 or tkl > 8 or len(data) < 4 + tkl:
+            return
+        ack = Message(_ACK, _TOO_LARGE, (data[2] << 8) | data[3], data[4 : 4 + tkl])
+        self.net.totals.too_large += 1
+        self.net.send(self, encode(ack))
 
     def on_stream_data(self, data: bytes, now: float) -> None:
         """Bytes from the device's TCP connection."""
@@ -401,11 +470,17 @@ class SimDevice(ObjectTree):
         if self.queue and self.state == REGISTERED:
             self.awake_until = max(self.awake_until, now + self.profile.awake)
         coap = self.coap
+        buffer = self.profile.buffer_size
         try:
             while (msg := decoder.next_message()) is not None:
                 if msg.code >= 0xE0:
                     if not self._signal(msg, now):
                         return
+                elif buffer is not None and len(framing_tcp.encode(msg)) > buffer:
+                    if msg.code < 32:  # a request: a bare 4.13, as over UDP
+                        self.net.totals.too_large += 1
+                        answer = Message(0, _TOO_LARGE, 0, msg.token)
+                        self.net.send(self, framing_tcp.encode(answer))
                 elif msg.code:
                     coap.receive_message(msg, now)
         except DecodeError:
@@ -417,7 +492,9 @@ class SimDevice(ObjectTree):
     def on_connected(self, now: float) -> None:
         """The TCP connection is up: CSM first (RFC 8323 5.3), then what was waiting."""
         self.decoder = framing_tcp.StreamDecoder()
-        self.net.send(self, framing_tcp.encode(framing_tcp.csm()))
+        buffer = self.profile.buffer_size
+        csm = framing_tcp.csm() if buffer is None else framing_tcp.csm(buffer)
+        self.net.send(self, framing_tcp.encode(csm))
         self._begin(now)
         self._process(now)
 
@@ -453,6 +530,7 @@ class SimDevice(ObjectTree):
     def _register(self, now: float) -> None:
         self._set_location("")
         self.observations = self.notified = None  # a new registration starts afresh
+        self.inbound = None
         options: tuple[Option, ...] = (
             _RD,
             _LINK_FORMAT_OPTION,
@@ -511,8 +589,25 @@ class SimDevice(ObjectTree):
             self._register(now)  # the server does not know it (any more)
 
     def _request(self, kind: int, options: tuple[Option, ...], payload: bytes, now: float) -> None:
-        self.req_token = self.coap.send_request(Code.POST, options, payload, now)
         self.req_kind = kind
+        self.upload = None
+        buffer = self.profile.buffer_size
+        if buffer is not None and payload:
+            szx = _block_szx(options, len(payload), buffer)
+            if szx is not None:
+                sender = Block1Sender(payload, szx)
+                self.upload = (sender, options)
+                self._send_block(sender.current, now)
+                return
+        self.req_token = self.coap.send_request(Code.POST, options, payload, now)
+
+    def _send_block(self, step: Send, now: float) -> None:
+        """The next block of our request: the same options, a new Message ID and token."""
+        upload = self.upload
+        assert upload is not None
+        options = (*upload[1], step.block.option(_BLOCK1))
+        self.req_token = self.coap.send_request(Code.POST, options, step.payload, now)
+        self.net.totals.blocks_sent += 1
 
     def _sleep(self, now: float) -> None:
         timer = self.coap.get_timer()
@@ -538,6 +633,7 @@ class SimDevice(ObjectTree):
         self.decoder = None
         self._set_location("")
         self.req_token = None
+        self.upload = self.inbound = None
         self.observations = self.notified = None
         delay = self.profile.retry_base * (1 << min(self.failures - 1, 16))
         self.state = IDLE
@@ -550,6 +646,7 @@ class SimDevice(ObjectTree):
         self.decoder = None
         self._set_location("")
         self.req_token = None
+        self.upload = self.inbound = None
         self.observations = self.notified = None
         self.coap = self._new_endpoint()
         self.state = IDLE
@@ -581,6 +678,20 @@ class SimDevice(ObjectTree):
             self._reboot(now)
 
     def _response(self, response: Message, now: float) -> None:
+        upload = self.upload
+        if upload is not None:
+            try:
+                block1 = get_block(response, _BLOCK1)
+            except DecodeError:
+                block1 = None
+            step = upload[0].on_response(response.code, block1)
+            if isinstance(step, Send):
+                self._send_block(step, now)
+                return
+            self.upload = None
+            if isinstance(step, Failed):  # the server broke the transfer
+                self._failed(now)
+                return
         kind = self.req_kind
         self.req_token = None
         code = response.code
@@ -615,6 +726,7 @@ class SimDevice(ObjectTree):
 
     def _failed(self, now: float) -> None:
         self.req_token = None
+        self.upload = None
         if self.req_kind == REGISTER:
             self._lost(now)
         elif self.req_kind == SEND:  # not answered: the next Send comes at its time
@@ -638,18 +750,33 @@ class SimDevice(ObjectTree):
     # -- serving the server's requests ------------------------------------------------------
 
     def _serve(self, req: Message, now: float) -> None:
-        self.requests += 1
-        self.net.totals.requests += 1
+        whole = req.option(_BLOCK1) is None  # (a request in blocks counts once, when whole)
+        if whole:
+            self.requests += 1
+            self.net.totals.requests += 1
         try:
             segments = req.uri_path
             ids = from_segments(segments).ids
-        except (DecodeError, InvalidPath):
+            block1 = get_block(req, _BLOCK1)
+        except DecodeError as exc:
+            answer = Code.BAD_OPTION if exc.reply == Reply.BAD_OPTION else Code.BAD_REQUEST
+            self.coap.respond(req, answer, (), b"", now)
+            return
+        except InvalidPath:
             self.coap.respond(req, Code.BAD_REQUEST, (), b"", now)
             return
+        echo: tuple[Option, ...] = ()
+        if block1 is not None:
+            body = self._take_block(req, segments, block1, now)
+            if body is None:
+                return
+            req = body
+            echo = ((_BLOCK1, block1.encode()),)  # the last block's Block1, echoed (2.3)
+            self.requests += 1
+            self.net.totals.requests += 1
         if self.executed is not None:
-            self.executed.append(
-                Executed(now, req.code, "/" + "/".join(segments), req.mid, req.token)
-            )
+            path = "/" + "/".join(segments)
+            self.executed.append(Executed(now, req.code, path, req.mid, req.token, req.payload))
         code = req.code
         options: tuple[Option, ...] = ()
         payload = b""
@@ -683,12 +810,38 @@ class SimDevice(ObjectTree):
             result = self.delete(ids)
         else:
             result = Code.METHOD_NOT_ALLOWED
+        if echo:
+            options = tuple(sorted((*options, *echo), key=_option_number))
         self.coap.respond(req, result, options, payload, now)
         if self.wants & (WANT_UPDATE | WANT_OBJECTS):
             self.update_at = now
         if self.observations and code != Code.GET:
             for obs in self.observations.values():
                 obs.check_at = min(obs.check_at, now)
+
+    def _take_block(
+        self, req: Message, segments: tuple[str, ...], block1: Block, now: float
+    ) -> Message | None:
+        """One block of a request body sent in Block1 blocks (RFC 7959 2.3): answered 2.31
+        echoing its Block1 until the last, which returns the request with the whole body."""
+        self.net.totals.blocks_received += 1
+        key = (req.code, segments)
+        inbound = self.inbound
+        if inbound is None or inbound[0] != key:
+            if block1.num != 0:  # the middle of a transfer we do not know
+                self.coap.respond(req, Code.REQUEST_ENTITY_INCOMPLETE, (), b"", now)
+                return None
+            self.inbound = inbound = (key, Block1Receiver(max_body=MAX_BLOCK1_BODY))
+        step = inbound[1].feed(block1, req.payload, get_size(req, _SIZE1))
+        if isinstance(step, Continue):
+            self.coap.respond(req, Code.CONTINUE, (step.block.option(_BLOCK1),), b"", now)
+            return None
+        self.inbound = None
+        if isinstance(step, Complete):
+            return req._replace(payload=step.body)
+        size1 = () if step.size1 is None else (size_option(_SIZE1, step.size1),)
+        self.coap.respond(req, step.code, size1, b"", now)
+        return None
 
     def _read(
         self, req: Message, ids: tuple[int, ...], now: float
@@ -751,3 +904,21 @@ class SimDevice(ObjectTree):
             elif len(notified) >= 8:
                 del notified[next(iter(notified))]
             notified[(last[2] << 8) | last[3]] = token
+
+
+def _option_number(option: Option) -> int:
+    return option[0]
+
+
+def _block_szx(options: tuple[Option, ...], length: int, buffer: int) -> int | None:
+    """The Block1 size exponent for a request body of `length` bytes with these options from a
+    device whose messages hold at most `buffer` bytes: the largest block whose message fits
+    (at least 16 bytes); None when the body is not larger than that block and goes whole.
+
+    As Anjay: with a 256-byte buffer its 175-byte Register (whole, about 230 bytes) goes in
+    blocks of 128, with a 128-byte one in blocks of 64 (tests/vectors' captures)."""
+    head = len(encode(Message(_CON, Code.POST, 0, b"\0" * 4, (*options, (_BLOCK1, b"\0" * 3)))))
+    szx = 6
+    while szx > 0 and head + 1 + (16 << szx) > buffer:
+        szx -= 1
+    return None if length <= 16 << szx else szx

@@ -42,6 +42,13 @@ def test_send_arguments() -> None:
     assert parse("--send", "5", "--send-format", "json").profile.send_format == 110  # type: ignore[attr-defined]
 
 
+def test_buffer_size_argument() -> None:
+    assert parse().profile.buffer_size is None  # type: ignore[attr-defined]
+    assert parse("--buffer-size", "256").profile.buffer_size == 256  # type: ignore[attr-defined]
+    config = parse("--temperatures", "12", "--lights", "4")
+    assert (config.temperatures, config.lights) == (12, 4)  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -49,6 +56,8 @@ def test_send_arguments() -> None:
         ["--duration", "0"],
         ["--send", "0"],
         ["--send", "inf"],
+        ["--buffer-size", "63"],
+        ["--temperatures", "-1"],
         ["--loss", "1.5"],
         ["--source-addresses", "0"],
     ],
