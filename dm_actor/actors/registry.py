@@ -22,6 +22,7 @@ from sortedcontainers import SortedList
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import command_record
 from dm_actor.coap.endpoint import CoapEndpoint
+from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
 from dm_actor.delivery.queue import DeliveryPolicy
 from dm_actor.device.machine import MachineConfig
 from dm_actor.store.base import StoreError
@@ -40,6 +41,13 @@ if TYPE_CHECKING:
     from dm_actor.store.base import Store
 
 log = logging.getLogger(__name__)
+
+
+def _frame_limit(conn: object) -> int:
+    """The largest frame a TCP connection takes: its peer's CSM Max-Message-Size (the
+    transport's `TcpConnection.max_message_size`; RFC 8323's base 1152 before a CSM)."""
+    limit = getattr(conn, "max_message_size", BASE_MAX_MESSAGE_SIZE)
+    return limit if isinstance(limit, int) else BASE_MAX_MESSAGE_SIZE
 
 
 class Registry:
@@ -84,6 +92,8 @@ class Registry:
             new_endpoint=self._machine_endpoint,
             resend_window=self.resend_window,
             registration_grace=self.registration_grace,
+            frame_limit=_frame_limit,
+            retry_after=settings.registration.retry_after,
         )
         self.statistics = {
             "registrations": 0,
