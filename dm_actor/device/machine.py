@@ -370,6 +370,8 @@ class DeviceMachine:
         rare = self._rare
         if rare is not None and rare.answering:
             rare.answering -= 1
+            if not rare.answering and rare.incoming is None and rare.szx is None:
+                self._rare = None  # (every new device passes here: it keeps no object)
 
     def sweep(self, now: float) -> None:
         """Finish every expired command not in flight (rule 5.2)."""

@@ -336,6 +336,7 @@ def test_while_a_registers_answer_waits_no_request_of_ours_starts() -> None:
     m.submit(command(), 0.0)
     assert not requests(d.durable(0.0)) and m.attempt is AttemptState.IDLE
     m.answer_sent(0.1)
+    assert m._rare is None  # (every new device passes here: it keeps no object for it)
     m.pump(0.1)
     d.take(0.1)
     assert len(requests(d.durable(0.1))) == 1
