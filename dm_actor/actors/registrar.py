@@ -86,7 +86,7 @@ class Registrar:
                 # another endpoint registered from this address or connection (NAT port
                 # reuse, a proxy, a renamed device): it is that device's now, and the answer
                 # goes out from here, cached for retransmissions like any new peer's
-                self._answer_register(request, addr, conn, code, options)
+                self.answer_held(request, addr, conn, code, options, None, 0)
                 return
         elif kind == "update":
             code, options = self._update(actor, request, now)
@@ -263,18 +263,6 @@ class Registrar:
         return reg_iface.deleted()
 
     # -- answers to peers without an actor --------------------------------------------------
-
-    def _answer_register(
-        self,
-        request: Message,
-        addr: Address | None,
-        conn: TcpConnection | None,
-        code: int,
-        options: tuple[coap_message.Option, ...],
-    ) -> None:
-        """Answer a Register from here once the store holds it; until then its
-        retransmissions are dropped, and after it they get the same answer."""
-        self.answer_held(request, addr, conn, code, options, None, 0)
 
     def answer_held(
         self,

@@ -87,12 +87,7 @@ _ACCEPT = OptionNumber.ACCEPT.value
 _BLOCK1 = OptionNumber.BLOCK1.value
 _BLOCK2 = OptionNumber.BLOCK2.value
 _SIZE1 = OptionNumber.SIZE1.value
-_MAX_AGE = OptionNumber.MAX_AGE.value
-_CONTINUE = Code.CONTINUE.value
 _TOO_LARGE = Code.REQUEST_ENTITY_TOO_LARGE.value
-_INCOMPLETE = Code.REQUEST_ENTITY_INCOMPLETE.value
-_BAD_OPTION = Code.BAD_OPTION.value
-_UNAVAILABLE = Code.SERVICE_UNAVAILABLE.value
 #: room for a request's header, token and options in a TCP frame beside a block's payload
 _FRAME_OVERHEAD = 128
 _RST = 3
@@ -582,8 +577,8 @@ class DeviceMachine:
 
     def _uploaded(self, cmd: Command, upload: Upload, response: Message, now: float) -> bool:
         """Take the answer to a block of the request body: True when it is the final
-        answer; else the next block (or block 0 again, smaller, after a 4.13) was sent, or
-        the upload failed (the command ends 502)."""
+        answer; else the next block was sent, or the upload failed (the command ends 502).
+        (A 4.13 to block 0 is `_smaller_blocks`'s, before this.)"""
         code = response.code
         try:
             block1 = get_block(response, _BLOCK1)
