@@ -5,16 +5,20 @@ given to a newcomer (its buffer freed)."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import trio
 import trio.testing
 
 from dm_actor.actors.supervisor import Supervisor
-from dm_actor.address import Address
 from dm_actor.coap.blockwise import Block
 from dm_actor.coap.message import Message, decode, encode, path_options, query_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.config import Settings
 from tests.actors.support import settle
+
+if TYPE_CHECKING:
+    from dm_actor.address import Address
 
 BLOCK1 = OptionNumber.BLOCK1.value
 
