@@ -221,7 +221,11 @@ async def serve(
                     key_file = Path(settings.server.data_dir) / KEY_FILE
                     async with _starting(f"cannot read or write the API key file {key_file}"):
                         api_keys = await trio.to_thread.run_sync(
-                            load_api_keys, settings.server.data_dir, settings.api.keys, os.environ
+                            load_api_keys,
+                            settings.server.data_dir,
+                            settings.api.keys,
+                            os.environ,
+                            settings.api.admin_keys,
                         )
                 channels = [] if snapshot is None else snapshot.channels
                 options = HttpOptions.from_settings(settings.api)

@@ -77,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="an access key to accept (repeatable; also DM_ACTOR_API_KEY and [api] keys)",
     )
     serve.add_argument(
+        "--admin-key",
+        action="append",
+        metavar="KEY",
+        help="an administrator key to accept (repeatable; also DM_ACTOR_ADMIN_KEY and "
+        "[api] admin_keys)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level (default {_DEFAULTS.log_level})",
@@ -103,6 +110,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     )
     if args.api_key:
         api = msgspec.structs.replace(settings.api, keys=[*settings.api.keys, *args.api_key])
+        settings = msgspec.structs.replace(settings, api=api)
+    if args.admin_key:
+        admins = [*settings.api.admin_keys, *args.admin_key]
+        api = msgspec.structs.replace(settings.api, admin_keys=admins)
         settings = msgspec.structs.replace(settings, api=api)
     return settings
 

@@ -90,6 +90,9 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     # access keys accepted on every call (with --api-key and DM_ACTOR_API_KEY); with none,
     # a key is generated on the first start and kept in the data directory
     keys: list[str] = msgspec.field(default_factory=list)
+    # administrator keys (with --admin-key and DM_ACTOR_ADMIN_KEY): they manage device
+    # credentials and own no channel (docs/operations.md, "Administrator keys"); none by default
+    admin_keys: list[str] = msgspec.field(default_factory=list)
     # HTTP connections served at once (each costs a task and its buffers: a connection
     # flood must not grow memory unbounded); beyond, a new connection sheds the oldest one
     # that has no complete request head yet, else waits in the kernel's accept queue

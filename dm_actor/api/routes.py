@@ -17,6 +17,7 @@ import msgspec
 import trio
 
 from dm_actor.actors.supervisor import Presubscription, Rejected
+from dm_actor.api.auth import is_admin
 from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, iso_time
 from dm_actor.api.schemas import (
     CallbackChannel,
@@ -108,6 +109,12 @@ def rejected(r: Rejected) -> Response:
 UNSUPPORTED_MEDIA_TYPE = text(415, "Content-Type must be application/json.")
 NOT_FOUND_ROUTE = error_v3(404, "not_found", "No such resource.")
 BAD_METHOD = error_v3(405, "method_not_allowed", "Method not allowed on this resource.")
+#: an application key on an administrator's route (docs/api.md, "Administrator keys")
+ADMIN_ONLY = error_v3(403, "forbidden", "This route needs an administrator key.")
+#: an administrator key on a route of an application's own (it owns no channel)
+NOT_AN_ACCESS_KEY = error_v3(
+    403, "forbidden", "Forbidden. The authorization token used is not an access key."
+)
 
 
 class Request:
@@ -130,6 +137,11 @@ class Request:
         self.body = body
         self.app = app
         self.content_type = content_type
+
+    @property
+    def admin(self) -> bool:
+        """Whether an administrator key sent it (it owns no channel: `auth.is_admin`)."""
+        return is_admin(self.app)
 
     @property
     def json_refused(self) -> bool:
@@ -182,6 +194,8 @@ class Api:
             handler = self._v2.get(seg[1])
             if handler is None:
                 return NOT_FOUND_ROUTE
+            if req.admin and _application_only(seg[1], req.method):
+                return NOT_AN_ACCESS_KEY
             if seg[1] in _KEPT_SETTINGS and req.method in _WRITES:
                 # a channel or (pre-)subscription change is answered once it is stored, and
                 # refused while the store cannot keep it (a full disk): a 2xx is a promise
@@ -194,6 +208,10 @@ class Api:
             return await handler(req)
         elif len(seg) >= 2 and seg[0] == "v3" and seg[1] == "devices":
             return self._devices(req)
+        elif len(seg) >= 2 and seg[0] == "v3" and seg[1] == "device-credentials":
+            if not req.admin:
+                return ADMIN_ONLY
+            return NOT_FOUND_ROUTE
         return NOT_FOUND_ROUTE
 
     # -- device requests ------------------------------------------------------------------
@@ -551,6 +569,12 @@ class Api:
             queue_mode=reg.queue_mode,
             lifetime=reg.lifetime,
         )
+
+
+def _application_only(route: str, method: bytes) -> bool:
+    """A /v2 route an administrator key may not use: channels and subscriptions (it owns
+    none) and new device requests (their AsyncIDResponses go to the owner's channel)."""
+    return route in _KEPT_SETTINGS or (route == "device-requests" and method == b"POST")
 
 
 _FILTER_FIELDS = {"state": "registered", "lifecycle_status": "enabled"}

@@ -31,6 +31,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
 
+from dm_actor.api.auth import is_admin
 from dm_actor.api.channels import (
     CALLBACK,
     LONG_POLLING,
@@ -41,7 +42,16 @@ from dm_actor.api.channels import (
 )
 from dm_actor.api.handover import FrameStream, PullReceipt
 from dm_actor.api.replay import ReplayStream
-from dm_actor.api.routes import JSON, NO_CONTENT, Api, Request, Response, error_v3, text
+from dm_actor.api.routes import (
+    JSON,
+    NO_CONTENT,
+    NOT_AN_ACCESS_KEY,
+    Api,
+    Request,
+    Response,
+    error_v3,
+    text,
+)
 from dm_actor.api.schemas import Serialization
 from dm_actor.api.webhook import WebhookOptions, parse_target
 
@@ -567,6 +577,9 @@ class HttpServer:
             return not close and conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
+            if req.admin:  # an administrator key owns no channel
+                await self._send(conn, stream, NOT_AN_ACCESS_KEY)
+                return conn.our_state is h11.DONE
             return await self._long_poll(conn, stream, app)
         self._answering += 1
         try:
@@ -741,6 +754,8 @@ class HttpServer:
             refusal = text(426, "Upgrade to websocket required.")
         elif app is not None and not (key and version):
             refusal = text(400, "Sec-WebSocket-Key and Sec-WebSocket-Version 13 are required.")
+        elif app is not None and is_admin(app):
+            refusal = NOT_AN_ACCESS_KEY  # an administrator key owns no channel
         if refusal is not None or app is None:
             await self._send(conn, stream, refusal or UNAUTHORIZED)
             return conn.our_state is h11.DONE
