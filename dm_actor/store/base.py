@@ -122,6 +122,24 @@ class EventRecord(msgspec.Struct, frozen=True):
     created_at: float
 
 
+class AnswerRecord(msgspec.Struct, frozen=True):
+    """A finished command's AsyncIDResponse, remembered for repeats of its async-id
+    (delivery.md rule 1.7) until `forget_at` (wall clock).
+
+    `request` is the digest of what was asked (`dm_actor.delivery.answers.request_key`);
+    `seq` the number of its event (the same `uid` when it is sent again); `item` its JSON.
+    """
+
+    owner: str
+    async_id: str
+    endpoint: str
+    request: bytes
+    seq: int
+    item: bytes
+    finished_at: float
+    forget_at: float
+
+
 class Snapshot(msgspec.Struct):
     registrations: list[RegistrationRecord]
     commands: list[CommandRecord]  # in acceptance order (the order of their first put)
@@ -131,6 +149,7 @@ class Snapshot(msgspec.Struct):
     api_keys: list[ApiKeyRecord] = []
     events: list[EventRecord] = []  # by owner, then seq; none older than the event lifetime
     next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
+    answers: list[AnswerRecord] = []  # by finished_at; none whose window ended
 
 
 class Store(Protocol):
@@ -185,6 +204,15 @@ class Store(Protocol):
 
     def delete_events(self, owner: str, seqs: Sequence[int]) -> None:
         """The channel delivered (or dropped) `owner`'s events `seqs`: forget them."""
+        ...
+
+    def put_answer(self, record: AnswerRecord) -> None:
+        """Remember (insert or replace, by owner and async-id) a finished command's answer
+        until its `forget_at`; past it the store may drop it on its own."""
+        ...
+
+    def delete_answers(self, owner: str, async_ids: Sequence[str]) -> None:
+        """Forget `owner`'s remembered answers `async_ids` (a bound pushed them out)."""
         ...
 
     def mark(self) -> int:

@@ -9,6 +9,7 @@ from dm_actor.store.base import (
     EVENT_BYTES_CAP,
     EVENT_LIFETIME,
     KEPT_EVENT_KIND,
+    AnswerRecord,
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
@@ -47,6 +48,7 @@ class MemoryStore:
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq -> (put order)
         self.event_bytes: dict[str, int] = {}  # owner -> bytes of its events' items
         self.next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
+        self.answers: dict[tuple[str, str], AnswerRecord] = {}  # (owner, async-id) ->
         self.writes = 0
         self.clock = clock
         self.event_lifetime = event_lifetime
@@ -72,6 +74,10 @@ class MemoryStore:
             list(self.api_keys.values()),
             events,
             dict(self.next_mids),
+            answers=sorted(
+                (a for a in self.answers.values() if a.forget_at > self.clock()),
+                key=lambda a: (a.finished_at, a.seq),
+            ),
         )
 
     def put_registration(self, record: RegistrationRecord) -> None:
@@ -166,6 +172,15 @@ class MemoryStore:
         if not events:
             del self.events[owner]
             del self.event_bytes[owner]
+
+    def put_answer(self, record: AnswerRecord) -> None:
+        self.writes += 1
+        self.answers[record.owner, record.async_id] = record
+
+    def delete_answers(self, owner: str, async_ids: Sequence[str]) -> None:
+        self.writes += 1
+        for async_id in async_ids:
+            self.answers.pop((owner, async_id), None)
 
     def mark(self) -> int:
         return 0

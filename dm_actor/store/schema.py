@@ -123,8 +123,26 @@ V5 = """
 ALTER TABLE registrations ADD COLUMN address TEXT;
 """
 
+#: Version 6: finished commands' AsyncIDResponses, remembered per application and async-id
+#: for repeats (delivery.md rule 1.7) until `forget_at` (wall clock), with the digest of the
+#: request they answered and the number (`seq`, the uid) of their event.
+V6 = """
+CREATE TABLE answers (
+    owner TEXT NOT NULL,
+    async_id TEXT NOT NULL,
+    endpoint TEXT NOT NULL,
+    request BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    item BLOB NOT NULL,
+    finished_at REAL NOT NULL,
+    forget_at REAL NOT NULL,
+    PRIMARY KEY (owner, async_id)
+) WITHOUT ROWID;
+CREATE INDEX answers_by_end ON answers (forget_at);
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2, V3, V4, V5)
+MIGRATIONS = (V1, V2, V3, V4, V5, V6)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)

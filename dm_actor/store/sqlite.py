@@ -57,6 +57,7 @@ from dm_actor.store.base import (
     EVENT_BYTES_CAP,
     EVENT_LIFETIME,
     KEPT_EVENT_KIND,
+    AnswerRecord,
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
@@ -116,6 +117,11 @@ DELETE FROM events WHERE owner = ?1 AND seq <= (
 """
 
 _EVENT_TOTAL = "SELECT coalesce(sum(bytes), 0) FROM event_bytes"
+_ANSWER_FIELDS = AnswerRecord.__struct_fields__
+_PUT_ANSWER = (
+    f"INSERT OR REPLACE INTO answers ({', '.join(_ANSWER_FIELDS)}) "
+    f"VALUES ({', '.join('?' * len(_ANSWER_FIELDS))})"
+)
 
 _json_encode = msgspec.json.encode
 _decode_headers = msgspec.json.Decoder(dict[str, str]).decode
@@ -126,6 +132,7 @@ class _Batch:
     """The writes of one transaction, coalesced by key."""
 
     __slots__ = (
+        "answers",
         "api_keys",
         "channels",
         "cmd_deletes",
@@ -159,6 +166,7 @@ class _Batch:
         self.event_wipes: set[str] = set()  # owners whose events go (not AsyncIDResponses)
         self.event_deletes: dict[str, set[int]] = {}  # owner -> seqs to forget, before the puts
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq ->
+        self.answers: dict[tuple[str, str], AnswerRecord | None] = {}  # None: delete
 
 
 class SqliteStore:
@@ -278,6 +286,14 @@ class SqliteStore:
                     )
                 ],
                 next_mids=dict(db.execute("SELECT endpoint, mid FROM next_mids")),
+                answers=[
+                    AnswerRecord(*r)
+                    for r in db.execute(
+                        f"SELECT {', '.join(_ANSWER_FIELDS)} FROM answers WHERE forget_at > ? "
+                        "ORDER BY finished_at, seq",
+                        (self.clock(),),
+                    )
+                ],
             )
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: cannot read the store: {exc}") from exc
@@ -381,6 +397,16 @@ class SqliteStore:
             for seq in seqs:
                 pending.pop(seq, None)
         batch.event_deletes.setdefault(owner, set()).update(seqs)
+
+    def put_answer(self, record: AnswerRecord) -> None:
+        """Remember a finished command's answer until its `forget_at` (the transactions that
+        write answers also drop those whose `forget_at` passed)."""
+        self._filling().answers[record.owner, record.async_id] = record
+
+    def delete_answers(self, owner: str, async_ids: Sequence[str]) -> None:
+        answers = self._filling().answers
+        for async_id in async_ids:
+            answers[owner, async_id] = None
 
     # ------------------------------------------------------------------------------ commits
 
@@ -558,6 +584,8 @@ class SqliteStore:
                     [k for k, put in b.subs.items() if put],
                 )
             self._write_settings(db, b)
+            if b.answers:
+                self._write_answers(db, b)
             total = self._event_total
             if b.event_wipes or b.event_deletes or b.events or self._refusing:
                 total = self._write_events(db, b)
@@ -605,6 +633,16 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?)",
                     (key, api_key.owner, api_key.created_at),
                 )
+
+    def _write_answers(self, db: sqlite3.Connection, b: _Batch) -> None:
+        db.executemany(
+            "DELETE FROM answers WHERE owner = ? AND async_id = ?",
+            [key for key, a in b.answers.items() if a is None],
+        )
+        puts = [msgspec.structs.astuple(a) for a in b.answers.values() if a is not None]
+        if puts:
+            db.executemany(_PUT_ANSWER, puts)
+            db.execute("DELETE FROM answers WHERE forget_at <= ?", (self.clock(),))
 
     def _write_events(self, db: sqlite3.Connection, b: _Batch) -> int:
         """Write `b`'s events within the budget; returns the bytes of events stored after."""
