@@ -24,6 +24,7 @@ import trio
 from dm_actor import __version__, app
 from dm_actor.app import StartupError
 from dm_actor.config import ConfigError, Settings, load_settings
+from dm_actor.credentials_cli import add_parser as add_credentials, run as run_credentials
 from dm_actor.sim import cli as sim_cli
 from dm_actor.store.base import StoreError, StoreFailed
 from dm_actor.store.sqlite import read_only
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim_cli.add_parser(commands)
     watch.add_parser(commands)
+    add_credentials(commands)
     return parser
 
 
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         return sim_cli.run(args)
     if args.command == "watch":
         return watch.run(args)
+    if args.command == "credentials":
+        return run_credentials(args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SETTINGS
     data_dir = Path(settings.server.data_dir)
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # (it holds device keys)
     except OSError as exc:
         print(f"dm-actor: error: data directory {data_dir}: {exc.strerror}", file=sys.stderr)
         return EXIT_SETTINGS

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from dm_actor.coap.numbers import Code, code_str
 from dm_actor.coap.trace import LineBudget, peer_str, request_line
+from dm_actor.credentials import NEEDS_DTLS
 from dm_actor.lwm2m import registration as reg_iface
 from dm_actor.lwm2m.registration import RegistrationError
 
@@ -97,6 +98,8 @@ class Refusals:
     ) -> str:
         if code == Code.SERVICE_UNAVAILABLE:
             return "the store is behind"
+        if code == Code.FORBIDDEN:  # (the identity rules: dm_actor.credentials.admit)
+            return NEEDS_DTLS
         r = self.registry.settings.registration
         parsed: object
         if kind == "register":

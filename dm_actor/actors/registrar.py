@@ -27,6 +27,7 @@ from dm_actor.actors.render import registration_item
 from dm_actor.coap import framing_tcp, message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+from dm_actor.credentials import Credentials, admit
 from dm_actor.delivery.queue import DeviceQueue
 from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
 from dm_actor.lwm2m.registration import Registration, RegistrationError
@@ -66,6 +67,9 @@ class Registrar:
         self._lifetime_scope: trio.CancelScope | None = None
         self._non_mid = secrets.randbits(16)  # Message IDs of NON replies to unknown peers
         self.refusals = Refusals(registry)  # refusals in the log, once each (the router's too)
+        # the devices' PSK identities (issue 15): an endpoint listed here is refused over
+        # plain CoAP (`admit`); written by `Provisioning` only
+        self.credentials = Credentials()
 
     # -- the registration interface --------------------------------------------------------
 
@@ -162,12 +166,16 @@ class Registrar:
         now: float,
         *,
         via: DeviceActor | None,
+        identity: str | None = None,
     ) -> reg_iface.Response:
+        """`identity`: the PSK identity of the DTLS session it came over (None: plain CoAP)."""
         registry = self.registry
         r = registry.settings.registration
         parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime, r.max_links)
         if isinstance(parsed, RegistrationError):
             return reg_iface.error(parsed)
+        if (refusal := self.identity_refusal(parsed.endpoint, identity)) is not None:
+            return refusal
         if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
             return Code.BAD_REQUEST, ()
         reg = Registration.from_request(parsed, self._new_reg_id(), now)
@@ -240,6 +248,9 @@ class Registrar:
             return Code.BAD_REQUEST, ()
         if parsed.reg_id != actor.reg.reg_id:
             return Code.NOT_FOUND, ()
+        # (plain CoAP: the DTLS session's identity is not wired into Updates yet)
+        if (refusal := self.identity_refusal(actor.endpoint, None)) is not None:
+            return refusal
         if registry.store_behind():  # its 2.04 would promise what the store cannot keep now
             registry.statistics["registrations_shed"] += 1
             return Code.SERVICE_UNAVAILABLE, self._retry_after()
@@ -261,6 +272,16 @@ class Registrar:
             return Code.SERVICE_UNAVAILABLE, self._retry_after()
         actor.end(now, expired=False)
         return reg_iface.deleted()
+
+    def identity_refusal(self, endpoint: str, identity: str | None) -> reg_iface.Response | None:
+        """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
+        may not register or update over this transport (`identity` None: plain CoAP)."""
+        refusal = admit(self.credentials, endpoint, identity)
+        if refusal is None:
+            return None
+        stats = self.registry.statistics
+        stats["credentials_refused"] = stats.get("credentials_refused", 0) + 1
+        return refusal.code, ()
 
     # -- answers to peers without an actor --------------------------------------------------
 

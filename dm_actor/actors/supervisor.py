@@ -24,6 +24,7 @@ from dm_actor.actors.commands import METHODS, Accepted, Commands, Rejected
 from dm_actor.actors.device import DeviceActor, Signal
 from dm_actor.actors.events import ChannelEvent, EventStream
 from dm_actor.actors.persist import address_from_text, command_from_record, registration_from_record
+from dm_actor.actors.provisioning import Provisioning
 from dm_actor.actors.registrar import Registrar
 from dm_actor.actors.registry import Registry
 from dm_actor.actors.router import MAX_DATAGRAM, Router
@@ -78,6 +79,10 @@ class Supervisor:
             registry, subscriptions, self._new_actor, reply_cache_size=reply_cache_size
         )
         self.router = router = Router(registry, registrar)
+        # device credentials (issue 15): the index (the DTLS layer's PSK lookup is
+        # `credentials.psk`) and its writer, which ends the registrations they change
+        self.credentials = registrar.credentials
+        self.provisioning = Provisioning(registry, registrar.credentials)
         # the events a restart owes the applications' channels (`restore`), until the hub
         # takes them (`NotificationHub.restore`): not through the bounded event stream
         self.owed_events: list[ChannelEvent] = []
@@ -192,6 +197,7 @@ class Supervisor:
         """
         now = self.now()
         offset = self.wall_offset
+        self.provisioning.restore(snapshot.credentials)
         for rec in snapshot.registrations:
             reg = registration_from_record(rec, offset)
             queue = DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now)
@@ -254,6 +260,7 @@ class Supervisor:
                 Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
                 for p in pres
             ]
+        self.provisioning.end_older_registrations()  # (credentials added while stopped)
         log.info(
             "restored %d registrations, %d commands",
             len(snapshot.registrations),

@@ -19,6 +19,7 @@ import trio
 from dm_actor.actors.supervisor import Presubscription, Rejected
 from dm_actor.api.auth import is_admin
 from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, iso_time
+from dm_actor.api.credentials import device_credentials
 from dm_actor.api.schemas import (
     CallbackChannel,
     CallbackRequest,
@@ -211,7 +212,7 @@ class Api:
         elif len(seg) >= 2 and seg[0] == "v3" and seg[1] == "device-credentials":
             if not req.admin:
                 return ADMIN_ONLY
-            return NOT_FOUND_ROUTE
+            return await device_credentials(self.sup, req)
         return NOT_FOUND_ROUTE
 
     # -- device requests ------------------------------------------------------------------

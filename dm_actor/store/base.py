@@ -108,6 +108,21 @@ class ApiKeyRecord(msgspec.Struct, frozen=True):
     created_at: float
 
 
+class CredentialRecord(msgspec.Struct, frozen=True):
+    """An endpoint's DTLS PSK credentials (`dm_actor.credentials`): its identity, unique
+    across endpoints, and its key, kept in plain text (the data directory is the daemon
+    user's only: docs/operations.md, "Device credentials"). `created_at` is wall-clock time.
+    """
+
+    endpoint: str
+    psk_identity: str
+    psk_key: bytes
+    created_at: float
+
+    def __repr__(self) -> str:  # never the key
+        return f"CredentialRecord({self.endpoint!r}, psk_identity={self.psk_identity!r})"
+
+
 class EventRecord(msgspec.Struct, frozen=True):
     """A notification event not yet delivered to `owner`'s channel.
 
@@ -150,6 +165,7 @@ class Snapshot(msgspec.Struct):
     events: list[EventRecord] = []  # by owner, then seq; none older than the event lifetime
     next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
     answers: list[AnswerRecord] = []  # by finished_at; none whose window ended
+    credentials: list[CredentialRecord] = []  # by endpoint
 
 
 class Store(Protocol):
@@ -194,6 +210,13 @@ class Store(Protocol):
     def put_api_key(self, record: ApiKeyRecord) -> None: ...
 
     def delete_api_key(self, key: str) -> None: ...
+
+    def put_credential(self, record: CredentialRecord) -> None:
+        """Insert or replace (by endpoint) a device's PSK credentials. The caller keeps
+        identities unique (`dm_actor.credentials.Credentials`)."""
+        ...
+
+    def delete_credential(self, endpoint: str) -> None: ...
 
     def put_event(self, record: EventRecord) -> None:
         """Keep an event until it is delivered, it expires, or the owner's cap pushes it out.

@@ -13,6 +13,7 @@ from dm_actor.store.base import (
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
+    CredentialRecord,
     EventRecord,
     PresubscriptionRecord,
     RegistrationRecord,
@@ -45,6 +46,7 @@ class MemoryStore:
         self.presubscriptions: dict[str, list[PresubscriptionRecord]] = {}  # owner ->
         self.channels: dict[str, ChannelRecord] = {}  # owner ->
         self.api_keys: dict[str, ApiKeyRecord] = {}  # key ->
+        self.credentials: dict[str, CredentialRecord] = {}  # endpoint ->
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq -> (put order)
         self.event_bytes: dict[str, int] = {}  # owner -> bytes of its events' items
         self.next_mids: dict[str, int] = {}  # endpoint -> the first Message ID not reserved
@@ -78,6 +80,7 @@ class MemoryStore:
                 (a for a in self.answers.values() if a.forget_at > self.clock()),
                 key=lambda a: (a.finished_at, a.seq),
             ),
+            credentials=[self.credentials[e] for e in sorted(self.credentials)],
         )
 
     def put_registration(self, record: RegistrationRecord) -> None:
@@ -146,6 +149,14 @@ class MemoryStore:
     def delete_api_key(self, key: str) -> None:
         self.writes += 1
         self.api_keys.pop(key, None)
+
+    def put_credential(self, record: CredentialRecord) -> None:
+        self.writes += 1
+        self.credentials[record.endpoint] = record
+
+    def delete_credential(self, endpoint: str) -> None:
+        self.writes += 1
+        self.credentials.pop(endpoint, None)
 
     def put_event(self, record: EventRecord) -> None:
         self.writes += 1

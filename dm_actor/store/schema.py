@@ -141,8 +141,20 @@ CREATE TABLE answers (
 CREATE INDEX answers_by_end ON answers (forget_at);
 """
 
+#: Version 7: devices' DTLS PSK credentials (issue 15); an identity belongs to one endpoint.
+#: The key is kept in plain text: the file is the daemon user's only (mode 0600, in a 0700
+#: data directory).
+V7 = """
+CREATE TABLE credentials (
+    endpoint TEXT PRIMARY KEY,
+    psk_identity TEXT NOT NULL UNIQUE,
+    psk_key BLOB NOT NULL,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2, V3, V4, V5, V6)
+MIGRATIONS = (V1, V2, V3, V4, V5, V6, V7)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)

@@ -61,6 +61,7 @@ from dm_actor.store.base import (
     ApiKeyRecord,
     ChannelRecord,
     CommandRecord,
+    CredentialRecord,
     EventRecord,
     PresubscriptionRecord,
     RegistrationRecord,
@@ -139,6 +140,7 @@ class _Batch:
         "cmd_index",
         "cmds",
         "count",
+        "credentials",
         "event_deletes",
         "event_wipes",
         "events",
@@ -163,6 +165,7 @@ class _Batch:
         self.presubscriptions: dict[str, Sequence[PresubscriptionRecord]] = {}
         self.channels: dict[str, ChannelRecord | None] = {}
         self.api_keys: dict[str, ApiKeyRecord | None] = {}
+        self.credentials: dict[str, CredentialRecord | None] = {}  # endpoint -> (None: delete)
         self.event_wipes: set[str] = set()  # owners whose events go (not AsyncIDResponses)
         self.event_deletes: dict[str, set[int]] = {}  # owner -> seqs to forget, before the puts
         self.events: dict[str, dict[int, EventRecord]] = {}  # owner -> seq ->
@@ -286,6 +289,13 @@ class SqliteStore:
                     )
                 ],
                 next_mids=dict(db.execute("SELECT endpoint, mid FROM next_mids")),
+                credentials=[
+                    CredentialRecord(*r)
+                    for r in db.execute(
+                        "SELECT endpoint, psk_identity, psk_key, created_at FROM credentials "
+                        "ORDER BY endpoint"
+                    )
+                ],
                 answers=[
                     AnswerRecord(*r)
                     for r in db.execute(
@@ -374,6 +384,12 @@ class SqliteStore:
 
     def delete_api_key(self, key: str) -> None:
         self._filling().api_keys[key] = None
+
+    def put_credential(self, record: CredentialRecord) -> None:
+        self._filling().credentials[record.endpoint] = record
+
+    def delete_credential(self, endpoint: str) -> None:
+        self._filling().credentials[endpoint] = None
 
     def put_event(self, record: EventRecord) -> None:
         """Keep an event until delivered, expired, or pushed out by the owner's byte cap.
@@ -633,6 +649,15 @@ class SqliteStore:
                     "INSERT OR REPLACE INTO api_keys VALUES (?, ?, ?)",
                     (key, api_key.owner, api_key.created_at),
                 )
+        if b.credentials:  # every row of these endpoints goes first: an identity moved
+            # from one endpoint to another within the batch is unique again at the inserts
+            db.executemany(
+                "DELETE FROM credentials WHERE endpoint = ?", [(e,) for e in b.credentials]
+            )
+            db.executemany(
+                "INSERT INTO credentials VALUES (?, ?, ?, ?)",
+                [msgspec.structs.astuple(c) for c in b.credentials.values() if c is not None],
+            )
 
     def _write_answers(self, db: sqlite3.Connection, b: _Batch) -> None:
         db.executemany(
