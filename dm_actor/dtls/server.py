@@ -189,7 +189,8 @@ class DtlsServer:
         self._by_cid: dict[bytes, Session] = {}
         self._handshakes: dict[Address, _Handshake] = {}
         self._per_host: dict[str, int] = {}
-        self._timers: list[tuple[float, int, _Handshake]] = []
+        #: (when, order, address): a stale entry (handshake gone or re-armed) is skipped.
+        self._timers: list[tuple[float, int, Address]] = []
         self._timer_order = itertools.count()
         self._hvr = self._completed = self._failed = self._refused = 0
         self._dropped = self._retransmissions = 0
@@ -237,8 +238,9 @@ class DtlsServer:
         deadline), or None."""
         timers = self._timers
         while timers:
-            when, _, hs = timers[0]
-            if self._handshakes.get(hs.address) is hs and hs.timer_at == when:
+            when, _, address = timers[0]
+            hs = self._handshakes.get(address)
+            if hs is not None and hs.timer_at == when:
                 return when
             heappop(timers)
         return None
@@ -249,8 +251,9 @@ class DtlsServer:
         events: list[Event] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
-            when, _, hs = heappop(timers)
-            if self._handshakes.get(hs.address) is not hs or hs.timer_at != when:
+            when, _, address = heappop(timers)
+            hs = self._handshakes.get(address)
+            if hs is None or hs.timer_at != when:
                 continue
             if now >= hs.deadline:
                 self._drop_handshake(hs)
@@ -643,7 +646,7 @@ class DtlsServer:
 
     def _arm(self, hs: _Handshake, when: float) -> None:
         hs.timer_at = when
-        heappush(self._timers, (when, next(self._timer_order), hs))
+        heappush(self._timers, (when, next(self._timer_order), hs.address))
 
     def _drop_handshake(self, hs: _Handshake) -> None:
         if self._handshakes.get(hs.address) is hs:
