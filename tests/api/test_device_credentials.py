@@ -7,6 +7,7 @@ import logging
 from typing import TYPE_CHECKING
 
 import trio
+import trio.testing
 
 from dm_actor.api.auth import ApiKeys
 from dm_actor.coap.numbers import Code
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     import pytest
-    import trio.testing
 
 ADMIN = "adm_test_credentials_0123456789"
 KEYS = ApiKeys([KEY_A], admin_keys=[ADMIN])
@@ -189,3 +189,30 @@ async def test_the_answer_waits_for_the_store(
     again = SqliteStore(tmp_path / "store.sqlite3")
     assert again.load().credentials == []
     again.close()
+
+
+async def test_a_command_in_flight_gets_its_async_response_when_credentials_end_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery, keys=KEYS)
+    await online(api, nursery, ep="dev-1", answer=False)  # it never answers our requests
+    async with api.client(KEY_A) as app:
+        assert (await app.request("GET", "/v2/notification/pull")).status == 204
+        reply = await app.request(
+            "POST",
+            "/v2/device-requests/dev-1?async-id=c-1",
+            json={"method": "GET", "uri": "/3/0/1"},
+        )
+        assert reply.status == 202
+        await trio.sleep(0.5)  # sent, not answered: in flight
+        async with api.client(ADMIN) as admin:
+            body = {"psk_identity": "id-1", "psk_key": HEX}
+            assert (await admin.request("PUT", f"{PATH}/dev-1", json=body)).status == 201
+        events: dict[str, list[object]] = {}
+        while "async-responses" not in events or "de-registrations" not in events:
+            for kind, items in (await pull(app)).items():
+                events.setdefault(kind, []).extend(items)
+        [response] = events["async-responses"]
+        # (rule 8.2: the registration ended as by a De-register)
+        assert response == {"id": "c-1", "status": 429, "error": "DEVICE_REMOVED_REGISTRATION"}
+        assert events["de-registrations"] == ["dev-1"]
