@@ -25,7 +25,9 @@ from dm_actor.actors.supervisor import Supervisor
 from dm_actor.api import ApiKeys, HttpOptions, load_api_keys
 from dm_actor.api.auth import KEY_FILE
 from dm_actor.api.server import HttpServer
+from dm_actor.dtls import DtlsServer
 from dm_actor.store.sqlite import SqliteStore
+from dm_actor.transport.dtls import DtlsTransport
 from dm_actor.transport.tcp import TcpListener, default_max_connections
 from dm_actor.transport.udp import UdpEndpoint
 
@@ -70,13 +72,29 @@ class Listening:
     """Where `serve` listens (the ports are the real ones when the settings asked for 0),
     and the running supervisor (for embedding and tests)."""
 
-    coap_udp: Address
-    coap_tcp: Address
+    plain_udp: Address | None  # None: plain CoAP is off (`[security] plain_coap`)
+    plain_tcp: Address | None
     supervisor: Supervisor
     http: Address | None = None
     api_keys: ApiKeys | None = None
     udp: UdpEndpoint | None = None  # for its statistics
     tcp: TcpListener | None = None
+    coaps: Address | None = None  # the coaps:// (DTLS) socket
+    dtls: DtlsTransport | None = None
+
+    @property
+    def coap_udp(self) -> Address:
+        """The plain CoAP UDP socket's address (raises when plain CoAP is off)."""
+        if self.plain_udp is None:
+            raise RuntimeError("plain CoAP is off ([security] plain_coap = false)")
+        return self.plain_udp
+
+    @property
+    def coap_tcp(self) -> Address:
+        """The CoAP-over-TCP listener's address (raises when plain CoAP is off)."""
+        if self.plain_tcp is None:
+            raise RuntimeError("plain CoAP is off ([security] plain_coap = false)")
+        return self.plain_tcp
 
 
 async def freeze_long_lived(interval: float) -> None:
@@ -197,14 +215,37 @@ async def serve(
             max_connections=tcp_cap,
             handshake_timeout=settings.tcp.handshake_timeout,
         )
+        sec = settings.security
+        dtls = DtlsTransport(
+            DtlsServer(
+                sup.credentials.psk,
+                connection_id=sec.connection_id,
+                max_handshakes=sec.max_handshakes,
+                max_handshakes_per_host=sec.max_handshakes_per_host,
+                handshake_timeout=sec.handshake_timeout,
+            ),
+            sup.on_datagram,
+            sup.on_unreachable,
+            lambda addr, why: sup.registrar.refusals.refuse(None, None, addr, None, "alert", why),
+        )
+        coaps = UdpEndpoint(host, settings.coaps_port(), dtls.on_datagram, dtls.on_unreachable)
         async with trio.open_nursery() as nursery:
             if sqlite is not None:
                 await nursery.start(sqlite.run)
-            async with _starting(f"cannot listen on udp://{host}:{port} (CoAP)"):
-                udp_addr = await nursery.start(udp.run)
-            sup.attach_udp(udp.send)
-            async with _starting(f"cannot listen on tcp://{host}:{port} (CoAP over TCP)"):
-                tcp_addr = await nursery.start(tcp.run)
+            udp_addr = tcp_addr = None
+            if settings.security.plain_coap:
+                async with _starting(f"cannot listen on udp://{host}:{port} (CoAP)"):
+                    udp_addr = await nursery.start(udp.run)
+                sup.attach_udp(udp.send)
+                async with _starting(f"cannot listen on tcp://{host}:{port} (CoAP over TCP)"):
+                    tcp_addr = await nursery.start(tcp.run)
+            coaps_port = settings.coaps_port()
+            async with _starting(f"cannot listen on udp://{host}:{coaps_port} (CoAP over DTLS)"):
+                coaps_addr = await nursery.start(coaps.run)
+            dtls.attach(coaps.send)
+            sup.attach_dtls(dtls.send, dtls.identity_of)
+            sup.provisioning.revoked.append(dtls.revoked)
+            nursery.start_soon(dtls.run_timer)
             await nursery.start(sup.run)
             if snapshot is not None:
                 sup.restore(snapshot)
@@ -239,10 +280,26 @@ async def serve(
                         api_keys.generated,
                         settings.server.data_dir,
                     )
-            log.info("CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2])
-            log.info("CoAP/TCP: at most %d connections (descriptor limit %d)", tcp_cap, nofile)
+            if udp_addr is not None and tcp_addr is not None:
+                log.info(
+                    "CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2]
+                )
+                log.info("CoAP/TCP: at most %d connections (descriptor limit %d)", tcp_cap, nofile)
+            else:
+                log.info("plain CoAP is off: devices register over DTLS only")
+            log.info("CoAP over DTLS listening on coaps://%s:%d", *coaps_addr[:2])
             task_status.started(
-                Listening(udp_addr, tcp_addr, sup, http_addr, api_keys, udp=udp, tcp=tcp)
+                Listening(
+                    udp_addr,
+                    tcp_addr,
+                    sup,
+                    http_addr,
+                    api_keys,
+                    udp=udp,
+                    tcp=tcp,
+                    coaps=coaps_addr,
+                    dtls=dtls,
+                )
             )
             if shutdown_trigger is not None:
                 await shutdown_trigger()

@@ -139,6 +139,23 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
         )
 
 
+class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """CoAP over DTLS 1.2 with pre-shared keys (docs/operations.md, "Device security")."""
+
+    # the coaps:// UDP port (0: pick a free one); devices with credentials use it. Not
+    # set: the CoAP port + 1 (5684 beside 5683), or 0 when the CoAP port is 0
+    coaps_port: Port | None = None
+    # serve coap:// (UDP and TCP) too: devices without credentials register there
+    plain_coap: bool = True
+    # offer RFC 9146 Connection IDs: a device keeps its session when its address changes
+    connection_id: bool = True
+    # half-open DTLS handshakes at once, in total and per source address
+    max_handshakes: Annotated[int, msgspec.Meta(ge=1)] = 1024
+    max_handshakes_per_host: Annotated[int, msgspec.Meta(ge=1)] = 8
+    # a handshake must complete within this after its verified ClientHello
+    handshake_timeout: Seconds = 60.0
+
+
 def parse_settings(text: str, where: str = "settings") -> Settings:
     """Settings from TOML text (tests and embedders; files go through `load_settings`).
 
@@ -147,6 +164,15 @@ def parse_settings(text: str, where: str = "settings") -> Settings:
     """
     try:
         raw = tomllib.loads(text)
+    security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+
+    def coaps_port(self) -> int:
+        """The coaps:// port: `[security] coaps_port`, else the CoAP port + 1 (0 for 0)."""
+        port = self.security.coaps_port
+        if port is not None:
+            return port
+        coap = self.server.coap_port
+        return coap + 1 if 0 < coap < 65535 else 0
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
     try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from dm_actor.address import SESSION_HOST
 from dm_actor.delivery.queue import Command
 from dm_actor.lwm2m.link_format import (
     RegisteredObjects,
@@ -63,8 +64,12 @@ def links_text(objects: RegisteredObjects) -> str:
 
 
 def address_text(addr: tuple[Any, ...] | None) -> str | None:
-    """A UDP address as the store keeps it (JSON `[host, port, ...]`); None stays None."""
-    return None if addr is None else _encode(addr).decode()
+    """A UDP address as the store keeps it (JSON `[host, port, ...]`); None stays None, and
+    so does a DTLS session's address: the session does not survive a restart (the device
+    is reached again when it comes back with a new handshake)."""
+    if addr is None or addr[0] == SESSION_HOST:
+        return None
+    return _encode(addr).decode()
 
 
 def address_from_text(text: str | None) -> tuple[Any, ...] | None:

@@ -166,10 +166,10 @@ class Registrar:
         now: float,
         *,
         via: DeviceActor | None,
-        identity: str | None = None,
     ) -> reg_iface.Response:
-        """`identity`: the PSK identity of the DTLS session it came over (None: plain CoAP)."""
         registry = self.registry
+        # the PSK identity of the DTLS session it came over (None: plain CoAP)
+        identity = None if addr is None else registry.identity_of(addr)
         r = registry.settings.registration
         parsed = reg_iface.parse_register(request, r.default_lifetime, r.max_lifetime, r.max_links)
         if isinstance(parsed, RegistrationError):
@@ -248,8 +248,7 @@ class Registrar:
             return Code.BAD_REQUEST, ()
         if parsed.reg_id != actor.reg.reg_id:
             return Code.NOT_FOUND, ()
-        # (plain CoAP: the DTLS session's identity is not wired into Updates yet)
-        if (refusal := self.identity_refusal(actor.endpoint, None)) is not None:
+        if (refusal := self.session_refusal(actor, actor.addr)) is not None:
             return refusal
         if registry.store_behind():  # its 2.04 would promise what the store cannot keep now
             registry.statistics["registrations_shed"] += 1
@@ -275,6 +274,14 @@ class Registrar:
 
     def identity_refusal(self, endpoint: str, identity: str | None) -> reg_iface.Response | None:
         """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
+    def session_refusal(
+        self, actor: DeviceActor, addr: Address | None
+    ) -> reg_iface.Response | None:
+        """`identity_refusal` for a request of `actor`'s that came from `addr` (a session
+        address over DTLS; None over TCP)."""
+        identity = None if addr is None else self.registry.identity_of(addr)
+        return self.identity_refusal(actor.endpoint, identity)
+
         may not register or update over this transport (`identity` None: plain CoAP)."""
         refusal = admit(self.credentials, endpoint, identity)
         if refusal is None:

@@ -21,6 +21,7 @@ from sortedcontainers import SortedList
 
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import command_record
+from dm_actor.address import SESSION_HOST
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
 from dm_actor.delivery.queue import DeliveryPolicy
@@ -45,6 +46,11 @@ log = logging.getLogger(__name__)
 
 def _frame_limit(conn: object) -> int:
     """The largest frame a TCP connection takes: its peer's CSM Max-Message-Size (the
+def _plain(addr: Address) -> str | None:
+    """No DTLS: every address is plain CoAP's."""
+    return None
+
+
     transport's `TcpConnection.max_message_size`; RFC 8323's base 1152 before a CSM)."""
     limit = getattr(conn, "max_message_size", BASE_MAX_MESSAGE_SIZE)
     return limit if isinstance(limit, int) else BASE_MAX_MESSAGE_SIZE
@@ -92,6 +98,10 @@ class Registry:
             new_endpoint=self._machine_endpoint,
             resend_window=self.resend_window,
             registration_grace=self.registration_grace,
+        self._dtls_send: Callable[[bytes, Address], None] | None = None
+        #: the PSK identity of a DTLS session's address (`address.session_address`), None
+        #: for plain CoAP (set by `attach_dtls`)
+        self.identity_of: Callable[[Address], str | None] = _plain
             frame_limit=_frame_limit,
             retry_after=settings.registration.retry_after,
         )
@@ -129,7 +139,17 @@ class Registry:
         return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start)
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
-        if self._udp_send is not None:
+    def attach_dtls(
+        self,
+        send: Callable[[bytes, Address], None],
+        identity_of: Callable[[Address], str | None],
+    ) -> None:
+        """Datagrams to session addresses go out through `send` (the DTLS transport's)."""
+        self._dtls_send = send
+        self.identity_of = identity_of
+
+        send = self._dtls_send if addr[0] == SESSION_HOST else self._udp_send
+        if send is not None:
             try:
                 self._udp_send(data, addr)
             except trio.ClosedResourceError:

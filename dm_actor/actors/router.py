@@ -215,6 +215,12 @@ class Router:
             # rule 0: the registration id it names is the device's proof of identity
             actor = registry.by_reg_id.get(msg.uri_path[1])
             if actor is not None:
+                refusal = registrar.session_refusal(actor, addr)
+                if refusal is not None:  # (a device with credentials: only on its session)
+                    registrar.reply_direct(msg, addr, conn, refusal[0], (), cache=False)
+                    why = "its endpoint has credentials: only its DTLS session may"
+                    registrar.refusals.refuse(None, msg, addr, conn, refusal[0], why)
+                    return
                 registrar.bind(actor, addr, conn)
                 registry.tell(actor, msg if data is None else data)
                 return

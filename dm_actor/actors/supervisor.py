@@ -105,6 +105,7 @@ class Supervisor:
         self.by_conn = registry.by_conn
         self.now = registry.now
         self.attach_udp = registry.attach_udp
+        self.attach_dtls = registry.attach_dtls
         self.new_coap_endpoint = registry.new_coap_endpoint
         self.send_datagram = registry.send_datagram
         self.send_frame = registry.send_frame
