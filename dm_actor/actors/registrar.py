@@ -272,8 +272,6 @@ class Registrar:
         actor.end(now, expired=False)
         return reg_iface.deleted()
 
-    def identity_refusal(self, endpoint: str, identity: str | None) -> reg_iface.Response | None:
-        """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
     def session_refusal(
         self, actor: DeviceActor, addr: Address | None
     ) -> reg_iface.Response | None:
@@ -282,6 +280,8 @@ class Registrar:
         identity = None if addr is None else self.registry.identity_of(addr)
         return self.identity_refusal(actor.endpoint, identity)
 
+    def identity_refusal(self, endpoint: str, identity: str | None) -> reg_iface.Response | None:
+        """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
         may not register or update over this transport (`identity` None: plain CoAP)."""
         refusal = admit(self.credentials, endpoint, identity)
         if refusal is None:
