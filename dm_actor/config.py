@@ -120,25 +120,6 @@ class TcpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     handshake_timeout: Seconds = 10.0
 
 
-class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    """Every setting of the server, one section per TOML table."""
-
-    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
-    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
-    registration: RegistrationSettings = msgspec.field(default_factory=RegistrationSettings)
-    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
-    tcp: TcpSettings = msgspec.field(default_factory=TcpSettings)
-
-    def transmission_parameters(self) -> TransmissionParameters:
-        """The CoAP transmission parameters that `[delivery]` sets (RFC 7252 4.8)."""
-        d = self.delivery
-        return TransmissionParameters(
-            ack_timeout=d.ack_timeout,
-            ack_random_factor=d.ack_random_factor,
-            max_retransmit=d.max_retransmit,
-        )
-
-
 class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """CoAP over DTLS 1.2 with pre-shared keys (docs/operations.md, "Device security")."""
 
@@ -156,14 +137,14 @@ class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     handshake_timeout: Seconds = 60.0
 
 
-def parse_settings(text: str, where: str = "settings") -> Settings:
-    """Settings from TOML text (tests and embedders; files go through `load_settings`).
+class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """Every setting of the server, one section per TOML table."""
 
-    Raises:
-        ConfigError: not TOML, an unknown key, or a value of the wrong type or range.
-    """
-    try:
-        raw = tomllib.loads(text)
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    delivery: DeliverySettings = msgspec.field(default_factory=DeliverySettings)
+    registration: RegistrationSettings = msgspec.field(default_factory=RegistrationSettings)
+    api: ApiSettings = msgspec.field(default_factory=ApiSettings)
+    tcp: TcpSettings = msgspec.field(default_factory=TcpSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
 
     def coaps_port(self) -> int:
@@ -173,6 +154,25 @@ def parse_settings(text: str, where: str = "settings") -> Settings:
             return port
         coap = self.server.coap_port
         return coap + 1 if 0 < coap < 65535 else 0
+
+    def transmission_parameters(self) -> TransmissionParameters:
+        """The CoAP transmission parameters that `[delivery]` sets (RFC 7252 4.8)."""
+        d = self.delivery
+        return TransmissionParameters(
+            ack_timeout=d.ack_timeout,
+            ack_random_factor=d.ack_random_factor,
+            max_retransmit=d.max_retransmit,
+        )
+
+
+def parse_settings(text: str, where: str = "settings") -> Settings:
+    """Settings from TOML text (tests and embedders; files go through `load_settings`).
+
+    Raises:
+        ConfigError: not TOML, an unknown key, or a value of the wrong type or range.
+    """
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{where}: not valid TOML ({exc})") from None
     try:

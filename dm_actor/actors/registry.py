@@ -20,8 +20,8 @@ import trio
 from sortedcontainers import SortedList
 
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
-from dm_actor.actors.persist import command_record
 from dm_actor.address import SESSION_HOST
+from dm_actor.actors.persist import command_record
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
 from dm_actor.delivery.queue import DeliveryPolicy
@@ -44,13 +44,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _frame_limit(conn: object) -> int:
-    """The largest frame a TCP connection takes: its peer's CSM Max-Message-Size (the
 def _plain(addr: Address) -> str | None:
     """No DTLS: every address is plain CoAP's."""
     return None
 
 
+def _frame_limit(conn: object) -> int:
+    """The largest frame a TCP connection takes: its peer's CSM Max-Message-Size (the
     transport's `TcpConnection.max_message_size`; RFC 8323's base 1152 before a CSM)."""
     limit = getattr(conn, "max_message_size", BASE_MAX_MESSAGE_SIZE)
     return limit if isinstance(limit, int) else BASE_MAX_MESSAGE_SIZE
@@ -93,15 +93,15 @@ class Registry:
         self.nursery: trio.Nursery | None = None  # the actors' (set by `Supervisor.run`)
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._udp_send: Callable[[bytes, Address], None] | None = None
+        self._dtls_send: Callable[[bytes, Address], None] | None = None
+        #: the PSK identity of a DTLS session's address (`address.session_address`), None
+        #: for plain CoAP (set by `attach_dtls`)
+        self.identity_of: Callable[[Address], str | None] = _plain
         # what every device machine shares
         self.machine_config = MachineConfig(
             new_endpoint=self._machine_endpoint,
             resend_window=self.resend_window,
             registration_grace=self.registration_grace,
-        self._dtls_send: Callable[[bytes, Address], None] | None = None
-        #: the PSK identity of a DTLS session's address (`address.session_address`), None
-        #: for plain CoAP (set by `attach_dtls`)
-        self.identity_of: Callable[[Address], str | None] = _plain
             frame_limit=_frame_limit,
             retry_after=settings.registration.retry_after,
         )
@@ -124,6 +124,15 @@ class Registry:
     def attach_udp(self, send: Callable[[bytes, Address], None]) -> None:
         self._udp_send = send
 
+    def attach_dtls(
+        self,
+        send: Callable[[bytes, Address], None],
+        identity_of: Callable[[Address], str | None],
+    ) -> None:
+        """Datagrams to session addresses go out through `send` (the DTLS transport's)."""
+        self._dtls_send = send
+        self.identity_of = identity_of
+
     def new_coap_endpoint(self, *, reliable: bool, mid_start: int | None = None) -> CoapEndpoint:
         seed = secrets.randbits(32)
         return CoapEndpoint(
@@ -139,19 +148,10 @@ class Registry:
         return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start)
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
-    def attach_dtls(
-        self,
-        send: Callable[[bytes, Address], None],
-        identity_of: Callable[[Address], str | None],
-    ) -> None:
-        """Datagrams to session addresses go out through `send` (the DTLS transport's)."""
-        self._dtls_send = send
-        self.identity_of = identity_of
-
         send = self._dtls_send if addr[0] == SESSION_HOST else self._udp_send
         if send is not None:
             try:
-                self._udp_send(data, addr)
+                send(data, addr)
             except trio.ClosedResourceError:
                 log.debug("UDP endpoint closed: a datagram to %s is dropped (shutdown)", addr)
 
