@@ -20,8 +20,8 @@ import trio
 from sortedcontainers import SortedList
 
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
-from dm_actor.address import SESSION_HOST
 from dm_actor.actors.persist import command_record
+from dm_actor.address import SESSION_HOST
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
 from dm_actor.delivery.queue import DeliveryPolicy
