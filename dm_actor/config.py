@@ -65,6 +65,8 @@ class DeliverySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     default_retry_queue_mode: NonNegative = 2
     default_expiry: NonNegative = 7200
     default_expiry_queue_mode: NonNegative = 259200
+    # finished commands' AsyncIDResponses remembered per application for repeats (rule 1.7)
+    remembered_async_ids: NonNegative = 10_000
 
 
 class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -251,6 +251,7 @@ class Supervisor:
                 )  # the old observations are gone
         owed = self.owed_events
         commands = self.commands
+        commands.restore(snapshot)  # the async-ids it knows (rule 1.7)
         for event in snapshot.events:  # events owed to a channel: owed again
             item = msgspec.json.decode(event.item)
             kind = cast("Kind", event.kind)  # (the store keeps the kind it was given)

@@ -28,7 +28,7 @@ class DeliveryPolicy:
     queue_length: int = 20
     awake_time: float = 93.0
     resend_grace: float = 120.0
-    recent_limit: int = 32  # finished commands remembered per device for rule 1.7
+    recent_limit: int = 32  # finished commands kept per device for `find` (inspection)
 
 
 @dataclass(kw_only=True, slots=True, eq=False)
@@ -153,7 +153,8 @@ class DeviceQueue:
         return len(self.queue) + (self.in_flight is not None)
 
     def find(self, async_id: str) -> Command | None:
-        """An unfinished or recently finished command with this async-id."""
+        """An unfinished or recently finished command with this async-id (for inspection: a
+        finished command's async-id is the application's `AnswerMemory`'s, rule 1.7)."""
         if self.in_flight is not None and self.in_flight.async_id == async_id:
             return self.in_flight
         for cmd in self.queue:
@@ -162,12 +163,11 @@ class DeviceQueue:
         return None if self._recent is None else self._recent.get(async_id)
 
     def submit(self, cmd: Command, now: float) -> Verdict:
-        """Accept a command at the tail of the queue, or say why not (rules 1.5-1.7)."""
+        """Accept a command at the tail of the queue, or say why not (rules 1.5-1.7: the
+        same async-id as an unfinished command is its repeat, or 409; a finished command's
+        repeat is answered before it reaches the queue, `dm_actor.delivery.answers`)."""
         previous = self.find(cmd.async_id)
-        if previous is not None and (
-            previous.finished_at is None
-            or now - previous.finished_at < previous.expires_at - previous.accepted_at
-        ):
+        if previous is not None and previous.finished_at is None:
             return Verdict.DUPLICATE if previous.same_request(cmd) else Verdict.ASYNC_ID_IN_USE
         if len(self) >= self.policy.queue_length:
             return Verdict.QUEUE_IS_FULL

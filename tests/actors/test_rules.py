@@ -155,12 +155,16 @@ async def test_rule_1_7_another_applications_async_id_is_not_a_repeat(
         409, "ASYNC_ID_IN_USE"
     )
     await trio.sleep(5)
-    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="B") == Rejected(
-        409, "ASYNC_ID_IN_USE"
-    )
+    # A's command finished: async-ids are unique per application, so B's r1 is B's own
+    assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="B") == Accepted()
     assert await submit("dev", "GET", "/3/0/1", async_id="r1", owner="A") == Accepted(
         duplicate=True
     )
+    await trio.sleep(5)
+    assert [owners for _kind, _item, owners, _seq in server.sup.events.take()] == [
+        frozenset("A"),
+        frozenset("B"),
+    ]
 
 
 # -- 2. One command at a time ---------------------------------------------------------------

@@ -1,11 +1,11 @@
 """Attacks on the promise "every 202 ends in exactly one AsyncIDResponse the application
 receives" (docs/delivery.md 1.6, 1.7 and 12) and on the HTTP side of the notification channels.
 
-Each test is a finding's reproducer (notes: /work/notes/attack-durability.md, F1-F10; F2's
-32-command bound and F3 are documented limitations now, delivery.md 1.7, not tested); those
-still open are `xfail(strict=True)` (only F2 at 4cdef53), so a fix makes them fail until
-the mark goes; the others are regression tests, with HTTP edge cases and a De-register race
-that held. All run in virtual time over real loopback sockets (the
+Each test is a finding's reproducer (notes: /work/notes/attack-durability.md, F1-F10; F3
+is a documented limitation, not tested); one still open would be `xfail(strict=True)`, so a
+fix makes it fail until the mark goes (F2, the last, is fixed: finished commands' answers are
+stored, delivery.md 1.7); the others are regression tests, with HTTP edge cases and a
+De-register race that held. All run in virtual time over real loopback sockets (the
 restart tests on a real SQLite file), a few seconds in all.
 """
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import pytest
 import trio
 import trio.testing
 
@@ -101,18 +100,12 @@ async def test_another_applications_async_id_does_not_swallow_a_202(
             assert [r["id"] for r in await drain(b)] == ["r1"]  # ... and gets none
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="F2: finished async-ids are remembered in memory only (DeviceQueue._recent; "
-    "delivery.md 1.7 now says so): a retry after a restart, the case a lost 202 makes, is "
-    "executed again and answered twice",
-)
 async def test_a_retry_after_a_restart_is_not_executed_again(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
     """Rule 1.7: the application retries a POST whose answer it lost (the server restarted);
-    the write was done and answered: 202 again, and nothing new (no second execution, no
-    second AsyncIDResponse)."""
+    the write was done and answered: 202 again, no second execution, and the same
+    AsyncIDResponse again for this acceptance (F2, fixed: the answers are stored)."""
     autojump_clock.autojump_threshold = 0.05  # SQLite commits run in a worker thread
     [port] = free_ports(1)
     scope, first = await run_daemon(nursery, tmp_path, autojump_clock, port)
@@ -124,7 +117,8 @@ async def test_a_retry_after_a_restart_is_not_executed_again(
         assert (await client.request("GET", "/v2/notification/pull")).status == 204
         reply = await client.request("POST", "/v2/device-requests/dev?async-id=w1", json=WRITE)
         assert reply.status == 202
-        assert [r["id"] for r in await drain(client)] == ["w1"]
+        [answered] = await drain(client)
+        assert answered["id"] == "w1"
     scope.cancel()
     await trio.sleep(1)
     executed = len(dev.executed)
@@ -135,7 +129,7 @@ async def test_a_retry_after_a_restart_is_not_executed_again(
         again = await drain(client)
     scope.cancel()
     assert reply.status == 202
-    assert (again, len(dev.executed)) == ([], executed)
+    assert (again, len(dev.executed)) == ([answered], executed)
 
 
 async def test_switching_from_a_failing_webhook_to_long_poll_keeps_the_async_responses(
