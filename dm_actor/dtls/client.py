@@ -205,6 +205,10 @@ class DtlsClient:
             if record.type == ContentType.HANDSHAKE and state in (_WAIT_HELLO, _WAIT_DONE):
                 for fragment in split_fragments(record.fragment):
                     self._fragment(fragment, now, events)
+            elif record.type == ContentType.HANDSHAKE and state in (_WAIT_CCS, _WAIT_FINISHED):
+                # The server repeats its flight: ours was lost (RFC 6347 §4.2.4); once per datagram.
+                if not any(isinstance(e, DatagramToSend) for e in events):
+                    events.append(DatagramToSend(self.server, self._flight_datagram()))
             elif record.type == ContentType.CHANGE_CIPHER_SPEC and state == _WAIT_CCS:
                 self._state = _WAIT_FINISHED
             elif record.type == ContentType.ALERT and state != _CLOSED:

@@ -162,6 +162,22 @@ def test_lost_final_flight_is_resent_when_the_client_repeats_its_flight() -> Non
     assert client.session is not None and client.get_timer() is None
 
 
+def test_client_repeats_its_flight_when_the_server_repeats_its_own() -> None:
+    server = make_server()
+    client = DtlsClient(SERVER, IDENTITY, KEY)
+    hello = datagrams(client.connect(0.0))[0]
+    hello2 = datagrams(client.receive(datagrams(server.receive(hello, CLIENT, 0.0))[0], 0.0))[0]
+    flight4 = datagrams(server.receive(hello2, CLIENT, 0.0))[0]
+    (flight5,) = datagrams(client.receive(flight4, 0.0))
+    # flight5 is lost; the server's timer repeats flight 4, and the client answers with flight 5.
+    (repeat4,) = datagrams(server.handle_timer(1.0))
+    (repeat5,) = datagrams(client.receive(repeat4, 1.0))
+    assert contents(repeat5)[:2] == contents(flight5)[:2] and repeat5 != flight5
+    events = server.receive(repeat5, CLIENT, 1.0)
+    assert established(events)
+    assert established(client.receive(datagrams(events)[0], 1.0))
+
+
 def test_client_retransmits_its_hello_and_gives_up_at_the_deadline() -> None:
     client = DtlsClient(SERVER, IDENTITY, KEY, handshake_timeout=10.0)
     first = datagrams(client.connect(0.0))[0]
