@@ -24,6 +24,7 @@ from dm_actor.dtls import ApplicationData, DatagramToSend, DtlsClient, SessionCl
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from dm_actor.address import Address
 
@@ -255,3 +256,45 @@ async def test_plain_coap_can_be_switched_off(nursery: trio.Nursery) -> None:
     assert listening.coaps is not None and listening.coaps[1] != 0
     with pytest.raises(RuntimeError):
         _ = listening.coap_udp
+
+
+async def test_after_a_restart_a_dtls_device_is_found_again_when_it_comes_back(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The session does not survive the restart (the server cannot start a handshake): the
+    device's registration and its queued command do; the device shakes hands again, updates
+    its registration, and gets the command on the new session."""
+    text = f'[server]\nhost = "127.0.0.1"\ncoap_port = 0\ndata_dir = "{tmp_path}"\n'
+
+    async def start() -> tuple[trio.CancelScope, app.Listening]:
+        scope = trio.CancelScope()
+
+        async def serve(*, task_status: trio.TaskStatus[app.Listening]) -> None:
+            with scope:
+                await app.serve(parse_settings(text), http=False, task_status=task_status)
+
+        return scope, await nursery.start(serve)
+
+    scope, first = await start()
+    first.supervisor.provisioning.set("sensor-1", "id-1", KEY)
+    await first.supervisor.store.durable()
+    dev = await _device(first, "id-1")
+    assert await dev.handshake()
+    location = _location(await dev.request(dev.register("sensor-1")))
+    await first.supervisor.store.durable()
+    scope.cancel()
+    await trio.sleep(0.1)  # (the first server's tasks end)
+
+    _, second = await start()
+    sup = second.supervisor
+    assert "sensor-1" in sup.by_endpoint  # restored, without an address to send to
+    assert sup.by_endpoint["sensor-1"].addr is None
+    accepted = await sup.submit("sensor-1", "GET", "/3/0/0", async_id="after")
+    assert isinstance(accepted, Accepted)
+    assert second.coaps is not None
+    dev2 = await _device(second, "id-1")  # the same device: new handshake, its Update
+    assert await dev2.handshake()
+    await dev2.send(dev2.update(location))
+    # the Update's 2.04 (held until stored) and the command, in either order
+    got = [await dev2.receive(), await dev2.receive()]
+    assert sorted(m.code for m in got if m is not None) == [Code.GET, Code.CHANGED]
