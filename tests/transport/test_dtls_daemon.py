@@ -20,10 +20,16 @@ from dm_actor.address import is_session
 from dm_actor.coap.message import Message, decode, encode, path_options
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
 from dm_actor.config import load_settings, parse_settings
-from dm_actor.dtls import ApplicationData, DatagramToSend, DtlsClient, SessionClosed
+from dm_actor.dtls import (
+    ApplicationData,
+    DatagramToSend,
+    DtlsClient,
+    HandshakeFailed,
+    SessionClosed,
+)
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Sequence
     from pathlib import Path
 
     from dm_actor.address import Address
@@ -53,11 +59,11 @@ class SecureDevice:
                 data = await self.sock.recv(65535)
                 events = self.dtls.receive(data, trio.current_time())
                 await self._out(events)
-                if any(type(e).__name__ == "HandshakeFailed" for e in events):
+                if any(isinstance(e, HandshakeFailed) for e in events):
                     return False
         return True
 
-    async def _out(self, events: list[object]) -> None:
+    async def _out(self, events: Sequence[object]) -> None:
         for e in events:
             if isinstance(e, DatagramToSend):
                 await self.sock.sendto(e.data, self.server)
