@@ -9,8 +9,9 @@ session off the books.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import struct
 from enum import IntEnum
+from typing import NamedTuple
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM
@@ -41,9 +42,9 @@ class ContentType(IntEnum):
     TLS12_CID = 25
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One record as it came off the wire. `cid` is b"" unless `type` is TLS12_CID."""
+class Record(NamedTuple):
+    """One record as it came off the wire. `cid` is b"" unless `type` is TLS12_CID;
+    `epoch_seq` is the header's 8 raw bytes of epoch and sequence number (for the AAD)."""
 
     type: int
     version: int
@@ -51,6 +52,13 @@ class Record:
     seq: int
     cid: bytes
     fragment: bytes
+    epoch_seq: bytes
+
+
+# type, version, epoch, sequence number (high 16 bits, low 32 bits), length
+_HEADER = struct.Struct(">BHHHIH")
+# RFC 5246 §6.2.3.3: seq_num (epoch || sequence) || type || version || length
+_AAD = struct.Struct(">8sBHH")
 
 
 def split_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]:
@@ -69,24 +77,30 @@ def split_records(datagram: bytes, cid_length: int) -> tuple[list[Record], bool]
     end = len(datagram)
     bad = False
     while pos < end:
-        ctype = datagram[pos]
-        cid_len = cid_length if ctype == ContentType.TLS12_CID else 0
-        header_end = pos + HEADER_LENGTH + cid_len
-        if header_end > end:
+        if pos + HEADER_LENGTH > end:
             return records, True
-        length = int.from_bytes(datagram[header_end - 2 : header_end], "big")
+        ctype, version, epoch, seq_high, seq_low, length = _HEADER.unpack_from(datagram, pos)
+        if ctype == ContentType.TLS12_CID:
+            header_end = pos + HEADER_LENGTH + cid_length
+            if header_end > end:
+                return records, True
+            length = int.from_bytes(datagram[header_end - 2 : header_end], "big")
+            cid = datagram[pos + 11 : header_end - 2]
+        else:
+            header_end = pos + HEADER_LENGTH
+            cid = b""
         if header_end + length > end:
             return records, True
-        version = int.from_bytes(datagram[pos + 1 : pos + 3], "big")
         if version in (DTLS_1_2, DTLS_1_0) and length <= MAX_CIPHERTEXT:
             records.append(
                 Record(
-                    type=ctype,
-                    version=version,
-                    epoch=int.from_bytes(datagram[pos + 3 : pos + 5], "big"),
-                    seq=int.from_bytes(datagram[pos + 5 : pos + 11], "big"),
-                    cid=datagram[pos + 11 : pos + 11 + cid_len],
-                    fragment=datagram[header_end : header_end + length],
+                    ctype,
+                    version,
+                    epoch,
+                    (seq_high << 32) | seq_low,
+                    cid,
+                    datagram[header_end : header_end + length],
+                    datagram[pos + 3 : pos + 11],
                 )
             )
         else:
@@ -110,14 +124,18 @@ def plaintext_record(ctype: int, epoch: int, seq: int, fragment: bytes) -> bytes
 def _cid_aad(epoch_seq: bytes, cid: bytes, inner_length: int) -> bytes:
     # RFC 9146 §5 (AEAD): seq_num_placeholder || tls12_cid || cid_length || tls12_cid ||
     # version || epoch || sequence_number || cid || length_of_DTLSInnerPlaintext
-    return (
-        b"\xff" * 8
-        + bytes((ContentType.TLS12_CID, len(cid), ContentType.TLS12_CID))
-        + DTLS_1_2.to_bytes(2, "big")
-        + epoch_seq
-        + cid
-        + inner_length.to_bytes(2, "big")
+    return b"".join(
+        (
+            _CID_AAD_START,
+            bytes((len(cid), ContentType.TLS12_CID, 0xFE, 0xFD)),
+            epoch_seq,
+            cid,
+            inner_length.to_bytes(2, "big"),
+        )
     )
+
+
+_CID_AAD_START = b"\xff" * 8 + bytes((ContentType.TLS12_CID,))
 
 
 def seal(
@@ -165,17 +183,11 @@ def open_record(key: bytes, iv: bytes, record: Record) -> tuple[int, bytes]:
         raise DecodeError("protected record too short")
     explicit = fragment[:EXPLICIT_NONCE_LENGTH]
     sealed = fragment[EXPLICIT_NONCE_LENGTH:]
-    epoch_seq = record.epoch.to_bytes(2, "big") + record.seq.to_bytes(6, "big")
     inner_length = len(sealed) - TAG_LENGTH
     if record.type == ContentType.TLS12_CID:
-        aad = _cid_aad(epoch_seq, record.cid, inner_length)
+        aad = _cid_aad(record.epoch_seq, record.cid, inner_length)
     else:
-        aad = (
-            epoch_seq
-            + bytes((record.type,))
-            + record.version.to_bytes(2, "big")
-            + inner_length.to_bytes(2, "big")
-        )
+        aad = _AAD.pack(record.epoch_seq, record.type, record.version, inner_length)
     try:
         plain = AESCCM(key, tag_length=TAG_LENGTH).decrypt(iv + explicit, sealed, aad)
     except InvalidTag:
