@@ -17,9 +17,8 @@ from dm_actor.address import SESSION_HOST
 from dm_actor.delivery.queue import Command
 from dm_actor.lwm2m.link_format import (
     RegisteredObjects,
-    parse_links,
-    registered_objects,
     serialise_links,
+    shared_registered_objects,
 )
 from dm_actor.lwm2m.registration import Registration
 from dm_actor.store.base import CommandRecord, RegistrationRecord
@@ -117,7 +116,7 @@ def registration_from_record(rec: RegistrationRecord, offset: float) -> Registra
         binding=rec.binding,
         queue_mode=rec.queue_mode,
         sms=None,
-        objects=registered_objects(parse_links(rec.links)),
+        objects=shared_registered_objects(rec.links),  # (devices of one kind share it)
         registered_at=rec.registered_at - offset,
         updated_at=rec.updated_at - offset,
         endpoint_type=None if rec.endpoint_type is None else sys.intern(rec.endpoint_type),

@@ -37,6 +37,7 @@ from dm_actor.api.schemas import (
 )
 from dm_actor.api.webhook import Webhooks, parse_target
 from dm_actor.coap.numbers import content_format_for
+from dm_actor.lwm2m.resource_list import listed_resources
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -500,7 +501,8 @@ class Api:
         actor = self.sup.by_endpoint.get(seg[2])
         if actor is None:
             return text(404, "Endpoint not found")
-        return json(200, [Resource(str(p), True, "") for p in actor.reg.objects.paths()])
+        resources = listed_resources(actor.reg.objects)  # (shared by devices of one kind)
+        return json(200, [Resource(r.uri, r.obs, r.type, r.rt) for r in resources])
 
     def _devices(self, req: Request) -> Response:
         seg = [s for s in req.segments[2:] if s]  # `/v3/devices/` and `/v3/devices` alike

@@ -40,7 +40,7 @@ from dm_actor.coap.errors import DecodeError
 from dm_actor.coap.numbers import Code, ContentFormat, OptionNumber, is_request
 from dm_actor.lwm2m.content import CODECS
 from dm_actor.lwm2m.errors import LinkFormatError
-from dm_actor.lwm2m.link_format import RegisteredObjects, parse_links, registered_objects
+from dm_actor.lwm2m.link_format import RegisteredObjects, shared_registered_objects
 
 if TYPE_CHECKING:
     from dm_actor.coap.message import Message, Option
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 #: after which a 1.2 client falls back to 1.1 (see the module docstring).
 SUPPORTED_VERSIONS: tuple[str, ...] = ("1.0", "1.1")
 MAX_LIFETIME = 0xFFFFFFFF
-#: the most object links a Register or Update may carry by default (more: 4.13)
+#: the most links a Register or Update may carry by default (more: 4.13), all kinds counted
 MAX_LINKS = 512
 #: CoAP's MAX_TRANSMIT_WAIT with the default parameters (RFC 7252 4.8.2).
 MAX_TRANSMIT_WAIT = 93.0
@@ -474,10 +474,6 @@ def _queue_param(params: dict[str, str | None]) -> bool:
     return True
 
 
-#: object lists up to this many bytes are parsed once and shared by the devices that send them
-_SHARED_PAYLOAD = 1024
-
-
 def _objects(msg: Message, max_links: int = MAX_LINKS) -> RegisteredObjects:
     block1 = msg.option(_BLOCK1)
     if block1 and block1[-1] & 0x08:  # (its M bit: more blocks follow)
@@ -497,18 +493,9 @@ def _objects(msg: Message, max_links: int = MAX_LINKS) -> RegisteredObjects:
             f"{links} object links: the server takes at most {max_links}",
         )
     try:
-        if len(payload) > _SHARED_PAYLOAD:  # (a large list is not kept for sharing)
-            return registered_objects(parse_links(payload))
-        return _registered_objects(payload)
+        return shared_registered_objects(payload)  # (one value per distinct list)
     except LinkFormatError as exc:
         raise _Refusal(Code.BAD_REQUEST, f"invalid object links: {exc}") from None
-
-
-@functools.lru_cache(maxsize=256)
-def _registered_objects(payload: bytes) -> RegisteredObjects:
-    # cached: the devices of a fleet send a few distinct object lists, so their registrations
-    # share one immutable value (about 120 B per device) and most Registers skip the parse
-    return registered_objects(parse_links(payload))
 
 
 # -- responses --------------------------------------------------------------------------------

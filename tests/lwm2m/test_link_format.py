@@ -252,9 +252,11 @@ def test_alternate_path_with_trailing_slash_and_rt_list() -> None:
     assert objects.paths() == [Path(3, 0)]
 
 
-def test_links_that_are_not_objects_or_instances_are_ignored() -> None:
-    objects = registered_objects(parse_links("</3/0/1>,</x>,<3/0>,</>,</3/0/1/2>,<http://a/1>"))
-    assert objects.paths() == [Path(3, 0)]
+def test_links_that_are_not_lwm2m_paths_are_ignored() -> None:
+    objects = registered_objects(
+        parse_links("</3/0/1>,</x>,<3/0>,</>,</3/0/1/2>,<http://a/1>,</1/2/3/4/5>,</70000/0>")
+    )
+    assert objects.paths() == [Path(3, 0), Path(3, 0, 1), Path(3, 0, 1, 2)]
 
 
 def test_ver_on_an_instance_link_marks_the_object() -> None:
