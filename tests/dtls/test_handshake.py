@@ -20,17 +20,16 @@ from dm_actor.dtls import (
 )
 from dm_actor.dtls.messages import HandshakeType
 from dm_actor.dtls.record import ContentType, split_records
+from tests.dtls.mbed import MbedClient, mbed_handshake
 from tests.dtls.peers import (
     CLIENT,
     IDENTITY,
     KEY,
     SERVER,
-    MbedClient,
     app_data,
     contents,
     datagrams,
     established,
-    mbed_handshake,
     our_handshake,
 )
 

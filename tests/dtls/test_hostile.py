@@ -18,16 +18,15 @@ from dm_actor.dtls.messages import (
     handshake_message,
 )
 from dm_actor.dtls.record import ContentType, plaintext_record, seal, split_records
+from tests.dtls.mbed import MbedClient, mbed_handshake
 from tests.dtls.peers import (
     CLIENT,
     IDENTITY,
     KEY,
     SERVER,
-    MbedClient,
     app_data,
     datagrams,
     established,
-    mbed_handshake,
     our_handshake,
 )
 

@@ -83,8 +83,12 @@ def test_libcoap_client_gets_a_resource_over_dtls_psk(binary: str) -> None:
     (done,) = [e for e in events if isinstance(e, SessionEstablished)]
     assert done.session.identity == IDENTITY.encode()
     assert server.statistics().hello_verify_requests >= 1
-    assert not any(isinstance(e, SessionClosed) for e in events)  # libcoap exits without one
-    assert server.statistics().sessions == 1 and server.statistics().records_dropped == 0
+    # libcoap sends close_notify as it exits; whether it is read before the process is reaped
+    # depends on timing: if it was, it closed the session.
+    closed = [e for e in events if isinstance(e, SessionClosed)]
+    assert [e.reason for e in closed] in ([], ["close_notify"])
+    assert server.statistics().sessions == 1 - len(closed)
+    assert server.statistics().records_dropped == 0
 
 
 @pytest.mark.parametrize("binary", ["coap-client-openssl", "coap-client-gnutls"])
