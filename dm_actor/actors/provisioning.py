@@ -17,15 +17,41 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from dm_actor.credentials import Credential, Credentials
+from dm_actor.credentials import Credential, Credentials, admit
 from dm_actor.store.base import CredentialRecord, StoreError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
+    from dm_actor.actors.device import DeviceActor
     from dm_actor.actors.registry import Registry
+    from dm_actor.address import Address
+    from dm_actor.lwm2m.registration import Response
 
 log = logging.getLogger(__name__)
+
+
+class IdentityRules:
+    """The registrar's identity rules (`dm_actor.credentials.admit`), kept here: its base."""
+
+    registry: Registry
+    credentials: Credentials
+
+    def session_refusal(self, actor: DeviceActor, addr: Address | None) -> Response | None:
+        """`identity_refusal` for a request of `actor`'s that came from `addr` (a session
+        address over DTLS; None over TCP)."""
+        identity = None if addr is None else self.registry.identity_of(addr)
+        return self.identity_refusal(actor.endpoint, identity)
+
+    def identity_refusal(self, endpoint: str, identity: str | None) -> Response | None:
+        """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
+        may not register or update over this transport (`identity` None: plain CoAP)."""
+        refusal = admit(self.credentials, endpoint, identity)
+        if refusal is None:
+            return None
+        stats = self.registry.statistics
+        stats["credentials_refused"] = stats.get("credentials_refused", 0) + 1
+        return refusal.code, ()
 
 
 class Provisioning:

@@ -22,12 +22,13 @@ import trio
 
 from dm_actor.actors.device import Signal
 from dm_actor.actors.persist import registration_record
+from dm_actor.actors.provisioning import IdentityRules
 from dm_actor.actors.refusals import Refusals
 from dm_actor.actors.render import registration_item
 from dm_actor.coap import framing_tcp, message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
-from dm_actor.credentials import Credentials, admit
+from dm_actor.credentials import Credentials
 from dm_actor.delivery.queue import DeviceQueue
 from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
 from dm_actor.lwm2m.registration import Registration, RegistrationError
@@ -45,7 +46,7 @@ _CON = MessageType.CON.value
 _BLOCK1 = OptionNumber.BLOCK1.value
 
 
-class Registrar:
+class Registrar(IdentityRules):
     """Registers, updates and de-registers devices, and ends those whose lifetime passed."""
 
     def __init__(
@@ -271,24 +272,6 @@ class Registrar:
             return Code.SERVICE_UNAVAILABLE, self._retry_after()
         actor.end(now, expired=False)
         return reg_iface.deleted()
-
-    def session_refusal(
-        self, actor: DeviceActor, addr: Address | None
-    ) -> reg_iface.Response | None:
-        """`identity_refusal` for a request of `actor`'s that came from `addr` (a session
-        address over DTLS; None over TCP)."""
-        identity = None if addr is None else self.registry.identity_of(addr)
-        return self.identity_refusal(actor.endpoint, identity)
-
-    def identity_refusal(self, endpoint: str, identity: str | None) -> reg_iface.Response | None:
-        """The identity rules (`dm_actor.credentials.admit`): 4.03, counted, when `endpoint`
-        may not register or update over this transport (`identity` None: plain CoAP)."""
-        refusal = admit(self.credentials, endpoint, identity)
-        if refusal is None:
-            return None
-        stats = self.registry.statistics
-        stats["credentials_refused"] = stats.get("credentials_refused", 0) + 1
-        return refusal.code, ()
 
     # -- answers to peers without an actor --------------------------------------------------
 

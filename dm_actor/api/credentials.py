@@ -15,7 +15,7 @@ body (with `fields` for a 400).
 from __future__ import annotations
 
 import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -23,8 +23,23 @@ from dm_actor.credentials import CredentialError, IdentityTaken, validate
 
 if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
-    from dm_actor.api.routes import Request, Response
     from dm_actor.credentials import Credential
+
+#: `routes.Response` (not imported: routes imports this module)
+Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+class Request(Protocol):
+    """What this module reads of a `routes.Request`."""
+
+    method: bytes
+    segments: list[str]
+    query: dict[str, str]
+    body: bytes
+
+    @property
+    def json_refused(self) -> bool: ...
+
 
 _JSON = [(b"content-type", b"application/json")]
 _encode = msgspec.json.Encoder().encode
