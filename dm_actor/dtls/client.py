@@ -105,6 +105,7 @@ class DtlsClient:
         self._flight: list[tuple[int, bytes, bool]] = []
         self._reassembly: Reassembly | None = None
         self._pending: Session | None = None
+        self._cookie: bytes | None = None
         self._timeout = initial_retransmit
         self._timer_at: float | None = None
         self._deadline = 0.0
@@ -248,6 +249,9 @@ class DtlsClient:
             if fragment.offset or len(fragment.body) != fragment.length:
                 raise DecodeError("fragmented HelloVerifyRequest")
             cookie = parse_hello_verify_request(fragment.body)
+            if cookie == self._cookie:
+                return  # a duplicated HelloVerifyRequest: our ClientHello already carries it
+            self._cookie = cookie
             # RFC 6347 §4.2.6: the first ClientHello and the HelloVerifyRequest are not hashed.
             message = self._hello_message(cookie)
             self._transcript = hashlib.sha256(message)

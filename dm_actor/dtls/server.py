@@ -413,6 +413,10 @@ class DtlsServer:
             if fragment.message_seq < hs.recv_seq:
                 self._retransmit(hs, events)
             return
+        session = self._sessions.get(address)
+        flight = session._last_flight if session is not None else None
+        if flight is not None and flight[2] == hello.random:
+            return  # a late copy of the ClientHello that made this session
         if not self._cookie_valid(address, hello):
             self._hvr += 1
             cookie = self._cookie(self._secret, address, hello)
@@ -607,7 +611,7 @@ class DtlsServer:
         hs.transcript.update(message)
         ours = verify_data(hs.master, b"server finished", hs.transcript.digest())
         finished = handshake_message(HandshakeType.FINISHED, hs.send_seq, ours)
-        session._last_flight = (hs.epoch0_seq, finished)
+        session._last_flight = (hs.epoch0_seq, finished, hs.client_random)
         flight = _final_flight(session)
         self._drop_handshake(hs)
         replaced = self._sessions.get(hs.address)
@@ -669,8 +673,8 @@ class DtlsServer:
 def _final_flight(session: Session) -> bytes:
     """ChangeCipherSpec + our Finished, each time with new record numbers."""
     assert session._last_flight is not None
-    epoch0_seq, finished = session._last_flight
-    session._last_flight = (epoch0_seq + 1, finished)
+    epoch0_seq, finished, client_random = session._last_flight
+    session._last_flight = (epoch0_seq + 1, finished, client_random)
     return plaintext_record(ContentType.CHANGE_CIPHER_SPEC, 0, epoch0_seq, b"\x01") + session.seal(
         ContentType.HANDSHAKE, finished
     )

@@ -36,6 +36,10 @@ class Session:
         cid: the Connection ID the peer puts in its records to us (b"": none negotiated).
         peer_cid: the Connection ID we put in our records to the peer (b"": none).
         closed: set once the session has ended; `send` then raises.
+
+    Until the peer's first application data shows it has our Finished, the session keeps
+    `_last_flight` (next epoch-0 record number, our Finished, the client's random) to repeat
+    that flight and to recognise late copies of the handshake's ClientHello.
     """
 
     __slots__ = (
@@ -66,7 +70,7 @@ class Session:
         cid: bytes,
         peer_cid: bytes,
         write_seq: int,
-        last_flight: tuple[int, bytes] | None,
+        last_flight: tuple[int, bytes, bytes] | None,
     ) -> None:
         self.address = address
         self.identity = identity
