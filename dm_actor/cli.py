@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import trio
 
 from dm_actor import __version__, app
 from dm_actor.app import StartupError
-from dm_actor.config import ConfigError, Settings, load_settings
+from dm_actor.config import ORIGIN_PATTERN, ConfigError, Settings, load_settings
 from dm_actor.credentials_cli import add_parser as add_credentials, run as run_credentials
 from dm_actor.sim import cli as sim_cli
 from dm_actor.store.base import StoreError, StoreFailed
@@ -85,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "[api] admin_keys)",
     )
     serve.add_argument(
+        "--cors-origin",
+        action="append",
+        type=_origin,
+        metavar="ORIGIN",
+        help="a browser origin (scheme://host[:port]) whose pages may call the API "
+        "(repeatable; also [api] cors_origins; none by default)",
+    )
+    serve.add_argument(
         "--log-level",
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level (default {_DEFAULTS.log_level})",
@@ -117,7 +126,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         admins = [*settings.api.admin_keys, *args.admin_key]
         api = msgspec.structs.replace(settings.api, admin_keys=admins)
         settings = msgspec.structs.replace(settings, api=api)
+    if args.cors_origin:
+        origins = [*settings.api.cors_origins, *args.cors_origin]
+        api = msgspec.structs.replace(settings.api, cors_origins=origins)
+        settings = msgspec.structs.replace(settings, api=api)
     return settings
+
+
+def _origin(value: str) -> str:
+    """`--cors-origin`'s value, checked as `[api] cors_origins` checks its items."""
+    if re.search(ORIGIN_PATTERN, value) is None:
+        raise argparse.ArgumentTypeError(f"not an origin (scheme://host[:port]): {value!r}")
+    return value
 
 
 async def run_until_signalled(settings: Settings) -> None:

@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Seconds = Annotated[float, msgspec.Meta(gt=0)]
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+#: a browser origin for CORS: scheme://host[:port], http or https (docs/api.md, "CORS")
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5]?[0-9]{1,4})"
+ORIGIN_PATTERN = rf"^(?i:https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:{_PORT})?/?)\Z"
+Origin = Annotated[str, msgspec.Meta(pattern=ORIGIN_PATTERN)]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
@@ -110,6 +114,8 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_connections_per_address: NonNegative = 0
     # pre-subscriptions per application (Pelion's limit); beyond, PUT gets 400
     max_presubscriptions: NonNegative = 1024
+    # browser origins whose pages may call the API (CORS; with --cors-origin); none by default
+    cors_origins: list[Origin] = msgspec.field(default_factory=list)
 
 
 class TcpSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -17,8 +17,10 @@ a handler's failure gets 500; the server keeps serving. The application logic li
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,6 +42,7 @@ from dm_actor.api.channels import (
     NotificationHub,
     Session,
 )
+from dm_actor.api.cors import Cors
 from dm_actor.api.handover import FrameStream, PullReceipt
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import (
@@ -71,6 +74,17 @@ _RECEIVE_SIZE = 65536
 _PULL = ["v2", "notification", "pull"]
 _WEBSOCKET_CONNECT = ["v2", "notification", "websocket-connect"]
 UNAUTHORIZED = text(401, "Authentication failure.")
+UNAUTHORIZED_V3 = error_v3(401, "invalid_auth", "Authentication failure.")
+CHANNEL_DELETED = text(410, "CHANNEL_DELETED")
+#: how an `ErrorResponse` body ends before its request's id is put in (`_send`)
+_NO_REQUEST_ID = b'"request_id":""}'
+#: the upgrade's headers wsproto decodes, and how (`_undecodable`)
+_WSPROTO_CODECS = {
+    b"host": "idna",
+    b"connection": "ascii",
+    b"sec-websocket-protocol": "ascii",
+    b"sec-websocket-extensions": "ascii",
+}
 INTERNAL_ERROR = text(500, "Internal server error.")
 INTERNAL_ERROR_V3 = error_v3(500, "internal_server_error", "Internal server error.")
 
@@ -92,6 +106,7 @@ class HttpOptions:
     send_timeout: float = 30.0  # a response must be written within this
     max_connections_per_address: int = 0  # 0: no limit (behind a proxy all share one)
     max_presubscriptions: int = 1024  # per application
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (cors.py)
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
 
     @classmethod
@@ -104,6 +119,7 @@ class HttpOptions:
             send_timeout=api.send_timeout,
             max_connections_per_address=api.max_connections_per_address,
             max_presubscriptions=api.max_presubscriptions,
+            cors_origins=tuple(api.cors_origins),
         )
 
 
@@ -129,6 +145,7 @@ _REFUSALS = {
     "refused_per_address": "connections over the per-address limit",
     "server_errors": "requests that failed with 500",
     "accept_errors": "accepts that failed for want of descriptors or memory (0.1 s pause each)",
+    "cors_refused": "CORS preflights from origins not allowed (403)",
 }
 _ANONYMOUS_PER_CONNECTION = 10  # requests without a valid key answered on one connection
 _ACCEPT_BURST = 64  # connections accepted a scheduler pass, at most, beyond the first
@@ -155,6 +172,7 @@ class HttpStatistics:
     refused_per_address: int
     server_errors: int
     accept_errors: int
+    cors_refused: int
     websockets_too_slow: int  # WebSockets closed with 1001 for a slow client
 
 
@@ -180,6 +198,13 @@ class HttpServer:
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.api.max_presubscriptions = self.options.max_presubscriptions
         self.restored = list(channels)
+        self.cors = Cors(self.options.cors_origins)
+        # per connection, the request being answered: its number (`request_id`) and the
+        # CORS headers of its answer (for an allowed origin)
+        self._current: dict[trio.SocketStream, tuple[int, list[tuple[bytes, bytes]]]] = {}
+        # request ids: a random prefix per process, then a count (`request_id`)
+        self._id_prefix = secrets.token_hex(8)
+        self._ids = itertools.count(1)
         self._counts = {"connections": 0, "requests": 0, "bad_requests": 0}
         self._counts.update(dict.fromkeys(_REFUSALS, 0))
         self._counts["websockets_too_slow"] = 0
@@ -227,6 +252,7 @@ class HttpServer:
             refused_per_address=c["refused_per_address"],
             server_errors=c["server_errors"],
             accept_errors=c["accept_errors"],
+            cors_refused=c["cors_refused"],
             websockets_too_slow=c["websockets_too_slow"],
         )
 
@@ -374,6 +400,8 @@ class HttpServer:
             pass  # the client went away
         except Exception:  # one connection's failure never stops the server
             log.exception("HTTP connection from %s failed", _peer(stream))
+        finally:
+            self._current.pop(stream, None)
 
     def _sheddable_from(self, slot: _Slot, scope: trio.CancelScope) -> None:
         slot.scope = scope
@@ -500,17 +528,23 @@ class HttpServer:
     ) -> bool:
         """Read and answer one request; False when the connection must close."""
         options = self.options
+        self._current.pop(stream, None)  # (a refusal before the head has no request id)
         try:
             event = await self._head(conn, stream, slot, fresh=fresh)
             if event is None:
                 return False
-            auth = upgrade = content_type = None
+            number = next(self._ids)
+            auth = upgrade = content_type = origin = None
             authorizations = length = 0
-            chunked = False
+            chunked = preflight = False
             for name, value in event.headers:
                 if name == b"authorization":
                     auth = value
                     authorizations += 1
+                elif name == b"origin":
+                    origin = value if origin is None else b""  # two: none allowed
+                elif name == b"access-control-request-method":
+                    preflight = True
                 elif name == b"content-length":
                     length = int(value)
                 elif name == b"transfer-encoding":
@@ -519,6 +553,10 @@ class HttpServer:
                     upgrade = value
                 elif name == b"content-type":
                     content_type = value
+            self._current[stream] = (number, self.cors.headers(origin) if self.cors else [])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("HTTP request %s from %s: %s %s", self.request_id(number),
+                          _peer(stream), event.method.decode(), _shown(event.target))  # fmt: skip
             refusal = None
             if authorizations > 1:
                 refusal = "more than one Authorization header"
@@ -537,7 +575,7 @@ class HttpServer:
             app = self.keys.from_authorization(auth)
             if app is None and conn.they_are_waiting_for_100_continue:
                 # refused before its body is sent (RFC 9110 10.1.1): then the connection closes
-                await self._send(conn, stream, UNAUTHORIZED, close=True, slot=slot)
+                await self._send(conn, stream, _unauthorized(event), close=True, slot=slot)
                 return False
             # an unauthenticated upload may be shed like a slow head (the WebSocket upgrade
             # may still carry its key in a subprotocol, but it has no body)
@@ -557,6 +595,8 @@ class HttpServer:
         for i, seg in enumerate(segments):
             if "%" in seg:
                 segments[i] = unquote(seg)
+        if preflight and origin is not None and event.method == b"OPTIONS":
+            return await self._preflight(conn, stream, slot, origin)
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
             if app is not None:
                 return await self._websocket_connect(conn, stream, event, upgrade, auth)
@@ -573,7 +613,7 @@ class HttpServer:
             # pipelined 401s (one a few us) cost it as little as us otherwise
             slot.anonymous += 1
             close = slot.anonymous >= _ANONYMOUS_PER_CONNECTION
-            await self._send(conn, stream, UNAUTHORIZED, close=close, slot=slot)
+            await self._send(conn, stream, _unauthorized(event), close=close, slot=slot)
             return not close and conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
         if segments == _PULL and event.method == b"GET":
@@ -586,7 +626,7 @@ class HttpServer:
             try:
                 response = await self.api.dispatch(req)
             except Exception:  # a handler's bug: answered, counted, logged (once a minute)
-                self._server_error(event)
+                self._server_error(event, number)
                 response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
             await self._send(conn, stream, response, close=self.stopping)
         finally:
@@ -595,11 +635,34 @@ class HttpServer:
                 self._answered.set()
         return conn.our_state is h11.DONE and not self.stopping
 
-    def _server_error(self, event: h11.Request) -> None:
+    def _server_error(self, event: h11.Request, number: int) -> None:
         first = self._unlogged.get("server_errors", 0) == 0
         self._refused("server_errors")
         if first:
-            log.exception("HTTP %s %s failed", event.method.decode(), event.target.decode())
+            log.exception("HTTP request %s failed: %s %s", self.request_id(number),
+                          event.method.decode(), _shown(event.target))  # fmt: skip
+
+    def request_id(self, number: int) -> str:
+        """The id of request `number` (32 hex digits, like Pelion's): a random prefix drawn
+        when the server starts, then the number, so ids are unique across restarts too."""
+        return f"{self._id_prefix}{number:016x}"
+
+    async def _preflight(
+        self, conn: h11.Connection, stream: trio.SocketStream, slot: _Slot, origin: bytes
+    ) -> bool:
+        """A CORS preflight (no key needed): 204 with the CORS headers for an allowed
+        origin; 403 for any other, counted like a request without a key."""
+        number, _ = self._current[stream]
+        self._current[stream] = (number, [])  # (the answer has its own CORS headers)
+        response = self.cors.preflight(origin)
+        if response[0] < 300:
+            await self._send(conn, stream, response, close=self.stopping)
+            return conn.our_state is h11.DONE and not self.stopping
+        self._refused("cors_refused")
+        slot.anonymous += 1
+        close = slot.anonymous >= _ANONYMOUS_PER_CONNECTION
+        await self._send(conn, stream, response, close=close, slot=slot)
+        return not close and conn.our_state is h11.DONE
 
     async def _send(
         self,
@@ -616,6 +679,13 @@ class HttpServer:
         a request without a valid key) the connection may be shed meanwhile (then
         trio.BrokenResourceError): a client that does not read its refusals holds no slot."""
         status, headers, body = response
+        current = self._current.get(stream)
+        if current is not None:
+            number, cors = current
+            if cors:
+                headers = [*headers, *cors]
+            if status >= 400 and body.endswith(_NO_REQUEST_ID):  # an ErrorResponse
+                body = b'%s%s"}' % (body[:-2], self.request_id(number).encode())
         if slot is None and status >= 400:
             slot = self._anonymous.get(stream)
         if status != 204:
@@ -687,6 +757,9 @@ class HttpServer:
         try:
             if not channel.events and not await self._wait_or_hang_up(channel, stream):
                 return False
+            if channel.closed:  # deleted while this poll waited: a later poll makes a new one
+                await self._send(conn, stream, CHANNEL_DELETED)
+                return conn.our_state is h11.DONE
             if not channel.events:
                 await self._send(conn, stream, NO_CONTENT)
                 return conn.our_state is h11.DONE
@@ -740,10 +813,12 @@ class HttpServer:
         Returns True when the upgrade was refused over HTTP and the connection may go on.
         """
         protocols: list[str] = []
-        key = version = False
+        key = version = connection = False
         for name, value in event.headers:
             if name == b"sec-websocket-protocol":
                 protocols += [p.strip() for p in value.decode("latin-1").split(",")]
+            elif name == b"connection":
+                connection = connection or b"upgrade" in _tokens(value)
             elif name == b"sec-websocket-key":
                 key = True
             elif name == b"sec-websocket-version":
@@ -752,6 +827,11 @@ class HttpServer:
         refusal = None
         if upgrade is None or upgrade.lower() != b"websocket":
             refusal = text(426, "Upgrade to websocket required.")
+        elif app is not None and not connection:
+            refusal = text(400, "Connection: Upgrade is required.")
+        elif app is not None and (malformed := _undecodable(event)) is not None:
+            self._counts["bad_requests"] += 1  # (wsproto would raise, not answer)
+            refusal = text(400, f"Malformed WebSocket upgrade: {malformed} header")
         elif app is not None and not (key and version):
             refusal = text(400, "Sec-WebSocket-Key and Sec-WebSocket-Version 13 are required.")
         elif app is not None and is_admin(app):
@@ -765,13 +845,25 @@ class HttpServer:
             ws = None
             with trio.move_on_after(self.options.handshake_timeout):
                 request = await wrap_server_stream(nursery, frames)
-                ws = await request.accept(subprotocol="wss" if "wss" in protocols else None)
+                ws = await request.accept(subprotocol=self._subprotocol(protocols))
             if ws is not None:
                 await self._websocket(ws, app, nursery, frames)
             nursery.cancel_scope.cancel()
         if ws is not None and frames.lingering:
             await frames.linger(4 * self.options.ping_interval)
         return False
+
+    def _subprotocol(self, offered: list[str]) -> str | None:
+        """The subprotocol the handshake selects: `wss` when offered, else the offered
+        `pelion_<key>` that names a valid key (RFC 6455 4.2.2: the selected value must be
+        one the client offered, and browsers and Node's `ws` fail a handshake that selects
+        none of a non-empty offer); None when nothing usable was offered."""
+        if "wss" in offered:
+            return "wss"
+        for protocol in offered:
+            if self.keys.from_subprotocols((protocol,)) is not None:
+                return protocol  # the client's own key, back on its own connection only
+        return None
 
     async def _websocket(
         self, ws: WebSocketConnection, app: str, nursery: trio.Nursery, frames: FrameStream
@@ -907,6 +999,39 @@ def _query(query: str) -> dict[str, str]:
     replaced, not refused: each route validates the values it reads; `max_header` bounds
     their number)."""
     return dict(parse_qsl(query)) if query else {}
+
+
+def _unauthorized(event: h11.Request) -> Response:
+    """The 401 for `event`: Pelion's JSON `ErrorResponse` on `/v3`, else plain text."""
+    path = event.target.partition(b"?")[0]
+    return UNAUTHORIZED_V3 if path == b"/v3" or path.startswith(b"/v3/") else UNAUTHORIZED
+
+
+def _tokens(value: bytes) -> list[bytes]:
+    """The lowercased tokens of a comma-separated header value (`Connection: keep-alive,
+    Upgrade`)."""
+    return [t.strip().lower() for t in value.split(b",")]
+
+
+def _undecodable(event: h11.Request) -> str | None:
+    """The name of a header of a WebSocket upgrade that wsproto cannot decode (it raises
+    UnicodeError, not a protocol error, for a `Host` that is not IDNA or a non-ASCII
+    `Connection`, `Sec-WebSocket-Protocol` or `Sec-WebSocket-Extensions`), or None."""
+    for name, value in event.headers:
+        codec = _WSPROTO_CODECS.get(name)
+        if codec is not None:
+            try:
+                value.decode(codec)
+            except UnicodeError:
+                return name.decode()
+    return None
+
+
+def _shown(target: bytes) -> str:
+    """A request target for the log (h11 lets only visible ASCII through), at most 200
+    characters."""
+    shown = target.decode("ascii", "replace")
+    return shown if len(shown) <= 200 else shown[:200] + "..."
 
 
 def _request_bytes(event: h11.Request) -> bytes:

@@ -29,7 +29,8 @@ async def test_three_auth_forms_and_the_echoed_subprotocol(
     forms: list[tuple[list[str] | None, list[tuple[bytes, bytes]] | None, str | None]] = [
         (["wss", f"pelion_{KEY_A}"], None, "wss"),
         ([f"pelion_{KEY_A}", "wss"], None, "wss"),
-        ([f"pelion_{KEY_A}"], None, None),  # pelion-bridge: never echo the key
+        # pelion-bridge, Node ws, browsers: one offered must be selected (RFC 6455 4.2.2)
+        ([f"pelion_{KEY_A}"], None, f"pelion_{KEY_A}"),
         (None, [(b"authorization", f"Bearer {KEY_A}".encode())], None),
     ]
     for protocols, headers, chosen in forms:
