@@ -123,15 +123,18 @@ class Commands:
         new = async_id not in per
         if new:  # (before: the machine may finish it at once, `command_finished`)
             per[async_id] = device_id
-        verdict = actor.submit(cmd, now)
-        if new and verdict is not Verdict.ACCEPTED:
-            self._unindex(owner, async_id, device_id)
-        if verdict is Verdict.ASYNC_ID_IN_USE:
-            return Rejected(409, "ASYNC_ID_IN_USE")
-        if verdict is Verdict.QUEUE_IS_FULL:
-            return Rejected(429, "QUEUE_IS_FULL")
-        # (a duplicate: the first acceptance may still be on its way)
-        await registry.store.durable()
+        verdict = actor.submit(cmd, now, caller_waits=True)
+        try:
+            if new and verdict is not Verdict.ACCEPTED:
+                self._unindex(owner, async_id, device_id)
+            if verdict is Verdict.ASYNC_ID_IN_USE:
+                return Rejected(409, "ASYNC_ID_IN_USE")
+            if verdict is Verdict.QUEUE_IS_FULL:
+                return Rejected(429, "QUEUE_IS_FULL")
+            # (a duplicate: the first acceptance may still be on its way)
+            await registry.store.durable()
+        finally:
+            actor.released(registry.now())  # (the attempt this write held goes out now)
         return Accepted(duplicate=verdict is Verdict.DUPLICATE)
 
     async def _repeat(

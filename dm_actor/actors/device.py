@@ -274,14 +274,32 @@ class DeviceActor:
         """Queue mail for the actor (raises `Overloaded` when the mailbox is full)."""
         self.mailbox.put(mail)
 
-    def submit(self, cmd: Command, now: float, *, start: bool = True) -> Verdict:
+    def submit(
+        self, cmd: Command, now: float, *, start: bool = True, caller_waits: bool = False
+    ) -> Verdict:
         """Queue an accepted command (`DeviceMachine.submit`). Only an idle actor with no
         mail waiting starts it from here (one write then holds the command and its
         attempt); otherwise its task decides, in the order the mail arrived. The caller
-        awaits the store's durability before it answers 202."""
+        awaits the store's durability before it answers 202.
+
+        `caller_waits`: the caller awaits that durability anyway and then calls `released`
+        (in a `finally`): while the machine holds, the task is not woken to wait for the
+        store too; `released` lets the attempt go and wakes it once, to arm its timer (one
+        task switch per command instead of two; docs/benchmarks.md, "Issue 12")."""
         verdict = self.machine.submit(cmd, now, start=start and not self.mailbox)
-        self._done(now)
+        self._carry_out(now)
+        if not caller_waits or self._mark is None:
+            self.mailbox.poke()
         return verdict
+
+    def released(self, now: float) -> None:
+        """After `submit(caller_waits=True)`, once the caller's wait for the store ended
+        (durable, or cancelled): carry out what the hold kept back if it is durable, and wake
+        the task (its timer, or its own wait for the store). Nothing when the task released
+        the hold itself meanwhile (mail woke it)."""
+        if self._mark is not None:
+            self._release(now)
+            self.mailbox.poke()
 
     def respond(self, request: Message, code: int, options: tuple[Option, ...], now: float) -> None:
         """Answer a request of the device's (`DeviceRequest`)."""
