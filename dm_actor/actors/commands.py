@@ -312,6 +312,11 @@ class Commands:
         if forgotten:
             store.delete_answers(owner, forgotten)
 
+    def forget_expired_answers(self) -> None:
+        """Forget remembered answers whose window ended (each expiry sweep; the store drops
+        their rows with the next answer it writes, and never loads them)."""
+        self.answers.forget_expired(self.registry.now() + self.registry.wall_offset)
+
     def events_delivered(self, owner: str, seqs: list[int]) -> None:
         """`owner`'s channel delivered (or dropped) its stored events `seqs`: forget them
         (a repeat of an AsyncIDResponse among them now gets it again, rule 1.7)."""

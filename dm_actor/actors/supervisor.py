@@ -280,6 +280,7 @@ class Supervisor:
             for actor in self.by_endpoint.values():
                 if actor.queue.queue:
                     tell(actor, Signal.SWEEP)
+            self.commands.forget_expired_answers()  # (rule 1.7's windows)
 
     async def _report(self) -> None:
         """Once a minute at most, one log line with what was refused or dropped since the

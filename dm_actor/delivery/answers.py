@@ -145,10 +145,16 @@ class AnswerMemory:
                     answer.waiting = False
 
     def forget_expired(self, now: float) -> dict[str, list[str]]:
-        """Forget every answer whose window ended; returns them by owner."""
+        """Forget, per owner, the oldest answers whose window ended, up to the first that
+        stays (cheap enough to call every sweep: it visits what it forgets and one more per
+        owner; one behind a longer window goes when it reaches the front, is looked up, or
+        the bound pushes it out). Returns them by owner."""
         gone: dict[str, list[str]] = {}
         for owner, per in list(self._by_owner.items()):
-            for async_id in [a for a, answer in per.items() if now >= answer.forget_at]:
+            while per:
+                async_id, answer = next(iter(per.items()))
+                if now < answer.forget_at:
+                    break
                 self._drop(owner, async_id)
                 gone.setdefault(owner, []).append(async_id)
         return gone

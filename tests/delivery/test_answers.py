@@ -100,12 +100,17 @@ def test_no_memory_at_all() -> None:
     assert memory.check("app", "a", "dev", R1, T0) is Repeat.NEW
 
 
-def test_forget_expired() -> None:
+def test_forget_expired_walks_from_the_oldest() -> None:
     memory = AnswerMemory(limit=10, byte_limit=1 << 20)
-    memory.remember("app", "a", answer(1, window=7200), T0)
-    memory.remember("app", "b", answer(2, window=60), T0)
-    assert memory.forget_expired(T0 + 60) == {"app": ["b"]}
-    assert len(memory) == 1
+    memory.remember("app", "a", answer(1, window=60), T0)
+    memory.remember("app", "b", answer(2, window=7200), T0)
+    memory.remember("app", "c", answer(3, window=60), T0)
+    memory.remember("other", "a", answer(4, window=60), T0)
+    assert memory.forget_expired(T0 + 60) == {"app": ["a"], "other": ["a"]}
+    assert len(memory) == 2  # c waits behind b (a lookup forgets it at once)
+    assert memory.get("app", "c", T0 + 60) is None
+    assert memory.forget_expired(T0 + 7200) == {"app": ["b"]}
+    assert len(memory) == 0
 
 
 # -- the rule as a state machine ------------------------------------------------------------
