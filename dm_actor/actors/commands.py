@@ -101,8 +101,10 @@ class Commands:
             return Rejected(400, "MALFORMED_EXPIRY_SECONDS")
         answer = self.answers.get(owner, async_id, registry.now() + registry.wall_offset)
         if answer is not None:  # its command finished: a repeat, or 409 (rule 1.7)
-            return await self._repeat(device_id, method, uri, payload, content_format, accept,
-                                      async_id=async_id, owner=owner)  # fmt: skip
+            repeated = await self._repeat(device_id, method, uri, payload, content_format,
+                                          accept, async_id=async_id, owner=owner)  # fmt: skip
+            if repeated is not None:
+                return repeated
         if self._unfinished_elsewhere(owner, async_id, device_id):
             return Rejected(409, "ASYNC_ID_IN_USE")
         actor = registry.by_endpoint.get(device_id)
@@ -148,11 +150,12 @@ class Commands:
         *,
         async_id: str,
         owner: str,
-    ) -> Accepted | Rejected:
+    ) -> Accepted | Rejected | None:
         """A submission whose async-id's command finished within its window (rule 1.7): the
         same request to the same device gets 202 and is never executed again; the stored
         AsyncIDResponse (same body, same `uid`) goes to the application again through its
-        channel, unless it still waits there. Another request or device: 409."""
+        channel, unless it still waits there. Another request or device: 409. None: the
+        window ended just now (the clock moves): a new command."""
         registry = self.registry
         normal = _normal_uri(uri)
         if normal is None:
@@ -160,6 +163,8 @@ class Commands:
         wall = registry.now() + registry.wall_offset
         key = request_key(method, normal, payload, content_format, accept)
         repeat = self.answers.check(owner, async_id, device_id, key, wall)
+        if repeat is Repeat.NEW:
+            return None
         if repeat is Repeat.IN_USE:
             return Rejected(409, "ASYNC_ID_IN_USE")
         if repeat is Repeat.REPLAY:
@@ -172,8 +177,7 @@ class Commands:
             owners = frozenset((owner,))
             seq = answer.seq
             registry.after_durable(lambda: registry.events.publish(_ASYNC, item, owners, seq))
-        # (WAITING, or NEW: the window ended meanwhile, which cannot happen without an await)
-        await registry.store.durable()
+        await registry.store.durable()  # (REPLAY or WAITING)
         return Accepted(duplicate=True)
 
     def _unfinished_elsewhere(self, owner: str, async_id: str, device_id: str) -> bool:

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 import trio.testing
 
+from dm_actor.actors.commands import Accepted
 from dm_actor.coap.numbers import Code
 from dm_actor.config import DeliverySettings, Settings
+from dm_actor.delivery.answers import AnswerMemory, Repeat
 from tests.actors.support import Device
 from tests.adversarial.test_attack_durability import READ, WRITE, drain, run_daemon
 from tests.api.client import KEY_A, KEY_B, HttpClient, start_api, websocket
@@ -264,3 +266,19 @@ async def test_a_repeat_after_a_restart_is_answered_from_the_store(
     scope.cancel()
     assert again == [before]
     assert writes(dev) == 2  # w1 and w2, once each
+
+
+async def test_a_window_that_ends_during_the_check_makes_a_new_command(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, monkeypatch: Any
+) -> None:
+    """The clock moves between the look-up and the comparison (real time does): a repeat
+    whose window ended just then is a new command, never a 202 with nothing after it."""
+    api = await start_api(nursery)
+    dev = await online(api, nursery)
+    submit = api.sup.submit
+    assert await submit("dev", "PUT", "/3/0/14", async_id="w1", payload=b"+02") == Accepted()
+    await trio.sleep(5)
+    monkeypatch.setattr(AnswerMemory, "check", lambda *_: Repeat.NEW)
+    assert await submit("dev", "PUT", "/3/0/14", async_id="w1", payload=b"+02") == Accepted()
+    await trio.sleep(5)
+    assert writes(dev) == 2
