@@ -283,3 +283,14 @@ def test_stored_link_lists_are_shared_when_read_back() -> None:
     long_text = ",".join(f"</3/0/{i}>;obs" for i in range(800))
     assert len(long_text) > SHARED_PAYLOAD
     assert shared_registered_objects(long_text) is not shared_registered_objects(long_text)
+
+
+def test_many_kinds_of_link_list_keep_the_caches_bounded() -> None:
+    """Every distinct list gets its own value; the shared resource lists stay at most
+    `_LISTS_LIMIT`, whatever an application asks for."""
+    for n in range(_LISTS_LIMIT + 50):
+        objects = registered_objects(parse_links(b"</3303/%d>,</3/0/%d>;obs" % (n, n)))
+        listed = listed_resources(objects)
+        assert listed[0] == ListedResource(f"/3/0/{n}", True, None, "")
+        assert len(listed) == 1 + 7
+    assert len(_LISTS) <= _LISTS_LIMIT
