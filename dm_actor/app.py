@@ -280,6 +280,8 @@ async def serve(
                         api_keys.generated,
                         settings.server.data_dir,
                     )
+            if http_server is not None:  # /metrics reads the transports; /readyz: all bound
+                http_server.ops.attach(udp, tcp, coaps, plain=settings.security.plain_coap)
             if udp_addr is not None and tcp_addr is not None:
                 log.info(
                     "CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2]

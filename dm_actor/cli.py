@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
-from dm_actor import __version__, app
+from dm_actor import __version__, app, logformat
 from dm_actor.app import StartupError
 from dm_actor.config import ORIGIN_PATTERN, ConfigError, Settings, load_settings
 from dm_actor.credentials_cli import add_parser as add_credentials, run as run_credentials
@@ -98,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error", "critical"),
         help=f"log level (default {_DEFAULTS.log_level})",
     )
+    serve.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help=f"text lines, or one JSON object per line (default {_DEFAULTS.log_format})",
+    )
     sim_cli.add_parser(commands)
     watch.add_parser(commands)
     add_credentials(commands)
@@ -117,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         http_port=args.http_port,
         data_dir=args.data_dir,
         log_level=args.log_level,
+        log_format=args.log_format,
         store=args.store,
     )
     if args.api_key:
@@ -198,11 +204,11 @@ def explain(exc: BaseException) -> tuple[int, str]:
 
 
 @contextmanager
-def _logging_to_stderr(level: str) -> Iterator[None]:
+def _logging_to_stderr(level: str, log_format: str = "text") -> Iterator[None]:
     """Send dm_actor's log records to stderr for the duration; leave no handler behind."""
     logger = logging.getLogger("dm_actor")
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logformat.formatter(log_format))
     old_level = logger.level
     logger.addHandler(handler)
     logger.setLevel(level.upper())
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dm-actor: error: data directory {data_dir} is read-only ({why}): the store "
               f"must write there", file=sys.stderr)  # fmt: skip
         return EXIT_SETTINGS
-    with _logging_to_stderr(settings.server.log_level):
+    with _logging_to_stderr(settings.server.log_level, settings.server.log_format):
         try:
             trio.run(run_until_signalled, settings)
         except Exception as exc:  # every failure ends in one line and a code

@@ -46,6 +46,8 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     # million devices a full collection otherwise stalls the loop for seconds
     gc_freeze_interval: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     log_level: LogLevel = "info"
+    # "json": one JSON object per line (docs/operations.md, "The log"); --log-format
+    log_format: Literal["text", "json"] = "text"
     # SQLite: the bytes of undelivered events (other than AsyncIDResponses) stored in total,
     # and the free disk space below which none is stored (docs/operations.md, "Disk space")
     event_disk_budget: Annotated[int, msgspec.Meta(ge=0)] = 256 * 2**20
@@ -114,6 +116,8 @@ class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_on
     max_connections_per_address: NonNegative = 0
     # pre-subscriptions per application (Pelion's limit); beyond, PUT gets 400
     max_presubscriptions: NonNegative = 1024
+    # GET /metrics without an administrator key (on a port only the monitoring can reach)
+    metrics_public: bool = False
     # browser origins whose pages may call the API (CORS; with --cors-origin); none by default
     cors_origins: list[Origin] = msgspec.field(default_factory=list)
 

@@ -133,6 +133,8 @@ class Commands:
                 return Rejected(409, "ASYNC_ID_IN_USE")
             if verdict is Verdict.QUEUE_IS_FULL:
                 return Rejected(429, "QUEUE_IS_FULL")
+            if verdict is not Verdict.DUPLICATE:
+                registry.statistics["commands_accepted"] += 1
             # (a duplicate: the first acceptance may still be on its way)
             await registry.store.durable()
         finally:
@@ -288,6 +290,9 @@ class Commands:
         registry.store.delete_command(actor.endpoint, cmd.async_id)
         if cmd.observe:
             return
+        key = (outcome.status, outcome.error)
+        registry.outcomes[key] = registry.outcomes.get(key, 0) + 1
+        registry.delivery_latency.observe(registry.now() - cmd.accepted_at)
         self._unindex(cmd.owner, cmd.async_id, actor.endpoint)
         item = outcome.as_async_response(cmd.async_id)
         self.event_seq += 1

@@ -258,6 +258,7 @@ class Registrar(IdentityRules):
         actor.updated(reg)
         self.watch_lifetime(reg)
         registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
+        registry.statistics["updates"] += 1
         registry.events.publish("reg-updates", registration_item(reg))
         return reg_iface.changed()
 

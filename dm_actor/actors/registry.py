@@ -26,6 +26,7 @@ from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
 from dm_actor.delivery.queue import DeliveryPolicy
 from dm_actor.device.machine import MachineConfig
+from dm_actor.histogram import LATENCY_BOUNDS, Histogram
 from dm_actor.store.base import StoreError
 
 if TYPE_CHECKING:
@@ -117,7 +118,17 @@ class Registry:
             "frames_dropped": 0,  # to a TCP connection whose send queue was full, or closing
             "datagrams_too_large": 0,  # over MAX_DATAGRAM bytes: dropped unread
             "blockwise_failures": 0,  # answers or notifications in blocks a device broke
+            # what /metrics reads (dm_actor.api.metrics), never logged by `_report`
+            "updates": 0,
+            "deregistrations": 0,
+            "expirations": 0,
+            "commands_accepted": 0,
+            "retransmissions": 0,  # CoAP requests sent again (no ACK in time)
+            "coap_timeouts": 0,  # CoAP requests given up after the last retransmission
         }
+        # commands finished, by (status, error), and their 202-to-AsyncIDResponse latency
+        self.outcomes: dict[tuple[int, str | None], int] = {}
+        self.delivery_latency = Histogram(LATENCY_BOUNDS)
 
     # -- wiring ---------------------------------------------------------------------------
 
@@ -213,6 +224,7 @@ class Registry:
         if actor.conn is not None:
             self.by_conn.pop(actor.conn, None)
         self.store.delete_registration(ep)
+        self.statistics["expirations" if expired else "deregistrations"] += 1
         self.events.publish("registrations-expired" if expired else "de-registrations", ep)
 
     # -- the durability gate ----------------------------------------------------------------

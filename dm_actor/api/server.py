@@ -44,6 +44,7 @@ from dm_actor.api.channels import (
 )
 from dm_actor.api.cors import Cors
 from dm_actor.api.handover import FrameStream, PullReceipt
+from dm_actor.api.metrics import OPERATIONS, ROUTE, Observability, route_of
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import (
     JSON,
@@ -57,6 +58,7 @@ from dm_actor.api.routes import (
 )
 from dm_actor.api.schemas import Serialization
 from dm_actor.api.webhook import WebhookOptions, parse_target
+from dm_actor.logformat import LOG_CONTEXT, RequestLog
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -86,6 +88,12 @@ _WSPROTO_CODECS = {
     b"sec-websocket-extensions": "ascii",
 }
 INTERNAL_ERROR = text(500, "Internal server error.")
+#: a request other than a health check on a connection of the reserve (`_reserve`)
+BUSY = (503, [(b"content-type", b"text/plain"), (b"retry-after", b"1")],
+        b"Connection limit reached: try again.")  # fmt: skip
+_RESERVE = 8  # connections beyond `max_connections` for health checks
+_RESERVE_AGE = 0.1  # s: a reserve place without a request head yet may then be given away
+_RESERVE_TIMEOUT = 2.0  # s: for the request head of a connection in the reserve
 INTERNAL_ERROR_V3 = error_v3(500, "internal_server_error", "Internal server error.")
 
 
@@ -106,6 +114,7 @@ class HttpOptions:
     send_timeout: float = 30.0  # a response must be written within this
     max_connections_per_address: int = 0  # 0: no limit (behind a proxy all share one)
     max_presubscriptions: int = 1024  # per application
+    metrics_public: bool = False  # /metrics without an administrator key
     cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API (cors.py)
     webhook: WebhookOptions = field(default_factory=WebhookOptions)
 
@@ -119,6 +128,7 @@ class HttpOptions:
             send_timeout=api.send_timeout,
             max_connections_per_address=api.max_connections_per_address,
             max_presubscriptions=api.max_presubscriptions,
+            metrics_public=api.metrics_public,
             cors_origins=tuple(api.cors_origins),
         )
 
@@ -198,6 +208,12 @@ class HttpServer:
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.api.max_presubscriptions = self.options.max_presubscriptions
         self.restored = list(channels)
+        # /metrics, /healthz, /readyz (metrics.py), and the reserve of connections taken
+        # beyond `max_connections` for them when no connection can be shed (`_reserve`)
+        self.ops = Observability(self, public=self.options.metrics_public)
+        self.reserved = 0
+        self._reserve_waiting: dict[trio.CancelScope, float] = {}  # no request head yet
+        self.reserve_refused = 0
         self.cors = Cors(self.options.cors_origins)
         # per connection, the request being answered: its number (`request_id`) and the
         # CORS headers of its answer (for an allowed origin)
@@ -261,6 +277,7 @@ class HttpServer:
         async with trio.open_nursery() as nursery:
             # the stored channels are open before the hub reads the events owed to them
             await nursery.start(partial(self.hub.run, before=self._restore_channels))
+            nursery.start_soon(self.ops.measure_lag)
             address = listeners[0].socket.getsockname()
             log.info("HTTP listening on http://%s:%d", *address[:2])
             task_status.started(address)
@@ -313,8 +330,13 @@ class HttpServer:
             # connections being shed are gone already (their tasks end in the next pass)
             while self.served - self._leaving >= self.options.max_connections:
                 if not self._shed():
+                    if self._reserve_place():  # for a health check, if that is what it is
+                        self.reserved += 1
+                        nursery.start_soon(self._reserve, stream)
+                        return
                     self._room = trio.Event()
-                    await self._room.wait()
+                    with trio.move_on_after(_RESERVE_AGE):  # (a reserve place may age)
+                        await self._room.wait()
         except BaseException:
             await trio.aclose_forcefully(stream)
             raise
@@ -333,6 +355,54 @@ class HttpServer:
         slot.scope.cancel()
         self._leaving += 1
         return True
+
+    def _reserve_place(self) -> bool:
+        """Whether a connection may go in the reserve now: a place is free, or the oldest
+        one without a request head has had `_RESERVE_AGE` (it is closed)."""
+        if self.reserved < _RESERVE:
+            return True
+        if self._reserve_waiting:
+            scope, since = next(iter(self._reserve_waiting.items()))
+            if trio.current_time() - since >= _RESERVE_AGE:
+                del self._reserve_waiting[scope]
+                scope.cancel()
+                return True
+        return False
+
+    async def _reserve(self, stream: trio.SocketStream) -> None:
+        """A connection taken beyond `max_connections` when none could be shed: a health
+        check (or /metrics) is answered, any other request gets 503 and the close. Bounded:
+        `_RESERVE` places (a place waiting for its request head is given to a newer
+        connection after `_RESERVE_AGE`), the head within `_RESERVE_TIMEOUT` and 8 KiB."""
+        try:
+            async with stream:
+                conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
+                with trio.move_on_after(_RESERVE_TIMEOUT) as scope:
+                    self._reserve_waiting[scope] = trio.current_time()
+                    try:
+                        while (event := conn.next_event()) is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
+                    finally:
+                        self._reserve_waiting.pop(scope, None)
+                    if not isinstance(event, h11.Request):
+                        return
+                    path = event.target.decode("ascii", "replace").partition("?")[0]
+                    route = route_of(path.split("/")[1:])
+                    ROUTE.set(route)
+                    if route in OPERATIONS:
+                        auth = next((v for n, v in event.headers if n == b"authorization"), None)
+                        app = self.keys.from_authorization(auth)
+                        response = self.ops.answer(event.method, route, app)
+                    else:
+                        self.reserve_refused += 1
+                        response = BUSY
+                    await self._send(conn, stream, response, close=True, linger=False)
+        except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError):  # fmt: skip
+            pass
+        finally:
+            self.reserved -= 1
+            self._room.set()
 
     def _refused(self, kind: str) -> None:
         """Count a refusal; log the refusals as one line per `_LOG_INTERVAL` at most."""
@@ -529,10 +599,13 @@ class HttpServer:
         """Read and answer one request; False when the connection must close."""
         options = self.options
         self._current.pop(stream, None)  # (a refusal before the head has no request id)
+        ROUTE.set("-")  # (no route yet: a malformed head, a timeout)
+        LOG_CONTEXT.set(None)
         try:
             event = await self._head(conn, stream, slot, fresh=fresh)
             if event is None:
                 return False
+            LOG_CONTEXT.set(RequestLog(event.target))  # (its fields for the log)
             number = next(self._ids)
             auth = upgrade = content_type = origin = None
             authorizations = length = 0
@@ -595,6 +668,12 @@ class HttpServer:
         for i, seg in enumerate(segments):
             if "%" in seg:
                 segments[i] = unquote(seg)
+        route = route_of(segments)
+        ROUTE.set(route)
+        if route in OPERATIONS:  # no application key needed (/metrics checks its own)
+            response = self.ops.answer(event.method, route, app)
+            await self._send(conn, stream, response, close=self.stopping)
+            return conn.our_state is h11.DONE and not self.stopping
         if preflight and origin is not None and event.method == b"OPTIONS":
             return await self._preflight(conn, stream, slot, origin)
         if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
@@ -679,6 +758,7 @@ class HttpServer:
         a request without a valid key) the connection may be shed meanwhile (then
         trio.BrokenResourceError): a client that does not read its refusals holds no slot."""
         status, headers, body = response
+        self.ops.count(status)
         current = self._current.get(stream)
         if current is not None:
             number, cors = current

@@ -168,19 +168,23 @@ class CoapEndpoint:
         for ex in failed:
             self._fail(ex, FailureReason.UNREACHABLE)
 
-    def handle_timer(self, now: float) -> None:
-        """Retransmit or fail every exchange whose deadline is at or before `now`."""
+    def handle_timer(self, now: float) -> tuple[int, int]:
+        """Retransmit or fail every exchange whose deadline is at or before `now`; how many
+        were retransmitted and how many timed out (for the server's counters)."""
         due = []
         if self._by_token is not None:
             due += [ex for ex in self._by_token.values() if ex.deadline <= now]
         if self._by_mid is not None:
             due += [ex for ex in self._by_mid.values() if ex.notification and ex.deadline <= now]
+        retransmitted = 0
         for ex in due:
             if ex.expire(now):
                 self._send(ex.datagram)
+                retransmitted += 1
             else:
                 self._forget(ex)
                 self._fail(ex, FailureReason.TIMEOUT)
+        return retransmitted, len(due) - retransmitted
 
     # -- commands -------------------------------------------------------------------------
 

@@ -271,7 +271,11 @@ class DeviceMachine:
         timer = coap.get_timer()
         if timer is None or timer > now or self._held:
             return False
-        coap.handle_timer(now)
+        retransmitted, timed_out = coap.handle_timer(now)
+        for _ in range(retransmitted):
+            self._emit(Count("retransmissions"))
+        for _ in range(timed_out):
+            self._emit(Count("coap_timeouts"))
         self._handle_events(now)
         self._flush(now)
         return True

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 import trio
 
+from dm_actor.histogram import COMMIT_BOUNDS, Histogram
 from dm_actor.store import schema
 from dm_actor.store.base import (
     EVENT_BYTES_CAP,
@@ -227,6 +228,7 @@ class SqliteStore:
         self.event_lifetime = event_lifetime
         self.event_bytes_cap = event_bytes_cap
         self.transactions = 0  # committed by the writer
+        self.commit_latency = Histogram(COMMIT_BOUNDS)  # seconds per transaction (/metrics)
         self.writes = 0  # recorded by put_*/delete_*/set_*, before coalescing
         self._committed_writes = 0
         self._batches = collections.deque([_Batch(1)])  # the last one is being filled
@@ -517,6 +519,7 @@ class SqliteStore:
         batch = batches[0]
         if len(batches) == 1:  # writes from now on go to the next batch
             batches.append(_Batch(batch.seq + 1))
+        started = trio.current_time()
         try:
             with trio.CancelScope(shield=True):  # a commit that happened must be counted
                 await trio.to_thread.run_sync(self._write, batch)
@@ -544,6 +547,7 @@ class SqliteStore:
         self._committed = batch.seq
         self._committed_writes += batch.count
         self.transactions += 1
+        self.commit_latency.observe(trio.current_time() - started)
         committed, self._committed_event = self._committed_event, trio.Event()
         committed.set()
         return True
