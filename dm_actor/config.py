@@ -90,6 +90,10 @@ class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=Tr
     retry_after: Annotated[int, msgspec.Meta(ge=1, le=3600)] = 60
     # a registration ends this long after last update + lifetime (delivery.md 8.3)
     expiry_grace: Annotated[float, msgspec.Meta(ge=0)] = 15.0
+    # a de-registered or expired device stays in /v3/devices (state `deregistered`) this
+    # long, and at most this many such devices are kept, the oldest dropped first (0: none)
+    directory_retention: Annotated[float, msgspec.Meta(ge=0)] = 86400.0
+    directory_max: NonNegative = 100_000
 
 
 class ApiSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

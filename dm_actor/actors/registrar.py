@@ -191,6 +191,7 @@ class Registrar(IdentityRules):
             )
             registry.by_endpoint[reg.endpoint] = actor
             registry.endpoint_names.add(reg.endpoint)
+            registry.directory.revive(reg.endpoint)  # (its entry as a device that left)
             self.bind(actor, addr, conn)
             assert registry.nursery is not None, "Supervisor.run() is not running"
             registry.nursery.start_soon(actor.run, name="device")  # one shared name string

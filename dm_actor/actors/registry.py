@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 from sortedcontainers import SortedList
 
+from dm_actor.actors.directory import Directory
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
 from dm_actor.actors.persist import command_record
 from dm_actor.address import SESSION_HOST
@@ -81,6 +82,9 @@ class Registry:
         # the registered endpoint names in order, for listing pages without sorting every
         # name per request (that sort was half of the server's CPU during a flood of 100k)
         self.endpoint_names: SortedList[str] = SortedList()
+        # the devices that left, still listed as `deregistered` for a while (bounded)
+        r = settings.registration
+        self.directory = Directory(r.directory_retention, r.directory_max)
         self.by_reg_id: dict[str, DeviceActor] = {}
         self.by_addr: dict[Address, DeviceActor] = {}
         self.by_conn: dict[TcpConnection, DeviceActor] = {}
@@ -218,6 +222,7 @@ class Registry:
         if self.by_endpoint.get(ep) is actor:
             del self.by_endpoint[ep]
             self.endpoint_names.discard(ep)
+            self.directory.retain(actor.reg, self.now())
         self.by_reg_id.pop(actor.reg.reg_id, None)
         if actor.addr is not None and self.by_addr.get(actor.addr) is actor:
             del self.by_addr[actor.addr]

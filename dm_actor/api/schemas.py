@@ -132,6 +132,8 @@ class ErrorResponse(msgspec.Struct, frozen=True, kw_only=True):
     code: int
     type: str
     message: str
+    # the request's parameters or fields that failed validation, `{"name", "message"}` each
+    fields: list[dict[str, str]] = msgspec.field(default_factory=list)
     request_id: str = ""
 
 
