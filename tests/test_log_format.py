@@ -77,9 +77,12 @@ async def test_every_line_of_a_real_run_is_a_json_object(tmp_path: Path) -> None
     assert any(m.startswith("HTTP listening on") for m in messages), messages
     assert any("stopping" in m for m in messages), messages
     assert {r["logger"] for r in records} >= {"dm_actor.api.server", "dm_actor.cli"}
-    for rec in records:  # a line about the command carries its device and async-id
-        if "/v2/device-requests/d1?async-id=a1" in rec["message"]:
-            assert (rec["endpoint"], rec["async_id"]) == ("d1", "a1"), rec
+    # the server's debug line about the command carries its request id, device and async-id
+    about = [r for r in records if "/v2/device-requests/d1?async-id=a1" in r["message"]]
+    assert about, messages
+    for rec in about:
+        assert (rec["endpoint"], rec["async_id"]) == ("d1", "a1"), rec
+        assert len(rec["request_id"]) == 32 and rec["request_id"] in rec["message"], rec
 
 
 async def test_text_stays_the_default(tmp_path: Path) -> None:

@@ -605,8 +605,8 @@ class HttpServer:
             event = await self._head(conn, stream, slot, fresh=fresh)
             if event is None:
                 return False
-            LOG_CONTEXT.set(RequestLog(event.target))  # (its fields for the log)
             number = next(self._ids)
+            LOG_CONTEXT.set(RequestLog(event.target, self.request_id(number)))  # (for the log)
             auth = upgrade = content_type = origin = None
             authorizations = length = 0
             chunked = preflight = False
