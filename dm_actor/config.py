@@ -73,6 +73,9 @@ class DeliverySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     default_expiry_queue_mode: NonNegative = 259200
     # finished commands' AsyncIDResponses remembered per application for repeats (rule 1.7)
     remembered_async_ids: NonNegative = 10_000
+    # a subscription PUT waits this long for the device to accept the Observe: 200 if it
+    # did, else 202 and the result later as an AsyncIDResponse (docs/api.md, Subscriptions)
+    subscribe_wait: Annotated[float, msgspec.Meta(ge=0)] = 3.0
 
 
 class RegistrationSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -3,18 +3,30 @@
 It owns the applications' subscriptions (rule 9.1; kept on each device actor's
 `subscriptions` and in the store, and outliving registrations, rule 9.3), the pre-subscriptions
 that apply to devices as they register (rule 9.2), the Observe commands that (re-)establish
-an observation, and the publication of a device's notifications to its subscribers. It never
-sends to a device (an Observe is a command in the device's queue like any other) and never
-handles registrations.
+an observation, what their results mean (a subscription exists once the device accepted
+its Observe; a refusal is reported as an `AsyncIDResponse`, docs/api.md "Subscriptions"), and
+the publication of a device's notifications to its subscribers. It never sends to a device
+(an Observe is a command in the device's queue like any other) and never handles
+registrations.
 """
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import trio
+
 from dm_actor.actors.commands import MAX_EXPIRY, Accepted, Rejected
-from dm_actor.delivery.outcomes import Outcome
+from dm_actor.delivery.outcomes import (
+    EXPIRED,
+    INCOMPLETE,
+    REMOVED,
+    TIMED_OUT,
+    UNREACHABLE,
+    Outcome,
+)
 from dm_actor.delivery.queue import Verdict
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
@@ -24,9 +36,63 @@ if TYPE_CHECKING:
     from dm_actor.actors.commands import Commands
     from dm_actor.actors.device import DeviceActor
     from dm_actor.actors.registry import Registry
+    from dm_actor.delivery.queue import Command
     from dm_actor.lwm2m.send import SendRequest
 
-_SUBSCRIPTION_PREFIX = "sub:"  # cannot collide with an async-id (rule 1.1's pattern has no ':')
+#: an Observe's command id is this and its AsyncIDResponse's id: it cannot collide with an
+#: application's async-id (rule 1.1's pattern has no ':')
+_SUBSCRIPTION_PREFIX = "sub:"
+_ASYNC = "async-responses"
+#: the device answered 2.05 without Observe: it did not add us as an observer (RFC 7641 3.1)
+NOT_OBSERVED = Outcome(412, "OBSERVE_NOT_ACCEPTED")
+#: outcomes that are no answer of the device's: a subscription it had is kept (and observed
+#: again at its next Register), one being made is not made
+_NOT_ANSWERED = (EXPIRED, REMOVED, TIMED_OUT, UNREACHABLE, INCOMPLETE)
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """200: the device accepted the Observe within the wait, or the path was observed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """202: the result follows on the channel as an AsyncIDResponse with this id."""
+
+    async_response_id: str
+
+
+class _Waiter:
+    """One application waiting for an Observe's result (its subscription being made)."""
+
+    __slots__ = (
+        "answering", "event", "observed", "outcome", "owner", "promised", "response_id",
+        "withdrawn",
+    )  # fmt: skip
+
+    def __init__(self, owner: str, response_id: str) -> None:
+        self.owner = owner
+        self.response_id = response_id
+        self.event = trio.Event()
+        self.answering = 0  # PUTs in their short wait: they answer a success (200)
+        self.outcome: Outcome | None = None
+        self.observed = False
+        self.withdrawn = False  # DELETEd while pending: reported, never recorded
+        # a 202 promised its result (or will: a PUT in its wait, `answering`, that fails);
+        # an in-process subscriber (`Subscriptions.subscribe`) has no id to hear of
+        self.promised = False
+
+
+class _Observe:
+    """An Observe queued or in flight, and who waits for its result."""
+
+    __slots__ = ("async_id", "endpoint", "path", "waiters")
+
+    def __init__(self, async_id: str, endpoint: str, path: str) -> None:
+        self.async_id = async_id
+        self.endpoint = endpoint
+        self.path = path
+        self.waiters: dict[str, _Waiter] = {}  # owner -> waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +125,31 @@ class Subscriptions:
         self.registry = registry
         self.commands = commands
         self.presubscriptions: dict[str, list[Presubscription]] = {}  # owner -> list
-        self._observe_counter = 0  # internal async-ids of Observe commands
+        # the Observes queued or in flight, by command id and by (endpoint, path): at most
+        # one per path, so bounded by the devices' queues ([delivery] queue_length each)
+        self._observes: dict[str, _Observe] = {}
+        self._by_path: dict[tuple[str, str], _Observe] = {}
 
     async def subscribe(self, device_id: str, path: str, owner: str = "") -> Accepted | Rejected:
-        """Rule 9.1: observe `path` for `owner`; the subscription outlives registrations (9.3)."""
+        """The in-process form of `subscribe_waiting`, without the wait: `Accepted` for a
+        subscription made or pending."""
+        result = await self._subscribe(device_id, path, owner, 0.0, promise=False)
+        return result if isinstance(result, Rejected) else Accepted()
+
+    async def subscribe_waiting(
+        self, device_id: str, path: str, owner: str, wait: float
+    ) -> Subscribed | Pending | Rejected:
+        """Rule 9.1: observe `path` for `owner`; the subscription outlives registrations (9.3).
+
+        It exists once the device accepted the Observe: `Subscribed` if that happened within
+        `wait` seconds (the API's is `[delivery] subscribe_wait`), or the path was observed
+        already; else `Pending`, and the result (success or the device's error) follows as
+        one AsyncIDResponse. A refused subscription is neither listed nor stored."""
+        return await self._subscribe(device_id, path, owner, wait, promise=True)
+
+    async def _subscribe(
+        self, device_id: str, path: str, owner: str, wait: float, *, promise: bool
+    ) -> Subscribed | Pending | Rejected:
         registry = self.registry
         actor = registry.by_endpoint.get(device_id)
         if actor is None:
@@ -72,10 +159,40 @@ class Subscriptions:
             return checked
         if registry.store_behind():
             return Rejected(503, "STORE_IS_BEHIND")
-        if self._add_subscription(actor, checked, owner, registry.now()) is Verdict.QUEUE_IS_FULL:
-            return Rejected(429, "QUEUE_IS_FULL")
-        await registry.store.durable()
-        return Accepted()
+        now = registry.now()
+        subscriptions = actor.subscriptions
+        owners = None if subscriptions is None else subscriptions.get(checked)
+        if owners is not None and owner in owners:
+            return Subscribed()
+        if owners is not None and checked in actor.observed_paths():
+            owners.add(owner)  # (observed for another application: no new Observe)
+            registry.store.put_subscription(actor.endpoint, checked, owner)
+            return Subscribed()
+        pending = self._by_path.get((actor.endpoint, checked))
+        waiter = None if pending is None else pending.waiters.get(owner)
+        if waiter is None:
+            waiter = _Waiter(owner, str(uuid.uuid4()))
+            if pending is None:
+                pending = self.queue_observe(actor, checked, now, waiter)
+                if pending is None:
+                    return Rejected(429, "QUEUE_IS_FULL")
+            pending.waiters[owner] = waiter
+        waiter.withdrawn = False
+        if promise:  # (a 202 unless it succeeds within the wait: the result is reported)
+            waiter.promised = True
+        waiter.answering += 1  # (from now on a success is this PUT's to answer: 200)
+        try:
+            await registry.store.durable()  # (the Observe, and so this waiter's id)
+            if wait > 0:
+                with trio.move_on_after(wait):
+                    await waiter.event.wait()
+        finally:
+            waiter.answering -= 1
+        # (`observe_finished` published the AsyncIDResponse unless a PUT was waiting for a
+        # success: decided there, read here, in one step)
+        if waiter.outcome is not None and waiter.observed:
+            return Subscribed()
+        return Pending(waiter.response_id)
 
     def observe_again(self, actor: DeviceActor, now: float) -> None:
         """The device's observations are gone (it registered again, or its TCP connection
@@ -83,44 +200,143 @@ class Subscriptions:
         for path in sorted(actor.subscriptions or ()):
             self.queue_observe(actor, path, now)
 
-    def _add_subscription(self, actor: DeviceActor, path: str, owner: str, now: float) -> Verdict:
+    def _add_subscription(self, actor: DeviceActor, path: str, owner: str, now: float) -> None:
+        """A pre-subscription's subscription: recorded at once, and removed (and reported)
+        if the device refuses the Observe."""
         subscriptions = actor.subscriptions
         if subscriptions is None:
             subscriptions = actor.subscriptions = {}
         owners = subscriptions.get(path)
         if owners is not None and owner in owners:
-            return Verdict.DUPLICATE
+            return
         if owners is None:
-            verdict = self.queue_observe(actor, path, now)
-            if verdict is Verdict.QUEUE_IS_FULL:
-                return verdict
+            if self.queue_observe(actor, path, now) is None:
+                return  # (the queue is full: the device is not subscribed)
             owners = subscriptions[path] = set()
         owners.add(owner)
         self.registry.store.put_subscription(actor.endpoint, path, owner)
-        return Verdict.ACCEPTED
 
-    def queue_observe(self, actor: DeviceActor, path: str, now: float) -> Verdict:
-        if actor.machine.observing(path):
-            return Verdict.DUPLICATE
-        self._observe_counter += 1
-        async_id = f"{_SUBSCRIPTION_PREFIX}{self._observe_counter}"
+    def queue_observe(
+        self, actor: DeviceActor, path: str, now: float, first: _Waiter | None = None
+    ) -> _Observe | None:
+        """The Observe of `path` waiting or in flight (queued now if none is): None when
+        the path is observed already, or the queue is full. `first` names the Observe after
+        its waiter's AsyncIDResponse id, and its command carries that application (so that
+        a restart still owes it the result)."""
+        key = (actor.endpoint, path)
+        pending = self._by_path.get(key)
+        if pending is not None:
+            return pending
+        machine = actor.machine
+        if machine.observing(path):
+            queue = machine.queue
+            for cmd in (queue.in_flight, *queue.queue):  # (one restored from the store)
+                if cmd is not None and cmd.observe and cmd.uri == path:
+                    return self._watch(cmd.async_id, actor.endpoint, path)
+            return None
+        response_id = str(uuid.uuid4()) if first is None else first.response_id
+        async_id = _SUBSCRIPTION_PREFIX + response_id
         # an Observe waits for the device as long as the longest command may: a subscription
         # outlives registrations (rule 9.3) and a device away for days (after its connection
         # closed, say) is observed again when it is back
-        cmd = self.commands.make_command(actor, async_id, "GET", path, b"", None, None,
-                                         None, MAX_EXPIRY, now, observe=True)  # fmt: skip
+        cmd = self.commands.make_command(actor, async_id, "GET", path, b"", None, None, None,
+                                         MAX_EXPIRY, now, observe=True,
+                                         owner="" if first is None else first.owner)  # fmt: skip
         # (queued and stored; its task starts it, in order with its mail)
-        return actor.submit(cmd, now, start=False)
+        if actor.submit(cmd, now, start=False) is Verdict.QUEUE_IS_FULL:
+            return None
+        return self._watch(async_id, actor.endpoint, path)
+
+    def _watch(self, async_id: str, endpoint: str, path: str) -> _Observe:
+        pending = self._observes.get(async_id)
+        if pending is None:
+            pending = self._observes[async_id] = _Observe(async_id, endpoint, path)
+            self._by_path[endpoint, path] = pending
+        return pending
+
+    def observe_finished(self, actor: DeviceActor, cmd: Command, outcome: Outcome) -> None:
+        """An Observe ended: the subscriptions waiting for it are made (the device accepted
+        it) or not, each waiting application hears the result once (an AsyncIDResponse,
+        unless its PUT is still waiting and answers 200), and subscriptions the device now
+        refuses (after a Register, or made by a pre-subscription) are removed and reported
+        (an AsyncIDResponse with a new id, and `ep` and `path`)."""
+        endpoint, path = actor.endpoint, cmd.uri
+        pending = self._observes.pop(cmd.async_id, None)
+        if pending is None:
+            pending = _Observe(cmd.async_id, endpoint, path)
+        elif self._by_path.get((endpoint, path)) is pending:
+            del self._by_path[endpoint, path]
+        waiters = pending.waiters
+        if cmd.owner and cmd.owner not in waiters:  # (restored: the first waiter's promise)
+            restored = waiters[cmd.owner] = _Waiter(
+                cmd.owner, cmd.async_id[len(_SUBSCRIPTION_PREFIX) :]
+            )
+            restored.promised = True
+        observed = outcome.status == 200 and path in actor.observed_paths()
+        if outcome.status == 200 and not observed:
+            outcome = NOT_OBSERVED
+        store = self.registry.store
+        subscriptions = actor.subscriptions
+        owners = None if subscriptions is None else subscriptions.get(path)
+        if observed:
+            for waiter in waiters.values():
+                if not waiter.withdrawn:
+                    if owners is None:
+                        if subscriptions is None:
+                            subscriptions = actor.subscriptions = {}
+                        owners = subscriptions[path] = set()
+                    owners.add(waiter.owner)
+                    store.put_subscription(endpoint, path, waiter.owner)
+            if not owners:  # (every waiter withdrew)
+                actor.cancel_observation(path)
+        elif owners is not None and outcome not in _NOT_ANSWERED:
+            assert subscriptions is not None
+            del subscriptions[path]
+            for owner in sorted(owners):
+                store.delete_subscription(endpoint, path, owner)
+                if owner not in waiters:
+                    self._report(owner, str(uuid.uuid4()), endpoint, path, outcome)
+        for waiter in waiters.values():
+            waiter.outcome, waiter.observed = outcome, observed
+            if waiter.promised and not (observed and waiter.answering):
+                self._report(waiter.owner, waiter.response_id, endpoint, path, outcome)
+            waiter.event.set()
+
+    def _report(
+        self, owner: str, response_id: str, endpoint: str, path: str, outcome: Outcome
+    ) -> None:
+        """One AsyncIDResponse to `owner`, stored with the changes it reports and published
+        once they are durable (as a command's, `Commands.command_finished`)."""
+        item = outcome.as_async_response(response_id)
+        item["ep"] = endpoint
+        item["path"] = path
+        registry = self.registry
+        seq = self.commands.keep_event(owner, _ASYNC, item)
+        owners = frozenset((owner,))
+        registry.after_durable(lambda: registry.events.publish(_ASYNC, item, owners, seq))
+
+    def command_finished(self, actor: DeviceActor, cmd: Command, outcome: Outcome) -> None:
+        """A command ended (the device actor's `Finished`): an Observe's result is this
+        part's, every other command's `Commands.command_finished`'s."""
+        self.commands.command_finished(actor, cmd, outcome)
+        if cmd.observe:
+            self.observe_finished(actor, cmd, outcome)
 
     def unsubscribe(self, device_id: str, path: str, owner: str = "") -> bool:
-        """Remove `owner`'s subscription; the observation ends with the last subscriber."""
+        """Remove `owner`'s subscription; the observation ends with the last subscriber. A
+        subscription still pending is withdrawn: its AsyncIDResponse still comes when the
+        device answers, and it is never recorded."""
         actor = self.registry.by_endpoint.get(device_id)
         text = path if path.startswith("/") else "/" + path
-        owners = (
-            None if actor is None or actor.subscriptions is None else actor.subscriptions.get(text)
-        )
-        if actor is None or owners is None or owner not in owners:
+        if actor is None:
             return False
+        pending = self._by_path.get((actor.endpoint, text))
+        waiter = None if pending is None else pending.waiters.get(owner)
+        if waiter is not None:
+            waiter.withdrawn = True
+        owners = None if actor.subscriptions is None else actor.subscriptions.get(text)
+        if owners is None or owner not in owners:
+            return waiter is not None
         owners.discard(owner)
         if not owners:
             assert actor.subscriptions is not None
@@ -186,6 +402,10 @@ class Subscriptions:
                 item[key] = response[key]
         item.setdefault("payload", "")
         owners = (actor.subscriptions or {}).get(uri)
+        pending = self._by_path.get((actor.endpoint, uri)) if self._by_path else None
+        if pending is not None:  # (the Observe's first value: its waiters get it too)
+            waiting = {w.owner for w in pending.waiters.values() if not w.withdrawn}
+            owners = waiting if owners is None else owners | waiting
         if owners:
             self.registry.events.publish("notifications", item, frozenset(owners))
 

@@ -114,7 +114,7 @@ class Supervisor:
         self.store_behind = registry.store_behind
         # commands
         self.submit = commands.submit
-        self.command_finished = commands.command_finished
+        self.command_finished = subscriptions.command_finished  # (an Observe's: rule 9.1)
         self.events_delivered = commands.events_delivered
         self.keep_event = commands.keep_event
         # subscriptions

@@ -16,6 +16,7 @@ import msgspec
 import trio
 
 from dm_actor.actors.directory import Gone
+from dm_actor.actors.subscriptions import Pending
 from dm_actor.actors.supervisor import Presubscription, Rejected
 from dm_actor.api import devices
 from dm_actor.api.auth import is_admin
@@ -438,12 +439,18 @@ class Api:
                     sup.unsubscribe(device_id, path, req.app)
                 return NO_CONTENT
             return BAD_METHOD
-        path = "/" + "/".join(seg[3:])
+        # (`%2F3303%2F0`, what the SDK's ResourceValues sends, and `//3303/0` name `/3303/0`)
+        path = "/" + "/".join(seg[3:]).lstrip("/")
         if method == b"PUT":
-            # 200, not Pelion's 202 + async-response-id: the subscription is recorded at once
-            # and the Observe owes no AsyncIDResponse; values arrive as `notifications`.
-            result = await sup.subscribe(device_id, path, req.app)
-            return rejected(result) if isinstance(result, Rejected) else OK_EMPTY
+            # 200 once the device accepted the Observe (within [delivery] subscribe_wait),
+            # else 202 and the result as an AsyncIDResponse (docs/api.md, "Subscriptions")
+            wait = sup.settings.delivery.subscribe_wait
+            result = await sup.subscriptions.subscribe_waiting(device_id, path, req.app, wait)
+            if isinstance(result, Rejected):
+                return rejected(result)
+            if isinstance(result, Pending):
+                return json(202, {"async-response-id": result.async_response_id})
+            return OK_EMPTY
         if method == b"GET":
             paths = sup.subscriptions_of(device_id, req.app)
             if paths is None:
