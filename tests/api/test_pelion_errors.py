@@ -6,6 +6,7 @@ against docs/openapi.json (`Checked`).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ import trio
 import trio.testing
 
 from dm_actor.api.server import HttpServer
+from dm_actor.logformat import JsonFormatter
 from tests.actors.support import start_server
 
 from .client import KEY_A, KEYS, WEBSOCKET_PATH, HttpClient, start_api
@@ -148,3 +150,37 @@ async def test_a_poll_waiting_when_its_channel_is_deleted_gets_410(
             assert reply.json() == {"delivery_mechanism": "LONG_POLLING"}
             await other.request("DELETE", "/v2/notification/pull")
         assert [r.text for r in replies] == ["CHANNEL_DELETED", "CHANNEL_DELETED"]
+
+
+class JsonLines(logging.Handler):
+    """The records of a logger as `--log-format json` writes them, formatted when emitted
+    (in the task that logs, where the request's log context is set)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(JsonFormatter())
+        self.lines: list[dict[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+async def test_json_log_lines_carry_the_request_id(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    handler = JsonLines()
+    logger = logging.getLogger("dm_actor.api.server")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with api.client() as client:
+            reply = await client.request("GET", "/v3/devices/ghost")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    request_id = reply.json()["request_id"]
+    [line] = [x for x in handler.lines if x["message"].startswith("HTTP request ")]
+    assert line["request_id"] == request_id
+    assert line["endpoint"] == "ghost"
