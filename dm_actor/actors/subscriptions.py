@@ -210,7 +210,7 @@ class Subscriptions:
         if owners is not None and owner in owners:
             return
         if owners is None:
-            if self.queue_observe(actor, path, now) is None:
+            if self.queue_observe(actor, path, now) is None and not actor.machine.observing(path):
                 return  # (the queue is full: the device is not subscribed)
             owners = subscriptions[path] = set()
         owners.add(owner)
@@ -344,6 +344,20 @@ class Subscriptions:
             actor.cancel_observation(text)
         self.registry.store.delete_subscription(device_id, text, owner)
         return True
+
+    def unsubscribe_all(self, device_id: str, owner: str) -> None:
+        """Remove `owner`'s subscriptions to the device, and withdraw its pending ones."""
+        for path in self.subscriptions_of(device_id, owner) or ():
+            self.unsubscribe(device_id, path, owner)
+        actor = self.registry.by_endpoint.get(device_id)
+        if actor is None:
+            return
+        queue = actor.queue
+        for cmd in (queue.in_flight, *queue.queue):  # (its Observes: at most queue_length)
+            pending = None if cmd is None else self._observes.get(cmd.async_id)
+            waiter = None if pending is None else pending.waiters.get(owner)
+            if waiter is not None:
+                waiter.withdrawn = True
 
     def subscriptions_of(self, device_id: str, owner: str | None = None) -> list[str] | None:
         """The paths `owner` (or anyone, for None) subscribed to; None for an unknown device."""

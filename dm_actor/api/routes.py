@@ -435,8 +435,7 @@ class Api:
                 # no final newline: Pelion's SDK splits the body on "\n"
                 return 200, URI_LIST, "\n".join(paths).encode()
             if method == b"DELETE":
-                for path in sup.subscriptions_of(device_id, req.app) or ():
-                    sup.unsubscribe(device_id, path, req.app)
+                sup.subscriptions.unsubscribe_all(device_id, req.app)  # (pending ones too)
                 return NO_CONTENT
             return BAD_METHOD
         # (`%2F3303%2F0`, what the SDK's ResourceValues sends, and `//3303/0` name `/3303/0`)

@@ -328,3 +328,28 @@ async def test_a_flood_of_subscriptions_to_a_sleeping_device_stays_bounded(
         subscriptions = api.sup.subscriptions
         assert len(subscriptions._observes) == len(subscriptions._by_path) == 20
         assert all(len(o.waiters) == 2 for o in subscriptions._observes.values())
+
+
+@pytest.mark.parametrize("target", ["/v2/subscriptions/dev/3303/0/5700", "/v2/subscriptions/dev"])
+async def test_a_pending_subscription_deleted_is_reported_and_never_recorded(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, target: str
+) -> None:
+    api = await start_api(nursery)
+    async with api.client() as client:
+        await client.request("GET", "/v2/notification/pull")
+        dev = await online(api, nursery, binding="UQ")
+        await polled(client)
+        await trio.sleep(100)  # asleep
+        reply = await client.request("PUT", "/v2/subscriptions/dev/3303/0/5700")
+        assert reply.status == 202
+        assert (await client.request("DELETE", target)).status == 204
+        await dev.update()
+        items: list[dict[str, Any]] = []
+        with trio.move_on_after(30):
+            while not items:
+                items += async_responses(await polled(client))
+        # the 202's promise is kept; nothing is subscribed, and nothing stays observed
+        assert [(i["id"], i["status"]) for i in items] == [(reply.json()["async-response-id"], 200)]
+        assert (await client.request("GET", "/v2/subscriptions/dev")).status == 404
+        assert subscriptions_stored(api) == []
+        assert api.sup.by_endpoint["dev"].observed_paths() == set()
