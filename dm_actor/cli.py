@@ -61,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--coap-port", type=int, metavar="PORT", help=f"CoAP port (default {_DEFAULTS.coap_port})"
     )
     serve.add_argument(
+        "--coaps-port",
+        type=int,
+        metavar="PORT",
+        help="CoAP over DTLS port (default: the CoAP port + 1; also [security] coaps_port)",
+    )
+    serve.add_argument(
+        "--no-plain-coap",
+        action="store_true",
+        help="serve CoAP over DTLS only: no plain UDP or TCP socket ([security] plain_coap)",
+    )
+    serve.add_argument(
         "--http-port", type=int, metavar="PORT", help=f"HTTP port (default {_DEFAULTS.http_port})"
     )
     serve.add_argument(
@@ -136,7 +147,14 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         origins = [*settings.api.cors_origins, *args.cors_origin]
         api = msgspec.structs.replace(settings.api, cors_origins=origins)
         settings = msgspec.structs.replace(settings, api=api)
-    return settings
+    security = settings.security
+    if args.coaps_port is not None:
+        if not 0 <= args.coaps_port <= 65535:
+            raise ConfigError(f"--coaps-port {args.coaps_port}: not a port (0..65535)")
+        security = msgspec.structs.replace(security, coaps_port=args.coaps_port)
+    if args.no_plain_coap:
+        security = msgspec.structs.replace(security, plain_coap=False)
+    return msgspec.structs.replace(settings, security=security)
 
 
 def _origin(value: str) -> str:
