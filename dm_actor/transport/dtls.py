@@ -77,6 +77,9 @@ class DtlsTransport:
         self._numbers = itertools.count(1)
         self._by_address: dict[Address, Session] = {}  # session address -> session
         self._address_of: dict[Session, Address] = {}
+        # the one session of each PSK identity (a device has one: a new handshake ends the
+        # old session, so sessions are bounded by the credentials)
+        self._by_identity: dict[bytes, Session] = {}
         self._timer_changed = trio.Event()
         self._timer_at = math.inf
         self.dropped_sends = 0  # datagrams for a session that had ended
@@ -127,16 +130,13 @@ class DtlsTransport:
         return session.identity.decode("utf-8", "replace")
 
     def close_identity(self, identity: str) -> int:
-        """End every session authenticated by `identity` (its credentials were removed or
-        replaced): close_notify is sent; returns how many were closed."""
-        wanted = identity.encode()
-        doomed = [s for s in self._address_of if s.identity == wanted]
-        for session in doomed:
-            data = self.server.close(session)
-            if data is not None and self._send is not None:
-                self._send(data, session.address)
-            self._forget(session)
-        return len(doomed)
+        """End the session authenticated by `identity` (its credentials were removed or
+        replaced): close_notify is sent; returns how many were closed (0 or 1)."""
+        session = self._by_identity.get(identity.encode())
+        if session is None:
+            return 0
+        self._close(session)
+        return 1
 
     def revoked(self, endpoint: str, identity: str | None) -> None:
         """`Provisioning`'s hook: `endpoint`'s credentials changed or were removed, so the
@@ -194,18 +194,36 @@ class DtlsTransport:
                 self._on_refused(event.address, f"DTLS handshake failed: {event.reason}")
 
     def _established(self, session: Session, replaced: Session | None) -> None:
+        """A new session: the device of its identity, if it had one (it lost its state, or
+        its address changed without a Connection ID), keeps its session address, and its
+        older session ends."""
         addr: Address | None = None
-        if replaced is not None:
+        if replaced is not None:  # (the same socket address: already ended by the machine)
             old = self._forget(replaced)
             if replaced.identity == session.identity:
-                addr = old  # the same device, after it lost its state: still the same peer
+                addr = old
+        previous = self._by_identity.get(session.identity)
+        if previous is not None:
+            old = self._address_of.get(previous)
+            self._close(previous)
+            addr = addr or old
         if addr is None:
             addr = session_address(next(self._numbers))
         self._by_address[addr] = session
         self._address_of[session] = addr
+        self._by_identity[session.identity] = session
         log.debug("DTLS session %s from %s (identity %r)", addr, session.address, session.identity)
 
+    def _close(self, session: Session) -> None:
+        """End `session` (close_notify to its peer) and forget it."""
+        data = self.server.close(session)
+        if data is not None and self._send is not None:
+            self._send(data, session.address)
+        self._forget(session)
+
     def _forget(self, session: Session) -> Address | None:
+        if self._by_identity.get(session.identity) is session:
+            del self._by_identity[session.identity]
         addr = self._address_of.pop(session, None)
         if addr is not None:
             del self._by_address[addr]

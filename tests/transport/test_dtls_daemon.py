@@ -304,3 +304,26 @@ async def test_after_a_restart_a_dtls_device_is_found_again_when_it_comes_back(
     # the Update's 2.04 (held until stored) and the command, in either order
     got = [await dev2.receive(), await dev2.receive()]
     assert sorted(m.code for m in got if m is not None) == [Code.GET, Code.CHANGED]
+
+
+async def test_a_new_handshake_of_the_same_identity_keeps_the_device_and_ends_the_old_session(
+    server: app.Listening,
+) -> None:
+    """A device that lost its state (a reboot) or its address without a Connection ID shakes
+    hands again from a new port: it is still the same device (same session address, no new
+    Register needed), and its old session ends: sessions stay one per identity."""
+    sup = server.supervisor
+    sup.provisioning.set("sensor-1", "id-1", KEY)
+    first = await _device(server, "id-1")
+    assert await first.handshake()
+    assert (await first.request(first.register("sensor-1"))).code == Code.CREATED
+    bound = sup.by_endpoint["sensor-1"].addr
+    for _ in range(5):  # (each time a new socket: sessions must not pile up)
+        again = await _device(server, "id-1")
+        assert await again.handshake()
+    assert server.dtls is not None and server.dtls.sessions() == 1
+    assert await first.receive() is None and first.closed_by_server  # its close_notify
+    assert sup.by_endpoint["sensor-1"].addr == bound
+    await sup.submit("sensor-1", "GET", "/3/0/0", async_id="after-reboot")
+    request = await again.receive()  # the newest session gets it, without an Update
+    assert request is not None and request.code == Code.GET
