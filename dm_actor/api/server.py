@@ -399,7 +399,9 @@ class HttpServer:
                     await self._send(conn, stream, response, close=True, linger=False)
         except (h11.RemoteProtocolError, trio.BrokenResourceError, trio.ClosedResourceError,
                 trio.TooSlowError):  # fmt: skip
-            pass
+            pass  # a malformed head, a client gone or too slow: closed
+        except Exception:  # one connection's failure never stops the server
+            log.exception("HTTP connection from %s (connection reserve) failed", _peer(stream))
         finally:
             self.reserved -= 1
             self._room.set()

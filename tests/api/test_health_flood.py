@@ -66,6 +66,13 @@ async def test_health_is_answered_when_every_slot_is_busy_and_idle_connections_f
     with trio.fail_after(5):  # (the uploads hold their slots for 30 s)
         assert await health(addr) == 200
         assert await health(addr, "/readyz") == 200
+    with trio.fail_after(5):  # malformed HTTP in the reserve: closed, nothing else happens
+        garbage = await trio.open_tcp_stream(*addr[:2])
+        await garbage.send_all(b"\x00\x01 not HTTP\r\n\r\n")
+        while await garbage.receive_some(4096):  # the server closes it (no answer)
+            pass
+        await garbage.aclose()
+        assert await health(addr) == 200
     with trio.fail_after(5):  # a request of another kind in the reserve: 503, not a wait
         async with HttpClient(addr, KEY_A) as client:
             reply = await client.request("GET", "/v3/devices")
