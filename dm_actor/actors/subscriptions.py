@@ -19,14 +19,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from dm_actor.actors.commands import MAX_EXPIRY, Accepted, Rejected
-from dm_actor.delivery.outcomes import (
-    EXPIRED,
-    INCOMPLETE,
-    REMOVED,
-    TIMED_OUT,
-    UNREACHABLE,
-    Outcome,
+from dm_actor.actors.observing import (
+    NOT_ANSWERED,
+    NOT_OBSERVED,
+    SUBSCRIPTION_PREFIX,
+    Pending,
+    PendingObserve,
+    Subscribed,
+    Waiter,
 )
+from dm_actor.delivery.outcomes import Outcome
 from dm_actor.delivery.queue import Verdict
 from dm_actor.lwm2m.errors import InvalidPath
 from dm_actor.lwm2m.path import parse as parse_path
@@ -39,60 +41,9 @@ if TYPE_CHECKING:
     from dm_actor.delivery.queue import Command
     from dm_actor.lwm2m.send import SendRequest
 
-#: an Observe's command id is this and its AsyncIDResponse's id: it cannot collide with an
-#: application's async-id (rule 1.1's pattern has no ':')
-_SUBSCRIPTION_PREFIX = "sub:"
+__all__ = ["Pending", "Presubscription", "Subscribed", "Subscriptions"]
+
 _ASYNC = "async-responses"
-#: the device answered 2.05 without Observe: it did not add us as an observer (RFC 7641 3.1)
-NOT_OBSERVED = Outcome(412, "OBSERVE_NOT_ACCEPTED")
-#: outcomes that are no answer of the device's: a subscription it had is kept (and observed
-#: again at its next Register), one being made is not made
-_NOT_ANSWERED = (EXPIRED, REMOVED, TIMED_OUT, UNREACHABLE, INCOMPLETE)
-
-
-@dataclass(frozen=True, slots=True)
-class Subscribed:
-    """200: the device accepted the Observe within the wait, or the path was observed."""
-
-
-@dataclass(frozen=True, slots=True)
-class Pending:
-    """202: the result follows on the channel as an AsyncIDResponse with this id."""
-
-    async_response_id: str
-
-
-class _Waiter:
-    """One application waiting for an Observe's result (its subscription being made)."""
-
-    __slots__ = (
-        "answering", "event", "observed", "outcome", "owner", "promised", "response_id",
-        "withdrawn",
-    )  # fmt: skip
-
-    def __init__(self, owner: str, response_id: str) -> None:
-        self.owner = owner
-        self.response_id = response_id
-        self.event = trio.Event()
-        self.answering = 0  # PUTs in their short wait: they answer a success (200)
-        self.outcome: Outcome | None = None
-        self.observed = False
-        self.withdrawn = False  # DELETEd while pending: reported, never recorded
-        # a 202 promised its result (or will: a PUT in its wait, `answering`, that fails);
-        # an in-process subscriber (`Subscriptions.subscribe`) has no id to hear of
-        self.promised = False
-
-
-class _Observe:
-    """An Observe queued or in flight, and who waits for its result."""
-
-    __slots__ = ("async_id", "endpoint", "path", "waiters")
-
-    def __init__(self, async_id: str, endpoint: str, path: str) -> None:
-        self.async_id = async_id
-        self.endpoint = endpoint
-        self.path = path
-        self.waiters: dict[str, _Waiter] = {}  # owner -> waiter
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,8 +78,8 @@ class Subscriptions:
         self.presubscriptions: dict[str, list[Presubscription]] = {}  # owner -> list
         # the Observes queued or in flight, by command id and by (endpoint, path): at most
         # one per path, so bounded by the devices' queues ([delivery] queue_length each)
-        self._observes: dict[str, _Observe] = {}
-        self._by_path: dict[tuple[str, str], _Observe] = {}
+        self._observes: dict[str, PendingObserve] = {}
+        self._by_path: dict[tuple[str, str], PendingObserve] = {}
 
     async def subscribe(self, device_id: str, path: str, owner: str = "") -> Accepted | Rejected:
         """The in-process form of `subscribe_waiting`, without the wait: `Accepted` for a
@@ -171,7 +122,7 @@ class Subscriptions:
         pending = self._by_path.get((actor.endpoint, checked))
         waiter = None if pending is None else pending.waiters.get(owner)
         if waiter is None:
-            waiter = _Waiter(owner, str(uuid.uuid4()))
+            waiter = Waiter(owner, str(uuid.uuid4()))
             if pending is None:
                 pending = self.queue_observe(actor, checked, now, waiter)
                 if pending is None:
@@ -217,8 +168,8 @@ class Subscriptions:
         self.registry.store.put_subscription(actor.endpoint, path, owner)
 
     def queue_observe(
-        self, actor: DeviceActor, path: str, now: float, first: _Waiter | None = None
-    ) -> _Observe | None:
+        self, actor: DeviceActor, path: str, now: float, first: Waiter | None = None
+    ) -> PendingObserve | None:
         """The Observe of `path` waiting or in flight (queued now if none is): None when
         the path is observed already, or the queue is full. `first` names the Observe after
         its waiter's AsyncIDResponse id, and its command carries that application (so that
@@ -235,7 +186,7 @@ class Subscriptions:
                     return self._watch(cmd.async_id, actor.endpoint, path)
             return None
         response_id = str(uuid.uuid4()) if first is None else first.response_id
-        async_id = _SUBSCRIPTION_PREFIX + response_id
+        async_id = SUBSCRIPTION_PREFIX + response_id
         # an Observe waits for the device as long as the longest command may: a subscription
         # outlives registrations (rule 9.3) and a device away for days (after its connection
         # closed, say) is observed again when it is back
@@ -247,10 +198,10 @@ class Subscriptions:
             return None
         return self._watch(async_id, actor.endpoint, path)
 
-    def _watch(self, async_id: str, endpoint: str, path: str) -> _Observe:
+    def _watch(self, async_id: str, endpoint: str, path: str) -> PendingObserve:
         pending = self._observes.get(async_id)
         if pending is None:
-            pending = self._observes[async_id] = _Observe(async_id, endpoint, path)
+            pending = self._observes[async_id] = PendingObserve(async_id, endpoint, path)
             self._by_path[endpoint, path] = pending
         return pending
 
@@ -263,13 +214,13 @@ class Subscriptions:
         endpoint, path = actor.endpoint, cmd.uri
         pending = self._observes.pop(cmd.async_id, None)
         if pending is None:
-            pending = _Observe(cmd.async_id, endpoint, path)
+            pending = PendingObserve(cmd.async_id, endpoint, path)
         elif self._by_path.get((endpoint, path)) is pending:
             del self._by_path[endpoint, path]
         waiters = pending.waiters
         if cmd.owner and cmd.owner not in waiters:  # (restored: the first waiter's promise)
-            restored = waiters[cmd.owner] = _Waiter(
-                cmd.owner, cmd.async_id[len(_SUBSCRIPTION_PREFIX) :]
+            restored = waiters[cmd.owner] = Waiter(
+                cmd.owner, cmd.async_id[len(SUBSCRIPTION_PREFIX) :]
             )
             restored.promised = True
         observed = outcome.status == 200 and path in actor.observed_paths()
@@ -289,7 +240,7 @@ class Subscriptions:
                     store.put_subscription(endpoint, path, waiter.owner)
             if not owners:  # (every waiter withdrew)
                 actor.cancel_observation(path)
-        elif owners is not None and outcome not in _NOT_ANSWERED:
+        elif owners is not None and outcome not in NOT_ANSWERED:
             assert subscriptions is not None
             del subscriptions[path]
             for owner in sorted(owners):
