@@ -13,14 +13,17 @@ from __future__ import annotations
 import json
 from collections import Counter
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
 import trio.testing
 
-from dm_actor.coap.numbers import Code
+from dm_actor.coap.message import uint_bytes
+from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.store.memory import MemoryStore
+from tests.actors.support import Device, Executed
 
 from .client import KEY_B, next_message, start_api, websocket
 from .test_flow import online
@@ -353,3 +356,33 @@ async def test_a_pending_subscription_deleted_is_reported_and_never_recorded(
         assert (await client.request("GET", "/v2/subscriptions/dev")).status == 404
         assert subscriptions_stored(api) == []
         assert api.sup.by_endpoint["dev"].observed_paths() == set()
+
+
+@dataclass
+class NotObservable(Device):
+    """A device that answers an Observe with a plain 2.05: it adds no observer (RFC 7641)."""
+
+    def _answer(self, req: Message, now: float) -> None:
+        self.executed.append(Executed(req.code, "/" + "/".join(req.uri_path), req.mid, b""))
+        options = ((OptionNumber.CONTENT_FORMAT, uint_bytes(0)),)
+        self.coap.respond(req, Code.CONTENT, options, b"42", now)
+
+
+async def test_a_2_05_without_observe_is_a_refusal(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    async with api.client() as client:
+        await client.request("GET", "/v2/notification/pull")
+        dev = NotObservable(api.server.addr, "dev")
+        await dev.start(nursery)
+        assert (await dev.register()).code == Code.CREATED
+        await polled(client)
+        reply = await client.request("PUT", "/v2/subscriptions/dev/3303/0/5700")
+        assert reply.status == 202
+        [item] = async_responses(await polled(client))
+        assert item.pop("id") == reply.json()["async-response-id"]
+        assert item == {"status": 412, "error": "OBSERVE_NOT_ACCEPTED", "ep": "dev",
+                        "path": "/3303/0/5700"}  # fmt: skip
+        assert (await client.request("GET", "/v2/subscriptions/dev")).status == 404
+        assert subscriptions_stored(api) == []
