@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import os
 import resource
 import signal
 import socket
@@ -23,12 +24,13 @@ import trio
 
 from dm_actor.sim.client import MIN_BUFFER_SIZE, SEND_FORMATS, Profile, Totals
 from dm_actor.sim.fleet import BINDINGS, Fleet, FleetConfig, raise_fd_limit
+from dm_actor.sim.secure import csv_lines, derived_key, read_csv
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import AsyncIterator
 
-_SCHEMES = {"coap": "U", "coap+tcp": "T"}
+_SCHEMES = {"coap": "U", "coap+tcp": "T", "coaps": "U"}
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -41,7 +43,37 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument(
         "--server",
         default="coap://127.0.0.1:5683",
-        help="coap://HOST:PORT or coap+tcp://HOST:PORT (default %(default)s)",
+        help="coap://HOST:PORT, coap+tcp://HOST:PORT or coaps://HOST:PORT (DTLS); "
+        "default %(default)s",
+    )
+    p.add_argument(
+        "--dtls",
+        action="store_true",
+        help="CoAP over DTLS 1.2 with PSK (implied by coaps://); with a coap:// server, to its "
+        "port + 1 (the daemon's default coaps port)",
+    )
+    p.add_argument(
+        "--psk-secret",
+        metavar="TEXT",
+        help="DTLS: device NAME's PSK identity is NAME and its key HMAC-SHA256(TEXT, NAME)[:16]; "
+        "default: the environment's DM_ACTOR_SIM_PSK_SECRET",
+    )
+    p.add_argument(
+        "--credentials",
+        metavar="FILE.csv",
+        help="DTLS: the devices' credentials, endpoint,psk_identity,psk_key (hex) a line "
+        "(they take precedence over --psk-secret)",
+    )
+    p.add_argument(
+        "--write-credentials",
+        metavar="FILE.csv",
+        help="write the fleet's credentials derived from --psk-secret (for `dm-actor "
+        "credentials import`) and exit without simulating",
+    )
+    p.add_argument(
+        "--no-connection-id",
+        action="store_true",
+        help="DTLS: do not offer RFC 9146 Connection IDs",
     )
     p.add_argument("--devices", type=int, default=100, metavar="N", help="default %(default)s")
     p.add_argument(
@@ -161,10 +193,18 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     """
     url = urlsplit(args.server)
     if url.scheme not in _SCHEMES or not url.hostname:
-        raise ValueError(f"--server must be coap://HOST:PORT or coap+tcp://HOST:PORT, "
-                         f"not {args.server!r}")  # fmt: skip
+        raise ValueError(f"--server must be coap://HOST:PORT, coap+tcp://HOST:PORT or "
+                         f"coaps://HOST:PORT, not {args.server!r}")  # fmt: skip
     host = _ipv4(url.hostname)
-    server = (host, url.port or 5683)
+    dtls = bool(getattr(args, "dtls", False)) or url.scheme == "coaps"
+    if url.scheme == "coaps":
+        server = (host, url.port or 5684)
+    elif dtls:
+        if url.scheme != "coap":
+            raise ValueError("--dtls needs a coap:// or coaps:// server")
+        server = (host, (url.port or 5683) + 1)
+    else:
+        server = (host, url.port or 5683)
     binding = args.binding or _SCHEMES[url.scheme]
     bindings = tuple(BINDINGS) if binding == "mixed" else (binding,)
     if args.duration <= 0 or not math.isfinite(args.duration):
@@ -183,7 +223,12 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
         send_format=SEND_FORMATS[args.send_format],
         buffer_size=args.buffer_size,
     )
+    secret, table = _psk_source(args) if dtls else (b"", None)
     return FleetConfig(
+        dtls=dtls,
+        psk_secret=secret,
+        psk_table=table,
+        connection_id=not getattr(args, "no_connection_id", False),
         server=server,
         devices=args.devices,
         bindings=bindings,
@@ -202,6 +247,46 @@ def config_from_args(args: argparse.Namespace) -> FleetConfig:
     )
 
 
+def _psk_secret(args: argparse.Namespace) -> bytes:
+    secret = getattr(args, "psk_secret", None)
+    if secret is None:
+        secret = os.environ.get("DM_ACTOR_SIM_PSK_SECRET")
+    return secret.encode() if secret else b""
+
+
+def _psk_source(args: argparse.Namespace) -> tuple[bytes, dict[str, tuple[str, bytes]] | None]:
+    """The PSK secret and the table of credentials read from `--credentials`."""
+    secret = _psk_secret(args)
+    path = getattr(args, "credentials", None)
+    table: dict[str, tuple[str, bytes]] | None = None
+    if path is not None:
+        table = {}
+        with open(path, encoding="utf-8", newline="") as f:
+            for row in read_csv(f):
+                try:
+                    key = bytes.fromhex(row.key_hex)
+                except ValueError:
+                    raise ValueError(f"{path}: line {row.line}: psk_key is not hex") from None
+                if not row.endpoint or not row.identity or not 16 <= len(key) <= 64:
+                    raise ValueError(f"{path}: line {row.line}: an empty field or a key that is "
+                                     "not 16..64 bytes")  # fmt: skip
+                table[row.endpoint] = (row.identity, key)
+    if not secret and table is None:
+        raise ValueError("DTLS needs --psk-secret (or DM_ACTOR_SIM_PSK_SECRET) or --credentials")
+    return secret, table
+
+
+def write_credentials(config: FleetConfig, out: TextIO) -> int:
+    """Write the credentials of `config`'s devices (derived from its secret) as CSV."""
+    names = (f"{config.prefix}-{i}" for i in range(config.devices))
+    secret = config.psk_secret
+    count = 0
+    for line in csv_lines((n, n, derived_key(secret, n)) for n in names):
+        out.write(line)
+        count += 1
+    return count - 1
+
+
 def _ipv4(host: str) -> str:
     try:
         return str(ipaddress.IPv4Address(host))
@@ -213,7 +298,17 @@ def _ipv4(host: str) -> str:
 def run(args: argparse.Namespace) -> int:
     """Run `dm-actor simulate`; returns the exit code (2: bad arguments)."""
     try:
+        if getattr(args, "write_credentials", None) is not None:
+            args.dtls = True
         config = config_from_args(args)
+        if getattr(args, "write_credentials", None) is not None:
+            if not config.psk_secret:
+                raise ValueError("--write-credentials needs --psk-secret")
+            fd = os.open(args.write_credentials, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w", encoding="utf-8", newline="") as out:
+                count = write_credentials(config, out)
+            print(f"{count} credentials written to {args.write_credentials}", file=sys.stderr)
+            return 0
     except (ValueError, OSError) as exc:
         print(f"dm-actor simulate: error: {exc}", file=sys.stderr)
         return 2
@@ -291,6 +386,11 @@ def summarise(
         "datagrams_received": fleet.net.received,
         "datagrams_lost": fleet.net.lost,
         "send_failures": fleet.net.send_failures,
+        **(
+            {f"dtls_{k}": getattr(fleet.dtls, k) for k in fleet.dtls.__slots__}
+            if fleet.config.dtls
+            else {}
+        ),
         "cpu_s": round(cpu, 3),
         "max_rss_kib": usage.ru_maxrss,
     }

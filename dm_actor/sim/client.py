@@ -62,6 +62,8 @@ from dm_actor.sim.objects import (
 if TYPE_CHECKING:
     import socket
 
+    from dm_actor.dtls import DtlsClient, Session
+
 # device states
 IDLE = 0  # not started, or waiting to retry / reboot (`next_at`)
 CONNECTING = 1  # waiting for the network (a TCP connect) before `then`
@@ -277,6 +279,7 @@ class SimDevice(ObjectTree):
         "awake_until",
         "coap",
         "decoder",
+        "dtls",
         "due",
         "errors",
         "executed",
@@ -365,8 +368,10 @@ class SimDevice(ObjectTree):
         self.sends = 0
         self.errors = 0
         self.executed: list[Executed] | None = [] if profile.record else None
-        # the fleet's: its socket, source address index, bound port, scheduled deadline
+        # the fleet's: its socket, source address index, bound port, scheduled deadline, and
+        # over DTLS its handshake (a DtlsClient) or then its established Session
         self.sock: socket.socket | None = None
+        self.dtls: DtlsClient | Session | None = None
         self.src = 0
         self.port = 0
         self.due = _INF
@@ -490,16 +495,19 @@ class SimDevice(ObjectTree):
         self._process(now)
 
     def on_connected(self, now: float) -> None:
-        """The TCP connection is up: CSM first (RFC 8323 5.3), then what was waiting."""
-        self.decoder = framing_tcp.StreamDecoder()
-        buffer = self.profile.buffer_size
-        csm = framing_tcp.csm() if buffer is None else framing_tcp.csm(buffer)
-        self.net.send(self, framing_tcp.encode(csm))
+        """The TCP connection is up: CSM first (RFC 8323 5.3), then what was waiting. (Over
+        DTLS: the session is established, then what was waiting.)"""
+        if self.transport == TCP:
+            self.decoder = framing_tcp.StreamDecoder()
+            buffer = self.profile.buffer_size
+            csm = framing_tcp.csm() if buffer is None else framing_tcp.csm(buffer)
+            self.net.send(self, framing_tcp.encode(csm))
         self._begin(now)
         self._process(now)
 
     def on_closed(self, now: float) -> None:
-        """The TCP connection failed or the server closed it."""
+        """The TCP connection failed or the server closed it (over DTLS: the handshake
+        failed or the server ended the session)."""
         if self.state != SLEEPING:
             self._lost(now)
 
@@ -649,6 +657,7 @@ class SimDevice(ObjectTree):
         self.upload = self.inbound = None
         self.observations = self.notified = None
         self.coap = self._new_endpoint()
+        self.dtls = None  # a reboot loses the DTLS session too: a new handshake follows
         self.state = IDLE
         self.next_at = now + self.profile.reboot_delay
 

@@ -18,6 +18,16 @@ Owns the sockets, the impairments and the scheduling of every `SimDevice` of a r
   `(deadline, seq, device)` entries, lazily invalidated, drives every retransmission, Update,
   sleep, wake and notification check.
 
+Over DTLS (`FleetConfig.dtls`, UDP bindings only) each device shakes hands with the
+server's coaps socket (the project's own `DtlsClient`, PSK per device: `dm_actor.sim.secure`)
+before its Register; the handshake's flights are retransmitted from the same timer heap, and
+once established a device keeps only the `Session` (a few hundred bytes): every datagram it
+sends is sealed here and every one it receives opened here, so `SimDevice` never knows. A
+failed handshake or a session the server ends counts as a lost connection (the device
+retries after its back-off, with a new handshake). A device asleep keeps its session and
+comes back with it on a new socket (its Connection ID lets the server find it; without
+Connection IDs it shakes hands again).
+
 Optional loss, duplication and delay apply to every datagram in both directions, drawn from
 a `random.Random(seed)`; device values and identities come from a second one.
 
@@ -38,11 +48,27 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
+from dm_actor.dtls import (
+    DatagramToSend,
+    DtlsClient,
+    HandshakeFailed,
+    LocalProtocolError,
+    Session,
+    SessionEstablished,
+)
+from dm_actor.dtls.record import ContentType
 from dm_actor.sim.client import OWN_UDP, SHARED_UDP, TCP, Profile, SimDevice, Totals
 from dm_actor.sim.objects import World
+from dm_actor.sim.secure import derived_key, open_records
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from dm_actor.dtls import Event
 
 #: <linux/in.h>: IP_PKTINFO; Python 3.11 does not export it.
 _IP_PKTINFO = 8
@@ -51,6 +77,7 @@ _EPOLLIN = select.EPOLLIN
 _EPOLLOUT = select.EPOLLOUT
 _EPOLLERRHUP = select.EPOLLERR | select.EPOLLHUP
 _INF = math.inf
+_APPLICATION_DATA = ContentType.APPLICATION_DATA.value
 #: what a binding letter combination means: (transport, queue mode)
 BINDINGS: dict[str, tuple[int, bool]] = {
     "U": (SHARED_UDP, False),
@@ -83,6 +110,12 @@ class FleetConfig:
         sample_period: sensors change every this many seconds.
         profile: device behaviour (awake/sleep, notifications, retries).
         batch: datagrams drained from one socket per wake-up.
+        dtls: CoAP over DTLS 1.2 with PSK (`server` is then the coaps address; U and UQ
+            bindings only).
+        psk_secret: over DTLS, device NAME's PSK identity is NAME and its key
+            HMAC-SHA256(psk_secret, NAME)[:16] (`secure.derived_key`)...
+        psk_table: ...unless this maps NAME to its (identity, key) (a credentials CSV).
+        connection_id: over DTLS, offer RFC 9146 Connection IDs.
     """
 
     server: tuple[str, int]
@@ -103,6 +136,10 @@ class FleetConfig:
     sample_period: float = 5.0
     profile: Profile = field(default_factory=Profile)
     batch: int = 256
+    dtls: bool = False
+    psk_secret: bytes = b""
+    psk_table: Mapping[str, tuple[str, bytes]] | None = None
+    connection_id: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.bindings) - set(BINDINGS)
@@ -115,6 +152,11 @@ class FleetConfig:
                 raise ValueError(f"{name} must be within [0, 1)")
         if self.delay < 0 or self.ramp < 0:
             raise ValueError("delay and ramp must not be negative")
+        if self.dtls:
+            if any(BINDINGS[b][0] == TCP for b in self.bindings):
+                raise ValueError("DTLS devices use UDP bindings only (U, UQ)")
+            if not self.psk_secret and self.psk_table is None:
+                raise ValueError("DTLS needs a PSK secret or a table of credentials")
 
 
 @dataclass(slots=True)
@@ -127,6 +169,18 @@ class NetStatistics:
     duplicated: int = 0
     send_failures: int = 0  # the kernel refused (full buffer, closed peer)
     stray: int = 0  # datagrams not from the server, or for no device
+
+
+@dataclass(slots=True)
+class DtlsCounters:
+    """DTLS counters of a fleet (all zero without DTLS)."""
+
+    handshakes: int = 0  # sessions established
+    handshake_failures: int = 0  # refused (alert) or timed out
+    sessions_closed: int = 0  # ended by the server (close_notify or a fatal alert)
+    records_dropped: int = 0  # records that did not open (replays, bad tags, leftovers)
+    unsent: int = 0  # datagrams a device sent with no session (dropped)
+    no_credentials: int = 0  # devices without credentials in the table (never connect)
 
 
 def raise_fd_limit() -> int:
@@ -152,6 +206,7 @@ class Fleet:
         self.world = World(random.Random(config.seed), config.sample_period)
         self.totals = Totals()
         self.net = NetStatistics()
+        self.dtls = DtlsCounters()
         self.devices: list[SimDevice] = []
         self.started_at = 0.0
         #: seconds from the start until every device was registered at once (first time)
@@ -176,6 +231,7 @@ class Fleet:
         self._heap: list[tuple[float, int, SimDevice, tuple[bool, bytes] | None]] = []
         self._seq = itertools.count()
         self._now = 0.0
+        self._secure = config.dtls
 
     # -- running ---------------------------------------------------------------------------
 
@@ -265,6 +321,11 @@ class Fleet:
 
     def _schedule(self, dev: SimDevice) -> None:
         at = dev.deadline()
+        handshake = dev.dtls
+        if handshake is not None and type(handshake) is DtlsClient:
+            timer = handshake.get_timer()
+            if timer is not None and timer < at:
+                at = timer
         if at != dev.due:
             dev.due = at
             if at < _INF:
@@ -282,12 +343,15 @@ class Fleet:
                 if dev.due != at:
                     continue  # superseded
                 dev.due = _INF
+                handshake = dev.dtls
+                if handshake is not None and type(handshake) is DtlsClient:
+                    self._handshake(dev, handshake, handshake.handle_timer(now), now)
                 dev.on_timer(now)
             elif item[0]:
                 self._transmit(dev, item[1])
                 continue
             elif dev.sock is not None:
-                dev.on_datagram(item[1], now)
+                self._receive(dev, item[1], now)
             self._schedule(dev)
         return bool(heap) and heap[0][0] <= now
 
@@ -363,9 +427,79 @@ class Fleet:
                 if extra:
                     heapq.heappush(self._heap, (now + extra, next(self._seq), dev, (False, data)))
                 else:
-                    dev.on_datagram(data, now)
+                    self._receive(dev, data, now)
             return
-        dev.on_datagram(data, now)
+        self._receive(dev, data, now)
+
+    def _receive(self, dev: SimDevice, data: bytes, now: float) -> None:
+        if not self._secure:
+            dev.on_datagram(data, now)
+            return
+        state = dev.dtls
+        if state is None:
+            self.dtls.records_dropped += 1  # for a session the device no longer has
+        elif type(state) is DtlsClient:
+            self._handshake(dev, state, state.receive(data, now), now)
+        else:
+            assert isinstance(state, Session)
+            plaintexts, closed, dropped = open_records(state, data)
+            self.dtls.records_dropped += dropped
+            for plaintext in plaintexts:
+                dev.on_datagram(plaintext, now)
+                if dev.dtls is not state:
+                    return  # (it rebooted)
+            if closed:
+                self.dtls.sessions_closed += 1
+                dev.dtls = None
+                dev.on_closed(now)
+
+    # -- DTLS ----------------------------------------------------------------------------------
+
+    def _connect(self, dev: SimDevice) -> bool:
+        """Over DTLS: True when the device has a session it may use now; else a handshake
+        starts (or the device has no credentials) and `on_connected` / `on_closed` follows."""
+        state = dev.dtls
+        reusable = self.config.connection_id or dev.transport == SHARED_UDP
+        if type(state) is Session and not state.closed and reusable:
+            return True
+        c = self.config
+        name = dev.endpoint
+        if c.psk_table is not None and name in c.psk_table:
+            identity, key = c.psk_table[name]
+            identity_bytes = identity.encode()
+        elif c.psk_secret:
+            identity_bytes, key = name.encode(), derived_key(c.psk_secret, name)
+        else:
+            self.dtls.no_credentials += 1
+            dev.dtls = None
+            self._refused.append(dev)
+            return False
+        client = DtlsClient(self.server, identity_bytes, key,
+                            connection_id=b"" if c.connection_id else None)  # fmt: skip
+        dev.dtls = client
+        self._handshake(dev, client, client.connect(self._now), self._now)
+        return False
+
+    def _handshake(
+        self, dev: SimDevice, client: DtlsClient, events: list[Event], now: float
+    ) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is DatagramToSend:
+                assert isinstance(event, DatagramToSend)
+                self._send_datagram(dev, event.data)
+            elif kind is SessionEstablished:
+                if dev.dtls is not client:
+                    return
+                self.dtls.handshakes += 1
+                dev.dtls = client.session  # the handshake's state goes; the keys stay
+                dev.on_connected(now)
+            elif kind is HandshakeFailed:
+                if dev.dtls is not client:
+                    return
+                self.dtls.handshake_failures += 1
+                dev.dtls = None
+                dev.on_closed(now)
 
     def _impair(self) -> list[float]:
         """The delays of the copies of one datagram that get through (none when lost)."""
@@ -449,7 +583,21 @@ class Fleet:
     # -- the Network protocol the devices use ---------------------------------------------------
 
     def send(self, device: SimDevice, data: bytes) -> None:
-        """Send from a device to the server, through the impairments (UDP only)."""
+        """Send from a device to the server, through the impairments (UDP only); over DTLS,
+        sealed on the device's session (dropped when it has none)."""
+        if self._secure:
+            session = device.dtls
+            if type(session) is not Session:
+                self.dtls.unsent += 1
+                return
+            try:
+                data = session.seal(_APPLICATION_DATA, data)
+            except LocalProtocolError:  # closed
+                self.dtls.unsent += 1
+                return
+        self._send_datagram(device, data)
+
+    def _send_datagram(self, device: SimDevice, data: bytes) -> None:
         if self._impaired and device.transport != TCP:
             for extra in self._impair():
                 if extra:
@@ -485,7 +633,7 @@ class Fleet:
         free), or a TCP connection started without blocking."""
         transport = device.transport
         if transport == SHARED_UDP:
-            return True
+            return self._connect(device) if self._secure else True
         assert self._epoll is not None
         ip = self._ips[device.src]
         if transport == OWN_UDP:
@@ -497,7 +645,7 @@ class Fleet:
                 sock.bind((ip, 0))  # taken meanwhile: a new port, as after a NAT rebinding
             device.port = int(sock.getsockname()[1])
             self._adopt(device, sock, _EPOLLIN)
-            return True
+            return self._connect(device) if self._secure else True
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
