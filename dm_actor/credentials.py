@@ -166,6 +166,12 @@ class Credentials:
         return old
 
 
+def security_mode(credentials: Credentials, endpoint: str) -> str:
+    """How `endpoint` connects, as LwM2M's Security Mode names it: "psk" when it has
+    credentials (it is then accepted over DTLS only), else "nosec" (plain CoAP)."""
+    return "psk" if endpoint in credentials else "nosec"
+
+
 class Refusal(NamedTuple):
     """Why a registration request is refused by the identity rules (`admit`)."""
 

@@ -31,11 +31,13 @@ def _build_resources(objects: RegisteredObjects) -> list[dict[str, object]]:
 _shared_resources = lru_cache(maxsize=256)(_build_resources)
 
 
-def registration_item(reg: Registration) -> dict[str, object]:
-    """The Pelion `EndpointData` of a registration event."""
+def registration_item(reg: Registration, security_mode: str) -> dict[str, object]:
+    """The Pelion `EndpointData` of a registration event, with how the device connects
+    (`credentials.security_mode`: dm_actor's, not Pelion's)."""
     item: dict[str, object] = {"ep": reg.endpoint, "original-ep": reg.endpoint}
     if reg.endpoint_type is not None:
         item["ept"] = reg.endpoint_type
     item["q"] = reg.queue_mode
+    item["security_mode"] = security_mode
     item["resources"] = _resources(reg.objects)
     return item

@@ -39,6 +39,7 @@ from dm_actor.api.schemas import (
 )
 from dm_actor.api.webhook import Webhooks, parse_target
 from dm_actor.coap.numbers import content_format_for
+from dm_actor.credentials import security_mode
 from dm_actor.lwm2m.resource_list import listed_resources
 
 if TYPE_CHECKING:
@@ -576,6 +577,7 @@ class Api:
                 binding=device.binding,
                 queue_mode=device.queue_mode,
                 lifetime=device.lifetime,
+                security_mode=security_mode(self.sup.credentials, device.endpoint),
             )
         reg = device.reg
         return DeviceData(
@@ -588,6 +590,7 @@ class Api:
             binding=reg.binding,
             queue_mode=reg.queue_mode,
             lifetime=reg.lifetime,
+            security_mode=security_mode(self.sup.credentials, reg.endpoint),
         )
 
 

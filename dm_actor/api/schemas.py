@@ -111,6 +111,9 @@ class DeviceData(msgspec.Struct, frozen=True, kw_only=True):
     binding: str
     queue_mode: bool
     lifetime: int
+    # how it connects (dm_actor's, not Pelion's): "psk" (DTLS with a pre-shared key: it has
+    # device credentials) or "nosec" (plain CoAP), as LwM2M's Security Mode names them
+    security_mode: str = "nosec"
 
 
 class DeviceList(msgspec.Struct, frozen=True, kw_only=True):

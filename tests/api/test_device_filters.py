@@ -19,6 +19,7 @@ import trio.testing
 from dm_actor.actors.directory import Directory
 from dm_actor.coap.numbers import Code
 from dm_actor.config import parse_settings
+from dm_actor.credentials import Credentials
 
 from .client import start_api
 from .test_flow import online
@@ -253,6 +254,7 @@ async def test_a_scan_lets_other_tasks_run(autojump_clock: trio.testing.MockCloc
         by_endpoint=by_endpoint,
         endpoint_names=SortedList(by_endpoint),
         registry=SimpleNamespace(directory=Directory(60.0, 10)),
+        credentials=Credentials(),
         wall_offset=1.7e9,
         now=trio.current_time,
     )

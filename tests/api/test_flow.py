@@ -54,7 +54,7 @@ async def _long_poll_flow(api: Api, client: HttpClient, nursery: trio.Nursery) -
     await online(api, nursery)
     message = await pull(client)
     [registration] = message["registrations"]
-    assert registration == {"ep": "dev", "q": False, "resources": [
+    assert registration == {"ep": "dev", "q": False, "security_mode": "nosec", "resources": [
         {"path": "/1/0", "obs": True}, {"path": "/3/0", "obs": True},
         {"path": "/3303/0", "obs": True}, {"path": "/3311/0", "obs": True}]}  # fmt: skip
     reply = await client.request(
