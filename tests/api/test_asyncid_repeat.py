@@ -282,3 +282,34 @@ async def test_a_window_that_ends_during_the_check_makes_a_new_command(
     assert await submit("dev", "PUT", "/3/0/14", async_id="w1", payload=b"+02") == Accepted()
     await trio.sleep(5)
     assert writes(dev) == 2
+
+
+async def test_an_unfinished_commands_id_stays_its_own_across_a_restart(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    """A command still unfinished when the server stops keeps its id after the restart:
+    another device with it gets 409, the same request 202 and still one command."""
+    autojump_clock.autojump_threshold = 0.05  # SQLite commits run in a worker thread
+    [port] = free_ports(1)
+    scope, first = await run_daemon(nursery, tmp_path, autojump_clock, port)
+    assert first.http is not None
+    hung = Device(first.coap_udp, "dev", lifetime=3600, answer=False)
+    other = Device(first.coap_udp, "other", lifetime=3600)
+    for dev in (hung, other):
+        await dev.start(nursery)
+        assert (await dev.register()).code == Code.CREATED
+    async with HttpClient(first.http, KEY_A) as client:
+        assert (await post(client, "w1", WRITE)).status == 202
+    await trio.sleep(1)
+    scope.cancel()
+    await trio.sleep(1)
+    scope, second = await run_daemon(nursery, tmp_path, autojump_clock, port)
+    assert second.http is not None
+    async with HttpClient(second.http, KEY_A) as client:
+        reply = await post(client, "w1", WRITE, dev="other")
+        assert (reply.status, reply.text) == (409, "ASYNC_ID_IN_USE")
+        assert (await post(client, "w1", WRITE)).status == 202
+        queue = (await client.request("GET", "/v2/device-requests/dev")).json()
+        assert [c["async-id"] for c in queue["commands"]] == ["w1"]
+    scope.cancel()
+    assert writes(other) == 0
