@@ -25,7 +25,20 @@ def _resources(objects: RegisteredObjects) -> list[dict[str, object]]:
 
 
 def _build_resources(objects: RegisteredObjects) -> list[dict[str, object]]:
-    return [{"path": str(p), "obs": True} for p in objects.paths()]
+    """Each registered link as Pelion's `ResourcesData`: `obs` only where the device said
+    `obs`, and its `rt` and `ct` when it gave them."""
+    attributes = objects.link_attributes()
+    out: list[dict[str, object]] = []
+    for path in objects.paths():
+        text = str(path)
+        params = attributes.get(text, {})
+        item: dict[str, object] = {"path": text, "obs": "obs" in params}
+        for name in ("rt", "ct"):
+            value = params.get(name)
+            if value:
+                item[name] = value
+        out.append(item)
+    return out
 
 
 _shared_resources = lru_cache(maxsize=256)(_build_resources)

@@ -55,8 +55,8 @@ async def _long_poll_flow(api: Api, client: HttpClient, nursery: trio.Nursery) -
     message = await pull(client)
     [registration] = message["registrations"]
     assert registration == {"ep": "dev", "q": False, "security_mode": "nosec", "resources": [
-        {"path": "/1/0", "obs": True}, {"path": "/3/0", "obs": True},
-        {"path": "/3303/0", "obs": True}, {"path": "/3311/0", "obs": True}]}  # fmt: skip
+        {"path": "/1/0", "obs": False}, {"path": "/3/0", "obs": False},
+        {"path": "/3303/0", "obs": False}, {"path": "/3311/0", "obs": False}]}  # fmt: skip
     reply = await client.request(
         "POST", "/v2/device-requests/dev?async-id=r-1", json={"method": "GET", "uri": "/3/0/1"}
     )
