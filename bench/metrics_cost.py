@@ -52,6 +52,7 @@ def stand_in(devices: int) -> Any:
     )
     sup = SimpleNamespace(
         by_endpoint=by_endpoint,
+        credentials={},
         registry=registry,
         statistics={"registrations": devices},
         store=SimpleNamespace(backlog=lambda: 0, healthy=lambda: True),

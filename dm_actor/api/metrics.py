@@ -27,15 +27,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from dm_actor.address import is_session
 from dm_actor.api.auth import is_admin
 from dm_actor.api.routes import text
+from dm_actor.credentials import security_mode
 from dm_actor.histogram import LAG_BOUNDS, Histogram
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
 
-    from dm_actor.address import Address
     from dm_actor.api.channels import NotificationHub
     from dm_actor.api.routes import Api, Response
     from dm_actor.transport.tcp import TcpListener
@@ -66,6 +65,9 @@ _V2 = {
     "subscriptions": ("/v2/subscriptions", "/{device-id}", "/{resource-path}"),
 }
 _NOTIFICATION = frozenset(("pull", "websocket-connect", "websocket", "callback"))
+_ADMIN = frozenset(
+    ("overview", "devices", "device-requests", "async-responses", "subscriptions", "events")
+)
 
 
 def route_of(segments: list[str]) -> str:
@@ -93,6 +95,8 @@ def route_of(segments: list[str]) -> str:
         return f"/v3/{kind}/{{id}}" if len(rest) == 1 else UNMATCHED
     if head == "console":
         return "/console/"
+    if head == "admin" and kind in _ADMIN:  # (console.py)
+        return f"/admin/{kind}"
     return UNMATCHED
 
 
@@ -250,14 +254,18 @@ class _Collector(Collector):
 
     @staticmethod
     def _devices(obs: Observability) -> Iterator[Metric]:
+        sup = obs.server.api.sup
+        credentials = sup.credentials
         counts: dict[tuple[str, str, str], int] = {}
-        for actor in obs.server.api.sup.by_endpoint.values():
+        for endpoint, actor in sup.by_endpoint.items():
             reg = actor.reg
-            key = (reg.transports, "true" if reg.queue_mode else "false", _security(actor.addr))
+            mode = security_mode(credentials, endpoint)
+            key = (reg.transports, "true" if reg.queue_mode else "false", mode)
             counts[key] = counts.get(key, 0) + 1
         family = GaugeMetricFamily(
             "dm_actor_devices_registered",
-            "Devices registered now, by binding (transport letters), queue mode and security",
+            "Devices registered now, by binding (transport letters), queue mode and security"
+            " mode (psk over DTLS, nosec)",
             labels=["binding", "queue_mode", "security"],
         )
         yield _labelled(family, ((list(k), n) for k, n in sorted(counts.items())))
@@ -427,9 +435,3 @@ _DEVICE_REFUSALS = (
     "blockwise_failures",
     "peer_errors",
 )
-
-
-def _security(addr: Address | None) -> str:
-    """The security mode of a device at `addr`: "psk" over a DTLS session, else "none"
-    (plain CoAP over UDP or TCP)."""
-    return "psk" if addr is not None and is_session(addr) else "none"

@@ -99,7 +99,7 @@ async def test_metrics_count_what_the_test_did(
     def value(name: str, **labels: str) -> float:
         return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
-    none = "none"
+    none = "nosec"
     assert value("dm_actor_devices_registered", binding="U", queue_mode="false", security=none) == 2
     assert value("dm_actor_devices_registered", binding="U", queue_mode="true", security=none) == 1
     assert value("dm_actor_registrations_total") == 4
