@@ -181,3 +181,26 @@ async def test_handshakes_and_commands_survive_a_lossy_network(
     for dev in fleet.devices:
         assert len(executed(dev, "/3311/0/5851")) == 1
         assert dev.light(0).dimmer == 42
+
+
+async def test_without_connection_ids_a_waking_device_shakes_hands_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """A queue-mode device wakes on a new socket: without a CID the server could not find its
+    session from the new port, so it makes a new one (the server keeps its session address:
+    the same identity again)."""
+    listening, view, fleet, _ = await start(nursery, {
+        "devices": 4, "bindings": ("UQ",), "seed": 9, "connection_id": False,
+        "profile": Profile(awake=5.0, sleep=20.0, record=True),
+    })  # fmt: skip
+    sup = listening.supervisor
+    await trio.sleep(10)
+    assert fleet.totals.sleeping == 4 and fleet.dtls.handshakes == 4
+    for dev in fleet.devices:
+        ok = await sup.submit(dev.endpoint, "GET", "/3/0/1", async_id=f"wake-{dev.endpoint}")
+        assert ok == Accepted()
+    await trio.sleep(200)  # (the server learns they sleep, then sends at their next wake)
+    woken = [str(r["id"]) for r in view.take("async-responses")]  # type: ignore[index]
+    assert sorted(woken) == sorted(f"wake-{d.endpoint}" for d in fleet.devices)
+    assert fleet.dtls.handshakes >= 8 and fleet.totals.errors == 0
+    assert all(len(executed(d, "/3/0/1")) == 1 for d in fleet.devices)
