@@ -1,0 +1,125 @@
+"""Attacks on issue 15 (CoAP over DTLS with PSK, identity bound to the endpoint): each test
+is a reproducer of a finding, marked xfail(strict) until it is fixed.
+
+Daemon-level tests run `app.serve` on loopback (real clock, the fixtures of
+tests/transport/test_dtls_daemon.py); machine-level ones drive `DtlsServer` directly.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from dm_actor.coap.numbers import Code
+from dm_actor.dtls import DatagramToSend, DtlsClient, DtlsServer, SessionEstablished
+from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
+    WAIT,
+    SecureDevice,
+    _device,
+    server,
+)
+
+if TYPE_CHECKING:
+    from dm_actor import app
+
+OLD_KEY = bytes(range(16))
+NEW_KEY = bytes(range(100, 116))
+
+
+def _records(datagram: bytes) -> list[bytes]:
+    """The records of a datagram of records without Connection ID (13-byte headers)."""
+    out = []
+    while datagram:
+        length = int.from_bytes(datagram[11:13], "big")
+        out.append(datagram[: 13 + length])
+        datagram = datagram[13 + length :]
+    return out
+
+
+async def _half_open(dev: SecureDevice) -> bytes:
+    """Shake hands up to the client's final flight; send its ClientKeyExchange and
+    ChangeCipherSpec, and return its Finished record, held back."""
+    events = dev.dtls.connect(trio.current_time())
+    final: bytes | None = None
+    while True:
+        for e in events:
+            if isinstance(e, DatagramToSend):
+                records = _records(e.data)
+                if records[0][0] == 22 and records[0][13] == 16:  # ClientKeyExchange
+                    final = records[-1]
+                    for r in records[:-1]:
+                        await dev.sock.sendto(r, dev.server)
+                else:
+                    await dev.sock.sendto(e.data, dev.server)
+        if final is not None:
+            return final
+        with trio.fail_after(WAIT):
+            data = await dev.sock.recv(65535)
+        events = dev.dtls.receive(data, trio.current_time())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a handshake past its ClientKeyExchange keeps the key looked up then: replacing "
+    "the credentials (same identity, new key) does not abort it, so whoever holds the "
+    "revoked key finishes it afterwards and registers as the endpoint",
+)
+async def test_a_handshake_begun_with_a_revoked_key_does_not_complete(
+    server: app.Listening,  # noqa: F811
+) -> None:
+    sup = server.supervisor
+    sup.provisioning.set("sensor-1", "id-1", OLD_KEY)  # the key that leaked
+    assert server.coaps is not None
+    thief = SecureDevice(server.coaps, "id-1", OLD_KEY, cid=False)
+    await thief.open()
+    with thief.sock:
+        finished = await _half_open(thief)
+        # the operator rotates the leaked key (PUT /v3/device-credentials, same identity)
+        sup.provisioning.set("sensor-1", "id-1", NEW_KEY)
+        await trio.sleep(0.05)
+        await thief.sock.sendto(finished, thief.server)
+        established = False
+        with trio.move_on_after(1.0):
+            while not established:
+                data = await thief.sock.recv(65535)
+                thief.dtls.receive(data, trio.current_time())
+                established = thief.dtls.session is not None
+        if established:
+            reply = await thief.request(thief.register("sensor-1"))
+            registered = reply.code == Code.CREATED
+        else:
+            registered = False
+    assert not registered, "the revoked key's holder registered as sensor-1"
+    assert not established, "a session keyed with the revoked key was established"
+
+
+def test_machine_a_pending_handshake_uses_the_key_looked_up_at_its_client_key_exchange() -> None:
+    """The machine-level view of the same (documents the mechanism; not a bug by itself)."""
+    keys = {b"id-1": OLD_KEY}
+    srv = DtlsServer(keys.get)
+    addr = ("127.0.0.1", 40000)
+    client = DtlsClient(addr, b"id-1", OLD_KEY, connection_id=None)
+    events = client.connect(0.0)
+    held: bytes | None = None
+    got: list[object] = []
+    for _ in range(10):
+        out = [e for e in events if isinstance(e, DatagramToSend)]
+        if not out:
+            break
+        data = out[0].data
+        records = _records(data)
+        if records[0][0] == 22 and records[0][13] == 16:
+            held = records[-1]
+            srv.receive(b"".join(records[:-1]), addr, 0.0)
+            break
+        got = srv.receive(data, addr, 0.0)
+        events = []
+        for e in got:
+            if isinstance(e, DatagramToSend):
+                events += client.receive(e.data, 0.0)
+    assert held is not None
+    keys[b"id-1"] = NEW_KEY  # rotated
+    done = srv.receive(held, addr, 1.0)
+    assert any(isinstance(e, SessionEstablished) for e in done)
