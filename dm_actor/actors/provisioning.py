@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from dm_actor.credentials import Credential, Credentials, admit
+from dm_actor.actors.render import registration_item
+from dm_actor.credentials import Credential, Credentials, admit, security_mode
 from dm_actor.store.base import CredentialRecord, StoreError
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.device import DeviceActor
     from dm_actor.actors.registry import Registry
     from dm_actor.address import Address
-    from dm_actor.lwm2m.registration import Response
+    from dm_actor.lwm2m.registration import Registration, Response
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,11 @@ class IdentityRules:
         stats = self.registry.statistics
         stats["credentials_refused"] = stats.get("credentials_refused", 0) + 1
         return refusal.code, ()
+
+    def publish_registration(self, kind: str, reg: Registration) -> None:
+        """A `registrations` or `reg-updates` event, with how the device connects."""
+        item = registration_item(reg, security_mode(self.credentials, reg.endpoint))
+        self.registry.events.publish(kind, item)
 
 
 class Provisioning:

@@ -24,11 +24,10 @@ from dm_actor.actors.device import Signal
 from dm_actor.actors.persist import registration_record
 from dm_actor.actors.provisioning import IdentityRules
 from dm_actor.actors.refusals import Refusals
-from dm_actor.actors.render import registration_item
 from dm_actor.coap import framing_tcp, message as coap_message
 from dm_actor.coap.message import Message, uint_bytes
 from dm_actor.coap.numbers import Code, MessageType, OptionNumber
-from dm_actor.credentials import Credentials, security_mode
+from dm_actor.credentials import Credentials
 from dm_actor.delivery.queue import DeviceQueue
 from dm_actor.lwm2m import registration as reg_iface, send as lwm2m_send
 from dm_actor.lwm2m.registration import Registration, RegistrationError
@@ -210,9 +209,7 @@ class Registrar(IdentityRules):
         self.watch_lifetime(reg)
         registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
         registry.statistics["registrations"] += 1
-        registry.events.publish(
-            "registrations", registration_item(reg, security_mode(self.credentials, reg.endpoint))
-        )
+        self.publish_registration("registrations", reg)
         return reg_iface.created(reg.reg_id)
 
     def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> bool:
@@ -262,9 +259,7 @@ class Registrar(IdentityRules):
         self.watch_lifetime(reg)
         registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
         registry.statistics["updates"] += 1
-        registry.events.publish(
-            "reg-updates", registration_item(reg, security_mode(self.credentials, reg.endpoint))
-        )
+        self.publish_registration("reg-updates", reg)
         return reg_iface.changed()
 
     def _deregister(self, actor: DeviceActor, request: Message, now: float) -> reg_iface.Response:
