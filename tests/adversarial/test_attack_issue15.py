@@ -13,7 +13,16 @@ import pytest
 import trio
 
 from dm_actor.coap.numbers import Code
-from dm_actor.dtls import DatagramToSend, DtlsClient, DtlsServer, SessionEstablished
+from dm_actor.dtls import (
+    DatagramToSend,
+    DtlsClient,
+    DtlsServer,
+    Event,
+    SessionClosed,
+    SessionEstablished,
+)
+from tests.dtls.peers import IDENTITY, KEY, SERVER, app_data, established, our_handshake
+from tests.dtls.test_hostile import cookie_for, hello_datagram
 from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
     WAIT,
     SecureDevice,
@@ -23,6 +32,7 @@ from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
 
 if TYPE_CHECKING:
     from dm_actor import app
+    from dm_actor.address import Address
 
 OLD_KEY = bytes(range(16))
 NEW_KEY = bytes(range(100, 116))
@@ -103,7 +113,7 @@ def test_machine_a_pending_handshake_uses_the_key_looked_up_at_its_client_key_ex
     client = DtlsClient(addr, b"id-1", OLD_KEY, connection_id=None)
     events = client.connect(0.0)
     held: bytes | None = None
-    got: list[object] = []
+    got: list[Event] = []
     for _ in range(10):
         out = [e for e in events if isinstance(e, DatagramToSend)]
         if not out:
@@ -123,3 +133,58 @@ def test_machine_a_pending_handshake_uses_the_key_looked_up_at_its_client_key_ex
     keys[b"id-1"] = NEW_KEY  # rotated
     done = srv.receive(held, addr, 1.0)
     assert any(isinstance(e, SessionEstablished) for e in done)
+
+
+def _established_pair(
+    machine: DtlsServer, identity: bytes, key: bytes, address: Address
+) -> DtlsClient:
+    client = DtlsClient(SERVER, identity, key, connection_id=b"")
+    our_handshake(machine, client, address)
+    assert client.session is not None
+    return client
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DtlsServer._session_record: a CID record that authenticates from another "
+    "session's socket address forgets that session (SessionClosed 'address taken by a CID "
+    "session', no close_notify): one spoofed datagram of any credential holder silently "
+    "ends another device's CID session, whose later records are dropped as an unknown CID",
+)
+def test_a_spoofed_source_address_does_not_end_another_devices_cid_session() -> None:
+    keys = {b"victim": OLD_KEY, b"attacker": NEW_KEY}
+    machine = DtlsServer(keys.get)
+    victim_at: Address = ("192.0.2.10", 40000)
+    victim = _established_pair(machine, b"victim", OLD_KEY, victim_at)
+    attacker = _established_pair(machine, b"attacker", NEW_KEY, ("198.51.100.7", 50000))
+    assert app_data(machine.receive(victim.send(b"hello"), victim_at, 1.0)) == [b"hello"]
+    # the attacker's own valid record, sent with the victim's address as its source
+    events = machine.receive(attacker.send(b"x"), victim_at, 2.0)
+    closed = [e for e in events if isinstance(e, SessionClosed)]
+    assert closed == [], f"the victim's session was ended: {closed}"
+    # the victim, which heard nothing, goes on sending on its session
+    assert app_data(machine.receive(victim.send(b"still here"), victim_at, 3.0)) == [b"still here"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DtlsServer._client_hello bounds half-open handshakes per full source address "
+    "(address[0]) and in total: one IPv6 host using addresses of its own /64 fills "
+    "max_handshakes (1024) with cookie-verified ClientHellos and every other device's "
+    "handshake is refused for handshake_timeout (60 s); trap 1 asks for a bound per source "
+    "prefix",
+)
+def test_one_ipv6_prefix_cannot_take_every_half_open_handshake_place() -> None:
+    keys = {IDENTITY: KEY}
+    machine = DtlsServer(keys.get)  # the daemon's defaults: 1024 in total, 8 per host
+    for n in range(1100):
+        address: Address = (f"2001:db8:0:1::{n:x}", 5000, 0, 0)
+        hello_random = n.to_bytes(32, "big")
+        cookie = cookie_for(machine, hello_random, address)
+        machine.receive(hello_datagram(hello_random, cookie, 1), address, 0.0)
+    flooded = machine.statistics().handshakes
+    # a device elsewhere shakes hands a second later
+    device = DtlsClient(SERVER, IDENTITY, KEY)
+    events = our_handshake(machine, device, ("2001:db8:ffff::1", 6000, 0, 0), now=1.0)
+    assert device.session is not None, f"refused: {flooded} half-open handshakes from one /64"
+    assert established(events)
