@@ -1,0 +1,177 @@
+"""Attacks on issue 14 (Pelion application compatibility): each test is a bug found by
+trying the new surface as a hostile or demanding client would, or as an existing Pelion
+application would. Each is `xfail(strict=True)` until the bug is fixed: the test states the
+behaviour the docs promise, and fails today. Real loopback sockets, virtual time.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, cast
+
+import pytest
+import trio
+import trio.testing
+from sortedcontainers import SortedList
+
+from dm_actor.actors.directory import Directory
+from dm_actor.credentials import Credentials
+from tests.adversarial.test_attack_durability import WRITE, drain
+from tests.api.client import KEY_A, start_api
+from tests.api.test_flow import online
+
+if TYPE_CHECKING:
+    from tests.api.client import HttpClient
+
+
+def post(client: HttpClient, async_id: str, body: dict[str, Any], dev: str = "dev") -> Any:
+    return client.request("POST", f"/v2/device-requests/{dev}?async-id={async_id}", json=body)
+
+
+# -- async-id reuse (item 3) ------------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A long-poll client that repeats an async-id after its poll received the "
+    "AsyncIDResponse, but before its next poll, gets 202 and never an AsyncIDResponse after "
+    "it: the repeat is classed WAITING (the response is not acknowledged until the next "
+    "poll), the next poll only acknowledges it. The issue's hang, on the long poll only "
+    "(WebSocket and webhook hand over at once).",
+)
+async def test_a_long_poll_repeat_after_the_answer_arrived_gets_it_again(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    await online(api, nursery)
+    async with api.client() as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        assert (await post(client, "w1", WRITE)).status == 202
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert [r["id"] for r in reply.json()["async-responses"]] == ["w1"]  # it arrived
+        # the application repeats the request (it lost track of it): 202 ...
+        assert (await post(client, "w1", WRITE)).status == 202
+        # ... and, as the rule says, one AsyncIDResponse follows the 202
+        assert [r["id"] for r in await drain(client)] == ["w1"]
+
+
+# -- /v3/devices filters (item 2) ---------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="An empty filter value is dropped by the query parser (server._query: parse_qsl "
+    "without keep_blank_values), so `id__in=` (an application's empty selection) lists "
+    "EVERY device instead of none, and `endpoint_type__eq=` (devices without a type) is "
+    "ignored; the same filters inside `filter=` are applied (keep_blank_values there).",
+)
+async def test_an_empty_filter_value_is_applied_not_ignored(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    await online(api, nursery, ep="plain")
+    await online(api, nursery, ep="typed", endpoint_type="sensor")
+    async with api.client() as client:
+        legacy = (await client.request("GET", "/v3/devices?filter=id__in%3D")).json()
+        assert legacy["total_count"] == 0  # the legacy form applies it
+        reply = await client.request("GET", "/v3/devices?id__in=")
+        assert reply.status == 400 or reply.json()["total_count"] == 0, reply.json()
+        reply = await client.request("GET", "/v3/devices?endpoint_type__eq=")
+        assert reply.status == 200
+        assert [d["id"] for d in reply.json()["data"]] == ["plain"]
+
+
+def _stand_in_supervisor(count: int, typed: set[str]) -> SimpleNamespace:
+    class Actor:
+        def __init__(self, ep: str, t: float) -> None:
+            self.endpoint = ep
+            self.reg = SimpleNamespace(
+                endpoint=ep, endpoint_type="x" if ep in typed else None, registered_at=t,
+                updated_at=t, lwm2m_version="1.1", binding="U", queue_mode=False, lifetime=60,
+            )  # fmt: skip
+
+    by_endpoint = {f"d{i:05d}": Actor(f"d{i:05d}", float(i)) for i in range(count)}
+    return SimpleNamespace(
+        by_endpoint=by_endpoint,
+        endpoint_names=SortedList(by_endpoint),
+        registry=SimpleNamespace(directory=Directory(3600.0, 1000)),
+        credentials=Credentials(),
+        wall_offset=1.7e9,
+        now=trio.current_time,
+    )
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A /v3/devices scan (a filter on a varying field) lets other tasks run between "
+    "chunks, but reads the registered devices and the de-registered ones at different "
+    "moments: a device that de-registers during the scan is listed twice on one page (as "
+    "registered and as deregistered, the same id) and counted twice in total_count.",
+)
+async def test_a_device_leaving_during_a_scan_is_listed_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from dm_actor.api.routes import Api, Request
+
+    sup = _stand_in_supervisor(3000, {"d00005", "d02500"})
+    api = Api(cast("Any", sup), cast("Any", None), webhooks=cast("Any", object()))
+    moved = False
+
+    async def deregister_during_the_scan() -> None:
+        nonlocal moved
+        await trio.lowlevel.checkpoint()  # (the scan's first chunk is read by now)
+        actor = sup.by_endpoint.pop("d00005")
+        sup.endpoint_names.remove("d00005")
+        sup.registry.directory.retain(actor.reg, trio.current_time())
+        moved = True
+
+    query = {"endpoint_type__eq": "x", "limit": "10"}
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deregister_during_the_scan)
+        status, _, body = await api._devices(Request(b"GET", ["v3", "devices"], query, b"", "a"))
+    assert moved and status == 200
+    page = json.loads(body)
+    ids = [d["id"] for d in page["data"]]
+    assert len(ids) == len(set(ids)), ids
+    assert page["total_count"] == 2, page["total_count"]
+
+
+# -- the WebSocket upgrade (items 6, 8) -----------------------------------------------------------
+
+_UPGRADE = (
+    b"GET /v2/notification/websocket-connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Sec-WebSocket-Key: c2l4dGVlbiBieXRlIGtleQ==\r\nSec-WebSocket-Version: 13\r\n"
+    b"Authorization: Bearer " + KEY_A.encode() + b"\r\n"
+)
+
+
+async def _head(addr: Any, request: bytes) -> bytes:
+    """What the server answers to `request` within 10 s (the connection may stay open)."""
+    out = b""
+    stream = await trio.open_tcp_stream(*addr[:2])
+    async with stream:
+        await stream.send_all(request)
+        with trio.move_on_after(10):
+            while b"\r\n\r\n" not in out and (chunk := await stream.receive_some(65536)):
+                out += chunk
+    return out
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="`Connection: Upgrade` and `Connection: keep-alive` on two field lines (the same "
+    "as `Connection: Upgrade, keep-alive`, RFC 9110 5.3) pass the server's own check (any "
+    "line) but wsproto reads only the last line: the valid upgrade gets a 400 without a body "
+    "from trio-websocket (not the server's 'Connection: Upgrade is required.').",
+)
+async def test_connection_upgrade_on_two_field_lines_is_an_upgrade(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    async with api.client() as client:
+        assert (await client.request("PUT", "/v2/notification/websocket")).status == 201
+    head = await _head(
+        api.addr, _UPGRADE + b"Connection: Upgrade\r\nConnection: keep-alive\r\n\r\n"
+    )
+    assert head.startswith(b"HTTP/1.1 101 "), head
