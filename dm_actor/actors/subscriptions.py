@@ -355,7 +355,12 @@ class Subscriptions:
                 return []
             return [str(path)] if actor.reg.objects.contains(path) else []
         prefix = text[:-1]  # "/3/0/*" covers /3/0 itself: registrations name instances only
-        return [str(p) for p in actor.reg.objects.paths() if f"{p}/".startswith(prefix)]
+        objects = actor.reg.objects
+        found = [str(p) for p in objects.paths() if f"{p}/".startswith(prefix)]
+        marked = {path for path, params in objects.link_attributes().items() if "obs" in params}
+        # a device that marks what it lets be observed (Pelion's client: `</3/0/0>;obs`) gets
+        # Observes for those links only; one that marks nothing (instances), for every link
+        return [p for p in found if p in marked] if marked else found
 
     # -- what the actors report -------------------------------------------------------------
 
