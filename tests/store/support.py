@@ -2,7 +2,7 @@
 
 A `MemoryStore` is "reopened" by loading the same object (nothing outlives it); a
 `SqliteStore` is closed and a new one opened on the same file, so what comes back was read
-from disk.
+from disk; a `PostgresStore` likewise on the same database.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import trio
 
 from dm_actor.store.base import CommandRecord, RegistrationRecord, Snapshot, Store
 from dm_actor.store.memory import MemoryStore
+from dm_actor.store.postgres import PostgresStore
 from dm_actor.store.sqlite import SqliteStore
 
 if TYPE_CHECKING:
@@ -32,9 +33,10 @@ class Clock:
 
 
 class Backend:
-    def __init__(self, kind: str, path: Path) -> None:
+    def __init__(self, kind: str, path: Path, *, dsn: str | None = None) -> None:
         self.kind = kind
         self.path = path
+        self.dsn = dsn  # postgres: the test's database
         self.clock = Clock()
         self.options: dict[str, Any] = {}
 
@@ -42,13 +44,19 @@ class Backend:
         self.options = options
         if self.kind == "memory":
             return MemoryStore(clock=self.clock, **options)
-        return SqliteStore(self.path, clock=self.clock, **options)
+        return self._open_file()
+
+    def _open_file(self) -> SqliteStore:
+        if self.kind == "postgres":
+            assert self.dsn is not None
+            return PostgresStore(self.dsn, clock=self.clock, **self.options)
+        return SqliteStore(self.path, clock=self.clock, **self.options)
 
     def reopen(self, store: Store) -> Snapshot:
         """What a restart would load."""
         if isinstance(store, SqliteStore):
             store.close()
-            again = SqliteStore(self.path, clock=self.clock, **self.options)
+            again = self._open_file()
             try:
                 return again.load()
             finally:
