@@ -144,6 +144,17 @@ async def _device(
     return dev
 
 
+async def _registered(server: app.Listening) -> tuple[SecureDevice, str, Address | None]:
+    """sensor-1 with credentials, registered over its session: (device, location, the
+    address the server binds it to)."""
+    sup = server.supervisor
+    sup.provisioning.set("sensor-1", "id-1", KEY)
+    dev = await _device(server, "id-1")
+    assert await dev.handshake()
+    location = _location(await dev.request(dev.register("sensor-1")))
+    return dev, location, sup.by_endpoint["sensor-1"].addr
+
+
 async def test_a_device_with_credentials_registers_over_dtls_and_gets_commands(
     server: app.Listening,
 ) -> None:
@@ -196,11 +207,7 @@ async def test_a_plain_update_of_a_secured_registration_is_refused_and_does_not_
     server: app.Listening,
 ) -> None:
     sup = server.supervisor
-    sup.provisioning.set("sensor-1", "id-1", KEY)
-    dev = await _device(server, "id-1")
-    assert await dev.handshake()
-    location = _location(await dev.request(dev.register("sensor-1")))
-    bound = sup.by_endpoint["sensor-1"].addr
+    dev, location, bound = await _registered(server)
     # someone who learnt the registration id sends an Update over plain CoAP
     spy = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with spy:
@@ -216,11 +223,7 @@ async def test_connection_id_keeps_the_session_across_an_address_change(
     server: app.Listening,
 ) -> None:
     sup = server.supervisor
-    sup.provisioning.set("sensor-1", "id-1", KEY)
-    dev = await _device(server, "id-1")
-    assert await dev.handshake()
-    location = _location(await dev.request(dev.register("sensor-1")))
-    bound = sup.by_endpoint["sensor-1"].addr
+    dev, location, bound = await _registered(server)
     await dev.move()  # no new handshake: the next record carries the CID
     reply = await dev.request(dev.update(location))
     assert reply.code == Code.CHANGED
