@@ -7,12 +7,15 @@ tests/transport/test_dtls_daemon.py); machine-level ones drive `DtlsServer` dire
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
 
+from dm_actor import app
 from dm_actor.coap.numbers import Code
+from dm_actor.config import parse_settings
 from dm_actor.dtls import (
     DatagramToSend,
     DtlsClient,
@@ -31,7 +34,8 @@ from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
 )
 
 if TYPE_CHECKING:
-    from dm_actor import app
+    from pathlib import Path
+
     from dm_actor.address import Address
 
 OLD_KEY = bytes(range(16))
@@ -218,3 +222,43 @@ def test_one_ipv6_prefix_cannot_take_every_half_open_handshake_place() -> None:
     events = our_handshake(machine, device, ("2001:db8:ffff::1", 6000, 0, 0), now=1.0)
     assert device.session is not None, f"refused: {flooded} half-open handshakes from one /64"
     assert established(events)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Provisioning.end_older_registrations ends only registrations older than "
+    "credentials that exist: credentials removed by `dm-actor credentials remove` while the "
+    "daemon was stopped leave the secured device's registration restored, now as a 'nosec' "
+    "device any plain CoAP peer naming its registration id may take over (the API's DELETE "
+    "ends it: 'Removing a credential ... ends its registration')",
+)
+async def test_credentials_removed_by_the_cli_while_stopped_end_the_registration(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    text = f'[server]\nhost = "127.0.0.1"\ncoap_port = 0\ndata_dir = "{tmp_path}"\n'
+
+    async def start() -> tuple[trio.CancelScope, app.Listening]:
+        scope = trio.CancelScope()
+
+        async def serve(*, task_status: trio.TaskStatus[app.Listening]) -> None:
+            with scope:
+                await app.serve(parse_settings(text), http=False, task_status=task_status)
+
+        return scope, await nursery.start(serve)
+
+    scope, first = await start()
+    first.supervisor.provisioning.set("sensor-1", "id-1", OLD_KEY)
+    dev = await _device(first, "id-1", OLD_KEY)
+    assert await dev.handshake()
+    assert (await dev.request(dev.register("sensor-1"))).code == Code.CREATED
+    await first.supervisor.store.durable()
+    scope.cancel()
+    await trio.sleep(0.1)
+    done = await trio.run_process(
+        [sys.executable, "-m", "dm_actor", "credentials", "remove", "sensor-1",
+         "--data-dir", str(tmp_path)],
+        capture_stdout=True, capture_stderr=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    _, second = await start()
+    assert "sensor-1" not in second.supervisor.by_endpoint
