@@ -7,9 +7,11 @@ from disk; a `PostgresStore` likewise on the same database.
 
 from __future__ import annotations
 
+import sqlite3
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import trio
 
 from dm_actor.store.base import CommandRecord, RegistrationRecord, Snapshot, Store
@@ -62,6 +64,38 @@ class Backend:
             finally:
                 again.close()
         return store.load()
+
+
+class Engine:
+    """A SQLite file or a PostgreSQL database, opened again and again, and another
+    connection's view of it."""
+
+    def __init__(self, path: Path, dsn: str | None) -> None:
+        self.path, self.dsn = path, dsn
+        self._pg: psycopg.Connection[Any] | None = None
+
+    def open(self, **options: Any) -> SqliteStore:
+        if self.dsn is not None:
+            return PostgresStore(self.dsn, **options)
+        return SqliteStore(self.path, **options)
+
+    def committed(self, async_id: str) -> bool:
+        """Whether another connection (another process, after a crash) sees the command."""
+        if self.dsn is None:
+            db = sqlite3.connect(self.path)
+            try:
+                sql = "SELECT 1 FROM commands WHERE async_id = ?"
+                return db.execute(sql, (async_id,)).fetchone() is not None
+            finally:
+                db.close()
+        if self._pg is None:
+            self._pg = psycopg.connect(self.dsn, autocommit=True)
+        sql = "SELECT 1 FROM commands WHERE async_id = %s"
+        return self._pg.execute(sql, (async_id,)).fetchone() is not None
+
+    def close(self) -> None:
+        if self._pg is not None:
+            self._pg.close()
 
 
 @asynccontextmanager

@@ -29,7 +29,7 @@ from dm_actor.coap.numbers import Code
 from dm_actor.store.base import KEPT_EVENT_KIND, EventRecord, StoreError, StoreFailed
 from dm_actor.store.sqlite import SqliteStore
 
-from .support import command, registration, running
+from .support import Engine, command, registration, running
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -237,10 +237,9 @@ async def test_stopping_while_the_disk_is_full_does_not_hang(
 
 
 async def test_events_past_the_budget_are_refused_but_async_responses_are_kept(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path, event_budget=1000)
+    store = engine.open(event_budget=1000)
 
     def event(seq: int, kind: str = "notifications") -> EventRecord:
         return EventRecord("idle-app", seq, kind, b"x" * 200, time.time())

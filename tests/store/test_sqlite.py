@@ -1,4 +1,7 @@
-"""The SQLite store's own promises: group commit, durability, migrations, refusing bad files."""
+"""The SQLite store's own promises: group commit, durability, migrations, refusing bad files.
+
+Group commit and durability are the PostgreSQL store's promises too: those tests run on both
+(`engine`)."""
 
 from __future__ import annotations
 
@@ -15,20 +18,10 @@ from dm_actor.store import schema
 from dm_actor.store.base import ChannelRecord, EventRecord, RegistrationRecord, StoreError
 from dm_actor.store.sqlite import SqliteStore
 
-from .support import command, registration, running
+from .support import Engine, command, registration, running
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-
-def committed(path: Path, async_id: str) -> bool:
-    """Whether another connection (another process, after a crash) sees the command."""
-    db = sqlite3.connect(path)
-    try:
-        row = db.execute("SELECT 1 FROM commands WHERE async_id = ?", (async_id,)).fetchone()
-        return row is not None
-    finally:
-        db.close()
 
 
 async def test_a_fresh_file_is_wal_fsynced_and_current(tmp_path: Path) -> None:
@@ -43,17 +36,16 @@ async def test_a_fresh_file_is_wal_fsynced_and_current(tmp_path: Path) -> None:
     db.close()
 
 
-async def test_one_transaction_for_many_concurrent_writers(tmp_path: Path) -> None:
+async def test_one_transaction_for_many_concurrent_writers(engine: Engine) -> None:
     """1000 tasks put and wait at once: a handful of commits, and each task's write is on
     disk when its durable() returns."""
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path)
+    store = engine.open()
     seen: list[bool] = []
 
     async def writer(i: int) -> None:
         store.put_command(command(f"ep{i % 50}", f"id{i}"))
         await store.durable()
-        seen.append(committed(path, f"id{i}"))
+        seen.append(engine.committed(f"id{i}"))
 
     async with running(store):
         async with trio.open_nursery() as nursery:
@@ -67,15 +59,14 @@ async def test_one_transaction_for_many_concurrent_writers(tmp_path: Path) -> No
     store.close()
 
 
-async def test_a_full_batch_spills_into_the_next_transaction(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path, max_batch=10)
+async def test_a_full_batch_spills_into_the_next_transaction(engine: Engine) -> None:
+    store = engine.open(max_batch=10)
     seen: list[bool] = []
 
     async def writer(i: int) -> None:
         store.put_command(command("ep", f"id{i}"))
         await store.durable()
-        seen.append(committed(path, f"id{i}"))
+        seen.append(engine.committed(f"id{i}"))
 
     async with running(store), trio.open_nursery() as nursery:
         for i in range(100):
@@ -85,9 +76,8 @@ async def test_a_full_batch_spills_into_the_next_transaction(tmp_path: Path) -> 
     store.close()
 
 
-async def test_a_write_made_during_a_commit_waits_for_the_next(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path)
+async def test_a_write_made_during_a_commit_waits_for_the_next(engine: Engine) -> None:
+    store = engine.open()
     async with running(store):
         store.put_command(command("ep", "first"))
         async with trio.open_nursery() as nursery:
@@ -97,20 +87,19 @@ async def test_a_write_made_during_a_commit_waits_for_the_next(tmp_path: Path) -
             before = store.transactions
             await store.durable()
             assert store.transactions >= before + 1
-            assert committed(path, "second")
+            assert engine.committed("second")
     store.close()
 
 
-async def test_a_mark_is_durable_once_its_write_committed_not_before(tmp_path: Path) -> None:
+async def test_a_mark_is_durable_once_its_write_committed_not_before(engine: Engine) -> None:
     """`mark()` names the writes so far; `is_durable`/`durable(mark)` answer for exactly
     those, whatever was written after them (a device actor waits on its own write only)."""
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path)
+    store = engine.open()
     async with running(store):
         assert store.is_durable(store.mark())  # nothing written yet
         store.put_command(command("ep", "first"))
         first = store.mark()
-        assert not store.is_durable(first) and not committed(path, "first")
+        assert not store.is_durable(first) and not engine.committed("first")
         assert store.backlog() == 1
         async with trio.open_nursery() as nursery:
             nursery.start_soon(store.durable)
@@ -119,21 +108,21 @@ async def test_a_mark_is_durable_once_its_write_committed_not_before(tmp_path: P
             second = store.mark()
             assert second > first
             await store.durable(first)
-            assert store.is_durable(first) and committed(path, "first")
+            assert store.is_durable(first) and engine.committed("first")
             assert not store.is_durable(second)  # (its commit may be under way already)
             await store.durable(second)
-            assert store.is_durable(second) and committed(path, "second")
+            assert store.is_durable(second) and engine.committed("second")
             assert store.backlog() == 0
     store.close()
 
 
 async def test_commits_start_at_least_the_commit_interval_apart(
-    tmp_path: Path, autojump_clock: trio.testing.MockClock
+    engine: Engine, autojump_clock: trio.testing.MockClock
 ) -> None:
     """Writes made while a commit interval runs wait for its end and share one transaction;
     the first write after a quiet spell commits at once."""
     autojump_clock.autojump_threshold = 0.05  # a commit runs in a thread: let it end first
-    store = SqliteStore(tmp_path / "s.sqlite3", commit_interval=0.5)
+    store = engine.open(commit_interval=0.5)
     durable_at: dict[str, float] = {}
 
     async def writer(async_id: str) -> None:
@@ -159,22 +148,20 @@ async def test_commits_start_at_least_the_commit_interval_apart(
     store.close()
 
 
-async def test_stopping_the_writer_commits_what_is_buffered(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path)
+async def test_stopping_the_writer_commits_what_is_buffered(engine: Engine) -> None:
+    store = engine.open()
     async with running(store):
         store.put_registration(registration("a"))
         store.put_command(command("a", "x"))
     store.close()
-    store = SqliteStore(path)
+    store = engine.open()
     snap = store.load()
     assert snap.registrations == [registration("a")] and snap.commands == [command("a", "x")]
     store.close()
 
 
-async def test_a_failed_commit_is_never_reported_durable(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = SqliteStore(path)
+async def test_a_failed_commit_is_never_reported_durable(engine: Engine) -> None:
+    store = engine.open()
     failures: list[StoreError] = []
 
     async def waiter() -> None:
@@ -195,7 +182,7 @@ async def test_a_failed_commit_is_never_reported_durable(tmp_path: Path) -> None
     with pytest.raises(StoreError):
         await store.durable()
     store.close()
-    store = SqliteStore(path)
+    store = engine.open()
     assert [c.async_id for c in store.load().commands] == ["kept"]  # the batch rolled back
     store.close()
 
