@@ -200,6 +200,18 @@ async def serve(
                 disk_headroom=settings.server.disk_headroom,
             )
         )
+    elif store is None and settings.server.store == "postgres":
+        from dm_actor.store.postgres import PostgresStore  # (psycopg only when asked for)
+
+        store = sqlite = await trio.to_thread.run_sync(
+            partial(
+                PostgresStore,
+                settings.server.dsn,
+                commit_interval=settings.server.commit_interval,
+                clock=wall_clock,
+                event_budget=settings.server.event_disk_budget,
+            )
+        )
     try:
         snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
         sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)

@@ -79,9 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--store",
-        choices=("sqlite", "memory"),
+        choices=("sqlite", "memory", "postgres"),
         help="where accepted work is kept (default sqlite in the data directory; memory: "
-        "nothing survives a restart)",
+        "nothing survives a restart; postgres: the database --dsn names)",
+    )
+    serve.add_argument(
+        "--dsn",
+        metavar="DSN",
+        help="with --store postgres: the database's libpq connection string ([server] dsn)",
     )
     serve.add_argument(
         "--api-key",
@@ -135,6 +140,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         log_level=args.log_level,
         log_format=args.log_format,
         store=args.store,
+        dsn=args.dsn,
     )
     if args.api_key:
         api = msgspec.structs.replace(settings.api, keys=[*settings.api.keys, *args.api_key])

@@ -38,7 +38,10 @@ class ServerSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw
     coap_port: Port = 5683
     http_port: Port = 8080
     data_dir: str = "./dm-actor-data"
-    store: Literal["sqlite", "memory"] = "sqlite"  # memory: nothing survives a restart
+    store: Literal["sqlite", "memory", "postgres"] = "sqlite"  # memory: nothing survives a restart
+    # postgres: the libpq connection string (or URI) of the database; empty: the PG* environment
+    # variables say (docs/operations.md, "Running on PostgreSQL"); keep the password in ~/.pgpass
+    dsn: str = ""
     # SQLite: at least this long between the starts of two commits, so that one fsync serves
     # every write of the interval (0: commit back to back; more CPU under load)
     commit_interval: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.002

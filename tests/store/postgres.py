@@ -6,11 +6,12 @@ on a Unix socket in that directory, with `fsync` on (PostgreSQL's default). Miss
 that need it are skipped on a developer's machine and fail in CI (`tests/tools.py`).
 
 Use the `pg_dsn` fixture (import it into the test module or a conftest): a DSN naming a new,
-empty database, dropped after the test.
+empty database, dropped after the test. One server serves every module that imports it.
 """
 
 from __future__ import annotations
 
+import atexit
 import glob
 import itertools
 import os
@@ -99,13 +100,17 @@ class PostgresServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+_shared: list[PostgresServer] = []
+
+
 @pytest.fixture(scope="session")
-def pg_server() -> Iterator[PostgresServer]:
-    server = PostgresServer()
-    try:
-        yield server
-    finally:
-        server.remove()
+def pg_server() -> PostgresServer:
+    """The session's server: one per process, whichever modules import this fixture;
+    removed when the process exits."""
+    if not _shared:
+        _shared.append(PostgresServer())
+        atexit.register(_shared[0].remove)
+    return _shared[0]
 
 
 @pytest.fixture

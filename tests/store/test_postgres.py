@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+from dm_actor.cli import EXIT_STORE, main
 from dm_actor.store import postgres, schema
 from dm_actor.store.base import StoreError
 from dm_actor.store.postgres import PostgresStore
@@ -20,6 +21,8 @@ from dm_actor.store.postgres import PostgresStore
 from .support import command, registration, running
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from .postgres import PostgresServer
 
 
@@ -141,3 +144,20 @@ async def test_a_server_crash_and_restart_loses_no_acknowledged_write(
     ids = [c.async_id for c in again.load().commands]
     again.close()
     assert ids == [f"before{i}" for i in range(50)] + ["during"]
+
+
+def test_the_daemon_on_a_busy_database_exits_3_naming_it(
+    pg_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dm-actor serve --store postgres --dsn ...` opens the database the flags name (here
+    held by another store, as by a running daemon): refused with exit code 3."""
+    holder = PostgresStore(pg_dsn)
+    try:
+        code = main(["serve", "--store", "postgres", "--dsn", pg_dsn, "--data-dir",
+                     str(tmp_path / "data"), "--host", "127.0.0.1", "--coap-port", "0",
+                     "--http-port", "0"])  # fmt: skip
+    finally:
+        holder.close()
+    assert code == EXIT_STORE
+    err = capsys.readouterr().err
+    assert "in use by another process" in err and pg_dsn.rsplit("=", 1)[1] in err
