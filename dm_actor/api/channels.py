@@ -32,6 +32,7 @@ import trio
 import trio.lowlevel
 
 from dm_actor.actors.events import KINDS, ChannelEvent
+from dm_actor.api.auth import is_admin
 from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
 from dm_actor.store.base import ChannelRecord
 
@@ -388,6 +389,11 @@ class NotificationHub:
         self._holding = trio.Event()  # set when `_held` gets one
         self._uid_prefix = secrets.token_hex(10)
         self._uids = itertools.count(1)
+        # administrators (`console.py`): every batch read, before the fan-out (a tap that
+        # only appends to bounded buffers), and the events an administrator owns (it has no
+        # channel: they are handed over there, not kept for one)
+        self.tap: Callable[[Sequence[ChannelEvent]], None] | None = None
+        self.admin_sink: Callable[[str, ChannelEvent], None] | None = None
 
     def statistics(self) -> HubStatistics:
         """The hub's counters now (a walk over the channels: for monitoring, not per event)."""
@@ -439,6 +445,8 @@ class NotificationHub:
             while True:
                 batch = await get(10_000)
                 self._spill_due.set()
+                if self.tap is not None:
+                    self.tap(batch)
                 for event in batch:
                     owners = event.owners
                     if owners is None:
@@ -571,7 +579,11 @@ class NotificationHub:
 
     def _orphan(self, app: str, event: ChannelEvent) -> None:
         """Keep an event of `app`, which has no channel, for a while (bounded); an
-        AsyncIDResponse until its next channel (`owed`)."""
+        AsyncIDResponse until its next channel (`owed`). An administrator's go to
+        `admin_sink` (`_to_admin`)."""
+        if is_admin(app):
+            self._to_admin(app, event)
+            return
         if event.kind == _ASYNC and event.seq is not None:  # (stored: every one a command ends)
             self._owe(app, event)
             return
@@ -584,6 +596,15 @@ class NotificationHub:
         while len(kept) > self.orphan_limit or kept[0][0] < oldest:
             kept.popleft()
             self.unrouted += 1
+
+    def _to_admin(self, app: str, event: ChannelEvent) -> None:
+        """An event an administrator owns (its device request's AsyncIDResponse, its
+        subscription's notification): handed to `admin_sink`, and handed over (a stored
+        copy is forgotten): an administrator never opens a channel to take it."""
+        if self.admin_sink is not None:
+            self.admin_sink(app, event)
+        if event.seq is not None and self.on_delivered is not None:
+            self.on_delivered(app, [event.seq])
 
     def _owe(self, app: str, event: ChannelEvent) -> None:
         """Keep `app`'s AsyncIDResponse until it has a channel again (at most `capacity`:
@@ -612,6 +633,8 @@ class NotificationHub:
             channel = self.channels.get(app)
             if channel is not None:
                 channel.push(event)
+            elif is_admin(app):
+                self._to_admin(app, event)
             elif event.kind == _ASYNC:
                 self._owe(app, event)
             else:

@@ -24,7 +24,7 @@ import re
 from collections.abc import Generator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 if TYPE_CHECKING:
@@ -41,11 +41,14 @@ R = TypeVar("R")
 
 TEXT_OPS = frozenset(("eq", "neq", "in", "nin"))
 TIME_OPS = frozenset(("gte", "lte", "in", "nin"))
+#: the id fields take `prefix` too (ours: `endpoint_name__prefix=sensor-`), served from the
+#: sorted ids by bisection (`Source.prefix`), never by reading every device
+ID_OPS = TEXT_OPS | {"prefix"}
 #: the filterable fields and the operators each takes (Pelion's, for the fields we have;
 #: `lifecycle_status` is ours: it is always `enabled` here)
 FIELDS: dict[str, frozenset[str]] = {
-    "id": TEXT_OPS,
-    "endpoint_name": TEXT_OPS,
+    "id": ID_OPS,
+    "endpoint_name": ID_OPS,
     "endpoint_type": TEXT_OPS,
     "state": TEXT_OPS,
     "lifecycle_status": TEXT_OPS,
@@ -188,6 +191,8 @@ def matcher(
     are the fields that are the same for every record of the kind."""
     tests: list[tuple[Callable[[T], object], Callable[[object], bool]]] = []
     for clause in clauses:
+        if clause.op == "prefix":
+            continue  # (the sources' id range: `Source.prefix`)
         test = _test(clause)
         if clause.field in constants:
             if not test(constants[clause.field]):
@@ -224,22 +229,62 @@ def candidates(clauses: Iterable[Clause], id_fields: Iterable[str]) -> frozenset
     return found
 
 
+def id_prefix(clauses: Iterable[Clause]) -> str | Literal[False] | None:
+    """The prefix every id must start with (the longest `prefix` clause's value), None when
+    no clause says, False when two cannot both hold."""
+    prefixes = [str(c.value) for c in clauses if c.op == "prefix"]
+    if not prefixes:
+        return None
+    longest = max(prefixes, key=len)
+    return longest if all(longest.startswith(p) for p in prefixes) else False
+
+
+def _above(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix` (None: no bound)."""
+    while prefix and prefix[-1] == "\U0010ffff":
+        prefix = prefix[:-1]
+    return prefix[:-1] + chr(ord(prefix[-1]) + 1) if prefix else None
+
+
 @dataclass(frozen=True, slots=True)
 class Source(Generic[T]):
     """One kind of device record: its ids in order, how to find a record by id, and which
-    of them match (a predicate, or True / False for all of them)."""
+    of them match (a predicate, or True / False for all of them); with `prefix`, only the
+    ids that start with it (a range of the sorted ids: O(log n) to find)."""
 
     names: SortedList[str]
     lookup: Callable[[str], T | None]
     wanted: Callable[[T], bool] | bool
+    prefix: str | None = None
 
     def ids(self, after: str | None, descending: bool) -> Iterator[str]:
-        names = self.names
+        names, prefix = self.names, self.prefix
+        if prefix:
+            low, high = prefix, _above(prefix)
+            if after is not None and descending:
+                high = after if high is None else min(after, high)
+            elif after is not None:
+                low = max(after, low)
+            return iter(names.irange(low, high, inclusive=(low != after, False),
+                                     reverse=descending))  # fmt: skip
         if after is None:
             return iter(names.islice(reverse=descending))
         if descending:
             return iter(names.irange(maximum=after, inclusive=(True, False), reverse=True))
         return iter(names.irange(minimum=after, inclusive=(False, True)))
+
+    def covers(self, device_id: str) -> bool:
+        """Whether `device_id` is in the source's id range (starts with `prefix`)."""
+        return self.prefix is None or device_id.startswith(self.prefix)
+
+    def size(self) -> int:
+        """How many ids the range holds (O(log n))."""
+        names, prefix = self.names, self.prefix
+        if not prefix:
+            return len(names)
+        high = _above(prefix)
+        end = len(names) if high is None else names.bisect_left(high)
+        return end - names.bisect_left(prefix)
 
     def matching(self, ids: Iterable[str]) -> Iterator[T]:
         """The records of `ids` that match (C-level loops but for the predicate)."""
@@ -303,7 +348,7 @@ def paging(
             ids = [i for i in ids if (i < after if descending else i > after)]
         found = []
         for s in live:
-            found += s.matching(ids)
+            found += s.matching([i for i in ids if s.covers(i)])
         found = sorted(found, key=_ID, reverse=descending)[:need]
     else:
         pages = []
@@ -322,11 +367,11 @@ def counting(sources: list[Source[T]], only: frozenset[str] | None = None) -> St
         if s.wanted is False:
             continue
         if only is not None:
-            total += sum(1 for _ in s.matching(only))
+            total += sum(1 for _ in s.matching([i for i in only if s.covers(i)]))
         elif s.wanted is True:
-            total += len(s.names)
+            total += s.size()
         else:
-            total += len((yield from _chunked(s, list(s.names), None)))
+            total += len((yield from _chunked(s, list(s.ids(None, False)), None)))
     return total
 
 
@@ -361,40 +406,36 @@ def count(sources: list[Source[T]], only: frozenset[str] | None = None) -> int:
 
 def registered_source(sup: Supervisor, clauses: list[Clause], offset: float) -> Source[DeviceActor]:
     """The registered devices (state `registered`, lifecycle `enabled`)."""
-    return Source(
-        sup.endpoint_names,
-        sup.by_endpoint.get,
-        matcher(
-            clauses,
-            {
-                "id": _actor_id,
-                "endpoint_name": _actor_id,
-                "endpoint_type": lambda a: a.reg.endpoint_type or "",
-                "created_at": lambda a: a.reg.registered_at + offset,
-                "updated_at": lambda a: a.reg.updated_at + offset,
-            },
-            {"state": "registered", "lifecycle_status": "enabled"},
-        ),
+    prefix = id_prefix(clauses)
+    wanted: Callable[[DeviceActor], bool] | bool = prefix is not False and matcher(
+        clauses,
+        {
+            "id": _actor_id,
+            "endpoint_name": _actor_id,
+            "endpoint_type": lambda a: a.reg.endpoint_type or "",
+            "created_at": lambda a: a.reg.registered_at + offset,
+            "updated_at": lambda a: a.reg.updated_at + offset,
+        },
+        {"state": "registered", "lifecycle_status": "enabled"},
     )
+    return Source(sup.endpoint_names, sup.by_endpoint.get, wanted, prefix or None)
 
 
 def gone_source(directory: Directory, clauses: list[Clause], offset: float) -> Source[Gone]:
     """The devices that left and are still listed (state `deregistered`)."""
-    return Source(
-        directory.names,
-        directory.get,
-        matcher(
-            clauses,
-            {
-                "id": _gone_id,
-                "endpoint_name": _gone_id,
-                "endpoint_type": lambda g: g.endpoint_type or "",
-                "created_at": lambda g: g.created_at + offset,
-                "updated_at": lambda g: g.updated_at + offset,
-            },
-            {"state": "deregistered", "lifecycle_status": "enabled"},
-        ),
+    prefix = id_prefix(clauses)
+    wanted: Callable[[Gone], bool] | bool = prefix is not False and matcher(
+        clauses,
+        {
+            "id": _gone_id,
+            "endpoint_name": _gone_id,
+            "endpoint_type": lambda g: g.endpoint_type or "",
+            "created_at": lambda g: g.created_at + offset,
+            "updated_at": lambda g: g.updated_at + offset,
+        },
+        {"state": "deregistered", "lifecycle_status": "enabled"},
     )
+    return Source(directory.names, directory.get, wanted, prefix or None)
 
 
 def _actor_id(actor: DeviceActor) -> str:

@@ -176,6 +176,8 @@ class Api:
         self.hub = hub
         self.webhooks = webhooks or Webhooks(hub)
         self.max_presubscriptions = 1024  # entries per application (Pelion's limit)
+        #: the administrators' routes under `/admin/` (`console.Console.dispatch`)
+        self.admin: Callable[[Request], Awaitable[Response]] | None = None
         self._v2: dict[str, Callable[[Request], Awaitable[Response]]] = {
             "device-requests": self._device_requests,
             "notification": self._notification,
@@ -217,6 +219,8 @@ class Api:
             if not req.admin:
                 return ADMIN_ONLY
             return await device_credentials(self.sup, req)
+        elif seg and seg[0] == "admin" and self.admin is not None:
+            return await self.admin(req)
         return NOT_FOUND_ROUTE
 
     # -- device requests ------------------------------------------------------------------

@@ -42,11 +42,13 @@ from dm_actor.api.channels import (
     NotificationHub,
     Session,
 )
+from dm_actor.api.console import Console
 from dm_actor.api.cors import Cors
 from dm_actor.api.handover import FrameStream, PullReceipt
 from dm_actor.api.metrics import OPERATIONS, ROUTE, Observability, route_of
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import (
+    ADMIN_ONLY,
     JSON,
     NO_CONTENT,
     NOT_AN_ACCESS_KEY,
@@ -75,6 +77,7 @@ _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _RECEIVE_SIZE = 65536
 _PULL = ["v2", "notification", "pull"]
 _WEBSOCKET_CONNECT = ["v2", "notification", "websocket-connect"]
+_ADMIN_EVENTS = ["admin", "events"]  # the administrators' event tap (console.py)
 UNAUTHORIZED = text(401, "Authentication failure.")
 UNAUTHORIZED_V3 = error_v3(401, "invalid_auth", "Authentication failure.")
 CHANNEL_DELETED = text(410, "CHANNEL_DELETED")
@@ -207,6 +210,10 @@ class HttpServer:
         )
         self.api = Api.create(sup, self.hub, self.options.webhook)
         self.api.max_presubscriptions = self.options.max_presubscriptions
+        # the operator's console: /console/ assets, /admin/ routes, the event tap
+        self.console = Console(self.api, ping_interval=self.options.ping_interval)
+        self.console.install(self.hub)
+        self.api.admin = self.console.dispatch
         self.restored = list(channels)
         # /metrics, /healthz, /readyz (metrics.py), and the reserve of connections taken
         # beyond `max_connections` for them when no connection can be shed (`_reserve`)
@@ -678,13 +685,19 @@ class HttpServer:
             return conn.our_state is h11.DONE and not self.stopping
         if preflight and origin is not None and event.method == b"OPTIONS":
             return await self._preflight(conn, stream, slot, origin)
-        if segments == _WEBSOCKET_CONNECT and event.method == b"GET":
+        if segments[:1] == ["console"]:  # the console's page: no key (console.py)
+            if_none_match = next((v for n, v in event.headers if n == b"if-none-match"), None)
+            response = self.console.static(event.method, segments, if_none_match)
+            await self._send(conn, stream, response, close=self.stopping)
+            return conn.our_state is h11.DONE and not self.stopping
+        tap = segments == _ADMIN_EVENTS
+        if (tap or segments == _WEBSOCKET_CONNECT) and event.method == b"GET":
             if app is not None:
-                return await self._websocket_connect(conn, stream, event, upgrade, auth)
+                return await self._websocket_connect(conn, stream, event, upgrade, auth, tap)
             # its key may be in a subprotocol; until then its refusals may be shed
             self._anonymous[stream] = slot
             try:
-                go_on = await self._websocket_connect(conn, stream, event, upgrade, auth)
+                go_on = await self._websocket_connect(conn, stream, event, upgrade, auth, tap)
             finally:
                 del self._anonymous[stream]
             slot.anonymous += 1
@@ -887,8 +900,10 @@ class HttpServer:
         event: h11.Request,
         upgrade: bytes | None,
         auth: bytes | None,
+        tap: bool = False,
     ) -> bool:
-        """Authenticate the upgrade, hand it to trio-websocket, then serve the channel.
+        """Authenticate the upgrade, hand it to trio-websocket, then serve the channel (or,
+        with `tap`, an administrator's event tap: `Console.serve_tap`).
 
         trio-websocket writes through a `FrameStream`, so that a message abandoned half-way
         (a client too slow to take it) never cuts a frame and a close frame can follow it.
@@ -916,8 +931,10 @@ class HttpServer:
             refusal = text(400, f"Malformed WebSocket upgrade: {malformed} header")
         elif app is not None and not (key and version):
             refusal = text(400, "Sec-WebSocket-Key and Sec-WebSocket-Version 13 are required.")
-        elif app is not None and is_admin(app):
+        elif app is not None and is_admin(app) and not tap:
             refusal = NOT_AN_ACCESS_KEY  # an administrator key owns no channel
+        elif app is not None and tap and not is_admin(app):
+            refusal = ADMIN_ONLY
         if refusal is not None or app is None:
             await self._send(conn, stream, refusal or UNAUTHORIZED)
             return conn.our_state is h11.DONE
@@ -928,7 +945,9 @@ class HttpServer:
             with trio.move_on_after(self.options.handshake_timeout):
                 request = await wrap_server_stream(nursery, frames)
                 ws = await request.accept(subprotocol=self._subprotocol(protocols))
-            if ws is not None:
+            if ws is not None and tap:
+                await self.console.serve_tap(ws)
+            elif ws is not None:
                 await self._websocket(ws, app, nursery, frames)
             nursery.cancel_scope.cancel()
         if ws is not None and frames.lingering:
