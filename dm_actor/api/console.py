@@ -233,7 +233,7 @@ class Console:
         }
 
     def device(self, device_id: str, owner: str) -> Response:
-        """One device: its directory entry, security, resources by name, the paths observed
+        """One device: its directory entry, transport, resources by name, the paths observed
         (for anyone) and those `owner` (an administrator) subscribed to."""
         sup = self.api.sup
         actor = sup.by_endpoint.get(device_id)
@@ -244,9 +244,12 @@ class Console:
         resources: list[dict[str, object]] = []
         objects: dict[str, str] = {}
         if actor is not None:
-            secure = actor.addr is not None and is_session(actor.addr)
-            data["security"] = "psk" if secure else "none"
-            data["transport"] = "tcp" if actor.conn is not None else "udp"
+            # (`security_mode` says what the device must use; this, what it uses now)
+            if actor.conn is not None:
+                data["transport"] = "tcp"
+            else:
+                secure = actor.addr is not None and is_session(actor.addr)
+                data["transport"] = "dtls" if secure else "udp"
             for entry in listed_resources(actor.reg.objects):
                 ids = path_ids(entry.uri)
                 model = object_model(ids[0])

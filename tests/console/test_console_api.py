@@ -147,7 +147,8 @@ async def test_device_view_names_resources_from_the_models(
     await online(api, nursery)
     async with api.client(ADMIN) as admin:
         view = (await admin.request("GET", "/admin/devices/dev")).json()
-        assert (view["state"], view["binding"], view["security"]) == ("registered", "U", "none")
+        assert (view["state"], view["binding"], view["transport"]) == ("registered", "U", "udp")
+        assert view["security_mode"] == "nosec"
         assert view["objects"]["3303"] == "Temperature"
         by_path = {r["path"]: r for r in view["resources"]}
         assert by_path["/3303/0/5700"]["name"] == "Sensor Value"

@@ -147,7 +147,7 @@ async function loadDevices() {
     cell(row, d.state);
     cell(row, d.binding);
     cell(row, d.queue_mode ? "yes" : "no");
-    cell(row, d.security_mode ?? d.security ?? "-");
+    cell(row, d.security_mode ?? "-");
     cell(row, d.updated_at);
   }
   const last = list.data.length ? list.data[list.data.length - 1].endpoint_name : null;
@@ -169,7 +169,7 @@ async function loadDevice(endpoint) {
   if (r.status !== 200) { info.textContent = "error " + r.status; return; }
   const d = r.data;
   const fields = [["state", d.state], ["binding", d.binding], ["queue mode", d.queue_mode ? "yes" : "no"],
-    ["security", d.security_mode ?? d.security ?? "-"], ["transport", d.transport ?? "-"], ["LwM2M", d.lwm2m_version],
+    ["security", d.security_mode ?? "-"], ["transport", d.transport ?? "-"], ["LwM2M", d.lwm2m_version],
     ["lifetime", d.lifetime + " s"], ["registered", d.created_at], ["last contact", d.updated_at],
     ["type", d.endpoint_type || "-"]];
   for (const [name, value] of fields) {
