@@ -6,18 +6,22 @@ Real loopback HTTP and WebSockets, scripted CoAP devices, virtual time.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from typing import TYPE_CHECKING, Any
 
+import hypothesis
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed
 
 from dm_actor.api.auth import ApiKeys, admin_id
-from dm_actor.api.console import STATIC
+from dm_actor.api.console import STATIC, decoded
 from dm_actor.api.server import HttpServer
 from dm_actor.api.tap import AdminResults, EventTap
 from dm_actor.store.memory import MemoryStore
@@ -393,3 +397,34 @@ def _tap(api: Api) -> Any:
 
 
 __all__ = ["raw_exchange"]
+
+
+@hypothesis.settings(max_examples=500, deadline=None)
+@hypothesis.given(
+    payload=st.binary(max_size=64)
+    | st.sampled_from([b'[{"bn":"/3/0/","n":"0","vs":"x"}]', b'[{"n":"1e999","v":1e999}]']),
+    ct=st.sampled_from(
+        [
+            "text/plain",
+            "application/octet-stream",
+            "application/cbor",
+            "application/senml+json",
+            "application/senml+cbor",
+            "application/vnd.oma.lwm2m+tlv",
+            "application/vnd.oma.lwm2m+json",
+            "application/vnd.oma.lwm2m+cbor",
+            "weird/x",
+            "11542",
+            "99999999999",
+        ]
+    ),
+    base=st.sampled_from([None, "/3", "/3/0", "/3/0/0", "/3/0/11/0", "/3303/0/5700"]),
+)
+def test_any_payload_a_device_sends_is_shown_or_said_undecodable(
+    payload: bytes, ct: str, base: str | None
+) -> None:
+    """What the tap and the results view show of a device's payload never raises: values
+    (JSON-encodable) or a `decode_error`."""
+    out = decoded({"payload": base64.b64encode(payload).decode(), "ct": ct}, base)
+    assert set(out) <= {"values", "decode_error"}
+    msgspec.json.encode(out)
