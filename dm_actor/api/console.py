@@ -382,16 +382,17 @@ class Console:
             out["to"] = "all"
         else:
             out["to"] = sorted("admin" if is_admin(o) else o[:8] for o in owners)
-        if isinstance(item, dict) and "payload" in item:
-            payload = item.get("payload")
-            if isinstance(payload, str) and len(payload) <= DECODE_LIMIT * 4 // 3 + 4:
-                base = item.get("path")
-                if kind == _ASYNC and owners is not None and len(owners) == 1:
-                    request = self.requests.get((next(iter(owners)), str(item.get("id"))))
-                    base = None if request is None else request[2]
-                    if request is not None:  # (an administrator's: its device and path)
-                        out["ep"], out["path"] = request[0], request[2]
-                out.update(decoded(item, base if isinstance(base, str) else None))
+        if not isinstance(item, dict):
+            return out
+        base = item.get("path")
+        if kind == _ASYNC and owners is not None and len(owners) == 1:
+            request = self.requests.get((next(iter(owners)), str(item.get("id"))))
+            if request is not None:  # (an administrator's: its device and path)
+                out["ep"], out["path"] = request[0], request[2]
+                base = request[2]
+        payload = item.get("payload")
+        if isinstance(payload, str) and len(payload) <= DECODE_LIMIT * 4 // 3 + 4:
+            out.update(decoded(item, base if isinstance(base, str) else None))
         return out
 
 
