@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 
 from dm_actor.api.auth import is_admin
 from dm_actor.api.routes import text
+from dm_actor.api.tap import EventTap
 from dm_actor.credentials import security_mode
 from dm_actor.histogram import LAG_BOUNDS, Histogram
 
@@ -380,6 +381,10 @@ class _Collector(Collector):
         yield _counter(
             p + "unrouted", "Events for applications without a channel, dropped", hub.unrouted
         )
+        tap = hub.tap
+        if isinstance(tap, EventTap):  # the administrators' event tap (console.py)
+            yield _gauge(p + "taps", "Administrators' event taps open", len(tap.subscribers))
+            yield _counter(p + "tap_dropped", "Events the event taps' bounds dropped", tap.dropped)
 
     @staticmethod
     def _http(obs: Observability) -> Iterator[Metric]:

@@ -76,7 +76,7 @@ class TapSubscriber:
 class EventTap:
     """Every event of the server, for administrators' subscribers (see the module)."""
 
-    __slots__ = ("capacity", "max_subscribers", "refused", "seen", "subscribers")
+    __slots__ = ("_closed_dropped", "capacity", "max_subscribers", "refused", "seen", "subscribers")
 
     def __init__(self, capacity: int = TAP_CAPACITY, max_subscribers: int = MAX_TAPS) -> None:
         self.capacity = capacity
@@ -84,6 +84,12 @@ class EventTap:
         self.subscribers: list[TapSubscriber] = []
         self.seen = 0  # events the hub handed over, in all
         self.refused = 0  # subscriptions refused at `max_subscribers`
+        self._closed_dropped = 0  # what the closed subscribers' bounds dropped
+
+    @property
+    def dropped(self) -> int:
+        """Events the subscribers' bounds dropped, in all (closed subscribers' too)."""
+        return self._closed_dropped + sum(s.dropped for s in self.subscribers)
 
     def __call__(self, batch: Sequence[ChannelEvent]) -> None:
         """The hub read `batch` (called once per batch, before the fan-out)."""
@@ -103,6 +109,7 @@ class EventTap:
     def unsubscribe(self, subscriber: TapSubscriber) -> None:
         if subscriber in self.subscribers:
             self.subscribers.remove(subscriber)
+            self._closed_dropped += subscriber.dropped
 
 
 class AdminResults:

@@ -18,6 +18,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import ConnectionClosed
 
 from dm_actor.api.auth import ApiKeys, admin_id
@@ -310,6 +311,14 @@ async def test_a_stalled_tap_never_holds_back_an_application_channel(
             # closed once it took no message for ping_interval (30 s)
             await trio.sleep(http.options.ping_interval * 2 + 1)
             assert tap.subscribers == [] and http.console.too_slow == 1
+            # /metrics, read by Prometheus's parser: the drops outlive the tap
+            samples = {
+                sample.name: sample.value
+                for family in text_string_to_metric_families(await _metrics(api))
+                for sample in family.samples
+            }
+            assert samples["dm_actor_events_taps"] == 0
+            assert samples["dm_actor_events_tap_dropped_total"] == subscriber.dropped
     # (before the tap was closed for its slowness: nothing waited for it)
     assert took < http.options.ping_interval, took
 
@@ -364,6 +373,13 @@ def _hub(api: Api) -> Any:
             and o.events is api.sup.events]  # fmt: skip
     assert len(hubs) == 1
     return hubs[0]
+
+
+async def _metrics(api: Api) -> str:
+    async with api.client(ADMIN) as admin:
+        reply = await admin.request("GET", "/metrics")
+        assert reply.status == 200
+        return reply.text
 
 
 async def _admin_get(api: Api, path: str) -> Any:
