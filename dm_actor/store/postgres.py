@@ -30,6 +30,10 @@ the data breaks, a damaged table) is not retried: `StoreFailed`, the process sto
 
 The free disk space is the database server's, which this process cannot see: the event
 budget (`event_budget`) applies, `disk_headroom` does not.
+
+Text: PostgreSQL's cannot hold NUL, which SQLite's can: a NUL in a stored string is written as
+U+FFFD (and a lone surrogate as "?"), so that what a peer managed to put in a string never
+fails a batch.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 import trio
+from psycopg.adapt import Dumper
 
 from dm_actor.histogram import COMMIT_BOUNDS, Histogram
 from dm_actor.store import schema
@@ -266,6 +271,19 @@ def _retryable(exc: psycopg.Error) -> str | None:
     return None
 
 
+class _Text(Dumper):
+    """Strings as text, with NUL (which PostgreSQL's text cannot hold, and which SQLite keeps)
+    replaced by U+FFFD: a NUL that a peer managed to put in a stored string (a link's
+    attribute, a header) must not stop the writer with a `DataError`."""
+
+    oid = 25  # text
+
+    def dump(self, obj: str) -> bytes:
+        if "\x00" in obj:
+            obj = obj.replace("\x00", "\ufffd")
+        return obj.encode(errors="replace")  # (a lone surrogate: "?", as it cannot be UTF-8)
+
+
 def describe(dsn: str) -> str:
     """The DSN for a log line: database, user and host, never the password."""
     try:
@@ -364,6 +382,7 @@ class PostgresStore(SqliteStore):
             raise StoreError(f"postgres: an invalid dsn: {exc}") from exc
         params.setdefault("connect_timeout", max(2, round(self.connect_timeout)))
         params.setdefault("application_name", "dm-actor")
+        params["client_encoding"] = "UTF8"  # (`_Text` encodes UTF-8)
         # a dead peer is noticed in ~25 s over TCP instead of the kernel's two hours
         if not str(params.get("host", "/")).startswith("/"):
             params.setdefault("keepalives_idle", 10)
@@ -375,6 +394,7 @@ class PostgresStore(SqliteStore):
             if first:
                 raise StoreError(f"{self.path}: cannot connect: {exc}".rstrip()) from exc
             raise
+        pg.adapters.register_dumper(str, _Text)
         try:
             pg.execute("SET synchronous_commit = on")
             (locked,) = _one(pg, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+import msgspec
 import psycopg
 import pytest
 import trio
@@ -161,3 +162,19 @@ def test_the_daemon_on_a_busy_database_exits_3_naming_it(
     assert code == EXIT_STORE
     err = capsys.readouterr().err
     assert "in use by another process" in err and pg_dsn.rsplit("=", 1)[1] in err
+
+
+async def test_a_nul_in_a_stored_string_does_not_stop_the_writer(pg_dsn: str) -> None:
+    """PostgreSQL's text cannot hold NUL (SQLite's can): it is stored as U+FFFD instead of
+    failing the batch (a `DataError` would stop the daemon)."""
+    store = PostgresStore(pg_dsn)
+    async with running(store):
+        store.put_registration(msgspec.structs.replace(registration("a"), links='</3/0>;x="\x00"'))
+        store.put_command(command("a", "x", uri="/3/0/\x00"))
+        await store.durable()
+    store.close()
+    again = PostgresStore(pg_dsn)
+    snap = again.load()
+    again.close()
+    assert snap.registrations[0].links == '</3/0>;x="\ufffd"'
+    assert snap.commands[0].uri == "/3/0/\ufffd"
