@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add the `credentials` command to `dm-actor`'s subcommands."""
     parser = subparsers.add_parser(
         "credentials",
-        help="add, list or remove devices' DTLS PSK credentials (daemon stopped)",
+        help="add, list, remove or import devices' DTLS PSK credentials (daemon stopped)",
         description="Devices' DTLS PSK credentials in the data directory's store. Run it "
         "while `dm-actor serve` is stopped (the store is locked while it runs: use the "
         "/v3/device-credentials API then).",
