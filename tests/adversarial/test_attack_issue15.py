@@ -26,6 +26,7 @@ from dm_actor.dtls import (
     SessionClosed,
     SessionEstablished,
 )
+from dm_actor.dtls.record import Record, open_record
 from tests.dtls.peers import IDENTITY, KEY, SERVER, app_data, established, our_handshake
 from tests.dtls.test_hostile import cookie_for, hello_datagram
 from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
@@ -328,3 +329,52 @@ async def test_a_session_whose_registration_ended_is_closed(
     assert "sensor-1" not in server.supervisor.by_endpoint
     assert server.dtls is not None
     assert server.dtls.sessions() == 0, "the session outlives its registration"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="nothing bounds the records of one coaps datagram (the plain socket drops "
+    "datagrams over router.MAX_DATAGRAM = 4096 bytes for the same reason): one 65 KB "
+    "datagram of 2,241 forged 29-byte records from a device's address (or 1,805 carrying a "
+    "device's CID, from any address) makes the server try to authenticate each, 70-100 ms "
+    "of the event loop per datagram",
+)
+async def test_one_datagram_of_forged_records_costs_a_bounded_number_of_decryptions(
+    server: app.Listening,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server.supervisor.provisioning.set("sensor-1", "id-1", OLD_KEY)
+    dev = await _device(server, "id-1", OLD_KEY)
+    dev.dtls = DtlsClient(dev.server, b"id-1", OLD_KEY, connection_id=None)
+    assert await dev.handshake()
+    calls = 0
+    real = open_record
+
+    def counting(key: bytes, iv: bytes, record: Record) -> tuple[int, bytes]:
+        nonlocal calls
+        calls += 1
+        return real(key, iv, record)
+
+    monkeypatch.setattr("dm_actor.dtls.session.open_record", counting)
+    forged = b"".join(
+        bytes((23, 0xFE, 0xFD, 0, 1)) + (1000 + n).to_bytes(6, "big") + b"\x00\x10" + bytes(16)
+        for n in range(65000 // 29)
+    )
+    await dev.sock.sendto(forged, dev.server)
+    await trio.sleep(0.5)  # (read and handled at once: loopback)
+    assert calls <= 200, f"{calls} decryptions for one datagram"
+
+
+def test_ipv4_hosts_on_a_dual_stack_socket_do_not_share_one_half_open_bound() -> None:
+    """A guard for a per-prefix bound: with `--host ::` (a dual-stack socket) IPv4 peers come
+    as IPv4-mapped IPv6 addresses (::ffff:a.b.c.d); their first 64 bits are the same for
+    every IPv4 host, so a /64 bucket would put the whole IPv4 internet under one
+    max_handshakes_per_host (8)."""
+    machine = DtlsServer({IDENTITY: KEY}.get)
+    for host in range(20):
+        address: Address = (f"::ffff:198.51.100.{host + 1}", 5000, 0, 0)
+        hello_random = host.to_bytes(32, "big")
+        cookie = cookie_for(machine, hello_random, address)
+        machine.receive(hello_datagram(hello_random, cookie, 1), address, 0.0)
+    assert machine.statistics().handshakes == 20
+    assert machine.statistics().handshakes_refused == 0
