@@ -18,14 +18,20 @@ import trio.testing
 from sortedcontainers import SortedList
 
 from dm_actor.actors.directory import Directory
+from dm_actor.actors.subscriptions import Pending
 from dm_actor.coap.numbers import Code
 from dm_actor.credentials import Credentials
+from tests.actors.support import Device
+from tests.actors.test_restart import async_responses as async_responses_of, run_server, slow_jumps
 from tests.adversarial.test_attack_durability import WRITE, drain
 from tests.api.client import KEY_A, start_api
 from tests.api.test_endpoint_resources import register_in_blocks
 from tests.api.test_flow import online
+from tests.api.test_subscription_results import async_responses, polled
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tests.api.client import Api, HttpClient
 
 
@@ -217,3 +223,99 @@ async def test_link_attributes_do_not_multiply_a_devices_memory(
     finally:
         tracemalloc.stop()
     assert with_attributes <= 2 * without, (without, with_attributes)
+
+
+# -- subscriptions (items 4, 5) ------------------------------------------------------------------
+
+
+async def _asleep(api: Api, nursery: trio.Nursery, client: HttpClient) -> Device:
+    """A long-poll channel and a queue-mode device `dev`, asleep (awake_time 93 s)."""
+    await client.request("GET", "/v2/notification/pull")
+    dev = await online(api, nursery, binding="UQ")
+    await polled(client)
+    await trio.sleep(100)
+    return dev
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A 202's promise is broken by a repeat of the PUT: the first PUT to a sleeping "
+    "device gets 202 {async-response-id: X}; the application PUTs again and the device "
+    "accepts the Observe during that PUT's 3 s wait: the second PUT answers 200 and no "
+    "AsyncIDResponse X ever comes (one Waiter per application: its `answering` count "
+    "suppresses the report the earlier 202 promised). An SDK waiting on X hangs.",
+)
+async def test_a_202_is_answered_even_when_a_repeated_put_succeeds_in_its_wait(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    async with api.client() as client, api.client() as again:
+        dev = await _asleep(api, nursery, client)
+        reply = await client.request("PUT", "/v2/subscriptions/dev/3303/0/5700")
+        assert reply.status == 202
+        promised = reply.json()["async-response-id"]
+        answers: list[int] = []
+
+        async def repeat() -> None:
+            answers.append((await again.request("PUT", "/v2/subscriptions/dev/3303/0/5700")).status)
+
+        async with trio.open_nursery() as inner:
+            inner.start_soon(repeat)
+            await trio.sleep(1)  # the repeat waits ...
+            await dev.update()  # ... and the device wakes: it accepts the Observe
+        assert answers == [200]
+        messages = await polled(client) + await polled(client)
+        assert [r["id"] for r in async_responses(messages)] == [promised]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A pending subscription's 202 does not survive a repeat after a restart: the "
+    "restored Observe carries the first application's id X, but a repeat PUT after the "
+    "restart makes a new Waiter (new id Y) for the same application, and observe_finished "
+    "then skips the restored waiter (`cmd.owner not in waiters`): only Y is answered, X "
+    "never (docs/api.md: a repeat while it waits gets the same id).",
+)
+async def test_a_repeat_after_a_restart_keeps_the_pending_subscriptions_id(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    slow_jumps(autojump_clock)
+    scope, first, _ = await run_server(nursery, tmp_path, autojump_clock)
+    dev = Device(first.coap_udp, "sleepy", binding="UQ", lifetime=3600)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    await trio.sleep(100)  # asleep
+    path = "/3303/0/5700"
+    before = await first.supervisor.subscriptions.subscribe_waiting("sleepy", path, "app", 3.0)
+    assert isinstance(before, Pending)
+    scope.cancel()  # the daemon stops
+    await trio.sleep(10)
+    _, second, events = await run_server(nursery, tmp_path, autojump_clock)
+    after = await second.supervisor.subscriptions.subscribe_waiting("sleepy", path, "app", 3.0)
+    assert isinstance(after, Pending)
+    dev.server = second.coap_udp
+    assert (await dev.update()).code == Code.CHANGED  # it wakes: the stored Observe goes
+    await trio.sleep(2)
+    answered = async_responses_of(events)
+    assert before.async_response_id in answered, (before, after, list(answered))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="PUT normalises the subscription path (/3303/00/5700 subscribes /3303/0/5700) but "
+    "GET and DELETE compare the raw text: GET of the same path says 404 NOT_SUBSCRIBED and "
+    "DELETE answers 204 while the subscription stays (listed, observed, notifying).",
+)
+async def test_delete_removes_what_the_same_put_path_subscribed(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    async with api.client() as client:
+        await client.request("GET", "/v2/notification/pull")
+        await online(api, nursery)
+        target = "/v2/subscriptions/dev/3303/00/5700"
+        assert (await client.request("PUT", target)).status == 200
+        assert (await client.request("GET", target)).status == 200
+        assert (await client.request("DELETE", target)).status == 204
+        reply = await client.request("GET", "/v2/subscriptions/dev")
+        assert (reply.status, reply.text) == (404, "NO_SUBSCRIPTIONS")
