@@ -26,7 +26,7 @@ from dm_actor.dtls import (
     SessionClosed,
     SessionEstablished,
 )
-from dm_actor.dtls.record import Record, open_record
+from dm_actor.dtls.record import ContentType, Record, open_record, plaintext_record
 from tests.dtls.peers import IDENTITY, KEY, SERVER, app_data, established, our_handshake
 from tests.dtls.test_hostile import cookie_for, hello_datagram
 from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
@@ -378,3 +378,25 @@ def test_ipv4_hosts_on_a_dual_stack_socket_do_not_share_one_half_open_bound() ->
         machine.receive(hello_datagram(hello_random, cookie, 1), address, 0.0)
     assert machine.statistics().handshakes == 20
     assert machine.statistics().handshakes_refused == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="DtlsServer._resend_final_flight answers unauthenticated plaintext records: until "
+    "a session's first application data, every spoofed 14-byte ChangeCipherSpec (or any "
+    "epoch-0 handshake record) from its address gets the 67-byte CCS + Finished again, "
+    "without limit (1,000 in -> 67,000 bytes out); the client's repeated flight carries an "
+    "authenticated Finished, which alone needs the answer",
+)
+def test_spoofed_plaintext_records_do_not_make_the_server_repeat_its_finished() -> None:
+    machine = DtlsServer({IDENTITY: KEY}.get)
+    device_at: Address = ("192.0.2.5", 4000)
+    client = DtlsClient(SERVER, IDENTITY, KEY, connection_id=None)
+    our_handshake(machine, client, device_at)
+    assert client.session is not None
+    spoofed = plaintext_record(ContentType.CHANGE_CIPHER_SPEC, 0, 99, b"\x01")
+    sent = 0
+    for n in range(100):
+        events = machine.receive(spoofed, device_at, 1.0 + n)
+        sent += sum(1 for e in events if isinstance(e, DatagramToSend))
+    assert sent == 0, f"{sent} datagrams for 100 spoofed ChangeCipherSpec records"
