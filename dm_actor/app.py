@@ -239,6 +239,7 @@ async def serve(
             sup.on_datagram,
             sup.on_unreachable,
             lambda addr, why: sup.registrar.refusals.refuse(None, None, addr, None, "alert", why),
+            is_bound=lambda addr: addr in sup.by_addr,
         )
         coaps = UdpEndpoint(host, settings.coaps_port(), dtls.on_datagram, dtls.on_unreachable)
         async with trio.open_nursery() as nursery:
@@ -255,7 +256,7 @@ async def serve(
             async with _starting(f"cannot listen on udp://{host}:{coaps_port} (CoAP over DTLS)"):
                 coaps_addr = await nursery.start(coaps.run)
             dtls.attach(coaps.send)
-            sup.attach_dtls(dtls.send, dtls.identity_of)
+            sup.attach_dtls(dtls.send, dtls.identity_of, dtls.release)
             sup.provisioning.revoked.append(dtls.revoked)
             nursery.start_soon(dtls.run_timer)
             await nursery.start(sup.run)

@@ -62,12 +62,19 @@ def links_text(objects: RegisteredObjects) -> str:
     return serialise_links(objects.links())
 
 
+#: what the store keeps for a device bound to a DTLS session: not an address (the session
+#: does not survive a restart; the device is reached again when it comes back with a new
+#: handshake), but the mark that it registered over DTLS (`address_from_text` reads None)
+SECURED = '["dtls"]'
+
+
 def address_text(addr: tuple[Any, ...] | None) -> str | None:
     """A UDP address as the store keeps it (JSON `[host, port, ...]`); None stays None, and
-    so does a DTLS session's address: the session does not survive a restart (the device
-    is reached again when it comes back with a new handshake)."""
-    if addr is None or addr[0] == SESSION_HOST:
+    a DTLS session's address is `SECURED`."""
+    if addr is None:
         return None
+    if addr[0] == SESSION_HOST:
+        return SECURED
     return _encode(addr).decode()
 
 

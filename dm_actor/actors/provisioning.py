@@ -75,13 +75,18 @@ class Provisioning:
         for r in records:
             self.credentials.put(Credential(r.endpoint, r.psk_identity, r.psk_key, r.created_at))
 
-    def end_older_registrations(self) -> int:
+    def end_older_registrations(self, secured: Iterable[str] = ()) -> int:
         """After `restore` and the registrations' restore: end each registration older than
         its endpoint's credentials (they were added by `dm-actor credentials` while the
-        server was stopped, so it was made without them). Returns how many ended."""
+        server was stopped, so it was made without them), and each of `secured` (made over
+        DTLS) whose endpoint has no credentials now (removed while stopped). Returns how
+        many ended."""
         registry = self.registry
         offset = registry.wall_offset
         ended = 0
+        for endpoint in secured:
+            if endpoint not in self.credentials:
+                ended += self.end_registration(endpoint, None)
         for cred in self.credentials.records():
             actor = registry.by_endpoint.get(cred.endpoint)
             if actor is not None and actor.reg.updated_at + offset < cred.created_at:

@@ -99,6 +99,7 @@ class Registry:
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self._dtls_send: Callable[[bytes, Address], None] | None = None
+        self._dtls_release: Callable[[Address], None] | None = None
         #: the PSK identity of a DTLS session's address (`address.session_address`), None
         #: for plain CoAP (set by `attach_dtls`)
         self.identity_of: Callable[[Address], str | None] = _plain
@@ -143,9 +144,12 @@ class Registry:
         self,
         send: Callable[[bytes, Address], None],
         identity_of: Callable[[Address], str | None],
+        release: Callable[[Address], None],
     ) -> None:
-        """Datagrams to session addresses go out through `send` (the DTLS transport's)."""
+        """Datagrams to session addresses go out through `send` (the DTLS transport's); a
+        session whose registration ended is `release`d."""
         self._dtls_send = send
+        self._dtls_release = release
         self.identity_of = identity_of
 
     def new_coap_endpoint(self, *, reliable: bool, mid_start: int | None = None) -> CoapEndpoint:
@@ -224,8 +228,11 @@ class Registry:
             self.endpoint_names.discard(ep)
             self.directory.retain(actor.reg, self.now())
         self.by_reg_id.pop(actor.reg.reg_id, None)
-        if actor.addr is not None and self.by_addr.get(actor.addr) is actor:
-            del self.by_addr[actor.addr]
+        addr = actor.addr
+        if addr is not None and self.by_addr.get(addr) is actor:
+            del self.by_addr[addr]
+            if addr[0] == SESSION_HOST and self._dtls_release is not None:
+                self._dtls_release(addr)  # (its DTLS session closes a little later)
         if actor.conn is not None:
             self.by_conn.pop(actor.conn, None)
         self.store.delete_registration(ep)

@@ -23,7 +23,12 @@ import trio
 from dm_actor.actors.commands import METHODS, Accepted, Commands, Rejected
 from dm_actor.actors.device import DeviceActor, Signal
 from dm_actor.actors.events import ChannelEvent, EventStream
-from dm_actor.actors.persist import address_from_text, command_from_record, registration_from_record
+from dm_actor.actors.persist import (
+    SECURED,
+    address_from_text,
+    command_from_record,
+    registration_from_record,
+)
 from dm_actor.actors.provisioning import Provisioning
 from dm_actor.actors.registrar import Registrar
 from dm_actor.actors.registry import Registry
@@ -262,7 +267,9 @@ class Supervisor:
                 Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
                 for p in pres
             ]
-        self.provisioning.end_older_registrations()  # (credentials added while stopped)
+        # (credentials added, replaced or removed while stopped)
+        secured = [r.endpoint for r in snapshot.registrations if r.address == SECURED]
+        self.provisioning.end_older_registrations(secured)
         log.info(
             "restored %d registrations, %d commands",
             len(snapshot.registrations),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 from dataclasses import dataclass
@@ -71,6 +72,10 @@ COOKIE_LENGTH = 16
 _WAIT_CKE, _WAIT_CCS, _WAIT_FINISHED = 0, 1, 2
 
 
+#: records of one datagram that are read (a client's flight is 3 to 5); the rest are dropped
+MAX_RECORDS = 16
+
+
 @dataclass(frozen=True, slots=True)
 class DtlsStatistics:
     """Counters of one `DtlsServer` (trio's `statistics()` convention)."""
@@ -105,6 +110,7 @@ class _Handshake:
         "identity",
         "master",
         "peer_cid",
+        "psk",
         "reassembly",
         "recv_seq",
         "send_seq",
@@ -131,6 +137,7 @@ class _Handshake:
         self.session: Session | None = None
         self.master = b""
         self.identity: bytes | None = None
+        self.psk = b""  # the key looked up at the ClientKeyExchange (checked again at Finished)
         self.flight: tuple[bytes, ...] = ()
         self.reassembly: Reassembly | None = None
         self.timeout = 0.0
@@ -188,12 +195,13 @@ class DtlsServer:
         self._sessions: dict[Address, Session] = {}
         self._by_cid: dict[bytes, Session] = {}
         self._handshakes: dict[Address, _Handshake] = {}
-        self._per_host: dict[str, int] = {}
+        self._per_host: dict[str | bytes, int] = {}
         #: (when, order, address): a stale entry (handshake gone or re-armed) is skipped.
         self._timers: list[tuple[float, int, Address]] = []
         self._timer_order = itertools.count()
         self._hvr = self._completed = self._failed = self._refused = 0
         self._dropped = self._retransmissions = 0
+        self._hello_in_datagram = False
 
     # -- public surface ---------------------------------------------------------------------
 
@@ -201,10 +209,16 @@ class DtlsServer:
         """Feed one datagram from `address`; returns what happened, in order. Never raises for
         anything the peer sent."""
         self._rotate_secret(now)
+        self._hello_in_datagram = False
         events: list[Event] = []
         records, bad = split_records(datagram, self._cid_length)
         if bad:
             self._dropped += 1
+        if len(records) > MAX_RECORDS:
+            # a flight is a few records; 2,000 forged ones in one datagram must not cost
+            # 2,000 authentication attempts
+            self._dropped += len(records) - MAX_RECORDS
+            records = records[:MAX_RECORDS]
         for record in records:
             try:
                 self._record(record, address, now, events)
@@ -337,14 +351,19 @@ class DtlsServer:
         self, session: Session, record: Record, address: Address, events: list[Event]
     ) -> None:
         ctype, data = session.open(record)
-        if address != session.address and session.cid and session.is_newest(record.seq):
+        holder = self._sessions.get(address)
+        if (
+            address != session.address
+            and session.cid
+            and session.is_newest(record.seq)
+            and (holder is None or holder.cid)
+        ):
+            # an authenticated record from a new address moves the session there, unless a
+            # session without CID lives at that address (it is found by its address alone:
+            # a spoofed source must not end it); one with a CID is found by its CID anyway
             old = session.address
             if self._sessions.get(old) is session:
                 del self._sessions[old]
-            displaced = self._sessions.get(address)
-            if displaced is not None:
-                self._forget(displaced)
-                events.append(SessionClosed(displaced, "address taken by a CID session"))
             session.address = address
             self._sessions[address] = session
             events.append(SessionAddressChanged(session, old))
@@ -407,6 +426,11 @@ class DtlsServer:
     ) -> None:
         if fragment.offset != 0 or len(fragment.body) != fragment.length:
             raise DecodeError("fragmented ClientHello (no state before the cookie)")
+        if self._hello_in_datagram:
+            # one answer per datagram at most: 900 ClientHellos packed in one datagram from a
+            # spoofed source must not make us send 900 datagrams to it
+            raise DecodeError("a second ClientHello in one datagram")
+        self._hello_in_datagram = True
         hello = parse_client_hello(fragment.body)
         hs = self._handshakes.get(address)
         if hs is not None and hs.client_random == hello.random:
@@ -441,12 +465,11 @@ class DtlsServer:
             )
             events += [DatagramToSend(address, data), HandshakeFailed(address, reason)]
             return
-        host = address[0]
         if hs is not None:
             self._drop_handshake(hs)
         elif (
             len(self._handshakes) >= self._max_handshakes
-            or self._per_host.get(host, 0) >= self._max_per_host
+            or self._per_host.get(_source(address), 0) >= self._max_per_host
         ):
             self._refused += 1
             return
@@ -511,7 +534,8 @@ class DtlsServer:
         hs.timeout = self._initial_retransmit
         hs.deadline = now + self._handshake_timeout
         self._handshakes[address] = hs
-        self._per_host[address[0]] = self._per_host.get(address[0], 0) + 1
+        source = _source(address)
+        self._per_host[source] = self._per_host.get(source, 0) + 1
         self._arm(hs, min(now + hs.timeout, hs.deadline))
         events.append(DatagramToSend(address, self._flight_datagram(hs)))
 
@@ -580,6 +604,7 @@ class DtlsServer:
         if psk is None:
             self._fail(hs, AlertDescription.UNKNOWN_PSK_IDENTITY, "unknown PSK identity", events)
             return
+        hs.psk = psk
         hs.transcript.update(message)
         premaster = psk_premaster(psk)
         if hs.ems:
@@ -607,6 +632,13 @@ class DtlsServer:
         expected = verify_data(hs.master, b"client finished", hs.transcript.digest())
         if not hmac.compare_digest(body, expected):
             self._fail(hs, AlertDescription.DECRYPT_ERROR, "Finished does not verify", events)
+            return
+        assert hs.identity is not None
+        current = self._psk_lookup(hs.identity)
+        if current is None or not hmac.compare_digest(current, hs.psk):
+            # the credentials were replaced or removed during the handshake: whoever holds
+            # the old key must not finish it (the upper layer closed the identity's sessions)
+            self._fail(hs, AlertDescription.DECRYPT_ERROR, "credentials changed", events)
             return
         hs.transcript.update(message)
         ours = verify_data(hs.master, b"server finished", hs.transcript.digest())
@@ -655,7 +687,7 @@ class DtlsServer:
     def _drop_handshake(self, hs: _Handshake) -> None:
         if self._handshakes.get(hs.address) is hs:
             del self._handshakes[hs.address]
-            host = hs.address[0]
+            host = _source(hs.address)
             left = self._per_host[host] - 1
             if left:
                 self._per_host[host] = left
@@ -678,3 +710,18 @@ def _final_flight(session: Session) -> bytes:
     return plaintext_record(ContentType.CHANGE_CIPHER_SPEC, 0, epoch0_seq, b"\x01") + session.seal(
         ContentType.HANDSHAKE, finished
     )
+
+
+def _source(address: Address) -> str | bytes:
+    """Whose half-open handshakes count together: an IPv4 host, or an IPv6 /64 (one host
+    may use every address of its own /64, RFC 4941)."""
+    host = address[0]
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:  # (an IPv4 peer on a dual-stack socket: its own host)
+        return str(ip.ipv4_mapped)
+    return ip.packed[:8]

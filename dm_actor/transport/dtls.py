@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: seconds between the end of a registration and the close of its session (`release`)
+RELEASE_GRACE = 2.0
+
 
 class DtlsTransport:
     """The sessions of one coaps socket, each known to the upper layers by a session address.
@@ -54,6 +57,7 @@ class DtlsTransport:
             session (it ended, or ICMP says its peer's address has no listener).
         on_refused: `on_refused(socket_addr, why)` for each failed handshake (the server's
             refusal lines, rate-limited there); the DTLS machine counts them too.
+        is_bound: whether a registered device is bound to a session address (`release`).
         now: the clock (Trio's by default).
 
     Call `attach(send)` with the socket's `send(data, addr)` before datagrams arrive, and run
@@ -67,8 +71,13 @@ class DtlsTransport:
         on_unreachable: Callable[[Address], None],
         on_refused: Callable[[Address, str], None] | None = None,
         now: Callable[[], float] = trio.current_time,
+        is_bound: Callable[[Address], bool] = lambda addr: False,
     ) -> None:
         self._on_refused = on_refused
+        self._is_bound = is_bound
+        # sessions whose registration ended, closed `RELEASE_GRACE` later unless a device is
+        # bound to them again (by session address, in deadline order: one grace for all)
+        self._releases: dict[Address, float] = {}
         self.server = server
         self._on_datagram = on_datagram
         self._on_unreachable = on_unreachable
@@ -138,6 +147,18 @@ class DtlsTransport:
         self._close(session)
         return 1
 
+    def release(self, addr: Address) -> None:
+        """The registration bound to session `addr` ended: close the session `RELEASE_GRACE`
+        seconds from now (its last answer, the De-register's 2.02, goes out first), unless a
+        device registered on it again meanwhile."""
+        if addr in self._by_address:
+            self._releases.pop(addr, None)
+            deadline = self._now() + RELEASE_GRACE
+            self._releases[addr] = deadline
+            if deadline < self._timer_at:
+                self._timer_at = deadline
+                self._timer_changed.set()
+
     def revoked(self, endpoint: str, identity: str | None) -> None:
         """`Provisioning`'s hook: `endpoint`'s credentials changed or were removed, so the
         sessions its former `identity` authenticated end (close_notify)."""
@@ -150,15 +171,25 @@ class DtlsTransport:
     # -- the timer ---------------------------------------------------------------------------
 
     async def run_timer(self) -> None:
-        """Retransmit handshake flights and drop handshakes past their deadline, forever."""
+        """Retransmit handshake flights, drop handshakes past their deadline and close the
+        sessions released (`release`), forever."""
         while True:
             deadline = self.server.get_timer()
-            self._timer_at = math.inf if deadline is None else deadline
+            releases = self._releases
+            first = next(iter(releases.values())) if releases else math.inf
+            self._timer_at = min(math.inf if deadline is None else deadline, first)
             with trio.move_on_at(self._timer_at):
                 await self._timer_changed.wait()
             self._timer_changed = trio.Event()
-            if deadline is not None and self._now() >= deadline:
-                self._handle(self.server.handle_timer(self._now()))
+            now = self._now()
+            if deadline is not None and now >= deadline:
+                self._handle(self.server.handle_timer(now))
+            while releases and next(iter(releases.values())) <= now:
+                addr = next(iter(releases))
+                del releases[addr]
+                session = self._by_address.get(addr)
+                if session is not None and not self._is_bound(addr):
+                    self._close(session)
 
     def _rearm(self) -> None:
         deadline = self.server.get_timer()
@@ -181,7 +212,8 @@ class DtlsTransport:
                 self._established(event.session, event.replaced)
             elif type(event) is SessionClosed:
                 addr = self._address_of.get(event.session)
-                log.info("DTLS session %s closed: %s", addr, event.reason)
+                # (debug: a device may close and shake hands again as often as it likes)
+                log.debug("DTLS session %s closed: %s", addr, event.reason)
                 self._forget(event.session)
             elif type(event) is SessionAddressChanged:
                 log.debug(

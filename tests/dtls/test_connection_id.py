@@ -73,21 +73,24 @@ def test_forged_or_replayed_cid_records_do_not_move_the_session() -> None:
     assert server.statistics().records_dropped == 2
 
 
-def test_cid_move_onto_an_address_of_another_session_ends_that_one() -> None:
+def test_cid_record_from_an_address_a_session_without_cid_holds_does_not_move_or_end_it() -> None:
+    """The session at that address is found by its address alone: a (spoofable) source
+    address must not end it. The CID session's data is delivered; it stays where it was
+    until a record comes from a free address."""
     keys = {IDENTITY: KEY}
     server = DtlsServer(keys.get)
     mover = DtlsClient(SERVER, IDENTITY, KEY, connection_id=b"")
     our_handshake(server, mover)
-    squatter = DtlsClient(SERVER, IDENTITY, KEY)
-    our_handshake(server, squatter, address=MOVED)
-    stale = server.session_at(MOVED)
-    assert mover.session is not None and stale is not None
+    holder = DtlsClient(SERVER, IDENTITY, KEY)
+    our_handshake(server, holder, address=MOVED)
+    there = server.session_at(MOVED)
+    assert mover.session is not None and there is not None
     events = server.receive(mover.send(b"moved"), MOVED, 1.0)
-    closed = [e for e in events if isinstance(e, SessionClosed)]
-    assert [e.session for e in closed] == [stale] and stale.closed
-    now_there = server.session_at(MOVED)
-    assert now_there is not None and now_there is not stale and now_there.cid
-    assert server.statistics().sessions == 1
+    assert app_data(events) == [b"moved"]
+    assert not [e for e in events if isinstance(e, (SessionClosed, SessionAddressChanged))]
+    assert server.session_at(MOVED) is there and not there.closed
+    assert app_data(server.receive(holder.send(b"still"), MOVED, 2.0)) == [b"still"]
+    assert server.statistics().sessions == 2
 
 
 def test_client_cid_is_used_by_the_server() -> None:

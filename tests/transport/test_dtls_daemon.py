@@ -27,6 +27,7 @@ from dm_actor.dtls import (
     HandshakeFailed,
     SessionClosed,
 )
+from dm_actor.transport.dtls import RELEASE_GRACE
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -329,4 +330,22 @@ async def test_a_new_handshake_of_the_same_identity_keeps_the_device_and_ends_th
     assert sup.by_endpoint["sensor-1"].addr == bound
     await sup.submit("sensor-1", "GET", "/3/0/0", async_id="after-reboot")
     request = await again.receive()  # the newest session gets it, without an Update
+    assert request is not None and request.code == Code.GET
+
+
+async def test_a_device_that_registers_again_on_its_session_keeps_it(
+    server: app.Listening,
+) -> None:
+    """A session whose registration ended is closed a little later (`RELEASE_GRACE`), not
+    when the device registered again on it meanwhile."""
+    sup = server.supervisor
+    dev, location, _ = await _registered(server)
+    dev.mid += 1
+    deregister = Message(MessageType.CON, Code.DELETE, dev.mid, b"\x03", path_options(location))
+    assert (await dev.request(deregister)).code == Code.DELETED
+    assert (await dev.request(dev.register("sensor-1"))).code == Code.CREATED
+    await trio.sleep(RELEASE_GRACE + 0.5)
+    assert server.dtls is not None and server.dtls.sessions() == 1
+    await sup.submit("sensor-1", "GET", "/3/0/0", async_id="still-there")
+    request = await dev.receive()
     assert request is not None and request.code == Code.GET
