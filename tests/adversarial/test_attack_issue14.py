@@ -24,7 +24,7 @@ from dm_actor.credentials import Credentials
 from tests.actors.support import Device
 from tests.actors.test_restart import async_responses as async_responses_of, run_server, slow_jumps
 from tests.adversarial.test_attack_durability import WRITE, drain
-from tests.api.client import KEY_A, start_api
+from tests.api.client import KEY_A, KEY_B, start_api
 from tests.api.test_endpoint_resources import register_in_blocks
 from tests.api.test_flow import online
 from tests.api.test_subscription_results import async_responses, polled
@@ -319,3 +319,46 @@ async def test_delete_removes_what_the_same_put_path_subscribed(
         assert (await client.request("DELETE", target)).status == 204
         reply = await client.request("GET", "/v2/subscriptions/dev")
         assert (reply.status, reply.text) == (404, "NO_SUBSCRIPTIONS")
+
+
+# -- async-ids between applications (item 3) ------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Async-ids are unique per application (the issue's rule), but a device's queue "
+    "knows commands by id alone: while application B's command 'temp-read' waits for a "
+    "sleeping device (up to expiry-seconds: 30 days), application A's own 'temp-read' to "
+    "that device gets 409 ASYNC_ID_IN_USE. With ids built from device and path, as Pelion "
+    "suggests, one application blocks another's requests (docs/delivery.md 1.7 states the "
+    "exception; it contradicts the per-application rule).",
+)
+async def test_another_applications_unfinished_id_does_not_block_mine(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    await online(api, nursery, binding="UQ")
+    await trio.sleep(100)  # asleep: commands wait for it
+    async with api.client() as a, api.client(KEY_B) as b:
+        assert (await post(b, "temp-read", WRITE)).status == 202
+        reply = await post(a, "temp-read", WRITE)
+        assert (reply.status, reply.text) == (202, "")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="GET /v2/device-requests/{id} (the queue view) lists every application's "
+    "unfinished commands (async-id, method, uri) and subscription Observes: application B "
+    "reads application A's async-ids and what A asks of the device. An application's "
+    "commands are otherwise its own (docs/api.md, Authentication).",
+)
+async def test_the_queue_view_shows_only_my_commands(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery)
+    await online(api, nursery, binding="UQ")
+    await trio.sleep(100)  # asleep: commands wait for it
+    async with api.client() as a, api.client(KEY_B) as b:
+        assert (await post(a, "a-secret-id", WRITE)).status == 202
+        view = (await b.request("GET", "/v2/device-requests/dev")).json()
+        assert [c["async-id"] for c in view["commands"]] == [], view
