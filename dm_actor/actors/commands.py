@@ -332,6 +332,18 @@ class Commands:
         self.registry.store.delete_events(owner, seqs)
         self.answers.handed_over(owner, seqs)
 
+    def events_handed(self, owner: str, seqs: list[int]) -> None:
+        """A long poll's response carrying `owner`'s events `seqs` was written (acknowledged
+        by the next poll, `events_delivered`): a repeat of one of its AsyncIDResponses now
+        gets it again (rule 1.7), as after any hand-over."""
+        self.answers.handed_over(owner, seqs)
+
+    def events_acknowledged(self, owner: str, seqs: list[int]) -> None:
+        """The next poll acknowledged that response: its events are delivered, but an
+        AsyncIDResponse sent again since it was written (a repeat) still waits, stored."""
+        again = self.answers.waiting_again(owner, seqs)
+        self.events_delivered(owner, [s for s in seqs if s not in again] if again else seqs)
+
     def keep_event(self, owner: str, kind: str, item: Item) -> int:
         """Store an event that waits in `owner`'s channel (see `NotificationHub.spill`), so
         that it is still owed after a restart; returns its `seq`."""

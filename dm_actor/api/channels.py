@@ -362,6 +362,8 @@ class NotificationHub:
         orphan_limit: int = 1000,
         orphan_ttl: float = 60.0,
         on_delivered: Callable[[str, list[int]], None] | None = None,
+        on_handed: Callable[[str, list[int]], None] | None = None,
+        on_acknowledged: Callable[[str, list[int]], None] | None = None,
         keep: Callable[[str, str, Item], int] | None = None,
         spill_interval: float = 1.0,
         idle_expiry: dict[str, float] | None = None,
@@ -369,6 +371,11 @@ class NotificationHub:
     ) -> None:
         self.events = events
         self.on_delivered = on_delivered
+        # a long poll's response was written (`hold`), then acknowledged by the next poll
+        # (`settle`; instead of `on_delivered`): rule 1.7, a repeat of an AsyncIDResponse
+        # in between gets it again
+        self.on_handed = on_handed
+        self.on_acknowledged = on_acknowledged
         self.keep = keep
         self.spill_interval = spill_interval
         self._spill_due = trio.Event()  # set when events arrived (no timer while idle)
@@ -552,6 +559,10 @@ class NotificationHub:
                 receipt.close()
             return
         channel.unacked, channel.receipt = batch, receipt
+        if self.on_handed is not None:  # (written: a repeat of its request gets it again)
+            seqs = [event.seq for event in batch if event.seq is not None]
+            if seqs:
+                self.on_handed(channel.app, seqs)
         if receipt is not None:
             self._held.add(channel)
             self._holding.set()
@@ -574,7 +585,12 @@ class NotificationHub:
         if lost:
             channel.unread(batch)
             return len(batch)
-        self.delivered(channel, batch)
+        if self.on_acknowledged is None:
+            self.delivered(channel, batch)
+        else:  # (it keeps what was sent again meanwhile with the same seq: rule 1.7)
+            seqs = [event.seq for event in batch if event.seq is not None]
+            if seqs:
+                self.on_acknowledged(channel.app, seqs)
         return 0
 
     def _orphan(self, app: str, event: ChannelEvent) -> None:

@@ -205,6 +205,8 @@ class HttpServer:
             sup.events,
             wall_clock=partial(_wall_clock, sup),
             on_delivered=sup.events_delivered,
+            on_handed=sup.commands.events_handed,
+            on_acknowledged=sup.commands.events_acknowledged,
             keep=sup.keep_event,
             store=sup.store,
         )
@@ -1098,8 +1100,9 @@ def _address(stream: trio.SocketStream) -> str:
 def _query(query: str) -> dict[str, str]:
     """The query string's parameters (the last of a repeated name wins; bad escapes are
     replaced, not refused: each route validates the values it reads; `max_header` bounds
-    their number)."""
-    return dict(parse_qsl(query)) if query else {}
+    their number). A blank value is kept: `id__in=` is a filter (an empty selection), not
+    an absent one; a route refuses a blank value it cannot use (`limit=`: 400)."""
+    return dict(parse_qsl(query, keep_blank_values=True)) if query else {}
 
 
 def _unauthorized(event: h11.Request) -> Response:

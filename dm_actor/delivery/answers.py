@@ -144,6 +144,12 @@ class AnswerMemory:
                 if answer is not None and answer.seq == seq:
                     answer.waiting = False
 
+    def waiting_again(self, owner: str, seqs: Iterable[int]) -> set[int]:
+        """Those of `seqs` whose AsyncIDResponse waits for a hand-over: after `handed_over`,
+        only one sent again by a repeat (`replayed`)."""
+        waiting = self._waiting
+        return {seq for seq in seqs if (owner, seq) in waiting} if waiting else set()
+
     def forget_expired(self, now: float) -> dict[str, list[str]]:
         """Forget, per owner, the oldest answers whose window ended, up to the first that
         stays (cheap enough to call every sweep: it visits what it forgets and one more per

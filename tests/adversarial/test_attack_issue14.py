@@ -42,14 +42,6 @@ def post(client: HttpClient, async_id: str, body: dict[str, Any], dev: str = "de
 # -- async-id reuse (item 3) ------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A long-poll client that repeats an async-id after its poll received the "
-    "AsyncIDResponse, but before its next poll, gets 202 and never an AsyncIDResponse after "
-    "it: the repeat is classed WAITING (the response is not acknowledged until the next "
-    "poll), the next poll only acknowledges it. The issue's hang, on the long poll only "
-    "(WebSocket and webhook hand over at once).",
-)
 async def test_a_long_poll_repeat_after_the_answer_arrived_gets_it_again(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -69,13 +61,6 @@ async def test_a_long_poll_repeat_after_the_answer_arrived_gets_it_again(
 # -- /v3/devices filters (item 2) ---------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="An empty filter value is dropped by the query parser (server._query: parse_qsl "
-    "without keep_blank_values), so `id__in=` (an application's empty selection) lists "
-    "EVERY device instead of none, and `endpoint_type__eq=` (devices without a type) is "
-    "ignored; the same filters inside `filter=` are applied (keep_blank_values there).",
-)
 async def test_an_empty_filter_value_is_applied_not_ignored(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
