@@ -12,6 +12,7 @@ empty database, dropped after the test. One server serves every module that impo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import glob
 import itertools
 import os
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 PACKAGE = "postgresql"
+PREFIX = "dm-actor-pg-"
 USER = "postgres"
 
 
@@ -51,7 +53,9 @@ class PostgresServer:
             self.user = pwd.getpwnam(USER)
         except KeyError:
             pytest.fail(f"no {USER} user (Debian package {PACKAGE} creates it)")
-        self.dir = Path(tempfile.mkdtemp(prefix="dm-actor-pg-"))
+        self._remove_stale()
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        (self.dir / "owner").write_text(f"{os.getpid()}\n")
         os.chown(self.dir, self.user.pw_uid, self.user.pw_gid)
         self.data = self.dir / "data"
         self._names = itertools.count(1)
@@ -60,6 +64,22 @@ class PostgresServer:
             "--locale=C", "-U", USER, "-D", str(self.data),
         )  # fmt: skip
         self.start()
+
+    def _remove_stale(self) -> None:
+        """Stop and remove the servers of test processes that died without removing them
+        (killed: atexit did not run)."""
+        for stale in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+            try:
+                os.kill(int((stale / "owner").read_text()), 0)
+                continue  # its process runs
+            except ProcessLookupError:
+                pass
+            except (OSError, ValueError):
+                continue
+            pg_ctl = str(self.bin / "pg_ctl")
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+                self._as_postgres(pg_ctl, "-D", str(stale / "data"), "-m", "immediate", "stop")
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _as_postgres(self, *argv: str) -> None:
         command = (
