@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Generic, Literal, TypeVar
 from urllib.parse import parse_qsl
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
     from sortedcontainers import SortedList
 
@@ -301,30 +301,56 @@ CHUNK = 1024
 Steps = Generator[None, None, R]
 
 
-def _chunked(source: Source[T], ids: list[str], need: int | None) -> Steps[list[T]]:
-    """The matching records of `ids` (a snapshot), at most `need`, a chunk at a time."""
+def _chunked(
+    source: Source[T], ids: list[str], need: int | None, others: Sequence[Source[T]] = ()
+) -> Steps[list[T]]:
+    """The matching records of `ids` (a snapshot), at most `need`, a chunk at a time. An id
+    no longer of `source` (its device moved since the snapshot) is read from `others`, the
+    scan's other sources, whose snapshots (taken at the same moment) do not hold it."""
     found: list[T] = []
     for start in range(0, len(ids), CHUNK):
-        found += source.matching(ids[start : start + CHUNK])
+        chunk = ids[start : start + CHUNK]
+        looked = list(map(source.lookup, chunk))  # (C-level loops but for the predicate)
+        wanted = source.wanted
+        records = [] if wanted is False else list(filter(None, looked))
+        if wanted is not True and wanted is not False:
+            records = list(filter(wanted, records))
+        if others and None in looked:  # (rare: devices that moved since the snapshot)
+            moved = [i for i, r in zip(chunk, looked, strict=True) if r is None]
+            place = {device_id: n for n, device_id in enumerate(chunk)}
+            records += _moved(moved, others)
+            records.sort(key=lambda r: place[_ID(r)])  # (in the snapshot's order)
+        found += records
         if need is not None and len(found) >= need:
             return found[:need]
         yield
     return found
 
 
-def _first(source: Source[T], after: str | None, descending: bool, need: int) -> Steps[list[T]]:
-    """The first `need` matching records of one source after `after`: read in place while
-    that is quick (no yield: nothing changes meanwhile), from a snapshot of the ids left
-    if it takes longer."""
+def _moved(ids: list[str], others: Sequence[Source[T]]) -> list[T]:
+    """The matching records of `ids`, each from the other source that holds it now."""
+    found: list[T] = []
+    for device_id in ids:
+        for other in others:
+            if other.covers(device_id) and other.lookup(device_id) is not None:
+                found += other.matching((device_id,))
+                break
+    return found
+
+
+def _start(
+    source: Source[T], after: str | None, descending: bool, need: int
+) -> tuple[list[T], list[str] | None]:
+    """The first `need` matching records of one source after `after`, read in place while
+    that is quick (no yield: nothing changes meanwhile); if there are fewer in its first
+    `CHUNK` ids, also a snapshot of the ids left, to be read with yields (`_chunked`)."""
     ids = source.ids(after, descending)
     if source.wanted is True:
-        return list(source.matching(itertools.islice(ids, need)))
+        return list(source.matching(itertools.islice(ids, need))), None
     found = list(itertools.islice(source.matching(itertools.islice(ids, CHUNK)), need))
     if len(found) >= need:
-        return found
-    rest = list(ids)  # (the ids not read yet, copied before the first yield)
-    yield
-    return found + (yield from _chunked(source, rest, need - len(found)))
+        return found, None
+    return found, list(ids)  # (the ids not read yet)
 
 
 def paging(
@@ -338,7 +364,11 @@ def paging(
     """Up to `limit` matching records after `after`, in id order, and whether more follow.
     O(log n + limit) when every source matches whole or not at all, or `only` names the
     ids; else the records read until the page is full (every one, if few match), yielding
-    every `CHUNK` records. The pages of all sources are merged (ids are of one source)."""
+    every `CHUNK` records. The pages of all sources are merged (ids are of one source).
+
+    Consistent: every source is read, or its ids copied, before the first yield, at one
+    moment when each id is of one source. A device that changes source (de-registers,
+    registers again) during the scan is listed once: as it was when its chunk was read."""
     live = [s for s in sources if s.wanted is not False]
     need = limit + 1
     found: list[T]
@@ -351,9 +381,14 @@ def paging(
             found += s.matching([i for i in ids if s.covers(i)])
         found = sorted(found, key=_ID, reverse=descending)[:need]
     else:
+        starts = [_start(s, after, descending, need) for s in live]  # (before any yield)
         pages = []
-        for s in live:
-            pages.append((yield from _first(s, after, descending, need)))  # noqa: PERF401
+        for s, (first, rest) in zip(live, starts, strict=True):
+            if rest is not None:
+                yield
+                others = [o for o in sources if o is not s]
+                first += yield from _chunked(s, rest, need - len(first), others)
+            pages.append(first)
         found = list(itertools.islice(heapq.merge(*pages, key=_ID, reverse=descending), need))
     return found[:limit], len(found) > limit
 
@@ -361,8 +396,10 @@ def paging(
 def counting(sources: list[Source[T]], only: frozenset[str] | None = None) -> Steps[int]:
     """How many records match in all: the size of a source that matches whole, a look-up of
     each of `only`'s ids, or a read of every record of a source that matches in part (O(n),
-    from a snapshot of its ids, yielding every `CHUNK` records)."""
+    from a snapshot of its ids, yielding every `CHUNK` records). Consistent as `paging`:
+    the sizes and the snapshots are all taken before the first yield."""
     total = 0
+    scans: list[tuple[Source[T], list[str]]] = []
     for s in sources:
         if s.wanted is False:
             continue
@@ -371,7 +408,10 @@ def counting(sources: list[Source[T]], only: frozenset[str] | None = None) -> St
         elif s.wanted is True:
             total += s.size()
         else:
-            total += len((yield from _chunked(s, list(s.ids(None, False)), None)))
+            scans.append((s, list(s.ids(None, False))))
+    for s, ids in scans:
+        others = [o for o in sources if o is not s]
+        total += len((yield from _chunked(s, ids, None, others)))
     return total
 
 

@@ -97,13 +97,6 @@ def _stand_in_supervisor(count: int, typed: set[str]) -> SimpleNamespace:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A /v3/devices scan (a filter on a varying field) lets other tasks run between "
-    "chunks, but reads the registered devices and the de-registered ones at different "
-    "moments: a device that de-registers during the scan is listed twice on one page (as "
-    "registered and as deregistered, the same id) and counted twice in total_count.",
-)
 async def test_a_device_leaving_during_a_scan_is_listed_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
