@@ -328,15 +328,17 @@ class DtlsServer:
                 elif hs is not None:
                     self._fragment(hs, fragment, 0, events)
                 else:
-                    self._resend_final_flight(address, events)
+                    # (the client's repeated final flight: its authenticated Finished, in the
+                    # same datagram, gets our Finished again; an unauthenticated record, which
+                    # anyone can spoof from its address, gets nothing)
+                    raise DecodeError("plaintext handshake record outside a handshake")
         elif record.type == ContentType.CHANGE_CIPHER_SPEC:
-            if hs is not None:
-                if record.fragment != b"\x01":
-                    raise DecodeError("ChangeCipherSpec body")
-                if hs.state == _WAIT_CCS:
-                    hs.state = _WAIT_FINISHED
-            else:
-                self._resend_final_flight(address, events)
+            if hs is None:
+                raise DecodeError("ChangeCipherSpec outside a handshake")
+            if record.fragment != b"\x01":
+                raise DecodeError("ChangeCipherSpec body")
+            if hs.state == _WAIT_CCS:
+                hs.state = _WAIT_FINISHED
         elif record.type == ContentType.ALERT and hs is not None:
             reader = Reader(record.fragment)
             level, description = reader.u8(), reader.u8()
@@ -467,9 +469,11 @@ class DtlsServer:
             return
         if hs is not None:
             self._drop_handshake(hs)
-        elif (
-            len(self._handshakes) >= self._max_handshakes
-            or self._per_host.get(_source(address), 0) >= self._max_per_host
+        elif len(self._handshakes) >= self._max_handshakes or (
+            # one source's share is bounded once the table is half full (not before: behind
+            # a carrier-grade NAT many devices share one IPv4 address)
+            len(self._handshakes) * 2 >= self._max_handshakes
+            and self._per_host.get(_source(address), 0) >= self._max_per_host
         ):
             self._refused += 1
             return

@@ -11,7 +11,6 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-import pytest
 import trio
 
 from dm_actor import app
@@ -40,6 +39,8 @@ from tests.transport.test_dtls_daemon import (  # noqa: F401 (server: a fixture)
 
 if TYPE_CHECKING:
     from pathlib import Path
+
+    import pytest
 
     from dm_actor.address import Address
 
@@ -320,14 +321,6 @@ def test_ipv4_hosts_on_a_dual_stack_socket_do_not_share_one_half_open_bound() ->
     assert machine.statistics().handshakes_refused == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="DtlsServer._resend_final_flight answers unauthenticated plaintext records: until "
-    "a session's first application data, every spoofed 14-byte ChangeCipherSpec (or any "
-    "epoch-0 handshake record) from its address gets the 67-byte CCS + Finished again, "
-    "without limit (1,000 in -> 67,000 bytes out); the client's repeated flight carries an "
-    "authenticated Finished, which alone needs the answer",
-)
 def test_spoofed_plaintext_records_do_not_make_the_server_repeat_its_finished() -> None:
     machine = DtlsServer({IDENTITY: KEY}.get)
     device_at: Address = ("192.0.2.5", 4000)
@@ -342,14 +335,6 @@ def test_spoofed_plaintext_records_do_not_make_the_server_repeat_its_finished() 
     assert sent == 0, f"{sent} datagrams for 100 spoofed ChangeCipherSpec records"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="max_handshakes_per_host (8) is a hard cap held for handshake_timeout (60 s) even "
-    "when the total (1024) is nearly empty: one device behind a carrier-grade NAT (cellular "
-    "LwM2M fleets share a few public IPv4 addresses) keeps 8 cookie-verified half-open "
-    "handshakes open, renewed each minute, and no other device behind that NAT can shake "
-    "hands; after a restart, too, the NAT's devices get in 8 at a time",
-)
 def test_one_device_behind_a_shared_nat_cannot_block_the_others_handshakes() -> None:
     machine = DtlsServer({IDENTITY: KEY}.get)
     for port in range(1, 9):  # the attacker's half-open handshakes, from the NAT's address

@@ -168,9 +168,11 @@ def test_half_open_handshakes_are_bounded_per_host_and_in_total() -> None:
             cookie = cookie_for(server, hello_random, address)
             server.receive(hello_datagram(hello_random, cookie, 1), address, 0.0)
     stats = server.statistics()
-    assert stats.handshakes == 20  # 4 per host on 5 hosts, then the total is full
+    # the first host takes 10 (the per-host bound holds once the table is half full: behind a
+    # carrier-grade NAT many devices share one address), the next ones 4 each, then it is full
+    assert stats.handshakes == 20
     assert stats.handshakes_refused == 80
-    assert max(server._per_host.values()) == 4
+    assert sorted(server._per_host.values(), reverse=True) == [10, 4, 4, 2]
     # Their deadline frees every place.
     while (when := server.get_timer()) is not None:
         server.handle_timer(when)
