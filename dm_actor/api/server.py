@@ -1139,9 +1139,19 @@ def _shown(target: bytes) -> str:
 
 
 def _request_bytes(event: h11.Request) -> bytes:
-    """The request line and headers of `event`, as the client sent them (names' case kept)."""
+    """The request line and headers of `event`, as the client sent them (names' case kept),
+    but `Connection` field lines merged into one where the first was (RFC 9110 5.3: the
+    same list; wsproto reads only the last line, the server's own check reads them all)."""
     lines = [b"%s %s HTTP/1.1" % (event.method, event.target)]
-    lines += [b"%s: %s" % (name, value) for name, value in event.headers.raw_items()]
+    raw = event.headers.raw_items()
+    merged = b", ".join(value for name, value in raw if name.lower() == b"connection")
+    done = False
+    for name, value in raw:
+        if name.lower() == b"connection":
+            if done:
+                continue
+            value, done = merged, True
+        lines.append(b"%s: %s" % (name, value))
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 

@@ -146,13 +146,6 @@ async def _head(addr: Any, request: bytes) -> bytes:
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`Connection: Upgrade` and `Connection: keep-alive` on two field lines (the same "
-    "as `Connection: Upgrade, keep-alive`, RFC 9110 5.3) pass the server's own check (any "
-    "line) but wsproto reads only the last line: the valid upgrade gets a 400 without a body "
-    "from trio-websocket (not the server's 'Connection: Upgrade is required.').",
-)
 async def test_connection_upgrade_on_two_field_lines_is_an_upgrade(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
