@@ -27,6 +27,7 @@ from dm_actor.actors.observing import (
     PendingObserve,
     Subscribed,
     Waiter,
+    canonical,
 )
 from dm_actor.delivery.outcomes import Outcome
 from dm_actor.delivery.queue import Verdict
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
     from dm_actor.delivery.queue import Command
     from dm_actor.lwm2m.send import SendRequest
 
-__all__ = ["Pending", "Presubscription", "Subscribed", "Subscriptions"]
+__all__ = ["Pending", "Presubscription", "Subscribed", "Subscriptions", "canonical"]
 
 _ASYNC = "async-responses"
 
@@ -120,14 +121,13 @@ class Subscriptions:
             registry.store.put_subscription(actor.endpoint, checked, owner)
             return Subscribed()
         pending = self._by_path.get((actor.endpoint, checked))
-        waiter = None if pending is None else pending.waiters.get(owner)
-        if waiter is None:
-            waiter = Waiter(owner, str(uuid.uuid4()))
+        if pending is None:  # (queued now, or a stored one: it knows its first waiter)
+            pending = self.queue_observe(actor, checked, now, Waiter(owner, str(uuid.uuid4())))
             if pending is None:
-                pending = self.queue_observe(actor, checked, now, waiter)
-                if pending is None:
-                    return Rejected(429, "QUEUE_IS_FULL")
-            pending.waiters[owner] = waiter
+                return Rejected(429, "QUEUE_IS_FULL")
+        waiter = pending.waiters.get(owner)  # (a repeat while it waits: the same id)
+        if waiter is None:
+            waiter = pending.waiters[owner] = Waiter(owner, str(uuid.uuid4()))
         waiter.withdrawn = False
         if promise:  # (a 202 unless it succeeds within the wait: the result is reported)
             waiter.promised = True
@@ -143,6 +143,7 @@ class Subscriptions:
         # success: decided there, read here, in one step)
         if waiter.outcome is not None and waiter.observed:
             return Subscribed()
+        waiter.owed = waiter.owed or promise  # (this 202's AsyncIDResponse comes, or came)
         return Pending(waiter.response_id)
 
     def observe_again(self, actor: DeviceActor, now: float) -> None:
@@ -174,17 +175,9 @@ class Subscriptions:
         the path is observed already, or the queue is full. `first` names the Observe after
         its waiter's AsyncIDResponse id, and its command carries that application (so that
         a restart still owes it the result)."""
-        key = (actor.endpoint, path)
-        pending = self._by_path.get(key)
-        if pending is not None:
+        pending = self._stored(actor, path)
+        if pending is not None or actor.machine.observing(path):
             return pending
-        machine = actor.machine
-        if machine.observing(path):
-            queue = machine.queue
-            for cmd in (queue.in_flight, *queue.queue):  # (one restored from the store)
-                if cmd is not None and cmd.observe and cmd.uri == path:
-                    return self._watch(cmd.async_id, actor.endpoint, path)
-            return None
         response_id = str(uuid.uuid4()) if first is None else first.response_id
         async_id = SUBSCRIPTION_PREFIX + response_id
         # an Observe waits for the device as long as the longest command may: a subscription
@@ -196,7 +189,24 @@ class Subscriptions:
         # (queued and stored; its task starts it, in order with its mail)
         if actor.submit(cmd, now, start=False) is Verdict.QUEUE_IS_FULL:
             return None
-        return self._watch(async_id, actor.endpoint, path)
+        pending = self._watch(async_id, actor.endpoint, path)
+        if first is not None:
+            pending.waiters[first.owner] = first
+        return pending
+
+    def _stored(self, actor: DeviceActor, path: str) -> PendingObserve | None:
+        """The Observe of `path` waiting or in flight, also one restored from the store (with
+        its first application's waiter: a repeat or a DELETE after a restart finds it)."""
+        pending = self._by_path.get((actor.endpoint, path))
+        if pending is not None or not actor.machine.observing(path):
+            return pending
+        queue = actor.machine.queue
+        for cmd in (queue.in_flight, *queue.queue):  # (at most queue_length)
+            if cmd is not None and cmd.observe and cmd.uri == path:
+                pending = self._watch(cmd.async_id, actor.endpoint, path)
+                pending.restore(cmd.owner)  # (its 202's application keeps its id)
+                return pending
+        return None
 
     def _watch(self, async_id: str, endpoint: str, path: str) -> PendingObserve:
         pending = self._observes.get(async_id)
@@ -217,12 +227,8 @@ class Subscriptions:
             pending = PendingObserve(cmd.async_id, endpoint, path)
         elif self._by_path.get((endpoint, path)) is pending:
             del self._by_path[endpoint, path]
+        pending.restore(cmd.owner)  # (restored from the store: the first waiter's promise)
         waiters = pending.waiters
-        if cmd.owner and cmd.owner not in waiters:  # (restored: the first waiter's promise)
-            restored = waiters[cmd.owner] = Waiter(
-                cmd.owner, cmd.async_id[len(SUBSCRIPTION_PREFIX) :]
-            )
-            restored.promised = True
         observed = outcome.status == 200 and path in actor.observed_paths()
         if outcome.status == 200 and not observed:
             outcome = NOT_OBSERVED
@@ -249,7 +255,7 @@ class Subscriptions:
                     self._report(owner, str(uuid.uuid4()), endpoint, path, outcome)
         for waiter in waiters.values():
             waiter.outcome, waiter.observed = outcome, observed
-            if waiter.promised and not (observed and waiter.answering):
+            if waiter.owed or (waiter.promised and not (observed and waiter.answering)):
                 self._report(waiter.owner, waiter.response_id, endpoint, path, outcome)
             waiter.event.set()
 
@@ -278,10 +284,10 @@ class Subscriptions:
         subscription still pending is withdrawn: its AsyncIDResponse still comes when the
         device answers, and it is never recorded."""
         actor = self.registry.by_endpoint.get(device_id)
-        text = path if path.startswith("/") else "/" + path
+        text = canonical(path)  # (as PUT names it)
         if actor is None:
             return False
-        pending = self._by_path.get((actor.endpoint, text))
+        pending = self._stored(actor, text)
         waiter = None if pending is None else pending.waiters.get(owner)
         if waiter is not None:
             waiter.withdrawn = True
@@ -305,7 +311,7 @@ class Subscriptions:
             return
         queue = actor.queue
         for cmd in (queue.in_flight, *queue.queue):  # (its Observes: at most queue_length)
-            pending = None if cmd is None else self._observes.get(cmd.async_id)
+            pending = None if cmd is None or not cmd.observe else self._stored(actor, cmd.uri)
             waiter = None if pending is None else pending.waiters.get(owner)
             if waiter is not None:
                 waiter.withdrawn = True

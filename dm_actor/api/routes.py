@@ -16,7 +16,7 @@ import msgspec
 import trio
 
 from dm_actor.actors.directory import Gone
-from dm_actor.actors.subscriptions import Pending
+from dm_actor.actors.subscriptions import Pending, canonical
 from dm_actor.actors.supervisor import Presubscription, Rejected
 from dm_actor.api import devices
 from dm_actor.api.auth import is_admin
@@ -459,7 +459,7 @@ class Api:
             paths = sup.subscriptions_of(device_id, req.app)
             if paths is None:
                 return text(404, "DEVICE_NOT_FOUND")
-            return OK_EMPTY if path in paths else text(404, "NOT_SUBSCRIBED")
+            return OK_EMPTY if canonical(path) in paths else text(404, "NOT_SUBSCRIBED")
         if method == b"DELETE":
             if device_id not in sup.by_endpoint:
                 return text(404, "DEVICE_NOT_FOUND")

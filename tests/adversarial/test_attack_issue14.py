@@ -208,14 +208,6 @@ async def _asleep(api: Api, nursery: trio.Nursery, client: HttpClient) -> Device
     return dev
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A 202's promise is broken by a repeat of the PUT: the first PUT to a sleeping "
-    "device gets 202 {async-response-id: X}; the application PUTs again and the device "
-    "accepts the Observe during that PUT's 3 s wait: the second PUT answers 200 and no "
-    "AsyncIDResponse X ever comes (one Waiter per application: its `answering` count "
-    "suppresses the report the earlier 202 promised). An SDK waiting on X hangs.",
-)
 async def test_a_202_is_answered_even_when_a_repeated_put_succeeds_in_its_wait(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -239,14 +231,6 @@ async def test_a_202_is_answered_even_when_a_repeated_put_succeeds_in_its_wait(
         assert [r["id"] for r in async_responses(messages)] == [promised]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A pending subscription's 202 does not survive a repeat after a restart: the "
-    "restored Observe carries the first application's id X, but a repeat PUT after the "
-    "restart makes a new Waiter (new id Y) for the same application, and observe_finished "
-    "then skips the restored waiter (`cmd.owner not in waiters`): only Y is answered, X "
-    "never (docs/api.md: a repeat while it waits gets the same id).",
-)
 async def test_a_repeat_after_a_restart_keeps_the_pending_subscriptions_id(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -271,12 +255,6 @@ async def test_a_repeat_after_a_restart_keeps_the_pending_subscriptions_id(
     assert before.async_response_id in answered, (before, after, list(answered))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PUT normalises the subscription path (/3303/00/5700 subscribes /3303/0/5700) but "
-    "GET and DELETE compare the raw text: GET of the same path says 404 NOT_SUBSCRIBED and "
-    "DELETE answers 204 while the subscription stays (listed, observed, notifying).",
-)
 async def test_delete_removes_what_the_same_put_path_subscribed(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
