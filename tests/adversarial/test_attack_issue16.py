@@ -11,32 +11,44 @@ import json
 import logging
 import signal
 import socket
+import time
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import cbor2
 import pytest
 import trio
 import trio.lowlevel
 import trio.testing
+from trio_websocket import wrap_client_stream
 
 from dm_actor import app
 from dm_actor.api.auth import ApiKeys
 from dm_actor.api.server import HttpServer
-from dm_actor.coap.numbers import Code
+from dm_actor.coap.message import uint_bytes
+from dm_actor.coap.numbers import Code, OptionNumber
 from dm_actor.config import parse_settings
 from dm_actor.logformat import JsonFormatter
+from dm_actor.lwm2m import content
+from dm_actor.lwm2m.content.values import ResourceValue
 from tests.actors.support import Device, GatedStore, start_server
 from tests.api.client import KEY_A, HttpClient, start_api
 from tests.api.test_flow import online
 from tests.api.test_health_flood import health, serving as serving_four_slots, stalled_upload
 from tests.api.test_webhook import Received, Receiver, device_request, register
+from tests.console.test_console_api import ADMIN as CONSOLE_ADMIN, _tap, tap_until
 from tests.daemon import Daemon, free_ports
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
-    from dm_actor.address import Address
+    from trio_websocket import WebSocketConnection
 
-ADMIN = "ak_attack16_admin"
+    from dm_actor.address import Address
+    from dm_actor.coap.message import Message
+
+ADMIN = CONSOLE_ADMIN  # (the console tests' tap helper authenticates with it)
 KEYS = ApiKeys([KEY_A], admin_keys=[ADMIN])
 
 
@@ -386,3 +398,116 @@ async def test_keyless_metrics_requests_count_toward_the_ten_401s_a_connection(
                 answers += chunk
     assert answers.count(b"HTTP/1.1 401") <= 10, answers.count(b"HTTP/1.1 401")
     assert b"connection: close" in answers.lower()
+
+
+# -- the console -------------------------------------------------------------------------------
+
+
+def _bignum_answer(req: Message) -> tuple[int, bytes, int | None]:
+    """A device that answers a read with one CBOR integer of 2,000 bytes (a bignum, tag 2:
+    valid CBOR, 4,817 decimal digits), content format 60."""
+    if req.code == Code.GET:
+        return Code.CONTENT, cbor2.dumps(2 ** (8 * 2000)), 60
+    return Code.CHANGED, b"", None
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="A device answers a read (or notifies) with one valid CBOR bignum of 2,000 bytes "
+    "(under the tap's 4,096-byte DECODE_LIMIT). console.decoded() turns it into a Python int "
+    "of 4,817 digits, and the JSON encoding raises ValueError (Python's 4,300-digit int-to-"
+    "string limit): GET /admin/async-responses/{id} is a 500, and every open event tap "
+    "(every event reaches every tap, an application's too) ends with a traceback logged per "
+    "tap; the console reconnects and the device's next such answer ends it again.",
+)
+async def test_a_device_answer_holding_a_huge_cbor_integer_is_shown_not_a_server_error(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery, keys=KEYS)
+    await online(api, nursery, handler=_bignum_answer)
+    async with api.client(ADMIN) as admin, _tap(api) as tap:
+        assert json.loads(await tap.get_message())["events"] == []  # the tap's first message
+        reply = await admin.request(
+            "POST", "/admin/device-requests/dev", json={"method": "GET", "uri": "/3303/0/5700"}
+        )
+        assert reply.status == 202, reply.text
+        async_id = reply.json()["async-response-id"]
+        await trio.sleep(1)
+        result = await admin.request("GET", f"/admin/async-responses/{async_id}")
+        assert result.status == 200, result.status  # the value, or a decode_error
+        with trio.fail_after(5):
+            event = await tap_until(tap, "async-responses")  # the tap is still open
+        assert event["item"]["id"] == async_id
+
+
+#: a SenML CBOR notification of 290 records (2,523 bytes: one UDP datagram)
+_RECORDS = content.encode(112, [ResourceValue(f"/3303/0/{i}", i) for i in range(290)])
+
+
+def _records_answer(req: Message) -> tuple[int, bytes, int | None]:
+    if req.code == Code.GET:
+        return Code.CONTENT, _RECORDS, 112
+    return Code.CHANGED, b"", None
+
+
+class _LongestPass(trio.abc.Instrument):
+    """The longest scheduler pass in wall-clock time: how long the event loop was held
+    (a datagram or a request arriving meanwhile waits for the pass to end)."""
+
+    def __init__(self) -> None:
+        self.started: float | None = None
+        self.longest = 0.0
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.started = time.perf_counter()
+
+    def before_io_wait(self, timeout: float) -> None:
+        if self.started is not None:
+            self.longest = max(self.longest, time.perf_counter() - self.started)
+
+
+@asynccontextmanager
+async def _big_tap(addr: Address) -> AsyncIterator[WebSocketConnection]:
+    """An administrator's event tap that takes messages of any size (as a browser does)."""
+    stream = await trio.open_tcp_stream(*addr[:2])
+    async with stream, trio.open_nursery() as nursery:
+        ws = await wrap_client_stream(nursery, stream, "127.0.0.1", "/admin/events",
+                                      subprotocols=[f"pelion_{ADMIN}"],
+                                      max_message_size=1 << 28)  # fmt: skip
+        yield ws
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="The event tap builds each message (up to TAP_BATCH = 200 events) in one go, "
+    "decoding every event's payload (up to 4,096 bytes, up to 1,000 values shown) for each "
+    "tap separately. 200 notifications of 290 SenML CBOR records (2.5 KB, one datagram each) "
+    "from one device while one console is open: one 3.6 MB tap message and a scheduler pass "
+    "of ~1.1 s (measured; 2.8 ms per event per tap): CoAP and HTTP wait meanwhile, 8 open "
+    "consoles multiply it. The device decides the payloads.",
+)
+async def test_a_burst_of_large_notifications_does_not_hold_the_loop_for_the_tap(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    api = await start_api(nursery, keys=KEYS)
+    dev = await online(api, nursery, handler=_records_answer)
+    passes = _LongestPass()
+    async with api.client(ADMIN) as admin, _big_tap(api.addr) as tap:
+        assert json.loads(await tap.get_message())["events"] == []
+        assert (await admin.request("PUT", "/admin/subscriptions/dev/3303/0")).status == 200
+        await tap_until(tap, "notifications")  # the Observe's first answer
+        token = dev.observers["/3303/0"]
+        trio.lowlevel.add_instrument(passes)
+        for seq in range(2, 202):
+            options = ((OptionNumber.OBSERVE, uint_bytes(seq)),
+                       (OptionNumber.CONTENT_FORMAT, uint_bytes(112)))  # fmt: skip
+            dev.coap.notify(token, Code.CONTENT, options, _RECORDS, trio.current_time())
+        await dev._flush()
+        shown = 0
+        with trio.fail_after(60):
+            while shown < 200:
+                message = json.loads(await tap.get_message())
+                shown += sum(e["kind"] == "notifications" for e in message["events"])
+        trio.lowlevel.remove_instrument(passes)
+    assert passes.longest < 0.25, f"the event loop was held {passes.longest:.2f} s in one pass"
