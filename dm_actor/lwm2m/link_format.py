@@ -400,12 +400,33 @@ def registered_objects(links: Iterable[Link]) -> RegisteredObjects:
         entries=_pack(keys),
         resources=_pack(resources),
         resource_instances=_pack(resource_instances),
-        attributes=serialise_links(
-            Link("/" + "/".join(map(str, ids)), params)
-            for ids, params in sorted(attributes.items())
-            if params
-        ),
+        attributes=_bounded_attributes(attributes),
     )
+
+
+#: the attribute text kept per registration (`RegisteredObjects.attributes`), in bytes of
+#: link-format: links in path order keep their attributes while they fit; a link whose
+#: attributes do not fit keeps its path only (it is still known and listed, without `rt`
+#: or `obs`). A Pelion device client's attributes take 0.5-2 KB; a peer sending more
+#: cannot make its registration (and its registration events) cost more than this.
+MAX_ATTRIBUTE_BYTES = 4096
+#: the attribute text of one link, at most (more: that link keeps its path only)
+MAX_LINK_ATTRIBUTE_BYTES = 256
+
+
+def _bounded_attributes(attributes: dict[tuple[int, ...], dict[str, str | None]]) -> str:
+    """The links' attributes as link-format text, within `MAX_ATTRIBUTE_BYTES`."""
+    kept: list[str] = []
+    left = MAX_ATTRIBUTE_BYTES
+    for ids, params in sorted(attributes.items()):
+        if not params:
+            continue
+        text = _serialise_link(Link("/" + "/".join(map(str, ids)), params))
+        size = len(text.encode()) + 1  # (its `,`)
+        if size <= MAX_LINK_ATTRIBUTE_BYTES and size <= left:
+            kept.append(text)
+            left -= size
+    return ",".join(kept)
 
 
 #: link lists up to this many bytes are parsed once and shared by the devices that send them
