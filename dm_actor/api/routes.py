@@ -549,7 +549,7 @@ class Api:
             devices.gone_source(directory, clauses, offset),  # type: ignore[list-item]
         ]
         only = devices.candidates(clauses, ("id", "endpoint_name"))
-        after = q.get("after")
+        after = q.get("after") or None  # (a blank `after`, as some clients send: none)
         # a filter on a field that differs between devices reads them all: in chunks, with
         # other tasks running in between (api/devices.py); without one, O(log n + limit)
         page, more = await _steps(

@@ -304,13 +304,6 @@ async def test_the_queue_view_shows_only_my_commands(
         assert [c["async-id"] for c in view["commands"]] == [], view
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Regression of b27f0d1 (blank query values kept for id__in=): a blank `after=` "
-    "is now an id, the empty string, so `order=DESC&after=` (a first page from a client "
-    "that always sends `after`) answers an empty page with has_more false and "
-    "total_count 2: the application sees no devices. A blank `after` means no `after`.",
-)
 async def test_a_blank_after_starts_at_the_first_page_in_both_orders(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
