@@ -18,6 +18,8 @@ import timeit
 from types import SimpleNamespace
 from typing import Any
 
+import trio
+
 from dm_actor.api.metrics import ROUTE, Observability, _Collector
 from dm_actor.histogram import LATENCY_BOUNDS, Histogram
 from dm_actor.logformat import LOG_CONTEXT, RequestLog
@@ -65,7 +67,7 @@ def stand_in(devices: int) -> Any:
     stats = SimpleNamespace(served=1, connections=1, **dict.fromkeys(kinds, 0))
     return SimpleNamespace(
         api=SimpleNamespace(sup=sup),
-        hub=SimpleNamespace(channels={}, unrouted=0),
+        hub=SimpleNamespace(channels={}, unrouted=0, tap=None),
         stopping=False,
         reserve_refused=0,
         statistics=lambda: stats,
@@ -100,7 +102,7 @@ def main() -> None:
         obs = Observability(stand_in(n))
         list(_Collector(obs).collect())  # warm
         t0 = time.perf_counter()
-        text = obs.scrape()
+        text = trio.run(obs.scrape)
         took = time.perf_counter() - t0
         print(f"scrape, {n} devices: {took * 1000:.1f} ms ({len(text)} bytes)")
 

@@ -49,7 +49,10 @@ class JsonFormatter(logging.Formatter):
         for name in CONTEXT_FIELDS:
             value = record.__dict__.get(name)
             if value is None and context is not None:
-                value = context.get(name)
+                try:
+                    value = context.get(name)
+                except Exception:  # (a field never costs the record: the line is written)
+                    value = None
             if value is not None:
                 out[name] = str(value)
         if record.exc_info:
@@ -81,10 +84,10 @@ class RequestLog:
         if name == "async_id":
             return dict(parse_qsl(query)).get("async-id") if "async-id=" in query else None
         if name == "endpoint":
-            seg = path.split("/")[1:]
-            named = len(seg) > 2 and seg[2] != ""
-            v2 = seg[0] == "v2" and seg[1] in _DEVICE_ROUTES
-            if named and (v2 or seg[:2] == ["v3", "devices"]):
+            seg = path.split("/")[1:]  # (any target: `/v2`, `x` and `*` have fewer than 3)
+            if len(seg) < 3 or seg[2] == "":
+                return None
+            if (seg[0] == "v2" and seg[1] in _DEVICE_ROUTES) or seg[:2] == ["v3", "devices"]:
                 return unquote(seg[2])
         return None
 

@@ -53,6 +53,10 @@ OPERATIONS = frozenset((HEALTHZ, READYZ, METRICS))
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 #: how often the lag probe sleeps, seconds
 LAG_INTERVAL = 0.25
+#: /readyz is 503 while a write has waited this long to be committed (`watch_store`)
+STORE_STALL = 10.0
+#: registered devices a scrape counts in one scheduler pass (about 3 ms on a loaded machine)
+DEVICES_PER_PASS = 2048
 UNMATCHED = "unmatched"
 OK = text(200, "OK")
 NOT_READY = text(503, "Not ready.")
@@ -139,6 +143,11 @@ class Observability:
         self.http: dict[tuple[str, int], int] = {}  # responses by (route, status)
         self.lag = Histogram(LAG_BOUNDS)
         self.lag_max = 0.0  # the largest lag since the last scrape
+        # the scrape under way (`scrape`): every scrape that arrives meanwhile waits for it
+        self._walk: _Walk | None = None
+        self.devices: dict[tuple[str, str, str], int] = {}  # counted by the last walk
+        # a write the store had not committed when the lag probe looked, and since when
+        self._waiting_write: tuple[int, float] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
 
@@ -157,7 +166,7 @@ class Observability:
         self.coaps = coaps
         self.listening = True
 
-    def answer(self, method: bytes, route: str, app: str | None) -> Response:
+    async def answer(self, method: bytes, route: str, app: str | None) -> Response:
         """The answer to `GET /healthz`, `/readyz` (status only, no key needed) or `/metrics`
         (an administrator key, unless `[api] metrics_public`)."""
         if method != b"GET":
@@ -171,22 +180,79 @@ class Observability:
                 return UNAUTHORIZED
             if not is_admin(app):
                 return ADMIN_ONLY
-        return 200, [(b"content-type", CONTENT_TYPE)], self.scrape()
+        return 200, [(b"content-type", CONTENT_TYPE)], await self.scrape()
 
     def ready(self) -> bool:
-        """Listeners bound, the store open and caught up (not refusing work), not stopping."""
+        """Listeners bound, the store open and caught up (not refusing work, no write
+        waiting `STORE_STALL` for its commit), not stopping."""
         server = self.server
-        return self.listening and not server.stopping and not server.api.sup.store_behind()
+        if not self.listening or server.stopping or server.api.sup.store_behind():
+            return False
+        waiting = self._waiting_write  # (a disk that hangs fails nothing: it commits nothing)
+        return waiting is None or trio.current_time() - waiting[1] < STORE_STALL
 
-    def scrape(self) -> bytes:
-        """The metrics in Prometheus's text format."""
+    def watch_store(self) -> None:
+        """Note a write the store has not committed yet (its mark, now), or forget the one
+        noted once it is committed: `ready` is False while one waits `STORE_STALL`."""
+        store = self.server.api.sup.store
+        waiting = self._waiting_write
+        if waiting is not None and store.is_durable(waiting[0]):
+            waiting = None
+        if waiting is None and store.backlog() > 0:
+            waiting = (store.mark(), trio.current_time())
+        self._waiting_write = waiting
+
+    async def scrape(self) -> bytes:
+        """The metrics in Prometheus's text format.
+
+        Scrapes are coalesced: one that arrives while another is under way waits for that
+        one's text. The registered devices are counted `DEVICES_PER_PASS` a scheduler pass
+        (`count_devices`), so a scrape at 100k devices never holds the loop for the walk,
+        however many scrapes arrive together."""
+        while True:
+            walk = self._walk
+            if walk is None:
+                walk = self._walk = _Walk()
+                try:
+                    self.devices = await self.count_devices()
+                    walk.text = self.text()
+                finally:  # (cancelled: a waiting scrape takes the walk over)
+                    self._walk = None
+                    walk.done.set()
+            else:
+                await walk.done.wait()
+            if walk.text is not None:
+                return walk.text
+
+    def text(self) -> bytes:
+        """The metrics' text now, with the devices as `count_devices` last counted them."""
         out = generate_latest(self.registry)
         self.lag_max = 0.0
         return out
 
+    async def count_devices(self) -> dict[tuple[str, str, str], int]:
+        """The registered devices by (binding, queue mode, security mode), counted
+        `DEVICES_PER_PASS` at a time with a checkpoint between (a device that registers or
+        leaves meanwhile may be counted or not, as in any scrape taken a moment earlier)."""
+        sup = self.server.api.sup
+        credentials = sup.credentials
+        counts: dict[tuple[str, str, str], int] = {}
+        # a snapshot (the dict may change between passes; no new object per device)
+        endpoints, actors = list(sup.by_endpoint), list(sup.by_endpoint.values())
+        for start in range(0, len(endpoints), DEVICES_PER_PASS):
+            if start:
+                await trio.lowlevel.checkpoint()
+            end = start + DEVICES_PER_PASS
+            for endpoint, actor in zip(endpoints[start:end], actors[start:end], strict=True):
+                reg = actor.reg
+                mode = security_mode(credentials, endpoint)
+                key = (reg.transports, "true" if reg.queue_mode else "false", mode)
+                counts[key] = counts.get(key, 0) + 1
+        return counts
+
     async def measure_lag(self, interval: float = LAG_INTERVAL) -> None:
         """Forever: sleep `interval` and record how much later than asked it woke (the time
-        the event loop was busy with other tasks)."""
+        the event loop was busy with other tasks); and look at the store (`watch_store`)."""
         lag = self.lag
         while True:
             asked = trio.current_time() + interval
@@ -194,6 +260,18 @@ class Observability:
             late = max(trio.current_time() - asked, 0.0)
             lag.observe(late)
             self.lag_max = max(self.lag_max, late)
+            self.watch_store()
+
+
+class _Walk:
+    """One scrape under way, and the text it wrote (None until then, or if it was
+    cancelled): the scrapes waiting for it take that text."""
+
+    __slots__ = ("done", "text")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.text: bytes | None = None
 
 
 def _histogram(name: str, doc: str, h: Histogram) -> HistogramMetricFamily:
@@ -255,14 +333,7 @@ class _Collector(Collector):
 
     @staticmethod
     def _devices(obs: Observability) -> Iterator[Metric]:
-        sup = obs.server.api.sup
-        credentials = sup.credentials
-        counts: dict[tuple[str, str, str], int] = {}
-        for endpoint, actor in sup.by_endpoint.items():
-            reg = actor.reg
-            mode = security_mode(credentials, endpoint)
-            key = (reg.transports, "true" if reg.queue_mode else "false", mode)
-            counts[key] = counts.get(key, 0) + 1
+        counts = obs.devices  # (`Observability.count_devices`, before the text is written)
         family = GaugeMetricFamily(
             "dm_actor_devices_registered",
             "Devices registered now, by binding (transport letters), queue mode and security"

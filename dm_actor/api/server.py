@@ -21,6 +21,7 @@ import itertools
 import logging
 import os
 import secrets
+import select
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -136,6 +137,25 @@ class HttpOptions:
         )
 
 
+class _Place:
+    """A connection of the reserve waiting for its request head: since when, its socket,
+    and whether nothing has arrived on it yet (`_reserve_place` may then give it away)."""
+
+    __slots__ = ("fd", "silent", "since")
+
+    def __init__(self, since: float, fd: int) -> None:
+        self.since = since
+        self.fd = fd
+        self.silent = True
+
+
+def _readable(fd: int) -> bool:
+    """Whether the socket `fd` has bytes (or its end) waiting to be read, without waiting."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class _Slot:
     """One served connection: its peer's address, the cancel scope that sheds it, and the
     requests without a valid key it sent."""
@@ -161,6 +181,7 @@ _REFUSALS = {
     "cors_refused": "CORS preflights from origins not allowed (403)",
 }
 _ANONYMOUS_PER_CONNECTION = 10  # requests without a valid key answered on one connection
+_LINGER_ANONYMOUS = 64 * 1024  # bytes read after the last of them (`_linger`)
 _ACCEPT_BURST = 64  # connections accepted a scheduler pass, at most, beyond the first
 _LOG_INTERVAL = 60.0  # refusals are logged as one summary line per interval at most
 
@@ -221,7 +242,7 @@ class HttpServer:
         # beyond `max_connections` for them when no connection can be shed (`_reserve`)
         self.ops = Observability(self, public=self.options.metrics_public)
         self.reserved = 0
-        self._reserve_waiting: dict[trio.CancelScope, float] = {}  # no request head yet
+        self._reserve_waiting: dict[trio.CancelScope, _Place] = {}  # no request head yet
         self.reserve_refused = 0
         self.cors = Cors(self.options.cors_origins)
         # per connection, the request being answered: its number (`request_id`) and the
@@ -366,13 +387,16 @@ class HttpServer:
         return True
 
     def _reserve_place(self) -> bool:
-        """Whether a connection may go in the reserve now: a place is free, or the oldest
-        one without a request head has had `_RESERVE_AGE` (it is closed)."""
+        """Whether a connection may go in the reserve now: a place is free, or one without
+        a request head is given away (closed): the oldest that is silent (no byte received
+        nor waiting to be read: a flood of silent connections churns through the reserve at
+        once, and a health check, which sends its request as it connects, keeps its place),
+        or else the oldest that has had `_RESERVE_AGE`."""
         if self.reserved < _RESERVE:
             return True
-        if self._reserve_waiting:
-            scope, since = next(iter(self._reserve_waiting.items()))
-            if trio.current_time() - since >= _RESERVE_AGE:
+        now = trio.current_time()
+        for scope, place in self._reserve_waiting.items():
+            if (place.silent and not _readable(place.fd)) or now - place.since >= _RESERVE_AGE:
                 del self._reserve_waiting[scope]
                 scope.cancel()
                 return True
@@ -382,13 +406,18 @@ class HttpServer:
         """A connection taken beyond `max_connections` when none could be shed: a health
         check (or /metrics) is answered, any other request gets 503 and the close. Bounded:
         `_RESERVE` places (a place waiting for its request head is given to a newer
-        connection after `_RESERVE_AGE`), the head within `_RESERVE_TIMEOUT` and 8 KiB."""
+        connection while it is silent, or after `_RESERVE_AGE`: `_reserve_place`), the head
+        within `_RESERVE_TIMEOUT` and 8 KiB."""
         try:
             async with stream:
                 conn = h11.Connection(h11.SERVER, max_incomplete_event_size=8192)
                 with trio.move_on_after(_RESERVE_TIMEOUT) as scope:
-                    self._reserve_waiting[scope] = trio.current_time()
+                    place = _Place(trio.current_time(), stream.socket.fileno())
+                    self._reserve_waiting[scope] = place
+                    self._room.set()  # (a connection waiting for a place may take this one)
                     try:
+                        await trio.lowlevel.wait_readable(stream.socket)
+                        place.silent = False  # (bytes to read: kept until `_RESERVE_AGE`)
                         while (event := conn.next_event()) is h11.NEED_DATA:
                             conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
                     finally:
@@ -401,7 +430,7 @@ class HttpServer:
                     if route in OPERATIONS:
                         auth = next((v for n, v in event.headers if n == b"authorization"), None)
                         app = self.keys.from_authorization(auth)
-                        response = self.ops.answer(event.method, route, app)
+                        response = await self.ops.answer(event.method, route, app)
                     else:
                         self.reserve_refused += 1
                         response = BUSY
@@ -682,9 +711,21 @@ class HttpServer:
         route = route_of(segments)
         ROUTE.set(route)
         if route in OPERATIONS:  # no application key needed (/metrics checks its own)
-            response = self.ops.answer(event.method, route, app)
-            await self._send(conn, stream, response, close=self.stopping)
-            return conn.our_state is h11.DONE and not self.stopping
+            response = await self.ops.answer(event.method, route, app)
+            if app is not None:
+                await self._send(conn, stream, response, close=self.stopping)
+                return conn.our_state is h11.DONE and not self.stopping
+            # without a valid key, the connection may be shed while its answer waits for the
+            # client to read it (as a 401's): a client that does not read holds no slot; a
+            # keyless /metrics (401) counts as a request without a valid key, and the 10th
+            # closes (what the client pipelines after it is read up to `_LINGER_ANONYMOUS`)
+            if response[0] == 401:
+                slot.anonymous += 1
+            close = self.stopping or slot.anonymous >= _ANONYMOUS_PER_CONNECTION
+            await self._send(conn, stream, response, close=close, linger=False, slot=slot)
+            if close:
+                await self._linger(stream, slot, budget=_LINGER_ANONYMOUS)
+            return not close and conn.our_state is h11.DONE
         if preflight and origin is not None and event.method == b"OPTIONS":
             return await self._preflight(conn, stream, slot, origin)
         if segments[:1] == ["console"]:  # the console's page: no key (console.py)
@@ -809,17 +850,23 @@ class HttpServer:
         if close and linger:
             await self._linger(stream, slot)
 
-    async def _linger(self, stream: trio.SocketStream, slot: _Slot | None = None) -> None:
+    async def _linger(
+        self, stream: trio.SocketStream, slot: _Slot | None = None, budget: int | None = None
+    ) -> None:
         """Before closing on an error, read what the client still sends (briefly): closing
-        with unread data would reset the connection and lose the error response."""
+        with unread data would reset the connection and lose the error response. Beyond
+        `budget` bytes (16 `max_body` by default) nothing more is read: the connection is
+        kept, unread, until `close_timeout` (or shed, with its `slot`)."""
         with trio.move_on_after(self.options.close_timeout) as scope:
             if slot is not None:
                 self._sheddable_from(slot, scope)
             try:
                 await stream.send_eof()
-                left = 16 * self.options.max_body
+                left = 16 * self.options.max_body if budget is None else budget
                 while left > 0 and (data := await stream.receive_some(_RECEIVE_SIZE)):
                     left -= len(data)
+                if left <= 0:  # a client that keeps sending: it waits for the close
+                    await trio.sleep_forever()
             finally:
                 if slot is not None:
                     self._sheddable.pop(slot, None)

@@ -81,14 +81,6 @@ async def _raw(addr: tuple[str, int], data: bytes) -> bytes:
         return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="--log-format json --log-level debug: a request whose target has fewer than two "
-    "path segments (GET /v2, GET x, OPTIONS *) makes RequestLog.get('endpoint') index an "
-    "empty list (seg[0] / seg[1]: IndexError) inside the formatter: logging prints "
-    "'--- Logging error ---' and a traceback to stderr (many lines that are not JSON) and the "
-    "request's line is lost. Any client, no key needed.",
-)
 async def test_a_short_request_target_keeps_the_log_one_json_object_per_line(
     tmp_path: Path,
 ) -> None:
@@ -139,16 +131,6 @@ async def _unread_pipeline(addr: Address, path: bytes) -> trio.SocketStream:
             return stream
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A client without a key holds a connection slot for send_timeout (30 s) by "
-    "pipelining GET /healthz (or /readyz, or /metrics answered 401) and never reading: those "
-    "answers are sent without the connection's slot, so it is not sheddable while the send "
-    "blocks (a 401 elsewhere is: 'a client that does not read its refusals holds no slot'). "
-    "max_connections such connections (~130 KB of requests each) and a client with a valid "
-    "key gets 503 from the health-check reserve, or waits in the accept queue, again every "
-    "30 s.",
-)
 async def test_a_keyless_client_that_does_not_read_health_answers_holds_no_slot(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -167,14 +149,6 @@ async def test_a_keyless_client_that_does_not_read_health_answers_holds_no_slot(
             await stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The health-check reserve takes connections in accept order and keeps each silent "
-    "one 0.1 s before giving its place away: 8 places, so ~80 connections a second. With every "
-    "slot busy (the documented case: complete requests), a queue of 800 silent connections "
-    "(opened in well under a second, no key) delays GET /healthz by ~16 s (virtual time); "
-    "a flood of 100 connections a second starves it. tests/api/test_health_flood.py uses 60.",
-)
 async def test_health_is_answered_within_two_seconds_behind_800_silent_connections(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -234,15 +208,6 @@ class _StandIn:
         return self._reg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Concurrent GET /metrics are not coalesced: each walks every registered device in "
-    "one piece, and scrapes whose requests arrive together run in the same scheduler pass, so "
-    "the event loop is held for all of them in a row. Measured (a real server, 100k devices, "
-    "wall clock): one scrape 139 ms, 8 concurrent scrapes 1,268 ms without another task "
-    "running. Any administrator key (or anyone with [api] metrics_public; the reserve takes "
-    "/metrics too) stalls CoAP and HTTP for seconds.",
-)
 async def test_concurrent_scrapes_hold_the_loop_no_longer_than_one(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -334,15 +299,6 @@ async def test_webhook_delivery_lines_carry_no_request_id_of_an_old_request(
 # -- /readyz -----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="/readyz ('the store open and caught up') is 503 only when the store reports a "
-    "failure or 100,000 answers wait for it (STORE_IS_BEHIND). A disk that hangs (an fsync "
-    "that does not return: no error) leaves readyz 200 for as long as it hangs: after 60 s "
-    "in which nothing was committed and a 202 and a Register's 2.01 are held, a load "
-    "balancer is still told to send traffic (a gateway with fewer than 100,000 devices never "
-    "reaches the bound).",
-)
 async def test_readyz_is_not_ready_while_the_store_commits_nothing_for_a_minute(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -376,14 +332,6 @@ async def test_readyz_is_not_ready_while_the_store_commits_nothing_for_a_minute(
     store.commit()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="'Requests without a valid key on one connection: 10; the 10th says Connection: "
-    "close' (docs/operations.md, Limits: pipelined 401s cost the server more than the "
-    "client) does not hold for GET /metrics: its 401 is answered on the OPERATIONS path, "
-    "which neither counts it nor closes. 50 pipelined keyless scrapes get 50 401s on one "
-    "connection, which stays open.",
-)
 async def test_keyless_metrics_requests_count_toward_the_ten_401s_a_connection(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
