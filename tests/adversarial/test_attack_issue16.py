@@ -12,7 +12,7 @@ import logging
 import signal
 import socket
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import cbor2
@@ -163,6 +163,59 @@ async def test_health_is_answered_within_two_seconds_behind_800_silent_connectio
             assert await health(addr) == 200
     finally:
         for stream in busy + silent:
+            await stream.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="c45ae87 sheds a keyless client that does not read its /healthz, /readyz or "
+    "/metrics answers, but the console's assets (GET /console/console.js, 16 KB, no key: "
+    "Console.static) are still sent without the connection's slot and are not counted as "
+    "requests without a key: a few pipelined requests per connection, never read, hold the "
+    "slot for send_timeout (30 s); max_connections of them and a keyed client gets 503.",
+)
+async def test_a_keyless_client_that_does_not_read_console_assets_holds_no_slot(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    listening = await serving_four_slots(nursery, tmp_path)  # [api] max_connections = 4
+    addr = listening.http
+    assert addr is not None
+    held = [await _unread_pipeline(addr, b"/console/console.js") for _ in range(4)]
+    try:
+        with trio.fail_after(5):
+            async with HttpClient(addr, KEY_A) as client:
+                reply = await client.request("GET", "/v3/devices")
+        assert reply.status == 200, (reply.status, reply.text)
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="c45ae87 gives a silent reserve place to the next connection at once, but a place "
+    "whose client sent one byte of a head ('G') keeps it for 0.1 s as before: 800 such "
+    "connections (no key, one byte each) delay GET /healthz past 2 s again when every slot "
+    "is busy (the reserve turns over ~80 connections a second).",
+)
+async def test_health_is_answered_within_two_seconds_behind_800_one_byte_connections(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    listening = await serving_four_slots(nursery, tmp_path)  # [api] max_connections = 4
+    addr = listening.http
+    assert addr is not None
+    busy = [await stalled_upload(addr) for _ in range(4)]  # every slot (body_timeout 30 s)
+    await trio.sleep(0.5)
+    started = []
+    for _ in range(800):
+        stream = await trio.open_tcp_stream(*addr[:2])
+        await stream.send_all(b"G")
+        started.append(stream)
+    try:
+        with trio.fail_after(2):  # a load balancer's or a kubelet's probe timeout
+            assert await health(addr) == 200
+    finally:
+        for stream in busy + started:
             await stream.aclose()
 
 
@@ -430,10 +483,11 @@ async def _big_tap(addr: Address) -> AsyncIterator[WebSocketConnection]:
     strict=True,
     reason="The event tap builds each message (up to TAP_BATCH = 200 events) in one go, "
     "decoding every event's payload (up to 4,096 bytes, up to 1,000 values shown) for each "
-    "tap separately. 200 notifications of 290 SenML CBOR records (2.5 KB, one datagram each) "
-    "from one device while one console is open: one 3.6 MB tap message and a scheduler pass "
-    "of ~1.1 s (measured; 2.8 ms per event per tap): CoAP and HTTP wait meanwhile, 8 open "
-    "consoles multiply it. The device decides the payloads.",
+    "tap separately (2.8 ms per event per tap for 290 SenML CBOR records, 2.5 KB, one "
+    "datagram). 200 such notifications from one device: with one console open, messages of "
+    "up to 3.6 MB and passes of 0.16-1.1 s (depending on how many events a message takes); "
+    "with 8 consoles (the bound) every tap builds its own message in the same pass. CoAP and "
+    "HTTP wait meanwhile; the device decides the payloads.",
 )
 async def test_a_burst_of_large_notifications_does_not_hold_the_loop_for_the_tap(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
@@ -441,10 +495,13 @@ async def test_a_burst_of_large_notifications_does_not_hold_the_loop_for_the_tap
     api = await start_api(nursery, keys=KEYS)
     dev = await online(api, nursery, handler=_records_answer)
     passes = _LongestPass()
-    async with api.client(ADMIN) as admin, _big_tap(api.addr) as tap:
-        assert json.loads(await tap.get_message())["events"] == []
+    async with api.client(ADMIN) as admin, AsyncExitStack() as stack:
+        taps = [await stack.enter_async_context(_big_tap(api.addr)) for _ in range(8)]
+        for tap in taps:
+            assert json.loads(await tap.get_message())["events"] == []
         assert (await admin.request("PUT", "/admin/subscriptions/dev/3303/0")).status == 200
-        await tap_until(tap, "notifications")  # the Observe's first answer
+        for tap in taps:
+            await tap_until(tap, "notifications")  # the Observe's first answer
         token = dev.observers["/3303/0"]
         trio.lowlevel.add_instrument(passes)
         for seq in range(2, 202):
@@ -452,10 +509,16 @@ async def test_a_burst_of_large_notifications_does_not_hold_the_loop_for_the_tap
                        (OptionNumber.CONTENT_FORMAT, uint_bytes(112)))  # fmt: skip
             dev.coap.notify(token, Code.CONTENT, options, _RECORDS, trio.current_time())
         await dev._flush()
-        shown = 0
-        with trio.fail_after(60):
+
+        async def read(tap: WebSocketConnection) -> None:
+            shown = 0
             while shown < 200:
                 message = json.loads(await tap.get_message())
                 shown += sum(e["kind"] == "notifications" for e in message["events"])
+
+        with trio.fail_after(120):
+            async with trio.open_nursery() as readers:
+                for tap in taps:
+                    readers.start_soon(read, tap)
         trio.lowlevel.remove_instrument(passes)
     assert passes.longest < 0.25, f"the event loop was held {passes.longest:.2f} s in one pass"
