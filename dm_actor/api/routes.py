@@ -231,8 +231,8 @@ class Api:
             return NOT_FOUND_ROUTE
         if req.method == b"POST":
             return await self._submit(req, seg[2])
-        if req.method == b"GET":
-            return self._queue_view(seg[2])
+        if req.method == b"GET":  # (an application sees its own commands; an admin, all)
+            return self._queue_view(seg[2], None if req.admin else req.app)
         return BAD_METHOD
 
     async def _submit(self, req: Request, device_id: str) -> Response:
@@ -285,14 +285,15 @@ class Api:
             return rejected(result)
         return ACCEPTED
 
-    def _queue_view(self, device_id: str) -> Response:
+    def _queue_view(self, device_id: str, owner: str | None = None) -> Response:
         actor = self.sup.by_endpoint.get(device_id)
         if actor is None:
             return text(404, "DEVICE_NOT_FOUND")
-        return json(200, self.queue_view(actor))
+        return json(200, self.queue_view(actor, owner))
 
-    def queue_view(self, actor: DeviceActor) -> DeviceQueueView:
-        """The device's unfinished commands and when each may be attempted next."""
+    def queue_view(self, actor: DeviceActor, owner: str | None = None) -> DeviceQueueView:
+        """The device's unfinished commands (`owner`'s only, when given) and when each may
+        be attempted next."""
         q = actor.queue
         now = trio.current_time()
         return DeviceQueueView(
@@ -301,7 +302,7 @@ class Api:
             reachable=q.reachable,
             awake_until=self.wall(q.awake_until) if q.queue_mode and q.awake(now) else None,
             queue_length=len(q),
-            commands=[self._command_view(status) for status in q.describe(now)],
+            commands=[self._command_view(status) for status in q.describe(now, owner)],
         )
 
     def _command_view(self, status: CommandStatus) -> QueuedCommand:

@@ -283,12 +283,13 @@ class DeviceQueue:
 
     # -- outputs --------------------------------------------------------------------------
 
-    def describe(self, now: float) -> list[CommandStatus]:
+    def describe(self, now: float, owner: str | None = None) -> list[CommandStatus]:
         """The unfinished commands, the one in flight first, each with what it waits for
-        (sections 2, 4, 6 and rule 7.1, as `next_attempt` decides them)."""
+        (sections 2, 4, 6 and rule 7.1, as `next_attempt` decides them); with `owner`, only
+        that application's (another's async-ids and requests are not its business)."""
         out = []
         in_flight = self.in_flight
-        if in_flight is not None:
+        if in_flight is not None and owner in (None, in_flight.owner):
             out.append(_status(in_flight, in_flight=True, not_before=None, waiting="response"))
         wake: Waiting = "device-wake-up" if self.queue_mode else "device-contact"
         for i, cmd in enumerate(self.queue):
@@ -301,7 +302,8 @@ class DeviceQueue:
                 waiting = wake
             else:
                 waiting = "delivery" if self.awake(now) else wake
-            out.append(_status(cmd, in_flight=False, not_before=not_before, waiting=waiting))
+            if owner in (None, cmd.owner):
+                out.append(_status(cmd, in_flight=False, not_before=not_before, waiting=waiting))
         return out
 
     def take_finished(self) -> list[tuple[Command, Outcome]]:

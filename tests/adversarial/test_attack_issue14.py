@@ -285,13 +285,6 @@ async def test_another_applications_unfinished_id_does_not_block_mine(
         assert (reply.status, reply.text) == (202, "")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GET /v2/device-requests/{id} (the queue view) lists every application's "
-    "unfinished commands (async-id, method, uri) and subscription Observes: application B "
-    "reads application A's async-ids and what A asks of the device. An application's "
-    "commands are otherwise its own (docs/api.md, Authentication).",
-)
 async def test_the_queue_view_shows_only_my_commands(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
