@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         for kind in ("sqlite", "postgres"):
             k = f"{kind}_{n}_"
             cells = [result[k + f] for f in ("per_commit", "latency_ms", "cpu_ms_per_1k")]
-            server = result[k + "server_cpu_ms_per_1k"]
+            by_server = result[k + "server_cpu_ms_per_1k"]
             print(f"{kind + ' x' + n:>14} {result[k + 'rate']:>11,.0f} {cells[0]:>11} "
-                  f"{cells[1]:>11} {cells[2]:>10} {server:>17}")  # fmt: skip
+                  f"{cells[1]:>11} {cells[2]:>10} {by_server:>17}")  # fmt: skip
     return 0
 
 
