@@ -116,14 +116,16 @@ async def test_a_short_request_target_keeps_the_log_one_json_object_per_line(
 # -- connection slots --------------------------------------------------------------------------
 
 
-async def _unread_pipeline(addr: Address, path: bytes) -> trio.SocketStream:
+async def _unread_pipeline(
+    addr: Address, path: bytes, request: bytes | None = None
+) -> trio.SocketStream:
     """A connection without a key that pipelines `GET path` until the server stops reading
     it (its answers fill the TCP window: this client never reads)."""
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     await sock.connect(addr[:2])
     stream = trio.SocketStream(sock)
-    requests = b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % path * 10
+    requests = (request or b"GET %s HTTP/1.1\r\nhost: x\r\n\r\n" % path) * 10
     while True:
         with trio.move_on_after(1) as blocked:
             await stream.send_all(requests)
@@ -181,6 +183,39 @@ async def test_a_keyless_client_that_does_not_read_console_assets_holds_no_slot(
     addr = listening.http
     assert addr is not None
     held = [await _unread_pipeline(addr, b"/console/console.js") for _ in range(4)]
+    try:
+        with trio.fail_after(5):
+            async with HttpClient(addr, KEY_A) as client:
+                reply = await client.request("GET", "/v3/devices")
+        assert reply.status == 200, (reply.status, reply.text)
+    finally:
+        for stream in held:
+            await stream.aclose()
+
+
+_PREFLIGHT = (
+    b"OPTIONS /v3/devices HTTP/1.1\r\nhost: x\r\norigin: https://app.example\r\n"
+    b"access-control-request-method: GET\r\n\r\n"
+)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="With [api] cors_origins set, a CORS preflight from an allowed origin (any client "
+    "can send that Origin header) is answered 204 without the connection's slot and is not "
+    "counted as a request without a key (only refused preflights are): pipelined and never "
+    "read, such preflights hold every slot for send_timeout (30 s), as /healthz did before "
+    "c45ae87; a keyed client gets 503.",
+)
+async def test_a_client_that_does_not_read_its_allowed_preflights_holds_no_slot(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
+) -> None:
+    listening = await _serve_with_admin(
+        nursery, tmp_path, '[api]\nmax_connections = 4\ncors_origins = ["https://app.example"]\n'
+    )
+    addr = listening.http
+    assert addr is not None
+    held = [await _unread_pipeline(addr, b"", _PREFLIGHT) for _ in range(4)]
     try:
         with trio.fail_after(5):
             async with HttpClient(addr, KEY_A) as client:
