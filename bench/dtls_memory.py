@@ -113,7 +113,7 @@ async def case(kind: str, n: int, batch: int) -> Result:
         transport = DtlsTransport(DtlsServer(sup.credentials.psk, connection_id=True),
                                   sup.on_datagram, sup.on_unreachable)  # fmt: skip
         transport.attach(wire)
-        sup.attach_dtls(transport.send, transport.identity_of)
+        sup.attach_dtls(transport.send, transport.identity_of, transport.release)
         sup.provisioning.revoked.append(transport.revoked)
         secure = kind == "dtls"
         # warm-up: one device of each kind (first-use costs paid)
