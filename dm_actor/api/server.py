@@ -792,8 +792,8 @@ class HttpServer:
         number, _ = self._current[stream]
         self._current[stream] = (number, [])  # (the answer has its own CORS headers)
         response = self.cors.preflight(origin)
-        if response[0] < 300:
-            await self._send(conn, stream, response, close=self.stopping)
+        if response[0] < 300:  # (no key: sheddable while a client that does not read blocks it)
+            await self._send(conn, stream, response, close=self.stopping, slot=slot)
             return conn.our_state is h11.DONE and not self.stopping
         self._refused("cors_refused")
         slot.anonymous += 1

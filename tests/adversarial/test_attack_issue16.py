@@ -199,14 +199,6 @@ _PREFLIGHT = (
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="With [api] cors_origins set, a CORS preflight from an allowed origin (any client "
-    "can send that Origin header) is answered 204 without the connection's slot and is not "
-    "counted as a request without a key (only refused preflights are): pipelined and never "
-    "read, such preflights hold every slot for send_timeout (30 s), as /healthz did before "
-    "c45ae87; a keyed client gets 503.",
-)
 async def test_a_client_that_does_not_read_its_allowed_preflights_holds_no_slot(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
