@@ -139,7 +139,8 @@ class HttpOptions:
 
 class _Place:
     """A connection of the reserve waiting for its request head: since when, its socket,
-    and whether nothing has arrived on it yet (`_reserve_place` may then give it away)."""
+    and whether it waits for bytes with none to read (`_reserve_place` may then give it
+    away: nothing arrived, or only part of a head, which a health check sends whole)."""
 
     __slots__ = ("fd", "silent", "since")
 
@@ -388,10 +389,10 @@ class HttpServer:
 
     def _reserve_place(self) -> bool:
         """Whether a connection may go in the reserve now: a place is free, or one without
-        a request head is given away (closed): the oldest that is silent (no byte received
-        nor waiting to be read: a flood of silent connections churns through the reserve at
-        once, and a health check, which sends its request as it connects, keeps its place),
-        or else the oldest that has had `_RESERVE_AGE`."""
+        a request head is given away (closed): the oldest that is silent (waiting for bytes,
+        none to read: a flood of silent or one-byte connections churns through the reserve
+        at once, and a health check, which sends its request whole as it connects, keeps its
+        place), or else the oldest that has had `_RESERVE_AGE`."""
         if self.reserved < _RESERVE:
             return True
         now = trio.current_time()
@@ -416,9 +417,10 @@ class HttpServer:
                     self._reserve_waiting[scope] = place
                     self._room.set()  # (a connection waiting for a place may take this one)
                     try:
-                        await trio.lowlevel.wait_readable(stream.socket)
-                        place.silent = False  # (bytes to read: kept until `_RESERVE_AGE`)
                         while (event := conn.next_event()) is h11.NEED_DATA:
+                            place.silent = True  # (nothing to read: it may be given away)
+                            await trio.lowlevel.wait_readable(stream.socket)
+                            place.silent = False  # (bytes to read: kept until `_RESERVE_AGE`)
                             conn.receive_data(await stream.receive_some(_RECEIVE_SIZE))
                     finally:
                         self._reserve_waiting.pop(scope, None)
@@ -731,7 +733,8 @@ class HttpServer:
         if segments[:1] == ["console"]:  # the console's page: no key (console.py)
             if_none_match = next((v for n, v in event.headers if n == b"if-none-match"), None)
             response = self.console.static(event.method, segments, if_none_match)
-            await self._send(conn, stream, response, close=self.stopping)
+            keyless = slot if app is None else None  # (sheddable while its send is blocked)
+            await self._send(conn, stream, response, close=self.stopping, slot=keyless)
             return conn.our_state is h11.DONE and not self.stopping
         tap = segments == _ADMIN_EVENTS
         if (tap or segments == _WEBSOCKET_CONNECT) and event.method == b"GET":

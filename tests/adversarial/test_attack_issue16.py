@@ -168,14 +168,6 @@ async def test_health_is_answered_within_two_seconds_behind_800_silent_connectio
             await stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="c45ae87 sheds a keyless client that does not read its /healthz, /readyz or "
-    "/metrics answers, but the console's assets (GET /console/console.js, 16 KB, no key: "
-    "Console.static) are still sent without the connection's slot and are not counted as "
-    "requests without a key: a few pipelined requests per connection, never read, hold the "
-    "slot for send_timeout (30 s); max_connections of them and a keyed client gets 503.",
-)
 async def test_a_keyless_client_that_does_not_read_console_assets_holds_no_slot(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
@@ -218,13 +210,6 @@ async def test_a_client_that_does_not_read_its_allowed_preflights_holds_no_slot(
             await stream.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="c45ae87 gives a silent reserve place to the next connection at once, but a place "
-    "whose client sent one byte of a head ('G') keeps it for 0.1 s as before: 800 such "
-    "connections (no key, one byte each) delay GET /healthz past 2 s again when every slot "
-    "is busy (the reserve turns over ~80 connections a second).",
-)
 async def test_health_is_answered_within_two_seconds_behind_800_one_byte_connections(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, tmp_path: Path
 ) -> None:
