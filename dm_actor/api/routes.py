@@ -242,12 +242,12 @@ class Api:
             return text(400, "MALFORMED_ASYNC_ID")
         retry = expiry = None
         try:
-            if "retry" in q:
+            if q.get("retry"):  # (blank: not given, as before blank values were kept)
                 retry = int(q["retry"])
         except ValueError:
             return text(400, "MALFORMED_RETRY")
         try:
-            if "expiry-seconds" in q:
+            if q.get("expiry-seconds"):
                 expiry = int(q["expiry-seconds"])
         except ValueError:
             return text(400, "MALFORMED_EXPIRY_SECONDS")
@@ -532,12 +532,12 @@ class Api:
             return NOT_FOUND_ROUTE
         q = req.query
         try:
-            limit = int(q.get("limit", "50"))
+            limit = int(q.get("limit") or "50")  # (blank: the default)
             if not 2 <= limit <= 1000:
                 raise ValueError
         except ValueError:
             return _invalid("limit", "limit must be an integer in 2..1000.")
-        order = q.get("order", "ASC").upper()
+        order = (q.get("order") or "ASC").upper()
         if order not in ("ASC", "DESC"):
             return _invalid("order", "order must be ASC or DESC.")
         try:
