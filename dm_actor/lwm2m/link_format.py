@@ -421,11 +421,19 @@ def _bounded_attributes(attributes: dict[tuple[int, ...], dict[str, str | None]]
     for ids, params in sorted(attributes.items()):
         if not params:
             continue
-        text = _serialise_link(Link("/" + "/".join(map(str, ids)), params))
+        path = "/" + "/".join(map(str, ids))
+        text = _serialise_link(Link(path, params))
         size = len(text.encode()) + 1  # (its `,`)
-        if size <= MAX_LINK_ATTRIBUTE_BYTES and size <= left:
+        if params.keys() != {"obs"} and size <= MAX_LINK_ATTRIBUTE_BYTES and size <= left:
             kept.append(text)
             left -= size
+        elif "obs" in params:
+            # `obs` alone is a flag, kept outside the budget (bounded by `max_links`): what a
+            # device lets be observed is never lost to the length of its other attributes
+            flag = _serialise_link(Link(path, {"obs": params["obs"]}))
+            if len(flag) > MAX_LINK_ATTRIBUTE_BYTES:  # (`obs` has no value in LwM2M)
+                flag = _serialise_link(Link(path, {"obs": None}))
+            kept.append(flag)
     return ",".join(kept)
 
 

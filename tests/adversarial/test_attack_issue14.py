@@ -309,15 +309,6 @@ async def test_a_blank_after_starts_at_the_first_page_in_both_orders(
             assert [d["id"] for d in page["data"]] == ids, (order, page)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The attribute bound of 0774a64 (4 KiB of link-format per registration) drops "
-    "`obs` from a legitimate device's later links: 300 resource links each marked only "
-    "`;obs` (~21 bytes each, max_links is 512) keep `obs` on the first 199; the other 101 are "
-    "listed obs false, and wildcard pre-subscriptions (which observe only obs-marked links "
-    "when a device marks any) skip them. `obs` is a flag: it could be kept per link (a bit) "
-    "outside the text budget.",
-)
 async def test_obs_survives_the_attribute_bound(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
