@@ -137,6 +137,9 @@ class Console:
         self.requests: OrderedDict[tuple[str, str], tuple[str, str, str]] = OrderedDict()
         self._rates: deque[tuple[float, int]] = deque()  # (time, events published)
         self._assets: dict[str, tuple[bytes, bytes, bytes]] | None = None
+        # each event shown once for every tap: id -> (the event, kept alive so that its id
+        # is not reused while here; its JSON), the latest `_SHOWN_CACHE`
+        self._shown_json: OrderedDict[int, tuple[ChannelEvent, bytes]] = OrderedDict()
 
     def install(self, hub: NotificationHub) -> None:
         hub.tap = self.tap
@@ -362,17 +365,33 @@ class Console:
         while True:
             await subscriber.wait()
             batch = subscriber.take(TAP_BATCH)
-            message = {
-                "events": [self._shown(event) for event in batch],
-                "dropped": subscriber.dropped,
-            }
+            events = []
+            for n, event in enumerate(batch, 1):
+                events.append(self._shown_once(event))  # (decoding may cost ms: once)
+                if n % _SHOWN_PER_PASS == 0:
+                    await trio.lowlevel.checkpoint()  # (other tasks run in between)
+            dropped = str(subscriber.dropped).encode()
+            message = b'{"events":[' + b",".join(events) + b'],"dropped":' + dropped + b"}"
+            await trio.lowlevel.checkpoint()
             try:
                 with trio.fail_after(limit):
-                    await ws.send_message(_encode(message).decode())
+                    await ws.send_message(message.decode())
             except trio.TooSlowError:
                 self.too_slow += 1
                 log.info("event tap closed: a message not taken within %g s", limit)
                 return
+
+    def _shown_once(self, event: ChannelEvent) -> bytes:
+        """`_shown(event)` as JSON, made once for all the taps that send it."""
+        cache = self._shown_json
+        found = cache.get(id(event))
+        if found is not None and found[0] is event:
+            return found[1]
+        shown = _encode(self._shown(event))
+        cache[id(event)] = (event, shown)
+        if len(cache) > _SHOWN_CACHE:
+            cache.popitem(last=False)
+        return shown
 
     def _shown(self, event: ChannelEvent) -> dict[str, object]:
         """One event as the tap sends it: kind, item, to whom, and the decoded values."""
@@ -395,6 +414,12 @@ class Console:
             out.update(decoded(item, base if isinstance(base, str) else None))
         return out
 
+
+#: events a tap shows (decodes) per scheduler pass: a burst of large notifications, times
+#: the taps open, must not hold the event loop
+_SHOWN_PER_PASS = 8
+#: events kept shown (as JSON) for the other taps: a burst reaches every tap within moments
+_SHOWN_CACHE = 256
 
 _GET = frozenset((b"GET",))
 _ROUTES = {  # /admin/{what}/{device-id or async-id}: the methods each takes
@@ -505,11 +530,20 @@ _TLV_READERS: dict[str, Callable[[bytes], object]] = {
 }
 
 
+#: integers at least this large are shown as hex text
+_BIG = 2**64
+
+
 def _json_value(value: object, data_type: str | None) -> object:
     """A decoded value as JSON: untyped bytes read by the model's data type, else shown as
     `0x...` hex (at most 64 bytes)."""
     if isinstance(value, ObjLink):
         return str(value)
+    if isinstance(value, int) and not isinstance(value, bool) and not -_BIG < value < _BIG:
+        # (a CBOR bignum: JSON numbers this large lose precision in every browser, and over
+        # 4,300 digits Python refuses to write one; hex has no such limit)
+        text = hex(value)
+        return text[:130] + ("..." if len(text) > 130 else "")
     if not isinstance(value, bytes):
         return value
     reader = _TLV_READERS.get(data_type or "")

@@ -21,6 +21,7 @@ import trio
 
 from dm_actor import __version__
 from dm_actor.api.channels import CALLBACK
+from dm_actor.logformat import LOG_CONTEXT
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -313,6 +314,9 @@ class Webhooks:
 
     async def deliver(self, channel: Channel, hook: Webhook) -> None:
         """Deliver `channel`'s messages to `hook.target` until the channel is removed."""
+        # (started from the request that set the callback up, it inherited that request's
+        # log context: its lines are the channel's, not that request's)
+        LOG_CONTEXT.set(None)
         options = self.options
         client = HttpClient(options.request_timeout)
         delay = options.backoff_initial

@@ -16,7 +16,6 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import cbor2
-import pytest
 import trio
 import trio.lowlevel
 import trio.testing
@@ -324,14 +323,6 @@ class _JsonLines(logging.Handler):
         self.records.append(json.loads(self.format(record)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A webhook's delivery task is started (hub.nursery.start_soon) from the task "
-    "answering PUT /v2/notification/callback, so it inherits that request's LOG_CONTEXT: "
-    "every line it writes for the channel's whole life ('callback ...: answered 500; retry in "
-    "1 s', 'failed for 600 s: channel removed') carries the request_id of that PUT, long "
-    "answered, though the lines are about deliveries no request caused.",
-)
 async def test_webhook_delivery_lines_carry_no_request_id_of_an_old_request(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -424,15 +415,6 @@ def _bignum_answer(req: Message) -> tuple[int, bytes, int | None]:
     return Code.CHANGED, b"", None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A device answers a read (or notifies) with one valid CBOR bignum of 2,000 bytes "
-    "(under the tap's 4,096-byte DECODE_LIMIT). console.decoded() turns it into a Python int "
-    "of 4,817 digits, and the JSON encoding raises ValueError (Python's 4,300-digit int-to-"
-    "string limit): GET /admin/async-responses/{id} is a 500, and every open event tap "
-    "(every event reaches every tap, an application's too) ends with a traceback logged per "
-    "tap; the console reconnects and the device's next such answer ends it again.",
-)
 async def test_a_device_answer_holding_a_huge_cbor_integer_is_shown_not_a_server_error(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
@@ -491,16 +473,6 @@ async def _big_tap(addr: Address) -> AsyncIterator[WebSocketConnection]:
         nursery.cancel_scope.cancel()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="The event tap builds each message (up to TAP_BATCH = 200 events) in one go, "
-    "decoding every event's payload (up to 4,096 bytes, up to 1,000 values shown) for each "
-    "tap separately (2.8 ms per event per tap for 290 SenML CBOR records, 2.5 KB, one "
-    "datagram). 200 such notifications from one device: with one console open, messages of "
-    "up to 3.6 MB and passes of 0.16-1.1 s (depending on how many events a message takes); "
-    "with 8 consoles (the bound) every tap builds its own message in the same pass. CoAP and "
-    "HTTP wait meanwhile; the device decides the payloads.",
-)
 async def test_a_burst_of_large_notifications_does_not_hold_the_loop_for_the_tap(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
