@@ -111,8 +111,10 @@ def open_records(session: Session, datagram: bytes) -> tuple[list[bytes], bool, 
             continue
         if ctype == _APPLICATION_DATA:
             data.append(plaintext)
-        elif ctype == _ALERT and len(plaintext) >= 2 and (
-            plaintext[1] == _CLOSE_NOTIFY or plaintext[0] == _FATAL
+        elif (
+            ctype == _ALERT
+            and len(plaintext) >= 2
+            and (plaintext[1] == _CLOSE_NOTIFY or plaintext[0] == _FATAL)
         ):
             session.closed = True
             return data, True, dropped
