@@ -563,19 +563,7 @@ class PostgresStore(SqliteStore):
             self._committed_event.set()
             raise self._failure from exc
         batches.popleft()
-        if self._problem is not None:
-            log.warning(
-                "store %s: writable again after %.1f s (%d failed attempts); committing the "
-                "%d writes held", self.path, trio.current_time() - self._problem_since,
-                self.write_retries, self.writes - self._committed_writes,
-            )  # fmt: skip
-            self._problem = None
-        self._committed = batch.seq
-        self._committed_writes += batch.count
-        self.transactions += 1
-        self.commit_latency.observe(trio.current_time() - started)
-        committed, self._committed_event = self._committed_event, trio.Event()
-        committed.set()
+        self._batch_committed(batch, started)
         return True
 
     def _pg_failed(self, exc: psycopg.Error, why: str) -> None:

@@ -537,6 +537,12 @@ class SqliteStore:
             self._committed_event.set()
             raise self._failure from exc
         batches.popleft()
+        self._batch_committed(batch, started)
+        return True
+
+    def _batch_committed(self, batch: _Batch, started: float) -> None:
+        """`batch` is durable (committed at `started`): count it, say so if the store was
+        failing, and wake whoever waits for it (SQLite's and PostgreSQL's commit loops)."""
         if self._problem is not None:
             log.warning(
                 "store %s: writable again after %.1f s (%d failed attempts); committing the "
@@ -550,7 +556,6 @@ class SqliteStore:
         self.commit_latency.observe(trio.current_time() - started)
         committed, self._committed_event = self._committed_event, trio.Event()
         committed.set()
-        return True
 
     def _write_failed(self, exc: sqlite3.Error, code: int) -> None:
         self.write_retries += 1
