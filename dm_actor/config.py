@@ -159,6 +159,29 @@ class SecuritySettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, 
     handshake_timeout: Seconds = 60.0
 
 
+class ClusterSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """`[cluster]`: several nodes on one PostgreSQL database (docs/operations.md, "Cluster").
+    Off while `node` is empty; on, it needs `[server] store = "postgres"`."""
+
+    # this node's name, unique in the cluster (letters, digits, '-', '_', '.')
+    node: Annotated[str, msgspec.Meta(max_length=64, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
+    # host:port of this node's internal UDP link (forwarded datagrams), reachable by peers
+    link: str = "127.0.0.1:7683"
+    # host:port where peers reach this node's HTTP API (default: [server] host:http_port)
+    advertise_http: str = ""
+    # slots endpoint names hash into; fixed when the cluster is created
+    slots: Annotated[int, msgspec.Meta(ge=1, le=65536)] = 1024
+    # a node that has not renewed its leases for this long loses its slots
+    lease_ttl: Annotated[float, msgspec.Meta(ge=0.5, le=300)] = 10.0
+    # the shared secret of the internal link and internal HTTP calls (or
+    # DM_ACTOR_CLUSTER_SECRET); required in cluster mode
+    secret: str = ""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.node)
+
+
 class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """Every setting of the server, one section per TOML table."""
 
@@ -168,6 +191,7 @@ class Settings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     api: ApiSettings = msgspec.field(default_factory=ApiSettings)
     tcp: TcpSettings = msgspec.field(default_factory=TcpSettings)
     security: SecuritySettings = msgspec.field(default_factory=SecuritySettings)
+    cluster: ClusterSettings = msgspec.field(default_factory=ClusterSettings)
 
     def coaps_port(self) -> int:
         """The coaps:// port: `[security] coaps_port`, else the CoAP port + 1 (0 for 0)."""

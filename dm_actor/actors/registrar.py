@@ -152,8 +152,13 @@ class Registrar(IdentityRules):
         retry_after = self.registry.settings.registration.retry_after
         return ((OptionNumber.MAX_AGE.value, uint_bytes(retry_after)),)
 
-    def _new_reg_id(self) -> str:
+    def _new_reg_id(self, endpoint: str) -> str:
         """An unguessable registration id: it is what authorises Updates (rule 0)."""
+        cluster = self.registry.cluster
+        if cluster is not None:
+            while (reg_id := cluster.reg_id(endpoint)) in self.registry.by_reg_id:
+                pass
+            return reg_id
         while (reg_id := secrets.token_hex(6)) in self.registry.by_reg_id:
             pass
         return reg_id
@@ -178,7 +183,7 @@ class Registrar(IdentityRules):
             return refusal
         if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
             return Code.BAD_REQUEST, ()
-        reg = Registration.from_request(parsed, self._new_reg_id(), now)
+        reg = Registration.from_request(parsed, self._new_reg_id(parsed.endpoint), now)
         actor = registry.by_endpoint.get(reg.endpoint)
         # bound first: a replaced connection's mail is handled now (`bind`), and it may hold
         # a Register (handled in full, nested) or a De-register (the actor ends)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 from sortedcontainers import SortedList
@@ -44,6 +44,23 @@ if TYPE_CHECKING:
     from dm_actor.store.base import Store
 
 log = logging.getLogger(__name__)
+
+
+class ClusterHooks(Protocol):
+    """What the device layer asks cluster mode (`dm_actor.node.ClusterNode` answers)."""
+
+    def token_prefix(self, endpoint: str) -> bytes:
+        """The bytes every token sent to `endpoint` starts with (its slot)."""
+        ...
+
+    def reg_id(self, endpoint: str) -> str:
+        """A new registration id for `endpoint`, naming its slot."""
+        ...
+
+    def egress(self, data: bytes, addr: Address) -> bool:
+        """True when this datagram to a device was taken care of here: dropped because the
+        node is past its lease deadline, or sent back out through the node it came in by."""
+        ...
 
 
 def _plain(addr: Address) -> str | None:
@@ -96,6 +113,8 @@ class Registry:
         self.awaiting = 0  # answers held or being committed
         self._held_wake = trio.Event()
         self.nursery: trio.Nursery | None = None  # the actors' (set by `Supervisor.run`)
+        #: cluster mode's hooks (`dm_actor.node`), None on a single node
+        self.cluster: ClusterHooks | None = None
         self._rng = random.Random(secrets.randbits(64))  # one for all endpoints
         self._udp_send: Callable[[bytes, Address], None] | None = None
         self._dtls_send: Callable[[bytes, Address], None] | None = None
@@ -152,7 +171,9 @@ class Registry:
         self._dtls_release = release
         self.identity_of = identity_of
 
-    def new_coap_endpoint(self, *, reliable: bool, mid_start: int | None = None) -> CoapEndpoint:
+    def new_coap_endpoint(
+        self, *, reliable: bool, mid_start: int | None = None, token_prefix: bytes = b""
+    ) -> CoapEndpoint:
         seed = secrets.randbits(32)
         return CoapEndpoint(
             self.params,
@@ -161,12 +182,19 @@ class Registry:
             mid_start=seed & 0xFFFF if mid_start is None else mid_start,
             token_seed=seed,
             dedup_limit=16,
+            token_prefix=token_prefix,
         )
 
-    def _machine_endpoint(self, reliable: bool, mid_start: int | None) -> CoapEndpoint:
-        return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start)
+    def _machine_endpoint(
+        self, reliable: bool, mid_start: int | None, endpoint: str
+    ) -> CoapEndpoint:
+        prefix = b"" if self.cluster is None else self.cluster.token_prefix(endpoint)
+        return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start, token_prefix=prefix)
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
+        cluster = self.cluster
+        if cluster is not None and cluster.egress(data, addr):
+            return  # (held back past the lease deadline, or sent back through its ingress)
         send = self._dtls_send if addr[0] == SESSION_HOST else self._udp_send
         if send is not None:
             try:

@@ -76,6 +76,8 @@ class CoapEndpoint:
             `params.ack_random_factor` is above 1 (share one among endpoints).
         mid_start: the first Message ID to allocate.
         token_seed: the first token is this number as 4 big-endian bytes; then +1 each.
+        token_prefix: put before every token this endpoint makes (cluster mode: the device's
+            slot, `dm_actor.cluster.slots.token_prefix`); at most 4 bytes.
         dedup_limit: the most peer Message IDs remembered for deduplication.
 
     Raises:
@@ -91,6 +93,7 @@ class CoapEndpoint:
         "_observations",
         "_out",
         "_token_n",
+        "_token_prefix",
         "dedup_limit",
         "params",
         "reliable",
@@ -106,6 +109,7 @@ class CoapEndpoint:
         mid_start: int = 0,
         token_seed: int = 0,
         dedup_limit: int = 64,
+        token_prefix: bytes = b"",
     ) -> None:
         if params.ack_random_factor != 1.0 and rng is None and not reliable:
             raise ValueError("ack_random_factor > 1 needs an injected random.Random")
@@ -117,6 +121,7 @@ class CoapEndpoint:
         self.dedup_limit = dedup_limit
         self._mid = mid_start & 0xFFFF
         self._token_n = token_seed & 0xFFFFFFFF
+        self._token_prefix = token_prefix
         self._events: list[Event] | None = None
         self._out: list[bytes] | None = None
         # UDP messages of ours that an ACK or Reset may answer, by Message ID
@@ -595,7 +600,7 @@ class CoapEndpoint:
         by_token = self._by_token
         observations = self._observations
         while True:
-            token = n.to_bytes(4, "big")
+            token = self._token_prefix + n.to_bytes(4, "big")
             n = (n + 1) & 0xFFFFFFFF
             if not (
                 (by_token is not None and token in by_token)

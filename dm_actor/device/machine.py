@@ -104,8 +104,9 @@ _NO_EFFECTS: list[Effect] = []
 class MachineConfig:
     """What every device machine of a server shares."""
 
-    #: a new message layer: `(reliable, first Message ID or None for a random one)`
-    new_endpoint: Callable[[bool, int | None], CoapEndpoint]
+    #: a new message layer: `(reliable, first Message ID or None for a random one, the
+    #: device's endpoint name)`
+    new_endpoint: Callable[[bool, int | None, str], CoapEndpoint]
     #: how long a device remembers a Message ID (an attempt within it resends the exchange)
     resend_window: float
     #: seconds a registration outlives its lifetime before it ends (rule 8.3)
@@ -175,7 +176,7 @@ class DeviceMachine:
         self.queue = queue
         self.addr = addr
         self.conn = conn  # the TCP connection, opaque here: effects name it, the actor uses it
-        self.coap = config.new_endpoint(conn is not None, mid_start)
+        self.coap = config.new_endpoint(conn is not None, mid_start, reg.endpoint)
         self.attempt = AttemptState.IDLE
         self.link = Link.TCP if conn is not None else Link.UDP if addr is not None else Link.NONE
         # changes whenever the address, the connection or the message layer does: an answer
@@ -420,7 +421,9 @@ class DeviceMachine:
         if self.coap.reliable != reliable:
             # back on UDP: Message IDs go on past every one reserved (and so maybe sent)
             # before, which the device may still remember (its deduplication)
-            self.coap = self.config.new_endpoint(reliable, None if reliable else self._mid_limit)
+            self.coap = self.config.new_endpoint(
+                reliable, None if reliable else self._mid_limit, self.reg.endpoint
+            )
             self._abandon_attempt(now)
             replaced = moved = True  # the old endpoint's observations are gone with it
         self.addr = addr
