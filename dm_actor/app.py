@@ -19,6 +19,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from dm_actor.actors.supervisor import Supervisor
@@ -37,7 +38,10 @@ if TYPE_CHECKING:
     from dm_actor.actors.events import EventStream
     from dm_actor.address import Address
     from dm_actor.config import Settings
-    from dm_actor.store.base import Store
+    from dm_actor.node import ClusterNode
+    from dm_actor.store.base import Snapshot, Store
+    from dm_actor.store.postgres import PostgresStore
+    from dm_actor.transport.link import ClusterLink
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,43 @@ def _first_leaf(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+#: In cluster mode node n numbers its durable events n modulo this (`Commands.seq_stride`).
+SEQ_STRIDE = 1024
+
+
+async def _join_cluster(settings: Settings) -> ClusterNode:
+    """Join the cluster `[cluster]` names: its tables created if it is the first node."""
+    from dm_actor.node import ClusterNode
+    from dm_actor.store.coordinator import Coordinator  # (psycopg only when asked for)
+
+    c = settings.cluster
+    server = settings.server
+    http = c.advertise_http or f"{server.host}:{server.http_port}"
+    secret = c.secret or os.environ.get("DM_ACTOR_CLUSTER_SECRET", "")
+    coordinator = await trio.to_thread.run_sync(
+        partial(
+            Coordinator, server.dsn, c.node, slots=c.slots, ttl=c.lease_ttl, http=http, link=c.link
+        )
+    )
+    number = await trio.to_thread.run_sync(coordinator.join)
+    node = ClusterNode(
+        c.node, slot_count=c.slots, secret=secret.encode(), ttl=c.lease_ttl,
+        coordinator=coordinator,
+    )  # fmt: skip
+    node.number = number
+    return node
+
+
+def _cluster_wide(snapshot: Snapshot | None) -> Snapshot | None:
+    """What every node of a cluster loads at start: all but the devices (loaded by slot as
+    the node takes them) and the events owed to channels (loaded by the home node)."""
+    if snapshot is None:
+        return None
+    return msgspec.structs.replace(
+        snapshot, registrations=[], commands=[], subscriptions={}, next_mids={}, events=[]
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +229,27 @@ async def serve(
     """
     host, port = settings.server.host, settings.server.coap_port
     sqlite: SqliteStore | None = None
-    if store is None and settings.server.store == "sqlite":
+    node: ClusterNode | None = None
+    cluster_store: PostgresStore | None = None
+    if settings.cluster.enabled:
+        if store is not None:
+            raise StartupError("cluster mode runs on its own PostgreSQL store ([server] dsn)")
+        node = await _join_cluster(settings)
+    if store is None and node is not None:
+        from dm_actor.store.postgres import PostgresStore  # (psycopg only when asked for)
+
+        store = sqlite = cluster_store = await trio.to_thread.run_sync(
+            partial(
+                PostgresStore,
+                settings.server.dsn,
+                commit_interval=settings.server.commit_interval,
+                clock=wall_clock,
+                event_budget=settings.server.event_disk_budget,
+                slot_count=settings.cluster.slots,
+                fencing=node.book,
+            )
+        )
+    elif store is None and settings.server.store == "sqlite":
         path = Path(settings.server.data_dir) / STORE_FILE
         store = sqlite = await trio.to_thread.run_sync(
             partial(
@@ -216,6 +277,17 @@ async def serve(
         snapshot = None if store is None else await trio.to_thread.run_sync(store.load)
         sup = Supervisor(settings, store=store, events=events, wall_clock=wall_clock)
         udp = UdpEndpoint(host, port, sup.on_datagram, sup.on_unreachable)
+        link: ClusterLink | None = None
+        if node is not None:
+            snapshot = _cluster_wide(snapshot)  # (devices: by the slots this node takes)
+            assert cluster_store is not None
+            node.attach(cluster_store, sup)
+            sup.registry.cluster = node
+            sup.commands.seq_stride, sup.commands.seq_residue = SEQ_STRIDE, node.number
+            from dm_actor.transport.link import ClusterLink
+
+            link = node.link = ClusterLink(node, sup.on_datagram, sup.on_unreachable)
+            udp = UdpEndpoint(host, port, link.on_datagram, link.on_unreachable, reuse_port=True)
         nofile = raise_descriptor_limit()
         tcp_cap = tcp_max_connections(settings, nofile)
         tcp = TcpListener(
@@ -246,19 +318,31 @@ async def serve(
             if sqlite is not None:
                 await nursery.start(sqlite.run)
             udp_addr = tcp_addr = None
+            coaps_addr = None
             if settings.security.plain_coap:
                 async with _starting(f"cannot listen on udp://{host}:{port} (CoAP)"):
                     udp_addr = await nursery.start(udp.run)
                 sup.attach_udp(udp.send)
-                async with _starting(f"cannot listen on tcp://{host}:{port} (CoAP over TCP)"):
-                    tcp_addr = await nursery.start(tcp.run)
-            coaps_port = settings.coaps_port()
-            async with _starting(f"cannot listen on udp://{host}:{coaps_port} (CoAP over DTLS)"):
-                coaps_addr = await nursery.start(coaps.run)
-            dtls.attach(coaps.send)
-            sup.attach_dtls(dtls.send, dtls.identity_of, dtls.release)
-            sup.provisioning.revoked.append(dtls.revoked)
-            nursery.start_soon(dtls.run_timer)
+                if link is None:  # (cluster mode serves CoAP over UDP only)
+                    async with _starting(f"cannot listen on tcp://{host}:{port} (CoAP over TCP)"):
+                        tcp_addr = await nursery.start(tcp.run)
+            if link is None:
+                coaps_port = settings.coaps_port()
+                where = f"udp://{host}:{coaps_port} (CoAP over DTLS)"
+                async with _starting(f"cannot listen on {where}"):
+                    coaps_addr = await nursery.start(coaps.run)
+                dtls.attach(coaps.send)
+                sup.attach_dtls(dtls.send, dtls.identity_of, dtls.release)
+                sup.provisioning.revoked.append(dtls.revoked)
+                nursery.start_soon(dtls.run_timer)
+            else:
+                link.attach(udp.send)
+                from dm_actor.node import host_port
+
+                link_host, link_port = host_port(settings.cluster.link)
+                where = f"udp://{settings.cluster.link} (cluster link)"
+                async with _starting(f"cannot listen on {where}"):
+                    await nursery.start(link.run, link_host, link_port)
             await nursery.start(sup.run)
             if snapshot is not None:
                 sup.restore(snapshot)
@@ -284,7 +368,8 @@ async def serve(
                 channels = [] if snapshot is None else snapshot.channels
                 options = HttpOptions.from_settings(settings.api)
                 http_port = settings.server.http_port
-                http_server = HttpServer(sup, api_keys, options, channels)
+                cluster_args = {} if node is None else {"cluster": node}  # (until H4 lands)
+                http_server = HttpServer(sup, api_keys, options, channels, **cluster_args)
                 async with _starting(f"cannot listen on http://{host}:{http_port} (HTTP API)"):
                     http_addr = await nursery.start(http_server.run, host, http_port)
                 if api_keys.generated:
@@ -295,14 +380,25 @@ async def serve(
                     )
             if http_server is not None:  # /metrics reads the transports; /readyz: all bound
                 http_server.ops.attach(udp, tcp, coaps, plain=settings.security.plain_coap)
-            if udp_addr is not None and tcp_addr is not None:
+            if node is not None:
+                if http_server is not None:
+                    node.relay = getattr(http_server, "relay", None)
+                await nursery.start(node.run)  # (the first lease round: slots held, loaded)
+                log.info("cluster node %s (number %d): %d of %d slots, link udp://%s",
+                         node.node, node.number, len(node.book.held), node.slot_count,
+                         settings.cluster.link)  # fmt: skip
+            if link is not None and udp_addr is not None:
+                log.info("CoAP listening on udp://%s:%d (shared with the cluster's nodes)",
+                         *udp_addr[:2])  # fmt: skip
+            elif udp_addr is not None and tcp_addr is not None:
                 log.info(
                     "CoAP listening on udp://%s:%d and tcp://%s:%d", *udp_addr[:2], *tcp_addr[:2]
                 )
                 log.info("CoAP/TCP: at most %d connections (descriptor limit %d)", tcp_cap, nofile)
             else:
                 log.info("plain CoAP is off: devices register over DTLS only")
-            log.info("CoAP over DTLS listening on coaps://%s:%d", *coaps_addr[:2])
+            if coaps_addr is not None:
+                log.info("CoAP over DTLS listening on coaps://%s:%d", *coaps_addr[:2])
             task_status.started(
                 Listening(
                     udp_addr,
@@ -319,6 +415,8 @@ async def serve(
             if shutdown_trigger is not None:
                 await shutdown_trigger()
                 await stop(sup.store, http_server, settings.server.graceful_timeout)
+                if node is not None:
+                    await node.leave()
                 nursery.cancel_scope.cancel()
     finally:
         if sqlite is not None:

@@ -62,6 +62,10 @@ class Commands:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.event_seq = 0  # numbers the durable events (AsyncIDResponses)
+        # in cluster mode every node numbers in its own residue class (`dm_actor.node`), so
+        # that two nodes never give one application's events the same number (uid)
+        self.seq_stride = 1
+        self.seq_residue = 0
         # rule 1.7: finished commands' AsyncIDResponses by application and async-id ...
         self.answers = AnswerMemory(
             limit=registry.settings.delivery.remembered_async_ids, byte_limit=REMEMBERED_BYTES
@@ -195,6 +199,15 @@ class Commands:
             return False
         return True
 
+    def _next_seq(self) -> int:
+        """The next number of a durable event: above every one used, in this node's class."""
+        seq = self.event_seq + 1
+        stride = self.seq_stride
+        if stride > 1:
+            seq += (self.seq_residue - seq) % stride
+        self.event_seq = seq
+        return seq
+
     def _unindex(self, owner: str, async_id: str, endpoint: str) -> None:
         per = self.unfinished.get(owner)
         if per is not None and per.get(async_id) == endpoint:
@@ -295,8 +308,7 @@ class Commands:
         registry.delivery_latency.observe(registry.now() - cmd.accepted_at)
         self._unindex(cmd.owner, cmd.async_id, actor.endpoint)
         item = outcome.as_async_response(cmd.async_id)
-        self.event_seq += 1
-        seq = self.event_seq
+        seq = self._next_seq()
         owner = cmd.owner
         body = _json(item)
         wall = registry.now() + registry.wall_offset
@@ -348,8 +360,7 @@ class Commands:
         """Store an event that waits in `owner`'s channel (see `NotificationHub.spill`), so
         that it is still owed after a restart; returns its `seq`."""
         registry = self.registry
-        self.event_seq += 1
-        seq = self.event_seq
+        seq = self._next_seq()
         registry.store.put_event(
             EventRecord(owner, seq, kind, _json(item), registry.now() + registry.wall_offset)
         )

@@ -201,9 +201,36 @@ class Supervisor:
         reservation on, never one the old process may have sent within that lifetime.
         Expiry that passed while the server was down is caught by the sweeps.
         """
+        self.provisioning.restore(snapshot.credentials)
+        self.adopt(snapshot)
+        owed = self.owed_events
+        commands = self.commands
+        for event in snapshot.events:  # events owed to a channel: owed again
+            item = msgspec.json.decode(event.item)
+            kind = cast("Kind", event.kind)  # (the store keeps the kind it was given)
+            owed.append(ChannelEvent(kind, item, frozenset((event.owner,)), event.seq))
+            commands.event_seq = max(commands.event_seq, event.seq)
+        for owner, pres in snapshot.presubscriptions.items():
+            self.presubscriptions[owner] = [
+                Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
+                for p in pres
+            ]
+        # (credentials added, replaced or removed while stopped)
+        secured = [r.endpoint for r in snapshot.registrations if r.address == SECURED]
+        self.provisioning.end_older_registrations(secured)
+        log.info(
+            "restored %d registrations, %d commands",
+            len(snapshot.registrations),
+            len(snapshot.commands),
+        )
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """Bring back the devices `snapshot` holds (their registrations, commands, Message
+        ID reservations, subscriptions and remembered answers), as `restore` does after a
+        restart; in cluster mode, the devices of slots this node just took over
+        (`dm_actor.node`): they are delivered to at once at their stored last address."""
         now = self.now()
         offset = self.wall_offset
-        self.provisioning.restore(snapshot.credentials)
         for rec in snapshot.registrations:
             reg = registration_from_record(rec, offset)
             queue = DeviceQueue(self.policy, queue_mode=reg.queue_mode, now=now)
@@ -254,27 +281,36 @@ class Supervisor:
                 self.subscriptions.queue_observe(
                     restored, path, now
                 )  # the old observations are gone
-        owed = self.owed_events
-        commands = self.commands
-        commands.restore(snapshot)  # the async-ids it knows (rule 1.7)
-        for event in snapshot.events:  # events owed to a channel: owed again
-            item = msgspec.json.decode(event.item)
-            kind = cast("Kind", event.kind)  # (the store keeps the kind it was given)
-            owed.append(ChannelEvent(kind, item, frozenset((event.owner,)), event.seq))
-            commands.event_seq = max(commands.event_seq, event.seq)
-        for owner, pres in snapshot.presubscriptions.items():
-            self.presubscriptions[owner] = [
-                Presubscription(p.endpoint_name, p.endpoint_type, tuple(p.resource_paths))
-                for p in pres
-            ]
-        # (credentials added, replaced or removed while stopped)
-        secured = [r.endpoint for r in snapshot.registrations if r.address == SECURED]
-        self.provisioning.end_older_registrations(secured)
-        log.info(
-            "restored %d registrations, %d commands",
-            len(snapshot.registrations),
-            len(snapshot.commands),
-        )
+        self.commands.restore(snapshot)  # the async-ids it knows (rule 1.7)
+
+    def release(self, leaving: Callable[[str], bool]) -> int:
+        """Forget, without a trace in the store or on the channels, every device whose
+        endpoint name `leaving` selects: in cluster mode another node takes them over from
+        the store (a planned handover, `dm_actor.node`). Their tasks end; what they wrote
+        commits as usual (the caller waits for `store.durable()` before handing over).
+        Returns how many were released."""
+        registry = self.registry
+        gone = [a for ep, a in registry.by_endpoint.items() if leaving(ep)]
+        unfinished = self.commands.unfinished
+        for actor in gone:
+            ep = actor.endpoint
+            del registry.by_endpoint[ep]
+            registry.endpoint_names.discard(ep)
+            if registry.by_reg_id.get(actor.reg.reg_id) is actor:
+                del registry.by_reg_id[actor.reg.reg_id]
+            addr = actor.addr
+            if addr is not None and registry.by_addr.get(addr) is actor:
+                del registry.by_addr[addr]
+            if actor.conn is not None:
+                registry.by_conn.pop(actor.conn, None)
+            for cmd in actor.queue.queue:
+                per = unfinished.get(cmd.owner)
+                if per is not None and per.get(cmd.async_id) == ep:
+                    del per[cmd.async_id]
+                    if not per:
+                        del unfinished[cmd.owner]
+            actor.mailbox.close()
+        return len(gone)
 
     # -- sweeps -----------------------------------------------------------------------------
 
