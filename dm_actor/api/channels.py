@@ -37,7 +37,7 @@ from dm_actor.api.schemas import DEFAULT_SERIALIZATION, Serialization
 from dm_actor.store.base import ChannelRecord
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Callable, Collection, Iterable, Sequence
 
     from dm_actor.actors.events import EventStream, Item
     from dm_actor.store.base import Store
@@ -99,6 +99,18 @@ class Session:
         """End now: a message being sent is abandoned (and put back by the consumer)."""
         self.stop(code, reason)
         self.scope.cancel()
+
+
+class Relay(Protocol):
+    """Where the events of applications homed on other nodes go (`EventRelay`)."""
+
+    def outgoing(self, batch: Sequence[ChannelEvent]) -> Sequence[ChannelEvent]:
+        """Send on the events (or owners) homed elsewhere; returns those for this node."""
+        ...
+
+    def homed(self, channels: Iterable[Channel]) -> Sequence[Channel]:
+        """Those of `channels` whose application is homed here."""
+        ...
 
 
 class Receipt(Protocol):
@@ -401,6 +413,9 @@ class NotificationHub:
         # channel: they are handed over there, not kept for one)
         self.tap: Callable[[Sequence[ChannelEvent]], None] | None = None
         self.admin_sink: Callable[[str, ChannelEvent], None] | None = None
+        # cluster mode (`dm_actor.api.relay`): the events of applications homed on another
+        # node are relayed there; None on a single node
+        self.relay: Relay | None = None
 
     def statistics(self) -> HubStatistics:
         """The hub's counters now (a walk over the channels: for monitoring, not per event)."""
@@ -454,18 +469,39 @@ class NotificationHub:
                 self._spill_due.set()
                 if self.tap is not None:
                     self.tap(batch)
-                for event in batch:
-                    owners = event.owners
-                    if owners is None:
-                        for channel in channels.values():
-                            channel.push(event)
-                        continue
-                    for owner in owners:
-                        found = channels.get(owner)
-                        if found is None:
-                            self._orphan(owner, event)
-                        else:
-                            found.push(event)
+                relay = self.relay
+                if relay is None:
+                    self._fan_out(batch, channels.values())
+                else:  # cluster mode: the events of applications homed elsewhere go there
+                    self._fan_out(relay.outgoing(batch), relay.homed(channels.values()))
+
+    def accept(self, batch: Sequence[ChannelEvent]) -> None:
+        """Events another node relayed here (`dm_actor.api.relay`), for applications homed
+        here: fanned out as if published locally (events for all applications: to the
+        channels of the applications homed here only). Never relayed again."""
+        if not batch:
+            return
+        self._spill_due.set()
+        relay = self.relay
+        channels = self.channels
+        self._fan_out(batch, channels.values() if relay is None else relay.homed(channels.values()))
+
+    def _fan_out(self, batch: Sequence[ChannelEvent], everyone: Collection[Channel]) -> None:
+        """Each event into the channel of each application it is for; an event for all of
+        them into each channel of `everyone`."""
+        channels = self.channels
+        for event in batch:
+            owners = event.owners
+            if owners is None:
+                for channel in everyone:
+                    channel.push(event)
+                continue
+            for owner in owners:
+                found = channels.get(owner)
+                if found is None:
+                    self._orphan(owner, event)
+                else:
+                    found.push(event)
 
     async def _expire_idle_channels(self) -> None:
         """Delete, once a minute, the channels idle for longer than their `idle_expiry`."""
@@ -737,6 +773,36 @@ class NotificationHub:
                 self._owe(app, event)
             if owed and lost:
                 self._owed_lost[app] = self._owed_lost.get(app, 0) + lost
+        return channel
+
+    def release(self, app: str) -> Channel | None:
+        """`app` is homed on another node now (cluster mode, a planned handover): its
+        channel here is closed with 1001 (its client reconnects, and reaches the new home),
+        but kept in the store with every event it still owes: the events waiting, taken by
+        a delivery not completed or held in a long poll's response are stored now (`keep`)
+        and the new home loads them (`EventRelay.adopt`). What is owed or kept in memory for
+        an application without a channel here is dropped: the AsyncIDResponses are stored,
+        the orphans are not (counted in `unrouted`)."""
+        self.owed.pop(app, None)
+        self._owed_lost.pop(app, None)
+        kept = self.orphans.pop(app, None)
+        if kept:
+            self.unrouted += len(kept)
+        channel = self.channels.pop(app, None)
+        if channel is None:
+            return None
+        self._held.discard(channel)
+        keep = self.keep
+        waiting = [*channel.unacked, *channel.in_flight, *channel.events]
+        if keep is not None:
+            for event in waiting:
+                _stored(event, app, keep)
+        else:
+            self.unrouted += sum(event.seq is None for event in waiting)
+        unstored, channel.unstored = channel.unstored, []
+        if unstored and self.on_delivered is not None:
+            self.on_delivered(app, unstored)  # (dropped by the bound before)
+        channel.close(1001)
         return channel
 
     def _transform_for(
