@@ -122,6 +122,10 @@ class UdpEndpoint:
         socket_buffer: SO_RCVBUF and SO_SNDBUF to request (the kernel caps them at
             net.core.rmem_max / wmem_max); a burst larger than this is dropped by the kernel.
         max_batch: datagrams drained per wake-up before yielding to other tasks.
+        reuse_port: set SO_REUSEPORT before binding, so that several processes (the nodes of
+            a cluster on one host) share the port; the kernel spreads datagrams over them by
+            a hash of the 4-tuple, so one device's datagrams reach one socket while the set
+            of sockets stays the same.
     """
 
     __slots__ = (
@@ -136,6 +140,7 @@ class UdpEndpoint:
         "_on_unreachable",
         "_port",
         "_received",
+        "_reuse_port",
         "_sent",
         "_sock",
         "_socket_buffer",
@@ -153,6 +158,7 @@ class UdpEndpoint:
         max_datagram_size: int = 65535,
         socket_buffer: int = 4 * 1024 * 1024,
         max_batch: int = 256,
+        reuse_port: bool = False,
     ) -> None:
         self._host = host
         self._port = port
@@ -161,6 +167,7 @@ class UdpEndpoint:
         self._max_datagram_size = max_datagram_size
         self._socket_buffer = socket_buffer
         self._max_batch = max_batch
+        self._reuse_port = reuse_port
         self._sock: socket.socket | None = None
         self._errors_pending = False
         self._received = 0
@@ -248,6 +255,8 @@ class UdpEndpoint:
                 else:
                     sock.setsockopt(socket.IPPROTO_IP, _IP_RECVERR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, _SO_RXQ_OVFL, 1)
+            if self._reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
         except BaseException:
             sock.close()

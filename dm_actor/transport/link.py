@@ -1,0 +1,376 @@
+"""The internal link between cluster nodes: datagrams for another node's slot go to their
+owner with the device's original address, and the owner's datagrams to that device go back
+out through the node that received them (Californium's cluster forwarding and backwarding).
+
+Every datagram the device-facing CoAP socket receives in cluster mode passes `on_datagram`:
+
+- it names a slot (`dm_actor.cluster.route.slot_named`: a Register's endpoint, an Update's
+  registration id, a response's token) that this node serves: handled here (`local_datagram`);
+- a slot another node owns: sent to that node's link as a FORWARD frame, and the device's
+  address remembered with the slot (`peers`), so that what it sends next naming no slot (an
+  empty ACK, a Reset) follows;
+- a slot nobody serves (a failover's gap, or this node's lease past its deadline): a Register
+  gets 5.03 with Max-Age from here (the device waits, then retries), anything else is dropped
+  and counted (the device retransmits; a lease's TTL is well inside CoAP's 45 s);
+- no slot: where `peers` says, else here.
+
+On the owner, a FORWARD frame's datagram is handled as if it had arrived on the CoAP socket
+from the device's address, and that address is remembered with the node it came through
+(`ingress`): `egress`, the owner's way out to devices, sends datagrams to such an address as
+BACKWARD frames to that node, which sends them out of its CoAP socket (a device behind a NAT
+or a load balancer hears its answers from the address it talked to). A datagram from the
+device that arrives directly forgets the entry. An ICMP error the ingress node sees for a
+device another node owns is sent to the owner as UNREACHABLE.
+
+Frames are authenticated (`dm_actor.cluster.wire`: HMAC-SHA-256 keyed by the cluster secret).
+Nothing a peer sends raises out of the callbacks: a frame that does not decode or
+authenticate, comes from this node's own name or from a node the view does not know, or
+forwards a datagram for a slot this node does not serve, is dropped, counted and logged at
+most once a minute per reason. Every map is bounded (least recently used entries go first).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING, TypeVar
+
+import trio
+
+from dm_actor.cluster import wire
+from dm_actor.cluster.route import MAX_ROUTED, slot_named
+from dm_actor.cluster.slots import TOKEN_LENGTH, slot_of_token
+from dm_actor.coap import message as coap_message
+from dm_actor.coap.errors import DecodeError
+from dm_actor.coap.message import Message, uint_bytes
+from dm_actor.coap.numbers import Code, MessageType, OptionNumber
+from dm_actor.lwm2m import registration as reg_iface
+from dm_actor.transport.udp import UdpEndpoint
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from dm_actor.address import Address
+    from dm_actor.cluster.view import ClusterView, HostPort
+
+log = logging.getLogger(__name__)
+
+#: seconds between two log lines about the same kind of refused frame or dropped datagram
+LOG_INTERVAL = 60.0
+_MAX_AGE = OptionNumber.MAX_AGE.value
+_BLOCK1 = OptionNumber.BLOCK1.value
+_CON = MessageType.CON.value
+_V = TypeVar("_V")
+
+
+class ClusterLink:
+    """The internal UDP link of one cluster node (see the module docstring).
+
+    Args:
+        view: the cluster as this node sees it (who owns which slot, where nodes are reached).
+        local_datagram: this node's handling of a device's datagram (the router's
+            `on_datagram`), called with the device's address for datagrams received here or
+            forwarded here.
+        local_unreachable: this node's handling of an ICMP error for a device's address (the
+            router's `on_unreachable`).
+        peers: how many device addresses each of `peers` (address -> slot or node, ingress
+            side) and `ingress` (address -> node, owner side) remembers.
+        retry_after: the Max-Age of the 5.03 that answers a Register for a slot nobody serves.
+    """
+
+    def __init__(
+        self,
+        view: ClusterView,
+        local_datagram: Callable[[bytes, Address], None],
+        local_unreachable: Callable[[Address], None],
+        *,
+        peers: int = 100_000,
+        retry_after: int = 60,
+    ) -> None:
+        self.view = view
+        self._local_datagram = local_datagram
+        self._local_unreachable = local_unreachable
+        self._key = wire.link_key(view.secret)
+        self.limit = peers
+        self._retry_after = retry_after
+        #: ingress side: device address -> the slot it named last (followed through the view),
+        #: or the node whose datagrams to it came back through here
+        self.peers: OrderedDict[Address, int | str] = OrderedDict()
+        #: owner side: device address -> the node its last datagram was forwarded by
+        self.ingress: OrderedDict[Address, str] = OrderedDict()
+        self._endpoint: UdpEndpoint | None = None
+        self._send: Callable[[bytes, Address], None] | None = None
+        self._targets: dict[HostPort, bool] = {}  # link addresses seen: numeric or not
+        self._logged_at: dict[str, float] = {}
+        self._non_mid = 0
+        self.statistics: dict[str, int] = {
+            "forwarded": 0,  # device datagrams sent to their owner (ingress side)
+            "backwarded": 0,  # datagrams to devices sent through their ingress (owner side)
+            "received_forwarded": 0,  # FORWARD frames handled here (owner side)
+            "sent_back": 0,  # BACKWARD datagrams sent out of the CoAP socket (ingress side)
+            "unreachable_forwarded": 0,  # ICMP errors sent to the device's owner
+            "unreachable_received": 0,  # UNREACHABLE frames handled here
+            "frames_refused": 0,  # frames dropped: not decoded or authenticated, ...
+            "misrouted": 0,  # FORWARD frames for a slot this node does not serve: dropped
+            "unowned_registers": 0,  # Registers for a slot nobody serves: 5.03
+            "unowned_dropped": 0,  # other datagrams for a slot nobody serves: dropped
+            "link_dropped": 0,  # frames not sent: link down, node unknown, send failed
+            "link_unreachable": 0,  # ICMP errors for frames sent to a peer node
+        }
+
+    # -- wiring -------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        host: str,
+        port: int,
+        *,
+        task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind the internal UDP socket, report its address, then receive frames until
+        cancelled (start it with `await nursery.start(link.run, host, port)`)."""
+        endpoint = UdpEndpoint(
+            host,
+            port,
+            self._on_frame,
+            self._on_link_unreachable,
+            max_datagram_size=wire.MAX_FRAME + 1,  # (one more: a longer frame is seen as such)
+        )
+        self._endpoint = endpoint
+        try:
+            await endpoint.run(task_status=task_status)
+        finally:
+            self._endpoint = None
+
+    def attach(self, send: Callable[[bytes, Address], None]) -> None:
+        """Datagrams to devices leave through `send` (the device-facing CoAP socket's)."""
+        self._send = send
+
+    # -- the device-facing socket's callbacks (ingress side) --------------------------------
+
+    def on_datagram(self, data: bytes, addr: Address) -> None:
+        """A datagram from a device arrived on the CoAP socket: handled here, or forwarded."""
+        if len(data) > MAX_ROUTED:  # (the router drops it unread and counts it)
+            self._local(data, addr)
+            return
+        view = self.view
+        slot = slot_named(data, view.slot_count)
+        if slot is None:
+            entry = self.peers.get(addr)
+            if entry is None:
+                self._local(data, addr)
+                return
+            owner = entry if isinstance(entry, str) else self._owner_elsewhere(entry)
+            if owner is None or owner == view.node:
+                self._local(data, addr)
+            else:
+                self._forward(owner, data, addr)
+            return
+        if view.mine(slot):
+            if self.peers:
+                self.peers.pop(addr, None)
+            self._local(data, addr)
+            return
+        owner = view.owner(slot)
+        if owner is None or owner == view.node:
+            self._unowned(data, addr)
+            return
+        _remember(self.peers, addr, slot, self.limit)
+        self._forward(owner, data, addr)
+
+    def on_unreachable(self, addr: Address) -> None:
+        """An ICMP error for a device's address: to its owner (the node whose datagram it
+        answers), or handled here."""
+        entry = self.peers.get(addr)
+        owner = None
+        if entry is not None:
+            owner = entry if isinstance(entry, str) else self._owner_elsewhere(entry)
+        if owner is None or owner == self.view.node:
+            self._local_unreachable(addr)
+            return
+        if self._send_frame(owner, wire.UNREACHABLE, addr, b""):
+            self.statistics["unreachable_forwarded"] += 1
+
+    # -- the owner's way out ----------------------------------------------------------------
+
+    def egress(self, data: bytes, addr: Address) -> bool:
+        """True when this datagram to a device went (or was dropped) on its way back through
+        the node its datagrams came in by; False: send it directly."""
+        ingress = self.ingress
+        if not ingress:
+            return False
+        node = ingress.get(addr)
+        if node is None:
+            return False
+        if self._target(node) is None:  # (that node left the view)
+            del ingress[addr]
+            return False
+        if self._send_frame(node, wire.BACKWARD, addr, data):
+            self.statistics["backwarded"] += 1
+        return True
+
+    # -- the internal socket's callbacks ----------------------------------------------------
+
+    def _on_frame(self, data: bytes, source: Address) -> None:
+        try:
+            frame = wire.decode(data, self._key)
+        except wire.WireError as exc:
+            self._refuse(exc.reason, source, str(exc))
+            return
+        kind, sender, addr, payload = frame
+        view = self.view
+        if sender == view.node:
+            self._refuse("self", source, f"a frame naming this node ({sender}) as its sender")
+            return
+        if kind == wire.FORWARD:
+            if self._target(sender) is None:
+                self._refuse("sender", source, f"a FORWARD from {sender}, a node not in the view")
+                return
+            slot = slot_named(payload, view.slot_count)
+            if slot is not None and not view.mine(slot):
+                self.statistics["misrouted"] += 1
+                what = "a datagram from %s forwarded by %s names slot %d, not served here: dropped"
+                self._log_once("misrouted", what, addr, sender, slot)
+                return
+            self.statistics["received_forwarded"] += 1
+            _remember(self.ingress, addr, sender, self.limit)
+            self._local_datagram(payload, addr)
+        elif kind == wire.BACKWARD:
+            send = self._send
+            if send is None:
+                self._dropped("detached", "a BACKWARD frame before the CoAP socket is attached")
+                return
+            slot = _request_slot(payload, view.slot_count)
+            if slot is not None:
+                _remember(self.peers, addr, slot, self.limit)
+            else:
+                entry = self.peers.get(addr)
+                if isinstance(entry, str) or entry is None or view.owner(entry) != sender:
+                    _remember(self.peers, addr, sender, self.limit)
+            try:
+                send(payload, addr)
+            except (OSError, trio.ClosedResourceError) as exc:
+                self._dropped("send", "a BACKWARD datagram to %s not sent: %r", addr, exc)
+                return
+            self.statistics["sent_back"] += 1
+        else:
+            self.statistics["unreachable_received"] += 1
+            self._local_unreachable(addr)
+
+    def _on_link_unreachable(self, addr: Address) -> None:
+        self.statistics["link_unreachable"] += 1
+        self._log_once("link_unreachable", "the cluster link at %s is unreachable", addr)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _local(self, data: bytes, addr: Address) -> None:
+        if self.ingress:
+            self.ingress.pop(addr, None)  # (it talks to this node directly now)
+        self._local_datagram(data, addr)
+
+    def _owner_elsewhere(self, slot: int) -> str | None:
+        """The node serving `slot` if another does, else None (handled here)."""
+        view = self.view
+        if view.mine(slot):
+            return None
+        return view.owner(slot)
+
+    def _forward(self, owner: str, data: bytes, addr: Address) -> None:
+        if self._send_frame(owner, wire.FORWARD, addr, data):
+            self.statistics["forwarded"] += 1
+
+    def _send_frame(self, node: str, kind: int, addr: Address, payload: bytes) -> bool:
+        target = self._target(node)
+        endpoint = self._endpoint
+        if target is None or endpoint is None:
+            why = "the link is not running" if endpoint is None else f"no link address for {node}"
+            self._dropped("target", "a %s frame not sent: %s", wire.KIND_NAMES[kind], why)
+            return False
+        try:
+            frame = wire.encode(kind, self.view.node, addr, payload, self._key)
+            endpoint.send(frame, target)
+        except (ValueError, OSError, trio.ClosedResourceError) as exc:
+            self._dropped("send", "a %s frame to %s not sent: %r", wire.KIND_NAMES[kind], node, exc)
+            return False
+        return True
+
+    def _target(self, node: str) -> HostPort | None:
+        """`node`'s link address, if the view knows one and it is numeric (a name would be
+        resolved on every send, blocking the event loop)."""
+        target = self.view.link_address(node)
+        if target is None:
+            return None
+        numeric = self._targets.get(target)
+        if numeric is None:
+            try:
+                ipaddress.ip_address(target[0])
+                numeric = True
+            except ValueError:
+                numeric = False
+                log.error("the cluster link address of node %s is not numeric: %r", node, target)
+            if len(self._targets) >= 1024:
+                self._targets.clear()
+            self._targets[target] = numeric
+        return target if numeric else None
+
+    def _unowned(self, data: bytes, addr: Address) -> None:
+        """A datagram for a slot nobody serves now: a Register gets 5.03 with Max-Age."""
+        try:
+            msg = coap_message.decode(data)
+            register = reg_iface.classify(msg) == "register"
+        except DecodeError:
+            register = False
+        send = self._send
+        if not register or send is None:
+            self.statistics["unowned_dropped"] += 1
+            self._log_once("unowned", "a datagram from %s for a slot nobody serves now: dropped",
+                           addr)  # fmt: skip
+            return
+        options: tuple[coap_message.Option, ...] = ((_MAX_AGE, uint_bytes(self._retry_after)),)
+        block1 = msg.option(_BLOCK1)
+        if block1 is not None:
+            options = ((_MAX_AGE, options[0][1]), (_BLOCK1, block1))
+        if msg.mtype == _CON:
+            reply = Message(MessageType.ACK, Code.SERVICE_UNAVAILABLE, msg.mid, msg.token, options)
+        else:
+            self._non_mid = mid = (self._non_mid + 1) & 0xFFFF
+            reply = Message(MessageType.NON, Code.SERVICE_UNAVAILABLE, mid, msg.token, options)
+        self.statistics["unowned_registers"] += 1
+        try:
+            send(coap_message.encode(reply), addr)
+        except (OSError, trio.ClosedResourceError) as exc:
+            self._log_once("unowned_send", "a 5.03 to %s not sent: %r", addr, exc)
+
+    def _refuse(self, reason: str, source: Address, detail: str) -> None:
+        self.statistics["frames_refused"] += 1
+        self._log_once("refused:" + reason, "a cluster link frame from %s refused: %s",
+                       source, detail)  # fmt: skip
+
+    def _dropped(self, kind: str, message: str, *args: object) -> None:
+        self.statistics["link_dropped"] += 1
+        self._log_once("dropped:" + kind, message, *args)
+
+    def _log_once(self, kind: str, message: str, *args: object) -> None:
+        """Log a warning, at most once per `LOG_INTERVAL` per kind (a bounded set)."""
+        now = trio.current_time()
+        if now >= self._logged_at.get(kind, -math.inf) + LOG_INTERVAL:
+            self._logged_at[kind] = now
+            log.warning(message + " (more like it are counted, not logged, for a minute)", *args)
+
+
+def _remember(table: OrderedDict[Address, _V], addr: Address, value: _V, limit: int) -> None:
+    """Set `table[addr]` as the most recently used entry; the least recent beyond `limit` go."""
+    table[addr] = value
+    table.move_to_end(addr)
+    if len(table) > limit:
+        table.popitem(last=False)
+
+
+def _request_slot(data: bytes, count: int) -> int | None:
+    """The slot of a request the owner sends (its token is a cluster token), else None: an
+    answer to the device's own request carries the device's token, which names nothing."""
+    if len(data) < 4 + TOKEN_LENGTH or not 1 <= data[1] <= 31 or data[0] & 0x0F != TOKEN_LENGTH:
+        return None
+    return slot_of_token(data[4 : 4 + TOKEN_LENGTH], count)
