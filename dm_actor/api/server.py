@@ -47,12 +47,24 @@ from dm_actor.api.console import Console
 from dm_actor.api.cors import Cors
 from dm_actor.api.handover import FrameStream, PullReceipt
 from dm_actor.api.metrics import OPERATIONS, ROUTE, Observability, route_of
+from dm_actor.api.proxy import (
+    CLUSTER_HEADER,
+    FORBIDDEN_INTERNAL,
+    NO_OWNER,
+    ClusterRouter,
+    EventRelay,
+    Forged,
+    Route,
+    unavailable,
+)
 from dm_actor.api.replay import ReplayStream
 from dm_actor.api.routes import (
     ADMIN_ONLY,
+    BAD_METHOD,
     JSON,
     NO_CONTENT,
     NOT_AN_ACCESS_KEY,
+    NOT_FOUND_ROUTE,
     Api,
     Request,
     Response,
@@ -69,6 +81,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.address import Address
     from dm_actor.api.auth import ApiKeys
+    from dm_actor.cluster.view import ClusterView
     from dm_actor.config import ApiSettings
     from dm_actor.store.base import ChannelRecord
 
@@ -220,6 +233,7 @@ class HttpServer:
         api_keys: ApiKeys,
         options: HttpOptions | None = None,
         channels: Sequence[ChannelRecord] = (),
+        cluster: ClusterView | None = None,
     ) -> None:
         self.keys = api_keys
         self.options = options or HttpOptions()
@@ -270,6 +284,16 @@ class HttpServer:
         self._accepting: list[trio.CancelScope] = []
         self._answering = 0  # requests dispatched whose answer is not yet sent
         self._answered = trio.Event()  # set when `_answering` drops to 0
+        # cluster mode (proxy.py): requests for another node's device or channel are answered
+        # there; `relay` (relay.py, attached by the node) takes POST /internal/events
+        self.router: ClusterRouter | None = None
+        if cluster is not None:
+            o = self.options
+            self.router = ClusterRouter(
+                cluster, partial(_wall_clock, sup), long_poll=o.long_poll_timeout,
+                ping_interval=o.ping_interval, handshake_timeout=o.handshake_timeout,
+            )  # fmt: skip
+        self.relay: EventRelay | None = None
 
     def stop_accepting(self) -> None:
         """Stop taking connections (the listeners close) and close each connection after
@@ -305,15 +329,19 @@ class HttpServer:
 
     async def run(self, host: str, port: int, *, task_status: trio.TaskStatus[Address]) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
-        async with trio.open_nursery() as nursery:
-            # the stored channels are open before the hub reads the events owed to them
-            await nursery.start(partial(self.hub.run, before=self._restore_channels))
-            nursery.start_soon(self.ops.measure_lag)
-            address = listeners[0].socket.getsockname()
-            log.info("HTTP listening on http://%s:%d", *address[:2])
-            task_status.started(address)
-            for listener in listeners:
-                nursery.start_soon(self._accept, listener, nursery)
+        try:
+            async with trio.open_nursery() as nursery:
+                # the stored channels are open before the hub reads the events owed to them
+                await nursery.start(partial(self.hub.run, before=self._restore_channels))
+                nursery.start_soon(self.ops.measure_lag)
+                address = listeners[0].socket.getsockname()
+                log.info("HTTP listening on http://%s:%d", *address[:2])
+                task_status.started(address)
+                for listener in listeners:
+                    nursery.start_soon(self._accept, listener, nursery)
+        finally:
+            if self.router is not None:
+                self.router.pool.close()
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         """Accept connections. At `max_connections`, the oldest sheddable connection is
@@ -688,13 +716,19 @@ class HttpServer:
                 )
                 return False
             app = self.keys.from_authorization(auth)
-            if app is None and conn.they_are_waiting_for_100_continue:
+            internal = forged = False  # a valid internal header: served here, not routed
+            if self.router is not None:
+                try:
+                    internal = self.router.check(event.method, event.target, event.headers)
+                except Forged:
+                    forged = True
+            if app is None and not internal and conn.they_are_waiting_for_100_continue:
                 # refused before its body is sent (RFC 9110 10.1.1): then the connection closes
                 await self._send(conn, stream, _unauthorized(event), close=True, slot=slot)
                 return False
             # an unauthenticated upload may be shed like a slow head (the WebSocket upgrade
             # may still carry its key in a subprotocol, but it has no body)
-            body = await self._body(conn, stream, slot, sheddable=app is None)
+            body = await self._body(conn, stream, slot, sheddable=app is None and not internal)
             if body is None:
                 return False
         except h11.RemoteProtocolError as exc:
@@ -712,6 +746,8 @@ class HttpServer:
                 segments[i] = unquote(seg)
         route = route_of(segments)
         ROUTE.set(route)
+        if self.router is not None and (forged or segments[:1] == ["internal"]):
+            return await self._internal(conn, stream, slot, event, body, internal)
         if route in OPERATIONS:  # no application key needed (/metrics checks its own)
             response = await self.ops.answer(event.method, route, app)
             if app is not None:
@@ -739,11 +775,15 @@ class HttpServer:
         tap = segments == _ADMIN_EVENTS
         if (tap or segments == _WEBSOCKET_CONNECT) and event.method == b"GET":
             if app is not None:
-                return await self._websocket_connect(conn, stream, event, upgrade, auth, tap)
+                return await self._websocket_connect(
+                    conn, stream, event, upgrade, auth, tap, internal
+                )
             # its key may be in a subprotocol; until then its refusals may be shed
             self._anonymous[stream] = slot
             try:
-                go_on = await self._websocket_connect(conn, stream, event, upgrade, auth, tap)
+                go_on = await self._websocket_connect(
+                    conn, stream, event, upgrade, auth, tap, internal
+                )
             finally:
                 del self._anonymous[stream]
             slot.anonymous += 1
@@ -756,7 +796,8 @@ class HttpServer:
             await self._send(conn, stream, _unauthorized(event), close=close, slot=slot)
             return not close and conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
-        if segments == _PULL and event.method == b"GET":
+        where = None if self.router is None or internal else self.router.remote(req)
+        if segments == _PULL and event.method == b"GET" and where is None:
             if req.admin:  # an administrator key owns no channel
                 await self._send(conn, stream, NOT_AN_ACCESS_KEY)
                 return conn.our_state is h11.DONE
@@ -764,7 +805,13 @@ class HttpServer:
         self._answering += 1
         try:
             try:
-                response = await self.api.dispatch(req)
+                if where is None:
+                    response = await self.api.dispatch(req)
+                else:  # answered by another node, or by every node (proxy.py)
+                    assert self.router is not None
+                    response = await self.router.answer(
+                        where, req, event.target, event.headers, self.api.dispatch
+                    )
             except Exception:  # a handler's bug: answered, counted, logged (once a minute)
                 self._server_error(event, number)
                 response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
@@ -773,6 +820,42 @@ class HttpServer:
             self._answering -= 1
             if not self._answering:
                 self._answered.set()
+        return conn.our_state is h11.DONE and not self.stopping
+
+    async def _internal(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        slot: _Slot,
+        event: h11.Request,
+        body: bytes,
+        internal: bool,
+    ) -> bool:
+        """Cluster mode: a request with a forged internal header, or one under `/internal/`
+        (valid internal header only: else 403, counted). `POST /internal/events` hands its
+        body to `relay` (404 while none is attached)."""
+        assert self.router is not None
+        if not internal:
+            if CLUSTER_HEADER not in dict(event.headers):  # (a forged one is counted)
+                self.router.statistics["internal_refused"] += 1
+            slot.anonymous += 1
+            close = slot.anonymous >= _ANONYMOUS_PER_CONNECTION
+            await self._send(conn, stream, FORBIDDEN_INTERNAL, close=close, slot=slot)
+            return not close and conn.our_state is h11.DONE
+        path = event.target.partition(b"?")[0]
+        if path != b"/internal/events" or self.relay is None:
+            response = NOT_FOUND_ROUTE
+        elif event.method != b"POST":
+            response = BAD_METHOD
+        else:
+            self._answering += 1
+            try:
+                response = (await self.relay.receive(body), [], b"")
+            finally:
+                self._answering -= 1
+                if not self._answering:
+                    self._answered.set()
+        await self._send(conn, stream, response, close=self.stopping)
         return conn.our_state is h11.DONE and not self.stopping
 
     def _server_error(self, event: h11.Request, number: int) -> None:
@@ -953,9 +1036,11 @@ class HttpServer:
         upgrade: bytes | None,
         auth: bytes | None,
         tap: bool = False,
+        internal: bool = False,
     ) -> bool:
         """Authenticate the upgrade, hand it to trio-websocket, then serve the channel (or,
-        with `tap`, an administrator's event tap: `Console.serve_tap`).
+        with `tap`, an administrator's event tap: `Console.serve_tap`). In cluster mode, a
+        channel homed on another node is relayed there (`_relay`).
 
         trio-websocket writes through a `FrameStream`, so that a message abandoned half-way
         (a client too slow to take it) never cuts a frame and a close frame can follow it.
@@ -990,6 +1075,10 @@ class HttpServer:
         if refusal is not None or app is None:
             await self._send(conn, stream, refusal or UNAUTHORIZED)
             return conn.our_state is h11.DONE
+        if self.router is not None and not internal and not tap:
+            where = self.router.home(app)
+            if where is not None:
+                return await self._relay(conn, stream, event, protocols, where)
         prefix = _request_bytes(event) + conn.trailing_data[0]
         frames = FrameStream(ReplayStream(stream, prefix), stream.socket)
         async with trio.open_nursery() as nursery:
@@ -1004,6 +1093,44 @@ class HttpServer:
             nursery.cancel_scope.cancel()
         if ws is not None and frames.lingering:
             await frames.linger(4 * self.options.ping_interval)
+        return False
+
+    async def _relay(
+        self,
+        conn: h11.Connection,
+        stream: trio.SocketStream,
+        event: h11.Request,
+        protocols: list[str],
+        where: Route,
+    ) -> bool:
+        """A WebSocket whose channel is homed on another node: opened there first (its
+        refusal, or 503 when it cannot be reached, is the client's answer), then the client's
+        upgrade is accepted with the subprotocol the home node chose and messages are piped
+        both ways; a close on either side is passed on with its code."""
+        router = self.router
+        assert router is not None
+        if where.node is None:
+            await self._send(conn, stream, unavailable(NO_OWNER))
+            return conn.our_state is h11.DONE
+        async with router.websocket(where.node, event.target, event.headers, protocols) as home:
+            if not isinstance(home, WebSocketConnection):
+                await self._send(conn, stream, home)
+                return conn.our_state is h11.DONE
+            prefix = _request_bytes(event) + conn.trailing_data[0]
+            frames = FrameStream(ReplayStream(stream, prefix), stream.socket)
+            async with trio.open_nursery() as nursery:
+                ws = None
+                with trio.move_on_after(self.options.handshake_timeout):
+                    request = await wrap_server_stream(nursery, frames)
+                    ws = await request.accept(subprotocol=home.subprotocol)
+                if ws is not None:
+                    code, reason = await router.pipe(ws, home)
+                    if code == 1001 and reason is not None and reason.startswith("Too slow"):
+                        self._counts["websockets_too_slow"] += 1
+                    await self._close(ws, code, reason, frames)
+                nursery.cancel_scope.cancel()
+            if ws is not None and frames.lingering:
+                await frames.linger(4 * self.options.ping_interval)
         return False
 
     def _subprotocol(self, offered: list[str]) -> str | None:
@@ -1213,6 +1340,7 @@ async def serve_http(
     options: HttpOptions | None = None,
     channels: Sequence[ChannelRecord] = (),
     *,
+    cluster: ClusterView | None = None,
     task_status: trio.TaskStatus[Address] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the REST API, the notification channels and the WebSocket on one port.
@@ -1220,5 +1348,5 @@ async def serve_http(
     Start it with `address = await nursery.start(serve_http, sup, host, port, keys)`; it runs
     until cancelled. It is the only reader of `supervisor.events`.
     """
-    server = HttpServer(supervisor, api_keys, options, channels)
+    server = HttpServer(supervisor, api_keys, options, channels, cluster)
     await server.run(host, port, task_status=task_status)
