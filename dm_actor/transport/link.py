@@ -137,6 +137,7 @@ class ClusterLink:
             self._on_frame,
             self._on_link_unreachable,
             max_datagram_size=wire.MAX_FRAME + 1,  # (one more: a longer frame is seen as such)
+            trace=False,  # (frames are not CoAP)
         )
         self._endpoint = endpoint
         try:

@@ -126,6 +126,8 @@ class UdpEndpoint:
             a cluster on one host) share the port; the kernel spreads datagrams over them by
             a hash of the 4-tuple, so one device's datagrams reach one socket while the set
             of sockets stays the same.
+        trace: decode and log each datagram at debug level (off for sockets whose datagrams
+            are not CoAP: the cluster link's frames).
     """
 
     __slots__ = (
@@ -145,6 +147,7 @@ class UdpEndpoint:
         "_sock",
         "_socket_buffer",
         "_trace",
+        "_traced",
         "_unreachable",
     )
 
@@ -159,6 +162,7 @@ class UdpEndpoint:
         socket_buffer: int = 4 * 1024 * 1024,
         max_batch: int = 256,
         reuse_port: bool = False,
+        trace: bool = True,
     ) -> None:
         self._host = host
         self._port = port
@@ -176,7 +180,8 @@ class UdpEndpoint:
         self._unreachable = 0
         self._kernel_drops = 0
         self._drops_logged_at = -math.inf
-        self._trace = log.isEnabledFor(logging.DEBUG)  # read again each receive batch
+        self._traced = trace
+        self._trace = trace and log.isEnabledFor(logging.DEBUG)  # read again each batch
 
     def statistics(self) -> UdpStatistics:
         return UdpStatistics(
@@ -277,7 +282,7 @@ class UdpEndpoint:
         is_enabled_for = log.isEnabledFor
         while True:
             await wait_readable(sock)
-            self._trace = tracing = is_enabled_for(logging.DEBUG)
+            self._trace = tracing = self._traced and is_enabled_for(logging.DEBUG)
             n = 0
             ancillary = None
             stop = clock() + _BATCH_TIME
@@ -328,7 +333,7 @@ class UdpEndpoint:
         wait_readable = trio.lowlevel.wait_readable
         while True:
             await wait_readable(sock)
-            self._trace = tracing = log.isEnabledFor(logging.DEBUG)
+            self._trace = tracing = self._traced and log.isEnabledFor(logging.DEBUG)
             n = 0
             while n < limit:
                 try:

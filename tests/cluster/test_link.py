@@ -4,6 +4,7 @@ recording callbacks in place of each node's router."""
 
 from __future__ import annotations
 
+import logging
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -351,3 +352,16 @@ async def test_nothing_a_peer_sends_raises_out_of_the_callbacks(
     for kind in (wire.FORWARD, wire.BACKWARD):
         link._on_frame(wire.encode(kind, "B", addr, noise, key), ("127.0.0.2", 9))
     assert len(link.peers) <= 4 and len(link.ingress) <= 4
+
+
+async def test_frames_are_not_traced_as_coap_at_debug_level(
+    nursery: trio.Nursery, device: trio.socket.SocketType, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="dm_actor.transport.udp")
+    cluster = await start_cluster(nursery)
+    await device.sendto(register(endpoint_of("B")), cluster["A"].coap_address)
+    await until(lambda: cluster["B"].received)
+    traced = [r.getMessage() for r in caplog.records if r.name == "dm_actor.transport.udp"]
+    # the device's datagram in at A's CoAP socket, and nothing from the link sockets
+    assert len(traced) == 1
+    assert "/rd?ep=device-of-B" in traced[0]
