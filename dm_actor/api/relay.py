@@ -115,7 +115,7 @@ class _Outbox:
     Durable and other events are kept in two deques with one numbering, so that the oldest
     event that is not durable is dropped in O(1) and a batch is taken in order."""
 
-    __slots__ = ("backoff", "durable", "light", "node", "number", "ready")
+    __slots__ = ("backoff", "durable", "light", "node", "number", "ready", "started")
 
     def __init__(self, node: str | None) -> None:
         self.node = node
@@ -124,6 +124,7 @@ class _Outbox:
         self.number = 0
         self.ready = trio.Event()
         self.backoff = 0.0
+        self.started = False  # its sender task runs
 
     def __len__(self) -> int:
         return len(self.durable) + len(self.light)
@@ -161,8 +162,12 @@ class EventRelay:
             returns the HTTP status; an exception counts as a failure (retried).
         load_events: `await load_events(owners)`: the stored events of those applications
             (`store.load_events` in a worker thread), for `adopt`.
-        load_channels: `await load_channels(owners)`: their stored channels, reopened by
-            `adopt` before their events are restored (None: none is reopened).
+        load_channels: `await load_channels()`: the stored channels (of every application);
+            `adopt` reopens those homed in the slots it adopts before their events are
+            restored (None: none is reopened, and `adopt` forgets what they are owed).
+        apps: the applications known (the API keys'): `adopt` and `release` given slots
+            look for the applications homed there among them, the stored channels', and
+            those whose events this node has routed.
         reopen: reopens one stored channel (a callback's needs the webhook sender: the
             server's); the default reopens WebSocket and long-poll channels in the hub.
         limit: events queued per destination (beyond, the oldest not durable is dropped).
@@ -179,7 +184,8 @@ class EventRelay:
         send: Callable[[str, bytes], Awaitable[int]],
         *,
         load_events: Callable[[frozenset[str]], Awaitable[Sequence[EventRecord]]] | None = None,
-        load_channels: Callable[[frozenset[str]], Awaitable[Sequence[ChannelRecord]]] | None = None,
+        load_channels: Callable[[], Awaitable[Sequence[ChannelRecord]]] | None = None,
+        apps: Callable[[], Iterable[str]] | None = None,
         reopen: Callable[[ChannelRecord], None] | None = None,
         limit: int = 100_000,
         batch_size: int = 256,
@@ -195,6 +201,7 @@ class EventRelay:
         self.send = send
         self.load_events = load_events
         self.load_channels = load_channels
+        self.apps = apps
         self.reopen = reopen if reopen is not None else self._reopen
         self.limit = limit
         self.batch_size = min(batch_size, MAX_EVENTS)
@@ -227,25 +234,34 @@ class EventRelay:
         return RelayStatistics(**self._counts, waiting=sum(map(len, self._boxes.values())))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Host the senders (one task per destination) until cancelled."""
+        """Host the senders (one task per destination) until cancelled. Optional: without
+        it they run in the hub's nursery (`NotificationHub.run`)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             for box in self._boxes.values():  # (events queued before the start)
-                nursery.start_soon(self._drain, box)
+                if not box.started:
+                    nursery.start_soon(self._drain, box)
+                    box.started = True
             task_status.started()
             await trio.sleep_forever()
 
     # -- routing ------------------------------------------------------------------------
 
     def home(self, app: str) -> str | None:
-        """The node `app`'s channel lives on now (None: its home slot has no owner)."""
+        """The node `app`'s channel lives on now; None while its home slot has no owner,
+        or is this node's but not served (being handed over, or past the lease's local
+        deadline): its events wait, and follow the slot."""
         homes = self._homes
         slot = homes.get(app)
+        view = self.view
         if slot is None:
             if len(homes) >= 65_536:
                 homes.clear()
-            slot = homes[app] = home_slot(app, self.view.slot_count)
-        return self.view.owner(slot)
+            slot = homes[app] = home_slot(app, view.slot_count)
+        owner = view.owner(slot)
+        if owner == view.node and not view.mine(slot):
+            return None
+        return owner
 
     def homed(self, channels: Iterable[Channel]) -> Sequence[Channel]:
         node = self.view.node
@@ -300,8 +316,10 @@ class EventRelay:
         box = self._boxes.get(node)
         if box is None:
             box = self._boxes[node] = _Outbox(node)
-            if self._nursery is not None:
-                self._nursery.start_soon(self._drain, box)
+            nursery = self._nursery or self.hub.nursery  # (`run`, or the hub's)
+            if nursery is not None:
+                nursery.start_soon(self._drain, box)
+                box.started = True
         box.push(event, hops)
         if len(box) > self.limit:
             if box.light:
@@ -489,27 +507,34 @@ class EventRelay:
 
     # -- home slots gained and lost -----------------------------------------------------
 
-    async def adopt(self, owners: Iterable[str]) -> None:
-        """This node became the home of `owners` (a failover or a handover): their stored
-        channels are reopened (`load_channels`), and the stored events owed to them loaded
-        (`load_events`) into the hub, as a restart restores them (`NotificationHub.restore`)
-        but for those this node has already (relayed here meanwhile)."""
-        apps = frozenset(owners)
+    async def adopt(self, homes: Iterable[int] | Iterable[str]) -> None:
+        """This node became the home of the applications of `homes` (home slots, or
+        application names): a failover or a handover. Their stored channels are reopened
+        (`load_channels`), and the stored events owed to them loaded (`load_events`) into
+        the hub, as a restart restores them (`NotificationHub.restore`), but for those
+        this node has already (relayed here meanwhile, not handed over yet)."""
+        slots, apps = _split_homes(homes)
+        hub = self.hub
+        records: Sequence[ChannelRecord] = ()
+        if self.load_channels is not None and (slots or apps):
+            records = await self.load_channels()
+        count = self.view.slot_count
+        if slots:
+            known = {r.owner for r in records}.union(self._known())
+            apps |= {app for app in known if home_slot(app, count) in slots}
         if not apps:
             return
-        hub = self.hub
-        if self.load_channels is not None:
-            for record in await self.load_channels(apps):
-                if record.owner in apps and record.owner not in hub.channels:
-                    try:
-                        self.reopen(record)
-                    except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
-                        log.warning("stored channel of %s not reopened: %s", record.owner, exc)
+        for record in records:
+            if record.owner in apps and record.owner not in hub.channels:
+                try:
+                    self.reopen(record)
+                except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+                    log.warning("stored channel of %s not reopened: %s", record.owner, exc)
         if self.load_events is None:
             return
-        records = await self.load_events(apps)
+        stored_events = await self.load_events(frozenset(apps))
         events: list[ChannelEvent] = []
-        for stored in sorted(records, key=lambda r: r.seq):
+        for stored in sorted(stored_events, key=lambda r: r.seq):
             if stored.owner not in apps or self._saw(stored.owner, stored.seq):
                 continue
             try:
@@ -522,18 +547,71 @@ class EventRelay:
         self._counts["loaded"] += len(events)
         hub.restore(events)
 
-    def release(self, owners: Iterable[str]) -> None:
-        """`owners` are homed on another node now: their channels here are closed (their
-        clients reconnect, and reach the new home through the proxy), the events they
-        still owe stored for the new home to load (`NotificationHub.release`)."""
-        apps = frozenset(owners)
+    def release(self, homes: Iterable[int] | Iterable[str]) -> None:
+        """The applications of `homes` (home slots, or application names) are homed on
+        another node now: their channels here are closed (their clients reconnect, and
+        reach the new home through the proxy), the events they still owe stored for the
+        new home to load (`NotificationHub.release`; commit them before the handover:
+        `store.durable()`)."""
+        slots, apps = _split_homes(homes)
+        hub = self.hub
+        if slots:
+            count = self.view.slot_count
+            here = {*hub.channels, *hub.owed, *hub.orphans}
+            apps |= {app for app in here if home_slot(app, count) in slots}
         for app in apps:
-            self.hub.release(app)
+            hub.release(app)
         seen = self._seen
         for key in [key for key in seen if key[0] in apps]:
             del seen[key]  # (given back later, they are loaded again)
+
+    def _known(self) -> set[str]:
+        """Applications this node knows of: the API keys', and those it routed events for."""
+        known = set(self._homes)
+        if self.apps is not None:
+            known.update(self.apps())
+        hub = self.hub
+        known.update(hub.channels, hub.owed, hub.orphans)
+        return known
 
     def _reopen(self, record: ChannelRecord) -> None:
         if record.mechanism in (WEB_SOCKET, LONG_POLLING):
             serialization = msgspec.json.decode(record.serialization or "{}", type=Serialization)
             self.hub.open(record.owner, record.mechanism, serialization)
+
+
+def _split_homes(homes: Iterable[int] | Iterable[str]) -> tuple[frozenset[int], set[str]]:
+    """Home slots and application names, apart."""
+    slots: set[int] = set()
+    apps: set[str] = set()
+    for home in homes:
+        if isinstance(home, int):
+            slots.add(home)
+        else:
+            apps.add(home)
+    return frozenset(slots), apps
+
+
+#: the path of the internal route a batch is posted to
+EVENTS_PATH = b"/internal/events"
+
+
+def http_sender(
+    view: ClusterView,
+    request: Callable[..., Awaitable[tuple[int, Any, Any]]],
+    sign: Callable[[bytes, bytes], list[tuple[bytes, bytes]]],
+    *,
+    timeout: float = 10.0,
+) -> Callable[[str, bytes], Awaitable[int]]:
+    """An `EventRelay.send` over the internal HTTP client: `request` and `sign` are the
+    `ClusterRouter`'s (`router.pool.request`, `router.sign`, dm_actor/api/proxy.py)."""
+
+    async def send(node: str, body: bytes) -> int:
+        address = view.http_address(node)
+        if address is None:
+            raise LookupError(f"node {node} has no known HTTP address")
+        headers = [*sign(b"POST", EVENTS_PATH), (b"content-type", b"application/json")]
+        status, _, _ = await request(address, b"POST", EVENTS_PATH, headers, body, timeout)
+        return status
+
+    return send

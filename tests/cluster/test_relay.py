@@ -29,6 +29,16 @@ OWNERS = {slot: "a" if slot < SLOTS // 2 else "b" for slot in range(SLOTS)}
 UID = Serialization(cfg=SerializationConfig(include_uid=True))
 
 
+@dataclass
+class View(StaticView):
+    """A `StaticView` whose node may stop serving some of its slots (`leaving`)."""
+
+    leaving: set[int] = field(default_factory=set)
+
+    def mine(self, slot: int) -> bool:
+        return super().mine(slot) and slot not in self.leaving
+
+
 def app_homed_on(node: str, n: int = 0) -> str:
     """The `n`-th application name whose home slot `node` owns."""
     found = (f"app{i}" for i in range(1000) if OWNERS[home_slot(f"app{i}", SLOTS)] == node)
@@ -66,7 +76,7 @@ class Net:
 
 
 async def start(nursery: trio.Nursery, net: Net, name: str, **kw: Any) -> Node:
-    view = StaticView(name, SLOTS, dict(OWNERS))
+    view = View(name, SLOTS, dict(OWNERS))
     events = EventStream()
     delivered: list[tuple[str, list[int]]] = []
     kept: list[tuple[str, str, object]] = []
@@ -84,7 +94,8 @@ async def start(nursery: trio.Nursery, net: Net, name: str, **kw: Any) -> Node:
     )
     relay = EventRelay(view, hub, net.send, **kw)
     await nursery.start(hub.run)
-    await nursery.start(relay.run)
+    if name == "a":  # (b's senders run in its hub's nursery)
+        await nursery.start(relay.run)
     node = net.nodes[name] = Node(name, events, hub, relay, delivered, kept)
     return node
 
@@ -327,12 +338,13 @@ async def test_adopt_reopens_channels_and_restores_their_events_once(
     async def load_events(owners: frozenset[str]) -> list[EventRecord]:
         return records
 
-    async def load_channels(owners: frozenset[str]) -> list[ChannelRecord]:
+    async def load_channels() -> list[ChannelRecord]:
         return channel_records
 
     b.relay.load_events, b.relay.load_channels = load_events, load_channels
+    b.relay.apps = lambda: [B2]  # (the API keys')
     b.hub.orphans.clear()
-    await b.relay.adopt([B1, B2])
+    await b.relay.adopt([home_slot(B1, SLOTS), home_slot(B2, SLOTS)])
     channel = b.hub.channels[B1]
     assert channel.serialization.cfg.include_uid
     assert messages(channel) == [  # x1 once: owed since it was relayed, given to the channel
@@ -353,7 +365,7 @@ async def test_release_closes_the_channels_and_stores_what_they_owe(
     b.events.publish("notifications", {"n": 1}, frozenset({B1}))
     b.events.publish("async-responses", {"id": "x1"}, frozenset({B1}), 61)
     await trio.testing.wait_all_tasks_blocked()
-    b.relay.release([B1])
+    b.relay.release([home_slot(B1, SLOTS)])
     assert channel.closed and B1 not in b.hub.channels
     assert b.kept == [(B1, "notifications", {"n": 1})]  # stored for the new home
     assert b.delivered == []  # nothing forgotten
@@ -443,3 +455,42 @@ async def test_an_event_arriving_where_its_home_is_not_is_routed_on(
     assert await b.relay.receive(body) == 204
     await trio.sleep(1)
     assert len(channel) == 0 and b.relay.statistics().misrouted == 1
+
+
+async def test_events_for_a_home_being_handed_over_follow_it(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Node b hands B1's home slot to a: from `release` on, B1's events produced on b wait
+    (not into a closed channel), and go to a once the view says a owns the slot."""
+    _net, a, b = await pair(nursery)
+    slot = home_slot(B1, SLOTS)
+    old = b.hub.open(B1, WEB_SOCKET)
+    b.relay.view.leaving.add(slot)  # type: ignore[attr-defined]
+    b.relay.release([slot])
+    assert old.closed
+    b.events.publish("async-responses", {"id": "x1"}, frozenset({B1}), 71)
+    b.events.publish("registrations", {"ep": "d"})
+    await trio.sleep(2)
+    assert b.relay.statistics().waiting == 1 and B1 not in b.hub.orphans
+    for node in (a, b):  # the handover committed
+        node.relay.view.owners[slot] = "a"  # type: ignore[attr-defined]
+    b.relay.view.leaving.clear()  # type: ignore[attr-defined]
+    channel = a.hub.open(B1, WEB_SOCKET)
+    await trio.sleep(2)
+    assert messages(channel) == [{"async-responses": [{"id": "x1"}]}]
+    assert b.relay.statistics().waiting == 0
+
+
+async def test_adopt_finds_the_applications_of_slots_among_the_known_ones(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    asked: list[frozenset[str]] = []
+
+    async def load_events(owners: frozenset[str]) -> list[EventRecord]:
+        asked.append(owners)
+        return []
+
+    _net, a, _b = await pair(nursery, apps=lambda: [A1, A2, B1, B2], load_events=load_events)
+    await a.relay.adopt([home_slot(B1, SLOTS)])
+    assert asked and B1 in asked[0] and A1 not in asked[0]
+    assert all(home_slot(app, SLOTS) == home_slot(B1, SLOTS) for app in asked[0])
