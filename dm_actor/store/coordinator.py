@@ -23,7 +23,8 @@ Rules (all times on the database's clock, `clock_timestamp()`; each call is one 
 
 Fencing: a store batch (`dm_actor.store.postgres`) first locks, `FOR SHARE`, the lease rows of
 the slots it writes, with this node's epochs and an unexpired lease; a take or handover waits
-for such a batch, and after it the old owner's batches are refused (`Fenced`).
+for such a batch, and after it the old owner's batches are refused (`Fenced`). A batch under
+a lease that expired but was not taken waits for the renewal (retried, not committed).
 
 Synchronous (psycopg 3, its own connection): call it from a worker thread. psycopg errors
 propagate (the caller retries; its local deadline stops it meanwhile).

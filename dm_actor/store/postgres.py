@@ -11,14 +11,30 @@ Durability: every session sets `synchronous_commit = on`, so a commit returns on
 flushed its WAL (and, with synchronous standbys configured, once they have it): a 202 is sent
 only after that. The server's own `fsync` must be on (PostgreSQL's default).
 
-Opening: one dm-actor daemon per database. The writer's session holds an advisory lock
-(`pg_try_advisory_lock(APPLICATION_ID)`); a second daemon is refused with `StoreError`. The
+Opening: one dm-actor daemon per database, or the nodes of one cluster. The writer's session
+holds an advisory lock (`pg_try_advisory_lock(APPLICATION_ID)`; cluster nodes, `fencing` set:
+`pg_try_advisory_lock_shared`): a second daemon, or a single daemon and a cluster on one
+database, is refused with `StoreError`. The
 schema is versioned in the table `dm_actor_store` (`application_id`, `version`); a database
 whose current schema holds other tables but not this one is refused as foreign, a newer
 version is refused, an older one is migrated in place, one transaction per version (the
 migration path is the creation path, as with SQLite: never edit a released version's DDL, add
 the next). Tables go to the session's current schema (`search_path`): give dm-actor its own
 database, or its own schema with `options=-csearch_path=dm_actor` in the DSN.
+
+Cluster mode (schema version 2): registrations, commands, subscriptions and next_mids carry
+the `slot` of their endpoint (`dm_actor.cluster.slots.slot_of(endpoint, slot_count)`, indexed),
+written by every put; `dm_actor_store.slot_count` says which count the column was computed
+with, and a single daemon opened with another count computes it again (a cluster node refuses
+to). `load_slots(slots)` and `load_events(owners)` read on a second connection (no lock), in a
+worker thread while the writer runs. Fencing: every batch first locks, FOR SHARE and in slot
+order, the `slot_leases` rows (`dm_actor.store.coordinator`) of the slots of the endpoints it
+writes, requiring this node's name and the epochs of its `fencing.held` (copied in the Trio
+thread before the batch goes to the worker). A slot not held, or whose row names another node
+or epoch, rolls the batch back with `Fenced` (the node stops: another node owns the slot); a
+lease still this node's but expired (a late renewal) keeps the batch and retries it, like a
+lost connection, until the renewal or a takeover decides. Channels, API keys, events and
+answers' owners are not slot data: not fenced (answers are, by their endpoint).
 
 Write failures: losing the connection (the server restarting, a failover, the network), a full
 disk on the server, a read-only (standby) server, a lock or deadlock are retried like SQLite's
@@ -41,9 +57,10 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import msgspec
 import psycopg
@@ -52,6 +69,7 @@ import psycopg.errors
 import trio
 from psycopg.adapt import Dumper
 
+from dm_actor.cluster.slots import DEFAULT_SLOTS, slot_of
 from dm_actor.histogram import COMMIT_BOUNDS, Histogram
 from dm_actor.store import schema
 from dm_actor.store.base import (
@@ -72,9 +90,10 @@ from dm_actor.store.base import (
 from dm_actor.store.sqlite import EVENT_BUDGET, SqliteStore, _Batch, _group, _presubscriptions
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Collection, Iterable
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
 
 #: Text compares byte by byte (as SQLite's BINARY), whatever the database's collation.
 _T = 'TEXT COLLATE "C"'
@@ -200,11 +219,68 @@ CREATE TABLE credentials (
 );
 """
 
+#: Version 2 (cluster mode): the slot of each per-device row (`slot_of(endpoint, slot_count)`),
+#: and the slot count they were computed with (0: not yet; `_pg_prepare` fills them).
+V2 = """
+ALTER TABLE dm_actor_store ADD COLUMN slot_count INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE registrations ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE commands ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE subscriptions ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE next_mids ADD COLUMN slot INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX registrations_by_slot ON registrations (slot);
+CREATE INDEX commands_by_slot ON commands (slot);
+CREATE INDEX subscriptions_by_slot ON subscriptions (slot);
+CREATE INDEX next_mids_by_slot ON next_mids (slot);
+"""
+
 #: `MIGRATIONS[n - 1]` takes a database from version n - 1 to n (0: no dm-actor table).
-MIGRATIONS = (V1,)
+MIGRATIONS = (V1, V2)
 VERSION = len(MIGRATIONS)
-#: The advisory lock one daemon holds on its database.
+#: The advisory lock one daemon holds on its database (the nodes of a cluster: shared).
 LOCK_KEY = schema.APPLICATION_ID
+#: The advisory lock serialising the opening (migrations, the slot column) of several nodes.
+PREPARE_LOCK = 0x646D4163_0002
+#: The coordinator's tables (`dm_actor.store.coordinator`), in the same database.
+CLUSTER_TABLES = ("cluster_config", "cluster_nodes", "slot_leases")
+#: The tables with a `slot` column.
+SLOT_TABLES = ("registrations", "commands", "subscriptions", "next_mids")
+
+#: The first statement of every batch in cluster mode (scale-out.md section 5): the lease
+#: rows of the slots the batch touches, this node's, with the epochs it holds, locked FOR
+#: SHARE (a takeover waits for the batch; in slot order, as the coordinator locks), and
+#: whether each is unexpired.
+_FENCE = """
+SELECT l.slot, l.expires > clock_timestamp() FROM slot_leases l
+  JOIN unnest(%(slots)s::integer[], %(epochs)s::bigint[]) AS t(slot, epoch)
+    ON l.slot = t.slot AND l.epoch = t.epoch
+ WHERE l.node = %(node)s
+ ORDER BY l.slot
+   FOR SHARE OF l
+"""
+
+
+class _Expired(Exception):
+    """A batch touches slots whose leases still name this node with its epochs but expired
+    (its renewal is late: the database was unreachable): not committed now, retried."""
+
+
+class Fencing(Protocol):
+    """What a cluster node's store checks every batch against (a `LeaseBook`)."""
+
+    #: this node's name
+    node: str
+    #: slot -> epoch: the leases it holds
+    held: dict[int, int]
+
+
+class Fenced(StoreFailed):
+    """A batch wrote to slots this node does not hold (any more): another node owns them.
+    Nothing of the batch was committed; the node stops."""
+
+    def __init__(self, message: str, slots: Collection[int]) -> None:
+        super().__init__(message)
+        self.slots = frozenset(slots)
+
 
 _REG_FIELDS = RegistrationRecord.__struct_fields__
 _CMD_FIELDS = CommandRecord.__struct_fields__
@@ -222,15 +298,19 @@ def _upsert(table: str, fields: tuple[str, ...], key: int, *extra: str) -> str:
 
 # a registration put again moves to the end (SQLite's INSERT OR REPLACE takes a new rowid);
 # a command put again keeps its place (the order of acceptance)
-_PUT_REGISTRATION = _upsert("registrations", _REG_FIELDS, 1, "position")
-_PUT_COMMAND = _upsert("commands", _CMD_FIELDS, 2)
+_PUT_REGISTRATION = _upsert("registrations", (*_REG_FIELDS, "slot"), 1, "position")
+_PUT_COMMAND = _upsert("commands", (*_CMD_FIELDS, "slot"), 2)
 _PUT_ANSWER = _upsert("answers", _ANSWER_FIELDS, 2)
 _PUT_EVENT = _upsert("events", EventRecord.__struct_fields__, 2)
 _PUT_CHANNEL = _upsert(
     "channels", ("owner", "mechanism", "created_at", "url", "headers", "serialization"), 1
 )
 _PUT_API_KEY = _upsert("api_keys", ("key", "owner", "created_at"), 1)
-_PUT_NEXT_MID = _upsert("next_mids", ("endpoint", "mid"), 1)
+_PUT_NEXT_MID = _upsert("next_mids", ("endpoint", "mid", "slot"), 1)
+_PUT_SUBSCRIPTION = (
+    "INSERT INTO subscriptions (endpoint, path, owner, slot) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT DO NOTHING"
+)
 # drop the oldest events of an owner until the newest ones fit in the cap
 _CAP_EVENTS = """
 DELETE FROM events WHERE owner = %(owner)s AND seq <= (
@@ -303,12 +383,18 @@ class PostgresStore(SqliteStore):
             `postgresql://dm@db.example/dm_actor`); the PG* environment variables and
             `~/.pgpass` fill in what it leaves out (a password belongs there, not here).
         connect_timeout: seconds to wait for a connection, unless the DSN says.
+        slot_count: the slot count of the `slot` column (`dm_actor.cluster.slots.slot_of`);
+            a database whose rows were written with another count is recomputed on opening,
+            except in cluster mode (refused: the cluster's count is fixed).
+        fencing: cluster mode: this node's leases (`.node`, `.held`); every batch is
+            checked against them (`Fenced`), and the database lock is shared among nodes.
         The others: as `SqliteStore`'s (`disk_headroom` is not known here; `check` runs
         nothing).
 
     Raises:
-        StoreError: the database cannot be reached, is in use by another daemon, is not a
-            dm-actor database, or was written by a newer schema than this code knows.
+        StoreError: the database cannot be reached, is in use by another daemon (or, in
+            cluster mode, by a single daemon; single: by a cluster), is not a dm-actor
+            database, or was written by a newer schema than this code knows.
     """
 
     def __init__(
@@ -324,10 +410,18 @@ class PostgresStore(SqliteStore):
         disk_headroom: int = 0,
         check: bool = True,
         connect_timeout: float = 10.0,
+        slot_count: int = DEFAULT_SLOTS,
+        fencing: Fencing | None = None,
     ) -> None:
         del check
+        if slot_count < 1:
+            raise ValueError("slot_count must be positive")
         self.dsn = dsn
         self.connect_timeout = connect_timeout
+        self.slot_count = slot_count
+        self.fencing = fencing
+        self._reader: psycopg.Connection[Any] | None = None
+        self._reader_lock = threading.Lock()
         # (`path` names the store in SqliteStore's log lines)
         self.path = Path(describe(dsn))
         self.max_batch = max_batch
@@ -368,14 +462,39 @@ class PostgresStore(SqliteStore):
         self._event_total = int(total)
 
     def close(self) -> None:
-        """Close the connection (and release the daemon's lock). Writes not yet committed
+        """Close the connections (and release the daemon's lock). Writes not yet committed
         are lost: stop the writer first."""
         self._pg.close()
+        with self._reader_lock:
+            if self._reader is not None:
+                self._reader.close()
 
     # ----------------------------------------------------------------------------- opening
 
     def _connect(self, *, first: bool = False) -> psycopg.Connection[Any]:
-        """A connection holding the daemon's lock, with `synchronous_commit = on`."""
+        """A connection holding the daemon's lock (shared in cluster mode), with
+        `synchronous_commit = on`."""
+        pg = self._open(first=first)
+        shared = self.fencing is not None
+        try:
+            pg.execute("SET synchronous_commit = on")
+            try_lock = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+            (locked,) = _one(pg, f"SELECT {try_lock}(%s)", (LOCK_KEY,))
+            pg.commit()
+        except BaseException:
+            pg.close()
+            raise
+        if not locked:
+            pg.close()
+            raise StoreError(
+                f"{self.path}: in use by another process (it holds the advisory lock "
+                f"{LOCK_KEY}): one daemon per database, or the nodes of one cluster "
+                f"({'this one is a cluster node' if shared else 'this one is a single daemon'})"
+            )
+        return pg
+
+    def _open(self, *, first: bool = False) -> psycopg.Connection[Any]:
+        """A connection to the database (no lock)."""
         try:
             params: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(self.dsn))
         except psycopg.ProgrammingError as exc:
@@ -395,30 +514,35 @@ class PostgresStore(SqliteStore):
                 raise StoreError(f"{self.path}: cannot connect: {exc}".rstrip()) from exc
             raise
         pg.adapters.register_dumper(str, _Text)
-        try:
-            pg.execute("SET synchronous_commit = on")
-            (locked,) = _one(pg, "SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,))
-            pg.commit()
-        except BaseException:
-            pg.close()
-            raise
-        if not locked:
-            pg.close()
-            raise StoreError(
-                f"{self.path}: in use by another process (it holds the advisory lock "
-                f"{LOCK_KEY}): one daemon per database"
-            )
         return pg
 
     def _pg_prepare(self) -> None:
-        """Refuse a foreign or newer database; migrate an older one."""
+        """Refuse a foreign or newer database; migrate an older one; fill the slot column
+        (one node at a time)."""
+        pg = self._pg
+        pg.execute("SELECT pg_advisory_lock(%s)", (PREPARE_LOCK,))
+        pg.commit()
+        try:
+            self._pg_migrate()
+            self._pg_slots()
+        finally:
+            if not pg.closed and not pg.broken:
+                pg.rollback()
+                pg.execute("SELECT pg_advisory_unlock(%s)", (PREPARE_LOCK,))
+                pg.commit()
+
+    def _pg_migrate(self) -> None:
         pg = self._pg
         (table, where) = _one(pg, "SELECT to_regclass('dm_actor_store'), current_schema()")
         if where is None:
             raise StoreError(f"{self.path}: no schema to create tables in (search_path)")
         if table is None:
+            # (the coordinator's tables may come first: `dm_actor.store.coordinator`)
             (others,) = _one(
-                pg, "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+                pg,
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() "
+                "AND tablename <> ALL(%s)",
+                (list(CLUSTER_TABLES),),
             )
             if others:
                 raise StoreError(
@@ -455,6 +579,43 @@ class PostgresStore(SqliteStore):
                     f"{self.path}: migrating to schema version {target} failed: {exc}"
                 ) from exc
 
+    def _pg_slots(self) -> None:
+        """The slot column of rows written with another slot count (or none: a database
+        migrated from version 1) is computed again."""
+        pg = self._pg
+        (stored,) = _one(pg, "SELECT slot_count FROM dm_actor_store")
+        pg.commit()
+        if stored == self.slot_count:
+            return
+        if stored and self.fencing is not None:
+            raise StoreError(
+                f"{self.path}: its rows are in {stored} slots, this node is configured with "
+                f"{self.slot_count} (a cluster's slot count is fixed)"
+            )
+        try:
+            with pg.transaction():
+                endpoints: set[str] = set()
+                for table in SLOT_TABLES:
+                    endpoints.update(e for (e,) in pg.execute(f"SELECT endpoint FROM {table}"))
+                names = sorted(endpoints)
+                slots = [slot_of(e, self.slot_count) for e in names]
+                for table in SLOT_TABLES:
+                    pg.execute(
+                        f"UPDATE {table} t SET slot = v.slot FROM unnest(%s::text[], "
+                        f"%s::integer[]) AS v(endpoint, slot) WHERE t.endpoint = v.endpoint "
+                        f"AND t.slot <> v.slot",
+                        (names, slots),
+                    )
+                pg.execute("UPDATE dm_actor_store SET slot_count = %s", (self.slot_count,))
+            pg.commit()
+        except psycopg.Error as exc:
+            raise StoreError(f"{self.path}: computing the slot column failed: {exc}") from exc
+        if endpoints:
+            log.info(
+                "store %s: the slots of %d endpoints computed for %d slots (were %d)",
+                self.path, len(names), self.slot_count, stored,
+            )  # fmt: skip
+
     # ----------------------------------------------------------------------------- reading
 
     def load(self) -> Snapshot:
@@ -477,7 +638,9 @@ class PostgresStore(SqliteStore):
                         )
                     ],
                     subscriptions=_group(
-                        pg.execute("SELECT * FROM subscriptions ORDER BY 1, 2, 3")
+                        pg.execute(
+                            "SELECT endpoint, path, owner FROM subscriptions ORDER BY 1, 2, 3"
+                        )
                     ),
                     presubscriptions=_presubscriptions(
                         pg.execute(
@@ -528,6 +691,85 @@ class PostgresStore(SqliteStore):
             raise StoreError(f"{self.path}: cannot read the store: {exc}") from exc
         return snapshot
 
+    def load_slots(self, slots: Iterable[int]) -> Snapshot:
+        """The registrations, commands, subscriptions and next Message IDs of the endpoints
+        in `slots` (the other fields empty), read in one snapshot on the reader connection:
+        callable from a worker thread while the writer runs.
+
+        Raises:
+            StoreError: the database cannot be read (the next call connects again).
+        """
+        wanted = sorted(set(slots))
+        where = "WHERE slot = ANY(%s) ORDER BY position"
+
+        def read(pg: psycopg.Connection[Any]) -> Snapshot:
+            return Snapshot(
+                registrations=[
+                    RegistrationRecord(*r)
+                    for r in pg.execute(
+                        f"SELECT {', '.join(_REG_FIELDS)} FROM registrations {where}", (wanted,)
+                    )
+                ],
+                commands=[
+                    CommandRecord(*r)
+                    for r in pg.execute(
+                        f"SELECT {', '.join(_CMD_FIELDS)} FROM commands {where}", (wanted,)
+                    )
+                ],
+                subscriptions=_group(
+                    pg.execute(
+                        "SELECT endpoint, path, owner FROM subscriptions WHERE slot = ANY(%s) "
+                        "ORDER BY 1, 2, 3",
+                        (wanted,),
+                    )
+                ),
+                next_mids=dict(
+                    pg.execute(
+                        "SELECT endpoint, mid FROM next_mids WHERE slot = ANY(%s)", (wanted,)
+                    )
+                ),
+            )
+
+        return self._read(read)
+
+    def load_events(self, owners: Iterable[str]) -> list[EventRecord]:
+        """The stored events of `owners` (by owner, then seq; none older than the event
+        lifetime), on the reader connection (see `load_slots`)."""
+        wanted = sorted(set(owners))
+        since = self.clock() - self.event_lifetime
+
+        def read(pg: psycopg.Connection[Any]) -> list[EventRecord]:
+            return [
+                EventRecord(*r)
+                for r in pg.execute(
+                    "SELECT owner, seq, kind, item, created_at FROM events "
+                    "WHERE owner = ANY(%s) AND created_at >= %s ORDER BY owner, seq",
+                    (wanted, since),
+                )
+            ]
+
+        return self._read(read)
+
+    def _read(self, read: Callable[[psycopg.Connection[Any]], _R]) -> _R:
+        """`read` in one read-only, repeatable-read transaction on the reader connection
+        (opened when first needed; it holds no lock)."""
+        with self._reader_lock:
+            try:
+                pg = self._reader
+                if pg is None or pg.closed or pg.broken:
+                    if pg is not None:
+                        pg.close()
+                    pg = self._reader = self._open()
+                    pg.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+                    pg.read_only = True
+                with pg.transaction():
+                    return read(pg)
+            except psycopg.Error as exc:
+                if self._reader is not None:
+                    self._reader.close()
+                    self._reader = None
+                raise StoreError(f"{self.path}: cannot read the store: {exc}") from exc
+
     # ------------------------------------------------------------------------------ commits
 
     async def _commit_next(self) -> bool:
@@ -542,9 +784,11 @@ class PostgresStore(SqliteStore):
         if len(batches) == 1:  # writes from now on go to the next batch
             batches.append(_Batch(batch.seq + 1))
         started = trio.current_time()
+        # (the lease loop changes `held` in this thread: the worker gets a copy)
+        held = None if self.fencing is None else dict(self.fencing.held)
         try:
             with trio.CancelScope(shield=True):  # a commit that happened must be counted
-                await trio.to_thread.run_sync(self._write, batch)
+                await trio.to_thread.run_sync(self._write, batch, held)
         except psycopg.Error as exc:
             why = _retryable(exc)
             if why is not None:
@@ -558,6 +802,13 @@ class PostgresStore(SqliteStore):
             )
             self._committed_event.set()
             raise self._failure from exc
+        except _Expired as exc:
+            self._pg_failed(exc, "this node's leases expired (a late renewal): waiting for it")
+            return False
+        except Fenced as exc:
+            self._failure = exc
+            self._committed_event.set()
+            raise
         except StoreError as exc:  # reconnected, but another daemon holds the database
             self._failure = StoreFailed(f"{exc}; stopping")
             self._committed_event.set()
@@ -566,7 +817,7 @@ class PostgresStore(SqliteStore):
         self._batch_committed(batch, started)
         return True
 
-    def _pg_failed(self, exc: psycopg.Error, why: str) -> None:
+    def _pg_failed(self, exc: psycopg.Error | _Expired, why: str) -> None:
         self.write_retries += 1
         if self._problem is not None:
             return
@@ -575,18 +826,21 @@ class PostgresStore(SqliteStore):
         log.error(
             "store %s: %s (%s, %s): %d writes wait in memory and are retried until they "
             "commit; meanwhile new commands get 503 STORE_IS_BEHIND and Registers are shed",
-            self.path, why, str(exc).strip(), exc.sqlstate or type(exc).__name__,
-            self.backlog(),
+            self.path, why, str(exc).strip(),
+            getattr(exc, "sqlstate", None) or type(exc).__name__, self.backlog(),
         )  # fmt: skip
 
-    def _write(self, b: _Batch) -> None:
-        """One transaction with everything in `b` (in a worker thread)."""
+    def _write(self, b: _Batch, held: dict[int, int] | None = None) -> None:
+        """One transaction with everything in `b` (in a worker thread); in cluster mode
+        (`held`: the leases this node holds), first the fencing check."""
         if self._pg.closed or self._pg.broken:
             self._pg.close()
             self._pg = self._connect()
         pg = self._pg
         try:
             with pg.cursor() as cur:
+                if held is not None:
+                    self._fence(cur, b, held)
                 self._write_rows(cur, b)
                 total = self._event_total
                 if b.event_wipes or b.event_deletes or b.events or self._refusing:
@@ -601,25 +855,64 @@ class PostgresStore(SqliteStore):
                     log.debug("rollback failed after a failed write", exc_info=True)
             raise
 
+    def _fence(self, cur: psycopg.Cursor[Any], b: _Batch, held: dict[int, int]) -> None:
+        """Refuse (`Fenced`) a batch touching a slot whose lease this node does not hold
+        with the epoch it knows; the lease rows of the others stay locked FOR SHARE until
+        the commit."""
+        touched = _touched(b, self.slot_count)
+        if not touched:
+            return
+        slots = sorted(touched)
+        refused = {s for s in slots if s not in held}
+        if not refused:
+            cur.execute(
+                _FENCE,
+                {
+                    "slots": slots,
+                    "epochs": [held[s] for s in slots],
+                    "node": cast("Fencing", self.fencing).node,
+                },
+            )
+            rows = cur.fetchall()
+            refused = touched - {int(s) for s, _ in rows}
+            expired = sorted(int(s) for s, unexpired in rows if not unexpired)
+            if expired and not refused:
+                raise _Expired(
+                    f"this node's leases of slots {', '.join(map(str, expired[:10]))} expired"
+                )
+        if refused:
+            named = ", ".join(str(s) for s in sorted(refused)[:10])
+            more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+            raise Fenced(
+                f"{self.path}: batch {b.seq} writes to slots {named}{more}, which another node "
+                f"owns now (this node's lease expired or was taken: fencing refused the "
+                f"batch); writes after batch {self._committed} are not durable and were not "
+                f"acknowledged; stopping (a restart loads what this node then owns)",
+                refused,
+            )
+
     def _write_rows(self, cur: psycopg.Cursor[Any], b: _Batch) -> None:
         astuple = msgspec.structs.astuple
+        count = self.slot_count
         if b.regs:
             _many(cur, "DELETE FROM registrations WHERE endpoint = %s",
                   [(ep,) for ep, r in b.regs.items() if r is None])  # fmt: skip
-            _many(cur, _PUT_REGISTRATION, [astuple(r) for r in b.regs.values() if r is not None])
+            _many(cur, _PUT_REGISTRATION, [(*astuple(r), slot_of(ep, count))
+                  for ep, r in b.regs.items() if r is not None])  # fmt: skip
         if b.wiped:
             wiped = [(e,) for e in b.wiped]
             _many(cur, "DELETE FROM commands WHERE endpoint = %s", wiped)
             _many(cur, "DELETE FROM next_mids WHERE endpoint = %s", wiped)
-        _many(cur, _PUT_NEXT_MID, list(b.next_mids.items()))
+        _many(cur, _PUT_NEXT_MID, [(e, m, slot_of(e, count)) for e, m in b.next_mids.items()])
         _many(cur, "DELETE FROM commands WHERE endpoint = %s AND async_id = %s",
               list(b.cmd_deletes))  # fmt: skip
-        _many(cur, _PUT_COMMAND, [astuple(c) for c in b.cmds.values()])
+        _many(cur, _PUT_COMMAND, [(*astuple(c), slot_of(ep, count))
+              for (ep, _), c in b.cmds.items()])  # fmt: skip
         if b.subs:
             _many(cur, "DELETE FROM subscriptions WHERE endpoint = %s AND path = %s "
                   "AND owner = %s", [k for k, put in b.subs.items() if not put])  # fmt: skip
-            _many(cur, "INSERT INTO subscriptions VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
-                  [k for k, put in b.subs.items() if put])  # fmt: skip
+            _many(cur, _PUT_SUBSCRIPTION,
+                  [(*k, slot_of(k[0], count)) for k, put in b.subs.items() if put])  # fmt: skip
         for owner, entries in b.presubscriptions.items():
             cur.execute("DELETE FROM presubscriptions WHERE owner = %s", (owner,))
             _many(
@@ -680,6 +973,18 @@ class PostgresStore(SqliteStore):
 
     def _disk_free(self) -> int | None:
         return None  # (the database server's disk: not visible from here)
+
+
+def _touched(b: _Batch, count: int) -> set[int]:
+    """The slots of the endpoints whose per-device rows `b` writes."""
+    endpoints: set[str] = set(b.regs)
+    endpoints.update(b.wiped)
+    endpoints.update(b.next_mids)
+    endpoints.update(ep for ep, _ in b.cmds)
+    endpoints.update(ep for ep, _ in b.cmd_deletes)
+    endpoints.update(ep for ep, _, _ in b.subs)
+    endpoints.update(a.endpoint for a in b.answers.values() if a is not None)
+    return {slot_of(ep, count) for ep in endpoints}
 
 
 def _many(cur: psycopg.Cursor[Any], sql: str, rows: list[Any]) -> None:
