@@ -39,14 +39,16 @@ import msgspec
 import trio
 
 from dm_actor.actors.events import ChannelEvent, Kind
-from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET
+from dm_actor.api.channels import CALLBACK, LONG_POLLING, WEB_SOCKET
 from dm_actor.api.schemas import Serialization
+from dm_actor.api.webhook import parse_target
 from dm_actor.cluster.slots import home_slot
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 
     from dm_actor.api.channels import Channel, NotificationHub
+    from dm_actor.api.webhook import Webhooks
     from dm_actor.cluster.view import ClusterView
     from dm_actor.store.base import ChannelRecord, EventRecord
 
@@ -168,8 +170,10 @@ class EventRelay:
         apps: the applications known (the API keys'): `adopt` and `release` given slots
             look for the applications homed there among them, the stored channels', and
             those whose events this node has routed.
-        reopen: reopens one stored channel (a callback's needs the webhook sender: the
-            server's); the default reopens WebSocket and long-poll channels in the hub.
+        webhooks: the server's callback senders (`api.webhooks`): `adopt` restarts the
+            callback channels of the applications it adopts with them (None: it does not).
+        reopen: reopens one stored channel, instead of the default (WebSocket and long-poll
+            channels into the hub, callbacks with `webhooks`).
         limit: events queued per destination (beyond, the oldest not durable is dropped).
         batch_size, batch_delay: a batch leaves when it has `batch_size` events or the
             first of them waited `batch_delay` seconds.
@@ -186,6 +190,7 @@ class EventRelay:
         load_events: Callable[[frozenset[str]], Awaitable[Sequence[EventRecord]]] | None = None,
         load_channels: Callable[[], Awaitable[Sequence[ChannelRecord]]] | None = None,
         apps: Callable[[], Iterable[str]] | None = None,
+        webhooks: Webhooks | None = None,
         reopen: Callable[[ChannelRecord], None] | None = None,
         limit: int = 100_000,
         batch_size: int = 256,
@@ -202,6 +207,7 @@ class EventRelay:
         self.load_events = load_events
         self.load_channels = load_channels
         self.apps = apps
+        self.webhooks = webhooks
         self.reopen = reopen if reopen is not None else self._reopen
         self.limit = limit
         self.batch_size = min(batch_size, MAX_EVENTS)
@@ -575,8 +581,13 @@ class EventRelay:
         return known
 
     def _reopen(self, record: ChannelRecord) -> None:
-        if record.mechanism in (WEB_SOCKET, LONG_POLLING):
-            serialization = msgspec.json.decode(record.serialization or "{}", type=Serialization)
+        """As a restart reopens a stored channel (`HttpServer._restore_channels`)."""
+        serialization = msgspec.json.decode(record.serialization or "{}", type=Serialization)
+        if record.mechanism == CALLBACK and record.url is not None:
+            if self.webhooks is not None:
+                target = parse_target(record.url, record.headers)
+                self.webhooks.start(record.owner, target, serialization)
+        elif record.mechanism in (WEB_SOCKET, LONG_POLLING):
             self.hub.open(record.owner, record.mechanism, serialization)
 
 

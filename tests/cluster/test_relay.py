@@ -494,3 +494,25 @@ async def test_adopt_finds_the_applications_of_slots_among_the_known_ones(
     await a.relay.adopt([home_slot(B1, SLOTS)])
     assert asked and B1 in asked[0] and A1 not in asked[0]
     assert all(home_slot(app, SLOTS) == home_slot(B1, SLOTS) for app in asked[0])
+
+
+async def test_adopt_restarts_a_stored_callback_channel(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    started: list[tuple[str, str, bool]] = []
+
+    class Webhooks:
+        def start(self, app: str, target: Any, serialization: Serialization) -> None:
+            started.append((app, target.url, serialization.cfg.include_uid))
+
+    async def load_channels() -> list[ChannelRecord]:
+        return [
+            ChannelRecord(
+                B1, "CALLBACK", 1.0, "http://127.0.0.1:9/hook", {}, '{"cfg":{"include_uid":true}}'
+            ),
+            ChannelRecord(A1, "CALLBACK", 1.0, "http://127.0.0.1:9/a", {}, "{}"),  # not b's
+        ]
+
+    _net, _a, b = await pair(nursery, load_channels=load_channels, webhooks=Webhooks())
+    await b.relay.adopt([home_slot(B1, SLOTS)])
+    assert started == [(B1, "http://127.0.0.1:9/hook", True)]
