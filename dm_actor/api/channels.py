@@ -112,6 +112,10 @@ class Relay(Protocol):
         """Those of `channels` whose application is homed here."""
         ...
 
+    def is_home(self, app: str) -> bool:
+        """Whether `app` is homed here now."""
+        ...
+
 
 class Receipt(Protocol):
     """What a long poll's response leaves behind, to tell later whether it arrived."""
@@ -677,11 +681,16 @@ class NotificationHub:
         channels (call once the stored channels are open, before the hub reads the stream):
         a channel's bound drops the oldest and announces it (`events-lost`), as always. An
         application without a channel is owed its AsyncIDResponses; its other events went
-        with its channel: their stored copies are forgotten."""
+        with its channel: their stored copies are forgotten. In cluster mode, only the
+        events of applications homed here are restored: the others' home loads them
+        (`EventRelay.adopt`)."""
         gone: dict[str, list[int]] = {}
+        relay = self.relay
         for event in events:
             assert event.owners is not None and len(event.owners) == 1
             [app] = event.owners
+            if relay is not None and not relay.is_home(app):
+                continue
             channel = self.channels.get(app)
             if channel is not None:
                 channel.push(event)

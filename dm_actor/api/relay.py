@@ -273,6 +273,9 @@ class EventRelay:
         node = self.view.node
         return [c for c in channels if self.home(c.app) == node]
 
+    def is_home(self, app: str) -> bool:
+        return self.home(app) == self.view.node
+
     def outgoing(self, batch: Sequence[ChannelEvent]) -> Sequence[ChannelEvent]:
         """The hub's dispatch: queue the events (or the owners of an event) homed on other
         nodes, an event for all applications for every other live node too; return what

@@ -16,7 +16,7 @@ import pytest
 import trio
 import trio.testing
 
-from dm_actor.actors.events import EventStream
+from dm_actor.actors.events import ChannelEvent, EventStream
 from dm_actor.api.channels import LONG_POLLING, WEB_SOCKET, NotificationHub, durable_uid
 from dm_actor.api.relay import MAX_BODY, EventRelay, WireBatch, WireEvent
 from dm_actor.api.schemas import Serialization, SerializationConfig
@@ -516,3 +516,19 @@ async def test_adopt_restarts_a_stored_callback_channel(
     _net, _a, b = await pair(nursery, load_channels=load_channels, webhooks=Webhooks())
     await b.relay.adopt([home_slot(B1, SLOTS)])
     assert started == [(B1, "http://127.0.0.1:9/hook", True)]
+
+
+async def test_a_restart_restores_only_the_events_of_applications_homed_here(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Every node reads the same stored events: those of another node's applications are
+    neither delivered nor forgotten here (their home loads them)."""
+    _net, a, _b = await pair(nursery)
+    a.hub.restore(
+        [
+            ChannelEvent("notifications", {"n": 1}, frozenset({B1}), 81),
+            ChannelEvent("async-responses", {"id": "x"}, frozenset({B2}), 82),
+            ChannelEvent("notifications", {"n": 2}, frozenset({A1}), 83),  # no channel
+        ]
+    )
+    assert a.delivered == [(A1, [83])] and B2 not in a.hub.owed
