@@ -149,6 +149,7 @@ class Coordinator:
         params.setdefault("connect_timeout", max(2, round(connect_timeout)))
         params.setdefault("application_name", "dm-actor-coordinator")
         self._conninfo = psycopg.conninfo.make_conninfo("", **params)
+        self._closed = False
         try:
             self._db = self._connect()
         except psycopg.Error as exc:
@@ -167,6 +168,8 @@ class Coordinator:
     @property
     def _pg(self) -> psycopg.Connection[Any]:
         """The connection, opened again after it was lost (psycopg errors propagate)."""
+        if self._closed:
+            raise StoreError("coordinator: closed")
         if self._db.closed or self._db.broken:
             self._db.close()
             self._db = self._connect()
@@ -283,4 +286,5 @@ class Coordinator:
             pg.execute("DELETE FROM cluster_nodes WHERE node = %s", (self.node,))
 
     def close(self) -> None:
+        self._closed = True
         self._db.close()

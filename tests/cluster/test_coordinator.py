@@ -157,3 +157,30 @@ def test_books_on_a_real_database_balance_and_fail_over(nodes: dict[str, Coordin
         time.sleep(TTL / 5)
     assert sorted(len(books[n].held) for n in ("a", "b")) == [8, 8]
     assert not books["c"].valid(time.monotonic())
+
+
+def test_a_takeover_waits_for_a_batch_holding_the_lease_for_share(
+    pg_dsn: str, nodes: dict[str, Coordinator]
+) -> None:
+    a, b = nodes["a"], nodes["b"]
+    a.join()
+    b.join()
+    a.take([7])
+    time.sleep(TTL + 0.1)
+    b.renew()
+    with psycopg.connect(pg_dsn) as batch:  # a's store, in the middle of a batch
+        rows = batch.execute(
+            "SELECT slot FROM slot_leases WHERE slot = 7 AND node = 'a' FOR SHARE"
+        ).fetchall()
+        assert rows == [(7,)]
+        got: list[dict[int, int]] = []
+        taker = threading.Thread(target=lambda: got.append(b.take([7])))
+        taker.start()
+        taker.join(0.3)
+        assert taker.is_alive()  # waits for the batch's commit
+        batch.commit()
+        taker.join(5)
+    assert got == [{7: 2}]
+    a.close()
+    with pytest.raises(StoreError, match="closed"):
+        a.renew()

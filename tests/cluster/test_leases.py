@@ -85,6 +85,7 @@ class Cluster(RuleBasedStateMachine):
         self.books = {n: LeaseBook(n, slots, TTL) for n in NAMES[:count]}
         self.alive = set(self.books)  # not crashed, not left
         self.cut: set[str] = set()  # partitioned from the database
+        self.tables: dict[str, Table] = {}  # the table of each node's last renewal
 
     def round(self, name: str, delay: float, take_delay: float = 0.0) -> Plan | None:
         """One round of `name`'s lease loop; the database executes each call `delay`
@@ -97,9 +98,8 @@ class Cluster(RuleBasedStateMachine):
         held, table = self.db.renew(name)
         book.renewed(held, sent)
         plan = book.plan(table)
-        sent = self.db.t
-        self.db.t += take_delay
-        book.taken(self.db.take(name, plan.take), sent)
+        self.db.t += take_delay  # (the take is sent later, and executed at once)
+        book.taken(self.db.take(name, plan.take), self.db.t)
         for to, slots in plan.give.items():
             book.given(self.db.handover(name, slots, to))
         return plan
@@ -108,6 +108,26 @@ class Cluster(RuleBasedStateMachine):
     def a_round(self, name: str, delay: float, later: float) -> None:
         if name in self.books:
             self.round(name, delay, later)
+
+    @rule(name=st.sampled_from(NAMES), delay=st.floats(0, TTL / 10))
+    def renew_only(self, name: str, delay: float) -> None:
+        if name in self.books and name in self.alive and name not in self.cut:
+            sent = self.db.t
+            self.db.t += delay
+            held, self.tables[name] = self.db.renew(name)
+            self.books[name].renewed(held, sent)
+
+    @rule(name=st.sampled_from(NAMES))
+    def act_on_an_old_table(self, name: str) -> None:
+        """Take and hand over by the plan of a table read some steps ago."""
+        table = self.tables.get(name)
+        if table is None or name not in self.alive or name in self.cut:
+            return
+        book = self.books[name]
+        plan = book.plan(table)
+        book.taken(self.db.take(name, plan.take), self.db.t)
+        for to, slots in plan.give.items():
+            book.given(self.db.handover(name, slots, to))
 
     @rule(dt=st.floats(0, TTL * 2))
     def time_passes(self, dt: float) -> None:
@@ -178,7 +198,7 @@ class Cluster(RuleBasedStateMachine):
 
 
 TestCluster = Cluster.TestCase
-TestCluster.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestCluster.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
 
 
 def test_deadline_and_change() -> None:
