@@ -37,6 +37,7 @@ from trio_websocket import (
     WebSocketConnection,
     wrap_client_stream,
 )
+from wsproto.utilities import LocalProtocolError
 
 from dm_actor.api.routes import Request, error_v3, json
 from dm_actor.api.schemas import DeviceData, DeviceList
@@ -549,6 +550,20 @@ class ClusterRouter:
             return unavailable(f"Applied here, not on node(s) {names}: send it again.")
         return mine
 
+    async def send_events(self, node: str, body: bytes) -> int:
+        """`POST /internal/events` with `body` to `node` (the `send` of relay.py's
+        EventRelay): the status it answered. Raises PeerUnreachable (also for a node with no
+        known HTTP address)."""
+        address = self.view.http_address(node)
+        if address is None:
+            raise PeerUnreachable(f"node {node} has no known HTTP address")
+        target = b"/internal/events"
+        headers = [(b"content-type", b"application/json"), *self.sign(b"POST", target)]
+        status, _, _ = await self.pool.request(
+            address, b"POST", target, headers, body, self.timeout
+        )
+        return status
+
     # -- WebSockets
 
     @asynccontextmanager
@@ -578,10 +593,11 @@ class ClusterRouter:
             yield unavailable(f"Node {node} could not be reached: try again.")
             return
         async with stream, trio.open_nursery() as nursery:
+            readers: trio.Nursery = await nursery.start(_guarded)
             try:
                 with trio.fail_after(self.handshake_timeout):
                     ws = await wrap_client_stream(
-                        nursery, stream, f"{address[0]}:{address[1]}", target.decode("ascii"),
+                        readers, stream, f"{address[0]}:{address[1]}", target.decode("ascii"),
                         subprotocols=protocols or None, extra_headers=extra,
                         message_queue_size=1,
                     )  # fmt: skip
@@ -605,11 +621,12 @@ class ClusterRouter:
         self, client: WebSocketConnection, home: WebSocketConnection
     ) -> tuple[int, str | None]:
         """Relay messages both ways until one side closes; the close code and reason to give
-        the other side. The client must take each message within `ping_interval` (else it
-        is closed 1001 and the home socket too, as the home node would do): one message in
-        flight at a time each way (trio-websocket's queue of 1)."""
+        the other side. The client must take each message, and answer a ping sent every
+        `ping_interval`, within `ping_interval` (else it is closed 1001 and the home socket
+        too, as the home node would do): one message in flight at a time each way
+        (trio-websocket's queue of 1)."""
         self.statistics["websockets_relayed"] += 1
-        result: tuple[int, str | None] = (1000, None)
+        result: tuple[int, str | None] | None = None  # (the first side to decide it)
         limit = self.ping_interval
 
         async def down(scope: trio.CancelScope) -> None:  # home -> client
@@ -621,12 +638,13 @@ class ClusterRouter:
                         with trio.fail_after(limit):
                             await client.send_message(message)
                     except trio.TooSlowError:
-                        result = (1001, f"Too slow: a message not taken within {limit:g} s.")
+                        reason = f"Too slow: a message not taken within {limit:g} s."
+                        result = result or (1001, reason)
                         with trio.move_on_after(self.handshake_timeout):
-                            await home.aclose(1001, result[1])
+                            await home.aclose(1001, reason)
                         break
             except ConnectionClosed as exc:
-                if exc.reason is not None and exc.reason.code is not None:
+                if result is None and exc.reason is not None and exc.reason.code is not None:
                     result = (exc.reason.code, exc.reason.reason)
                 if client.closed is not None and home.closed is None:
                     # the client went first: tell the home node the same
@@ -649,11 +667,31 @@ class ClusterRouter:
                     await home.aclose(code, client.closed.reason)
             scope.cancel()
 
+        async def ping(scope: trio.CancelScope) -> None:  # a client gone silently
+            nonlocal result
+            try:
+                while True:
+                    await trio.sleep(limit)
+                    with trio.move_on_after(limit) as waited:
+                        await client.ping()
+                    if waited.cancelled_caught:
+                        reason = f"Too slow: no pong within {limit:g} s."
+                        result = result or (1001, reason)
+                        with trio.move_on_after(self.handshake_timeout):
+                            await home.aclose(1001, reason)
+                        break
+            except ConnectionClosed:
+                return  # (`down` or `up` ends the relay)
+            scope.cancel()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(down, nursery.cancel_scope)
             nursery.start_soon(up, nursery.cancel_scope)
+            nursery.start_soon(ping, nursery.cancel_scope)
+        if result is None:
+            return 1000, None
         if result[0] in (1005, 1006):  # no status / abnormal: not codes one may send
-            result = (1011, "The channel's node went away.")
+            return 1011, "The channel's node went away."
         return result
 
     def _log_once(self, key: str, message: str) -> None:
@@ -662,6 +700,19 @@ class ClusterRouter:
         if key not in self._logged and len(self._logged) < 1024:
             self._logged.add(key)
             log.warning("cluster HTTP: %s", message)
+
+
+async def _guarded(*, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """A nursery for trio-websocket's reader task of a relay's socket to the home node,
+    whose failure ends that socket only: the reader answers the home node's ping even while
+    our close is on its way, which wsproto refuses (LocalProtocolError); the relay then
+    ends as for a closed socket."""
+    try:
+        async with trio.open_nursery() as readers:
+            task_status.started(readers)
+            await trio.sleep_forever()
+    except* LocalProtocolError:
+        log.debug("WebSocket relay: a ping crossed our close")
 
 
 class Forged(Exception):

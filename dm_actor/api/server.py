@@ -76,7 +76,7 @@ from dm_actor.api.webhook import WebhookOptions, parse_target
 from dm_actor.logformat import LOG_CONTEXT, RequestLog
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
 
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.address import Address
@@ -808,10 +808,16 @@ class HttpServer:
                 if where is None:
                     response = await self.api.dispatch(req)
                 else:  # answered by another node, or by every node (proxy.py)
-                    assert self.router is not None
-                    response = await self.router.answer(
-                        where, req, event.target, event.headers, self.api.dispatch
-                    )
+                    router = self.router
+                    assert router is not None
+                    answer = partial(router.answer, where, req, event.target, event.headers,
+                                     self.api.dispatch)  # fmt: skip
+                    if segments != _PULL:
+                        response = await answer()
+                    elif (polled := await self._unless_hung_up(stream, answer)) is None:
+                        return False  # (the home node saw the internal connection close)
+                    else:
+                        response = polled
             except Exception:  # a handler's bug: answered, counted, logged (once a minute)
                 self._server_error(event, number)
                 response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
@@ -1003,6 +1009,30 @@ class HttpServer:
             return conn.our_state is h11.DONE
         finally:
             channel.poll(pending=False)
+
+    async def _unless_hung_up(
+        self, stream: trio.SocketStream, answer: Callable[[], Awaitable[Response]]
+    ) -> Response | None:
+        """A long poll relayed to the channel's home node: its answer, or None when the
+        client hung up meanwhile (the internal request is then abandoned and its connection
+        closed, so the home node's poll ends without taking events, as for a client of its
+        own that hangs up)."""
+        result = None
+
+        async def watch(scope: trio.CancelScope) -> None:
+            try:
+                peek = await stream.socket.recv(1, socket.MSG_PEEK)
+            except OSError:
+                peek = b""
+            if peek:
+                await trio.sleep_forever()  # a pipelined request: the client is still there
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, nursery.cancel_scope)
+            result = await answer()
+            nursery.cancel_scope.cancel()
+        return result
 
     async def _wait_or_hang_up(self, channel: Channel, stream: trio.SocketStream) -> bool:
         """Wait for events until the poll timeout; False if the client hung up meanwhile."""

@@ -280,6 +280,10 @@ async def test_internal_headers_forged_old_or_missing_are_refused_403(
         )
         assert reply.status == 403 and relay.bodies == [b"[1]"]
     assert router.statistics["internal_refused"] == 5
+    # what relay.py's EventRelay is given as `send`: a's router posting to b
+    a_router = nodes["a"].http.router
+    assert a_router is not None
+    assert await a_router.send_events("b", b"[3]") == 204 and relay.bodies[-1] == b"[3]"
     assert sign(SECRET, b"GET", b"/x", b"1.000") != sign(SECRET, b"GET", b"/y", b"1.000")
 
 
@@ -356,3 +360,56 @@ async def test_a_websocket_on_a_non_home_node_is_relayed_with_its_close_codes(
             assert await close_code(ws) == 1000
     router = other.http.router
     assert router is not None and router.statistics["websockets_relayed"] == 2
+
+
+async def test_a_relayed_long_poll_whose_client_hangs_up_takes_no_events(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = await start_cluster(nursery)
+    home, other = home_and_other(nodes)
+    async with other.client() as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+    stream = await trio.open_tcp_stream(*other.addr[:2])
+    head = f"GET /v2/notification/pull HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n\r\n"
+    await stream.send_all(head.encode())
+    await trio.sleep(1)  # the poll waits on the home node
+    channel = home.http.hub.channels[APP]
+    polling = [channel.polling]
+    await stream.aclose()  # the client hangs up
+    await trio.sleep(1)
+    polling.append(channel.polling)
+    assert polling == [True, False]  # the home node's poll ended with the internal connection
+    ep = endpoint_of(home.name, nodes)
+    await online(home, nursery, ep)
+    async with other.client() as client:
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert [r["ep"] for r in reply.json()["registrations"]] == [ep]
+
+
+async def test_a_relayed_websocket_client_that_answers_no_ping_is_closed_1001(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = await start_cluster(nursery)
+    _, other = home_and_other(nodes)
+    async with other.client() as client:
+        assert (await client.request("PUT", "/v2/notification/websocket")).status == 201
+        stream = await trio.open_tcp_stream(*other.addr[:2])
+        head = (
+            "GET /v2/notification/websocket-connect HTTP/1.1\r\nHost: x\r\n"
+            "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            f"Sec-WebSocket-Protocol: wss, pelion_{KEY_A}\r\n\r\n"
+        )
+        await stream.send_all(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            answer += await stream.receive_some(4096)
+        assert answer.startswith(b"HTTP/1.1 101")
+        await trio.sleep(1)
+        reply = await client.request("GET", "/v2/notification/websocket")
+        assert reply.json()["status"] == "connected"
+        await trio.sleep(65)  # the client reads nothing: no pong
+        reply = await client.request("GET", "/v2/notification/websocket")
+        assert reply.json()["status"] == "disconnected"
+        assert other.http.statistics().websockets_too_slow == 1
+        await stream.aclose()
