@@ -325,6 +325,7 @@ class EventRelay:
         box = self._boxes.get(node)
         if box is None:
             box = self._boxes[node] = _Outbox(node)
+        if not box.started:
             nursery = self._nursery or self.hub.nursery  # (`run`, or the hub's)
             if nursery is not None:
                 nursery.start_soon(self._drain, box)

@@ -532,3 +532,19 @@ async def test_a_restart_restores_only_the_events_of_applications_homed_here(
         ]
     )
     assert a.delivered == [(A1, [83])] and B2 not in a.hub.owed
+
+
+async def test_events_queued_before_the_hub_runs_leave_once_it_does(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    net = Net()
+    b = await start(nursery, net, "b")
+    events = EventStream()
+    hub = NotificationHub(events, wall_clock=lambda: 0.0)
+    relay = EventRelay(View("a", SLOTS, dict(OWNERS)), hub, net.send)
+    relay.outgoing([ChannelEvent("notifications", {"n": 1}, frozenset({B1}), None)])
+    channel = b.hub.open(B1, WEB_SOCKET)
+    await nursery.start(hub.run)  # (no relay.run: the hub's nursery hosts its senders)
+    events.publish("notifications", {"n": 2}, frozenset({B1}))
+    await trio.sleep(1)
+    assert messages(channel) == [{"notifications": [{"n": 1}, {"n": 2}]}]
