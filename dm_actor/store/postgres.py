@@ -277,7 +277,7 @@ class Fenced(StoreFailed):
     """A batch wrote to slots this node does not hold (any more): another node owns them.
     Nothing of the batch was committed; the node stops."""
 
-    def __init__(self, message: str, slots: Collection[int]) -> None:
+    def __init__(self, message: str, slots: Collection[int] = ()) -> None:
         super().__init__(message)
         self.slots = frozenset(slots)
 
@@ -839,9 +839,10 @@ class PostgresStore(SqliteStore):
         pg = self._pg
         try:
             with pg.cursor() as cur:
+                slots = _slots(b, self.slot_count)
                 if held is not None:
-                    self._fence(cur, b, held)
-                self._write_rows(cur, b)
+                    self._fence(cur, b, held, set(slots.values()))
+                self._write_rows(cur, b, slots)
                 total = self._event_total
                 if b.event_wipes or b.event_deletes or b.events or self._refusing:
                     total = self._write_pg_events(cur, b)
@@ -855,11 +856,12 @@ class PostgresStore(SqliteStore):
                     log.debug("rollback failed after a failed write", exc_info=True)
             raise
 
-    def _fence(self, cur: psycopg.Cursor[Any], b: _Batch, held: dict[int, int]) -> None:
+    def _fence(
+        self, cur: psycopg.Cursor[Any], b: _Batch, held: dict[int, int], touched: set[int]
+    ) -> None:
         """Refuse (`Fenced`) a batch touching a slot whose lease this node does not hold
         with the epoch it knows; the lease rows of the others stay locked FOR SHARE until
         the commit."""
-        touched = _touched(b, self.slot_count)
         if not touched:
             return
         slots = sorted(touched)
@@ -891,28 +893,27 @@ class PostgresStore(SqliteStore):
                 refused,
             )
 
-    def _write_rows(self, cur: psycopg.Cursor[Any], b: _Batch) -> None:
+    def _write_rows(self, cur: psycopg.Cursor[Any], b: _Batch, slot: dict[str, int]) -> None:
         astuple = msgspec.structs.astuple
-        count = self.slot_count
         if b.regs:
             _many(cur, "DELETE FROM registrations WHERE endpoint = %s",
                   [(ep,) for ep, r in b.regs.items() if r is None])  # fmt: skip
-            _many(cur, _PUT_REGISTRATION, [(*astuple(r), slot_of(ep, count))
+            _many(cur, _PUT_REGISTRATION, [(*astuple(r), slot[ep])
                   for ep, r in b.regs.items() if r is not None])  # fmt: skip
         if b.wiped:
             wiped = [(e,) for e in b.wiped]
             _many(cur, "DELETE FROM commands WHERE endpoint = %s", wiped)
             _many(cur, "DELETE FROM next_mids WHERE endpoint = %s", wiped)
-        _many(cur, _PUT_NEXT_MID, [(e, m, slot_of(e, count)) for e, m in b.next_mids.items()])
+        _many(cur, _PUT_NEXT_MID, [(e, m, slot[e]) for e, m in b.next_mids.items()])
         _many(cur, "DELETE FROM commands WHERE endpoint = %s AND async_id = %s",
               list(b.cmd_deletes))  # fmt: skip
-        _many(cur, _PUT_COMMAND, [(*astuple(c), slot_of(ep, count))
+        _many(cur, _PUT_COMMAND, [(*astuple(c), slot[ep])
               for (ep, _), c in b.cmds.items()])  # fmt: skip
         if b.subs:
             _many(cur, "DELETE FROM subscriptions WHERE endpoint = %s AND path = %s "
                   "AND owner = %s", [k for k, put in b.subs.items() if not put])  # fmt: skip
             _many(cur, _PUT_SUBSCRIPTION,
-                  [(*k, slot_of(k[0], count)) for k, put in b.subs.items() if put])  # fmt: skip
+                  [(*k, slot[k[0]]) for k, put in b.subs.items() if put])  # fmt: skip
         for owner, entries in b.presubscriptions.items():
             cur.execute("DELETE FROM presubscriptions WHERE owner = %s", (owner,))
             _many(
@@ -975,7 +976,7 @@ class PostgresStore(SqliteStore):
         return None  # (the database server's disk: not visible from here)
 
 
-def _touched(b: _Batch, count: int) -> set[int]:
+def _slots(b: _Batch, count: int) -> dict[str, int]:
     """The slots of the endpoints whose per-device rows `b` writes."""
     endpoints: set[str] = set(b.regs)
     endpoints.update(b.wiped)
@@ -984,7 +985,7 @@ def _touched(b: _Batch, count: int) -> set[int]:
     endpoints.update(ep for ep, _ in b.cmd_deletes)
     endpoints.update(ep for ep, _, _ in b.subs)
     endpoints.update(a.endpoint for a in b.answers.values() if a is not None)
-    return {slot_of(ep, count) for ep in endpoints}
+    return {ep: slot_of(ep, count) for ep in endpoints}
 
 
 def _many(cur: psycopg.Cursor[Any], sql: str, rows: list[Any]) -> None:
