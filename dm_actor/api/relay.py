@@ -178,6 +178,8 @@ class EventRelay:
         batch_size, batch_delay: a batch leaves when it has `batch_size` events or the
             first of them waited `batch_delay` seconds.
         backoff, max_backoff: the first and the longest wait before retrying a destination.
+        max_body: the largest batch body sent (bytes): the peers' `[api] max_body` (a peer
+            that answers 413 teaches a lower one; a single event beyond it is dropped).
         remember: how many durable events `(owner, seq)` are remembered, to drop repeats.
     """
 
@@ -197,7 +199,7 @@ class EventRelay:
         batch_delay: float = 0.01,
         backoff: float = 0.1,
         max_backoff: float = 5.0,
-        max_body: int = MAX_BODY // 4,
+        max_body: int = 1 << 20,
         remember: int = 100_000,
     ) -> None:
         self.view = view
@@ -435,6 +437,10 @@ class EventRelay:
             status, reason = None, repr(exc)
         else:
             reason = f"status {status}"
+        if status == 413 and len(entries) > 1:  # (the peer's bound is lower: learnt)
+            self.max_body = max(1024, min(self.max_body, len(body) // 2))
+            half = len(entries) // 2
+            return await self._post(node, entries[:half]) and await self._post(node, entries[half:])
         if status in _OK:
             self._counts["sent"] += len(entries)
             self._counts["batches"] += 1

@@ -548,3 +548,23 @@ async def test_events_queued_before_the_hub_runs_leave_once_it_does(
     events.publish("notifications", {"n": 2}, frozenset({B1}))
     await trio.sleep(1)
     assert messages(channel) == [{"notifications": [{"n": 1}, {"n": 2}]}]
+
+
+async def test_a_peer_with_a_lower_body_bound_gets_smaller_batches(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    net, a, b = await pair(nursery)
+    channel = b.hub.open(B1, WEB_SOCKET)
+    sizes: list[int] = []
+
+    async def bounded(node: str, body: bytes) -> int:
+        sizes.append(len(body))
+        return 413 if len(body) > 2000 else await net.send(node, body)
+
+    a.relay.send = bounded
+    for i in range(10):
+        a.events.publish("notifications", {"n": i, "payload": "x" * 300}, frozenset({B1}))
+    await trio.sleep(1)
+    got = [item["n"] for m in messages(channel) for item in m["notifications"]]
+    assert got == list(range(10)) and a.relay.statistics().refused == 0
+    assert a.relay.max_body < 2000
