@@ -240,13 +240,15 @@ class PeerPool:
                 async with limit:
                     for attempt in range(2):
                         idle = self._idle.get(address)
-                        reused = bool(idle)
-                        c = idle.pop() if idle else await self._connect(address)
+                        reused = bool(idle) and attempt == 0
+                        c = idle.pop() if idle and reused else await self._connect(address)
                         try:
                             response, keep = await _exchange(c, method, target, head, body)
                         except _Stale:
                             await trio.aclose_forcefully(c.stream)
-                            if reused and attempt == 0:
+                            if reused:  # (the peer closed it, or restarted: the others too)
+                                while idle:
+                                    idle.pop().stream.socket.close()
                                 continue
                             raise PeerUnreachable("connection closed before an answer") from None
                         except BaseException:

@@ -413,3 +413,18 @@ async def test_a_relayed_websocket_client_that_answers_no_ping_is_closed_1001(
         assert reply.json()["status"] == "disconnected"
         assert other.http.statistics().websockets_too_slow == 1
         await stream.aclose()
+
+
+async def test_a_kept_connection_the_owner_closed_is_replaced_without_a_503(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = await start_cluster(nursery, options=HttpOptions(idle_timeout=5))
+    ep = endpoint_of("a", nodes)
+    await online(nodes["a"], nursery, ep)
+    router = nodes["b"].http.router
+    assert router is not None
+    async with nodes["b"].client() as client:
+        assert (await client.request("GET", f"/v3/devices/{ep}")).status == 200
+        await trio.sleep(10)  # a closed the idle internal connection meanwhile
+        assert (await client.request("GET", f"/v3/devices/{ep}")).status == 200
+    assert router.pool.connections == 2 and router.statistics["unreachable"] == 0
