@@ -215,6 +215,20 @@ async def test_presubscriptions_are_set_on_every_live_node(
         assert (await client.request("DELETE", "/v2/subscriptions")).status == 204
         for node in nodes.values():
             assert not node.server.sup.presubscriptions.get(APP)
+        # a node that cannot be reached: 503, and the same PUT again sets it everywhere
+        closed = trio.socket.socket()
+        await closed.bind(("127.0.0.1", 0))
+        nodes["a"].view.http["c"] = closed.getsockname()
+        closed.close()
+        reply = await client.request("PUT", "/v2/subscriptions", json=entries)
+        assert reply.status == 503 and reply.headers[b"retry-after"] == b"1"
+        assert "not on node(s) c" in reply.json()["message"]
+        assert [bool(n.server.sup.presubscriptions.get(APP)) for n in nodes.values()] == [
+            True, True, False
+        ]  # fmt: skip
+        nodes["a"].view.http["c"] = nodes["c"].addr[:2]
+        assert (await client.request("PUT", "/v2/subscriptions", json=entries)).status == 204
+        assert all(n.server.sup.presubscriptions.get(APP) for n in nodes.values())
 
 
 async def test_internal_headers_forged_old_or_missing_are_refused_403(
