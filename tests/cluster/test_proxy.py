@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json as jsonlib
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
@@ -442,3 +443,27 @@ async def test_a_kept_connection_the_owner_closed_is_replaced_without_a_503(
         await trio.sleep(10)  # a closed the idle internal connection meanwhile
         assert (await client.request("GET", f"/v3/devices/{ep}")).status == 200
     assert router.pool.connections == 2 and router.statistics["unreachable"] == 0
+
+
+async def test_a_peer_that_answers_garbage_is_a_503_and_the_node_serves_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = await start_cluster(nursery)
+    b = nodes["b"]
+    ep = endpoint_of("a", nodes)
+    answers = [b"NOT HTTP AT ALL\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\nshort"]
+
+    async def fake_peer(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.receive_some(65536)
+            await stream.send_all(answers.pop(0))
+
+    [listener] = await nursery.start(partial(trio.serve_tcp, fake_peer, 0, host="127.0.0.1"))
+    b.view.http["a"] = listener.socket.getsockname()
+    async with b.client() as client:
+        for _ in range(2):
+            reply = await client.request("GET", f"/v3/devices/{ep}")
+            assert reply.status == 503 and reply.json()["type"] == "service_unavailable"
+        b.view.http["a"] = nodes["a"].addr[:2]
+        assert (await client.request("GET", f"/v3/devices/{ep}")).status == 404
+    assert client.connections == 1
