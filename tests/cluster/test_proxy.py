@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import trio
 import trio.testing
 
-from dm_actor.api.auth import application_id
+from dm_actor.api.auth import ApiKeys, application_id
 from dm_actor.api.proxy import CLUSTER_HEADER, CLUSTER_TIME_HEADER, internal_headers, sign
 from dm_actor.api.server import HttpOptions, HttpServer
 from dm_actor.cluster.slots import home_slot, slot_of
@@ -52,6 +52,7 @@ async def start_cluster(
     names: tuple[str, ...] = ("a", "b"),
     settings: Settings | None = None,
     options: HttpOptions | None = None,
+    keys: ApiKeys = KEYS,
 ) -> dict[str, Node]:
     """Nodes sharing one table of owners (slot s: names[s * N // SLOTS]) and of addresses."""
     owners = {s: names[s * len(names) // SLOTS] for s in range(SLOTS)}
@@ -60,7 +61,7 @@ async def start_cluster(
     for name in names:
         view = StaticView(name, SLOTS, owners, http=http, secret=SECRET)
         server = await start_server(nursery, settings)
-        server_http = HttpServer(server.sup, KEYS, options, cluster=view)
+        server_http = HttpServer(server.sup, keys, options, cluster=view)
         addr = await nursery.start(server_http.run, "127.0.0.1", 0)
         http[name] = (addr[0], addr[1])
         nodes[name] = Node(name, server, server_http, addr, view)
@@ -467,3 +468,21 @@ async def test_a_peer_that_answers_garbage_is_a_503_and_the_node_serves_on(
         b.view.http["a"] = nodes["a"].addr[:2]
         assert (await client.request("GET", f"/v3/devices/{ep}")).status == 404
     assert client.connections == 1
+
+
+async def test_an_administrators_device_routes_are_answered_by_the_owner(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    keys = ApiKeys([KEY_A], admin_keys=["ak_admin"])
+    nodes = await start_cluster(nursery, keys=keys)
+    ep = endpoint_of("b", nodes)
+    dev = await online(nodes["b"], nursery, ep)
+    async with nodes["a"].client("ak_admin") as client:
+        reply = await client.request("GET", f"/admin/devices/{ep}")
+        assert reply.status == 200 and reply.json()["transport"] == "udp"
+        reply = await client.request("POST", f"/admin/device-requests/{ep}", json=GET_1)
+        assert reply.status == 202 and "async-response-id" in reply.json()
+        await trio.sleep(1)
+        assert [e.path for e in dev.executed] == ["/3/0/1"]
+        reply = await client.request("GET", "/admin/overview")  # this node's own
+        assert reply.json()["devices_registered"] == 0
