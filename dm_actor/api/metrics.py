@@ -486,6 +486,13 @@ class _Collector(Collector):
             " health check or /metrics (answered 503)",
             server.reserve_refused,
         )
+        router = getattr(server, "router", None)  # cluster mode (proxy.py)
+        if router is not None:
+            cluster = CounterMetricFamily(
+                p + "cluster", "Cluster mode: requests routed between nodes, by kind",
+                labels=["kind"],
+            )  # fmt: skip
+            yield _labelled(cluster, (([k], n) for k, n in router.statistics.items()))
 
 
 #: supervisor counters exposed one metric each: (statistics key, metric name, meaning)

@@ -486,3 +486,5 @@ async def test_an_administrators_device_routes_are_answered_by_the_owner(
         assert [e.path for e in dev.executed] == ["/3/0/1"]
         reply = await client.request("GET", "/admin/overview")  # this node's own
         assert reply.json()["devices_registered"] == 0
+        metrics = (await client.request("GET", "/metrics")).text
+        assert 'dm_actor_http_cluster_total{kind="proxied"} 2.0' in metrics
