@@ -11,7 +11,8 @@ unauthenticated request), so a slow client cannot lock out one that sends a comp
 handed to trio-websocket's public `wrap_server_stream` through a `ReplayStream` that gives it
 the upgrade request h11 already consumed. Malformed HTTP gets a 4xx and the connection closes;
 a handler's failure gets 500; the server keeps serving. The application logic lives in
-`routes.py`.
+`routes.py`. In cluster mode (`cluster=`), a request about another node's device or channel
+is answered there, and the device list by every node (`proxy.py`, `ClusterRouter`).
 """
 
 from __future__ import annotations
