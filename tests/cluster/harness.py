@@ -96,6 +96,8 @@ class Node:
     daemon: Daemon
     stopped: bool = False  # SIGSTOPped
     down: bool = False  # killed by the test, not to be restarted by the supervisor
+    ready: bool = False  # started and its HTTP port accepted a connection
+    readies: int = 0  # times it became ready
 
     @property
     def coap(self) -> tuple[str, int]:
@@ -162,6 +164,8 @@ class Cluster:
             'log_level = "info"',
             "[security]",
             "coaps_port = 0",
+            "[registration]",
+            "retry_after = 1",  # the Max-Age of a 5.03 to a Register
             "[api]",
             f'keys = ["{KEY}"]',
         ]
@@ -197,15 +201,37 @@ class Cluster:
         """Add (when new) and start the named nodes, one after another, each until ready."""
         for name in names:
             node = self.nodes.get(name) or self.add(name)
-            node.down = False
-            await node.daemon.start()
-            with trio.fail_after(limit):
-                await node.daemon.ready()
+            node.down = node.ready = False
+            for attempt in range(4):
+                await node.daemon.start()
+                try:
+                    with trio.fail_after(limit):
+                        await node.daemon.ready()
+                    break
+                except RuntimeError as exc:  # a port taken since free_ports: others new ones
+                    node.daemon.proc = None
+                    if "already in use" not in str(exc) or node.readies or attempt == 3:
+                        raise
+                    self._new_ports(node)
+            node.ready = True
+            node.readies += 1
+
+    def _new_ports(self, node: Node) -> None:
+        """Other ports for a node that never started (one of its ports was taken meanwhile);
+        the cluster's CoAP port too while no node ever started."""
+        node.http_port, node.link_port = free_ports(2)
+        if not any(n.readies for n in self.nodes.values()):
+            self.coap_port = free_ports(1)[0]
+            for other in self.nodes.values():
+                other.coap_port = self.coap_port
+                (self.tmp / other.name / "node.toml").write_text(self._config(other))
+        node.daemon.http = node.http
+        (self.tmp / node.name / "node.toml").write_text(self._config(node))
 
     async def kill(self, name: str) -> float:
         """kill -9 the node (it stays down until `restart`); when it was killed."""
         node = self.nodes[name]
-        node.down = True
+        node.down, node.ready = True, False
         at = trio.current_time()
         await node.daemon.kill()
         node.stopped = False
@@ -251,7 +277,7 @@ class Cluster:
                 if node.down or proc is None or proc.poll() is None:
                     continue
                 self.exits.append(Exit(node.name, proc.returncode or 0, trio.current_time()))
-                node.daemon.proc = None
+                node.daemon.proc, node.ready = None, False
                 if restart:
                     self.restarts[node.name] += 1
                     with contextlib.suppress(RuntimeError, trio.TooSlowError):
@@ -341,6 +367,25 @@ class Cluster:
             raise
         except (OSError, trio.BrokenResourceError, trio.TooSlowError, Exception):
             return None
+
+    async def command_retried(
+        self, node: str, endpoint: str, async_id: str, body: dict[str, Any], refusals: Counter[int]
+    ) -> int | None:
+        """`command`, sent again with the same async-id after a 503 or a refused connection
+        (nothing was accepted: safe to repeat), 0.2 s apart, for up to 10 s; the last status.
+        Each refusal is counted in `refusals` by status (-1: connection refused)."""
+        status: int | None = None
+        with trio.move_on_after(10):
+            while True:
+                try:
+                    status = await self.command(node, endpoint, async_id, body)
+                except NotSent:
+                    status = -1
+                if status not in (503, -1):
+                    return status
+                refusals[status] += 1
+                await trio.sleep(0.2)
+        return status
 
     def logs(self, tail: int = 3000) -> str:
         """The end of every node's log (for an assertion's message)."""
@@ -532,14 +577,21 @@ class Device:
         finally:
             del self._waiting[token]
 
-    async def register(self, attempts: int = 5) -> Message | None:
+    async def register(self, attempts: int = 5, refusals: int = 5) -> Message | None:
+        """Register (each Register retransmitted up to `attempts` times); a 5.03 is tried
+        again after its Max-Age (at most 5 s), at most `refusals` times, as a client does."""
         query = f"ep={self.name}&lt={self.lifetime}&lwm2m=1.1&b=U" + ("&Q" if self.queue else "")
         options = (
             *path_options("rd"),
             (_CONTENT_FORMAT, uint_bytes(ContentFormat.LINK_FORMAT.value)),
             *query_options(query),
         )
-        answer = await self._exchange("register", options, b"</3311/0>,</3/0>", attempts)
+        for _ in range(refusals):
+            answer = await self._exchange("register", options, b"</3311/0>,</3/0>", attempts)
+            if answer is None or answer.code != Code.SERVICE_UNAVAILABLE.value:
+                break
+            self.transmissions["register 5.03"] += 1
+            await trio.sleep(min(answer.max_age, 5))
         if answer is not None and answer.code == Code.CREATED.value:
             self.location = "/".join(answer.location_path)
         return answer
@@ -557,10 +609,20 @@ class Device:
             encode(Message(_CON, Code.POST.value, self._next_mid(), os.urandom(4), options)), to
         )
 
-    def requests_from(self, source: tuple[str, int], after: float = 0.0) -> list[Datagram]:
-        """The requests (not answers) that came from `source` after `after`."""
-        return [d for d in self.received if d.source == source and d.at > after
-                and d.message is not None and 0 < d.message.code < 32]  # fmt: skip
+    def requests_from(
+        self, source: tuple[str, int] | None = None, after: float = 0.0, value: str | None = None
+    ) -> list[Datagram]:
+        """The requests (not answers) received from `source` (any) after `after` (carrying
+        `value`, if given), answered or not."""
+        return [d for d in self.received if (source is None or d.source == source)
+                and d.at > after and d.message is not None and 0 < d.message.code < 32
+                and (value is None or d.message.payload == value.encode())]  # fmt: skip
+
+    def trace(self, value: str) -> list[str]:
+        """Every datagram received carrying `value`: when, from where, type, MID, token."""
+        return [f"{d.at:.2f} {d.source[0]}:{d.source[1]} t{d.message.mtype} mid {d.message.mid} "
+                f"token {d.message.token.hex()}" for d in self.received
+                if d.message is not None and d.message.payload == value.encode()]  # fmt: skip
 
     def executions(self, value: str) -> int:
         """How many times a request carrying `value` (PUT or Execute) was executed."""
@@ -607,6 +669,7 @@ class Ledger:
     target: dict[str, tuple[Device, str]] = field(default_factory=dict)
     at: dict[str, float] = field(default_factory=dict)  # when the POST was answered
     sent: dict[str, float] = field(default_factory=dict)  # when it was sent (post_stream)
+    via: dict[str, str] = field(default_factory=dict)  # the node it was posted to (post_stream)
 
     def accepted(self) -> list[str]:
         return [a for a, s in self.status.items() if s == 202]
@@ -616,10 +679,15 @@ class Ledger:
         self.target[async_id] = (device, value)
         self.at[async_id] = trio.current_time()
 
-    def between(self, start: float, end: float) -> Counter[int | None]:
-        """The statuses of the POSTs sent between `start` and `end`."""
-        sent = self.sent or self.at
-        return Counter(s for a, s in self.status.items() if start <= sent[a] <= end)
+    def odd(self, since: float = 0.0) -> list[tuple[str, str, float, int | None]]:
+        """The POSTs answered neither 202 nor 503: (async-id, node, sent - since, status)."""
+        return [(a, self.via.get(a, "?"), round(self.sent.get(a, self.at[a]) - since, 2), s)
+                for a, s in self.status.items() if s not in (202, 503)]  # fmt: skip
+
+    def between(self, start: float, end: float, answered: bool = False) -> Counter[int | None]:
+        """The statuses of the POSTs sent (or, `answered`, answered) between `start` and `end`."""
+        when = self.at if answered or not self.sent else self.sent
+        return Counter(s for a, s in self.status.items() if start <= when[a] <= end)
 
 
 async def post_stream(
@@ -627,13 +695,14 @@ async def post_stream(
     pause: float = 0.1, prefix: str = "s",
 ) -> None:  # fmt: skip
     """Until `stop`: every `pause` s a PUT to the next device in turn, posted to the next node
-    not killed, each in its own task (one that waits for a store does not hold the others
+    that became ready once and was not killed (one that exited on its own is still tried:
+    refused, -1), each in its own task (one that waits for a store does not hold the others
     back; at most 64 at once); every answer noted (never resent). Returns when all answered."""
     async with trio.open_nursery() as nursery:
         limiter = trio.CapacityLimiter(64)
         i = 0
         while not stop.is_set():
-            live = [n for n in cluster.nodes.values() if not n.down]
+            live = [n for n in cluster.nodes.values() if not n.down and n.readies]
             node, device = live[i % len(live)], devices[i % len(devices)]
             nursery.start_soon(
                 _post_one, cluster, node.name, device, f"{prefix}{i}", ledger, limiter
@@ -647,7 +716,7 @@ async def _post_one(
     limiter: trio.CapacityLimiter,
 ) -> None:  # fmt: skip
     async with limiter:
-        ledger.sent[async_id] = trio.current_time()
+        ledger.sent[async_id], ledger.via[async_id] = trio.current_time(), node
         try:
             status = await cluster.command(node, device.name, async_id, put(async_id))
         except NotSent:
@@ -672,7 +741,8 @@ def verdict(ledger: Ledger, inbox: Inbox, summary: str = "") -> str:
     The summary line (printed by the caller)."""
     accepted = ledger.accepted()
     missing = [a for a in accepted if not inbox.arrivals.get(a)]
-    repeated = {a: len(c) for a, c in inbox.arrivals.items() if len(c) > 1}
+    repeated = {a: [(round(x.at, 2), x.message) for x in c]
+                for a, c in inbox.arrivals.items() if len(c) > 1}  # fmt: skip
     strays = [a for a in inbox.arrivals if a not in ledger.status]
     runs = {a: d.executions(v) for a, (d, v) in ledger.target.items()}
     twice = {a: n for a, n in runs.items() if n > 1}
@@ -682,7 +752,9 @@ def verdict(ledger: Ledger, inbox: Inbox, summary: str = "") -> str:
             f"{len(accepted)}, answered {len(accepted) - len(missing)}, missing {missing[:20]}, "
             f"repeated {repeated}, strays {strays}, executed twice {twice}, accepted but not run "
             f"once {not_run[:20]}, refused yet run {refused_ran}, {inbox.kinds}")  # fmt: skip
-    full = f"{line}\n{summary}"
+    traces = [f"{a} to {ledger.target[a][0].name}: {ledger.target[a][0].trace(ledger.target[a][1])}"
+              for a in {*missing, *twice, *not_run}]  # fmt: skip
+    full = "\n".join([line, *traces, summary])
     assert not missing, f"lost AsyncIDResponses: {full}"
     assert not repeated, f"AsyncIDResponses received twice: {full}"
     assert not strays, f"responses to commands never sent: {full}"
