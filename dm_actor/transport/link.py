@@ -19,8 +19,11 @@ from the device's address, and that address is remembered with the node it came 
 (`ingress`): `egress`, the owner's way out to devices, sends datagrams to such an address as
 BACKWARD frames to that node, which sends them out of its CoAP socket (a device behind a NAT
 or a load balancer hears its answers from the address it talked to). A datagram from the
-device that arrives directly forgets the entry. An ICMP error the ingress node sees for a
-device another node owns is sent to the owner as UNREACHABLE.
+device that arrives directly forgets the entry, and so does a node that is gone (not among
+the view's live nodes, or its link answered a frame with an ICMP error less than
+`DOWN_TIME` ago): the owner's datagrams then go out directly, rather than into a dead node. An
+ICMP error the ingress node sees for a device another node owns is sent to the owner as
+UNREACHABLE.
 
 Frames are authenticated (`dm_actor.cluster.wire`: HMAC-SHA-256 keyed by the cluster secret).
 Nothing a peer sends raises out of the callbacks: a frame that does not decode or
@@ -59,6 +62,10 @@ log = logging.getLogger(__name__)
 
 #: seconds between two log lines about the same kind of refused frame or dropped datagram
 LOG_INTERVAL = 60.0
+#: seconds between two readings of the view's live nodes (`egress`)
+LIVE_REFRESH = 1.0
+#: seconds a node whose link answered with an ICMP error counts as gone (unless it sends)
+DOWN_TIME = 10.0
 _MAX_AGE = OptionNumber.MAX_AGE.value
 _BLOCK1 = OptionNumber.BLOCK1.value
 _CON = MessageType.CON.value
@@ -103,6 +110,10 @@ class ClusterLink:
         self._endpoint: UdpEndpoint | None = None
         self._send: Callable[[bytes, Address], None] | None = None
         self._targets: dict[HostPort, bool] = {}  # link addresses seen: numeric or not
+        self._target_nodes: dict[HostPort, str] = {}  # whose link address each is
+        self._live: frozenset[str] = frozenset()  # the view's live nodes, read at _live_at
+        self._live_at = -math.inf
+        self._down: dict[str, float] = {}  # node -> when its link answered with an ICMP error
         self._logged_at: dict[str, float] = {}
         self._non_mid = 0
         self.statistics: dict[str, int] = {
@@ -118,6 +129,7 @@ class ClusterLink:
             "unowned_dropped": 0,  # other datagrams for a slot nobody serves: dropped
             "link_dropped": 0,  # frames not sent: link down, node unknown, send failed
             "link_unreachable": 0,  # ICMP errors for frames sent to a peer node
+            "ingress_gone": 0,  # datagrams sent directly: the node they came in by is gone
         }
 
     # -- wiring -------------------------------------------------------------------------------
@@ -205,8 +217,9 @@ class ClusterLink:
         node = ingress.get(addr)
         if node is None:
             return False
-        if self._target(node) is None:  # (that node left the view)
+        if self._target(node) is None or self._gone(node):  # (sent directly instead)
             del ingress[addr]
+            self.statistics["ingress_gone"] += 1
             return False
         if self._send_frame(node, wire.BACKWARD, addr, data):
             self.statistics["backwarded"] += 1
@@ -222,6 +235,8 @@ class ClusterLink:
             return
         kind, sender, addr, payload = frame
         view = self.view
+        if self._down:
+            self._down.pop(sender, None)  # (it sends: it is up)
         if sender == view.node:
             self._refuse("self", source, f"a frame naming this node ({sender}) as its sender")
             return
@@ -262,7 +277,11 @@ class ClusterLink:
 
     def _on_link_unreachable(self, addr: Address) -> None:
         self.statistics["link_unreachable"] += 1
-        self._log_once("link_unreachable", "the cluster link at %s is unreachable", addr)
+        node = self._target_nodes.get((addr[0], addr[1]))
+        if node is not None:
+            self._down[node] = trio.current_time()
+        what = "the cluster link of %s at %s is unreachable: its devices are answered directly"
+        self._log_once("link_unreachable", what, node, addr)
 
     # -- helpers ----------------------------------------------------------------------------
 
@@ -270,6 +289,20 @@ class ClusterLink:
         if self.ingress:
             self.ingress.pop(addr, None)  # (it talks to this node directly now)
         self._local_datagram(data, addr)
+
+    def _gone(self, node: str) -> bool:
+        """Whether `node` is not among the view's live nodes (read at most once a
+        `LIVE_REFRESH`), or its link answered with an ICMP error within `DOWN_TIME`."""
+        now = trio.current_time()
+        down = self._down.get(node)
+        if down is not None:
+            if now < down + DOWN_TIME:
+                return True
+            del self._down[node]
+        if now >= self._live_at + LIVE_REFRESH:
+            self._live_at = now
+            self._live = frozenset(self.view.live_nodes())
+        return node not in self._live
 
     def _owner_elsewhere(self, slot: int) -> str | None:
         """The node serving `slot` if another does, else None (handled here)."""
@@ -313,7 +346,9 @@ class ClusterLink:
                 log.error("the cluster link address of node %s is not numeric: %r", node, target)
             if len(self._targets) >= 1024:
                 self._targets.clear()
+                self._target_nodes.clear()
             self._targets[target] = numeric
+            self._target_nodes[target] = node
         return target if numeric else None
 
     def _unowned(self, data: bytes, addr: Address) -> None:

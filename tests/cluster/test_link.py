@@ -365,3 +365,32 @@ async def test_frames_are_not_traced_as_coap_at_debug_level(
     # the device's datagram in at A's CoAP socket, and nothing from the link sockets
     assert len(traced) == 1
     assert "/rd?ep=device-of-B" in traced[0]
+
+
+async def test_answers_go_out_directly_once_the_ingress_node_is_gone(
+    nursery: trio.Nursery, device: trio.socket.SocketType, autojump_clock: object
+) -> None:
+    cluster = await start_cluster(nursery)
+    a, b = cluster["A"], cluster["B"]
+    me = device.getsockname()
+    await device.sendto(register(endpoint_of("B")), a.coap_address)
+    await until(lambda: b.received)
+    # A's link dies (kill -9): the first frame to it meets an ICMP error, the next go direct
+    alive = cluster.links["A"]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gone:
+        gone.bind((HOSTS["A"], 0))
+        cluster.links["A"] = gone.getsockname()
+    assert b.link.egress(b"first", me) is True
+    await until(lambda: b.link.statistics["link_unreachable"] == 1)
+    assert b.link.egress(b"second", me) is False
+    assert b.link.statistics["ingress_gone"] == 1 and not b.link.ingress
+    # it comes back (here: at its old address): a frame from it says it is up again
+    cluster.links["A"] = alive
+    await device.sendto(register(endpoint_of("B"), mid=2), a.coap_address)
+    await until(lambda: len(b.received) == 2)
+    assert b.link.egress(b"third", me) is True
+    assert (await receive(device)) == (b"third", a.coap_address)
+    # a node the view no longer counts as live (its heartbeat is old): direct at once
+    b.view.live_nodes = lambda: ["B", "C"]  # type: ignore[method-assign]
+    await trio.sleep(1.5)  # (the view is read again at most once a second)
+    assert b.link.egress(b"fourth", me) is False
