@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 import trio.testing
+from trio_websocket import ConnectionRejected
 
 from dm_actor.api.auth import ApiKeys, application_id
 from dm_actor.api.proxy import CLUSTER_HEADER, CLUSTER_TIME_HEADER, internal_headers, sign
@@ -488,3 +489,28 @@ async def test_an_administrators_device_routes_are_answered_by_the_owner(
         assert reply.json()["devices_registered"] == 0
         metrics = (await client.request("GET", "/metrics")).text
         assert 'dm_actor_http_cluster_total{kind="proxied"} 2.0' in metrics
+
+
+async def test_a_websocket_or_pull_whose_home_slot_has_no_owner_is_503(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    nodes = await start_cluster(nursery)
+    _, other = home_and_other(nodes)
+    del other.view.owners[home_slot(APP, SLOTS)]  # (the table is shared: nobody's now)
+    statuses: list[int] = []
+    try:
+        async with websocket(other.addr, ["wss", f"pelion_{KEY_A}"]):
+            pass
+    except* ConnectionRejected as group:
+        statuses = [e.status_code for e in _leaves(group)]
+    assert statuses == [503]
+    async with other.client() as client:
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert reply.status == 503 and reply.headers[b"retry-after"] == b"1"
+
+
+def _leaves(group: BaseExceptionGroup[ConnectionRejected]) -> list[ConnectionRejected]:
+    out: list[ConnectionRejected] = []
+    for e in group.exceptions:
+        out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
+    return out
