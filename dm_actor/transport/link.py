@@ -12,7 +12,7 @@ Every datagram the device-facing CoAP socket receives in cluster mode passes `on
 - a slot nobody serves (a failover's gap, or this node's lease past its deadline): a Register
   gets 5.03 with Max-Age from here (the device waits, then retries), anything else is dropped
   and counted (the device retransmits; a lease's TTL is well inside CoAP's 45 s);
-- no slot: where `peers` says, else here.
+- no slot: where `peers` says (the slot's owner now, or a node while it is up), else here.
 
 On the owner, a FORWARD frame's datagram is handled as if it had arrived on the CoAP socket
 from the device's address, and that address is remembered with the node it came through
@@ -175,7 +175,10 @@ class ClusterLink:
             if entry is None:
                 self._local(data, addr)
                 return
-            owner = entry if isinstance(entry, str) else self._owner_elsewhere(entry)
+            if isinstance(entry, str):  # (a node, not a slot: followed while it is up)
+                owner: str | None = None if self._gone(entry) else entry
+            else:
+                owner = self._owner_elsewhere(entry)
             if owner is None or owner == view.node:
                 self._local(data, addr)
             else:
@@ -207,6 +210,11 @@ class ClusterLink:
             self.statistics["unreachable_forwarded"] += 1
 
     # -- the owner's way out ----------------------------------------------------------------
+
+    def remember_ingress(self, addr: Address, node: str) -> None:
+        """The device at `addr` talks to `node` (adopted from the store: its registration
+        says so): what this node sends it goes back through `node`."""
+        _remember(self.ingress, addr, node, self.limit)
 
     def egress(self, data: bytes, addr: Address) -> bool:
         """True when this datagram to a device went (or was dropped) on its way back through

@@ -394,3 +394,24 @@ async def test_answers_go_out_directly_once_the_ingress_node_is_gone(
     b.view.live_nodes = lambda: ["B", "C"]  # type: ignore[method-assign]
     await trio.sleep(1.5)  # (the view is read again at most once a second)
     assert b.link.egress(b"fourth", me) is False
+
+
+async def test_what_names_no_slot_stays_here_once_the_node_it_followed_is_gone(
+    nursery: trio.Nursery, device: trio.socket.SocketType, autojump_clock: object
+) -> None:
+    cluster = await start_cluster(nursery)
+    a, b = cluster["A"], cluster["B"]
+    me = device.getsockname()
+    # B answered the device's request through A (a token of the device's: names nothing)
+    b.link.ingress[me] = "A"
+    assert b.link.egress(m.encode(Message(MessageType.ACK, Code.CREATED, 1, b"tk")), me)
+    await receive(device)
+    assert a.link.peers[me] == "B"
+    await device.sendto(m.reset_for(5), a.coap_address)
+    await until(lambda: b.received)
+    # B is no longer live: A keeps the device's Reset rather than sending it into nothing
+    a.view.live_nodes = lambda: ["A", "C"]  # type: ignore[method-assign]
+    await trio.sleep(1.5)
+    await device.sendto(m.reset_for(6), a.coap_address)
+    await until(lambda: a.received)
+    assert a.received == [(m.reset_for(6), me)] and len(b.received) == 1
