@@ -5,7 +5,7 @@ PostgreSQL, lease TTL 1 s, real time.
   127.0.0.1's CoAP port; topology B: 127.0.0.1, .2, .3, the devices talking to a node that
   survives, so the new owner must send through that ingress node for the device to see the
   same source): the devices of one node V (not the application's home) delay their answers
-  1.5 s; once each has received its command, V is killed with SIGKILL. The new owner resends
+  2.5 s; once each has received its command, V is killed with SIGKILL. The new owner resends
   the same exchange (Message ID and token): each device executes once (it deduplicates by
   source and Message ID) and exactly one AsyncIDResponse arrives; commands posted after the
   kill are answered too.
@@ -104,7 +104,7 @@ async def test_kill_9_the_owner_mid_attempt(
                 await register_all(devices)
                 await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
                 for device in devices:
-                    device.delay = 1.5
+                    device.delay = 2.5  # past the takeover: the new owner resends
                 for i, device in enumerate(devices):
                     async_id = f"m{i}"  # posted to a node that is not the owner: proxied
                     status = await cluster.command(third, device.name, async_id, execute(async_id))
@@ -131,7 +131,9 @@ async def test_kill_9_the_owner_mid_attempt(
                 nursery.cancel_scope.cancel()
     finally:
         await cluster.close()
-    summary = (f"victim {victim} (home {home}); kill to the last in-flight command's "
+    resent = {f"m{i}": d.trace(f"m{i}") for i, d in enumerate(devices[:VICTIMS])}
+    summary = (f"victim {victim} (home {home}); in-flight commands as received {resent}; "
+               f"kill to the last in-flight command's "
                f"response: {failover} s; exits {cluster.exits}; new commands refused and "
                f"retried {dict(refusals)}; "
                f"{time.monotonic() - began:.1f} s")  # fmt: skip
