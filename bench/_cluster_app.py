@@ -10,10 +10,13 @@ Driven over stdin, one command a line, each ending with one JSON line on stdout:
 
     channel NODE                                PUT the WebSocket channel via node NODE (an
                                                 index), connect its WebSocket there
-    commands PREFIX N COUNT CONNS TIMEOUT       COUNT commands to PREFIX-(j % N) over CONNS
-                                                connections (connection k to node k % nodes,
-                                                one POST in flight each); then wait for every
-                                                answer (until none came for TIMEOUT s)
+    commands PREFIX N COUNT CONNS TIMEOUT [FILE]
+                                                COUNT commands to PREFIX-(j % N) by CONNS
+                                                workers (worker k to node k % nodes, or with
+                                                FILE, one node index a line per device, to
+                                                the device's node; one POST in flight each);
+                                                then wait for every answer (until none came
+                                                for TIMEOUT s)
     batch TAG PREFIX FILE                       one command to each device of FILE (one index
                                                 a line), no waiting for answers
     wait TAG T0 TIMEOUT                         until every accepted command of batch TAG is
@@ -128,7 +131,7 @@ class App:
         changed, self.changed = self.changed, trio.Event()
         changed.set()
 
-    async def _post(self, http: Conn, device: str, async_id: str, deadline: float,
+    async def _post(self, http: Conn, device: str, async_id: str, retry_for: float,
                     statuses: dict[int, int]) -> bool:  # fmt: skip
         """POST one command (retrying 502/503/504); True when accepted."""
         payload = base64.b64encode(async_id.encode()).decode()
@@ -136,6 +139,7 @@ class App:
                            "payload-b64": payload})  # fmt: skip
         target = f"/v2/device-requests/{device}?async-id={async_id}"
         sent = self.sent_at.setdefault(async_id, time.monotonic())
+        deadline = time.monotonic() + retry_for
         while True:
             status, _ = await http.request("POST", target, body.encode())
             self.accept_times.append(time.monotonic() - sent)
@@ -159,27 +163,31 @@ class App:
                     return
 
     async def commands(self, prefix: str, devices: int, count: int, conns: int,
-                       patience: float) -> dict[str, Any]:  # fmt: skip
+                       patience: float, owners: str | None) -> dict[str, Any]:  # fmt: skip
+        owner = ([int(x) for x in (await trio.Path(owners).read_text()).split()]
+                 if owners else None)  # fmt: skip
         self.run_id += 1
         run = self.run_id
         self.accept_times = []
         statuses: dict[int, int] = {}
         accepted: list[str] = []
         start = time.monotonic()
-        deadline = start + patience
         counter = 0
 
         async def worker(k: int) -> None:
             nonlocal counter
-            http = Conn(self, k)
+            https: dict[int, Conn] = {}
             while counter < count:
                 j = counter
                 counter += 1
                 async_id = f"c{run}-{j}"
-                if await self._post(http, f"{prefix}-{j % devices}", async_id, deadline,
+                n = k if owner is None else owner[j % devices]
+                http = https.get(n) or https.setdefault(n, Conn(self, n))
+                if await self._post(http, f"{prefix}-{j % devices}", async_id, patience,
                                     statuses):  # fmt: skip
                     accepted.append(async_id)
-            await http.aclose()
+            for http in https.values():
+                await http.aclose()
 
         async with trio.open_nursery() as nursery:
             for k in range(max(conns, len(self.nodes))):
@@ -222,7 +230,6 @@ class App:
         statuses: dict[int, int] = {}
         accepted: list[str] = []
         start = time.monotonic()
-        deadline = start + limit
         todo = list(enumerate(indexes))
 
         async def worker(k: int) -> None:
@@ -230,7 +237,8 @@ class App:
             while todo:
                 j, i = todo.pop()
                 async_id = f"{tag}-{j}"
-                if await self._post(http, f"{prefix}-{i}", async_id, deadline, statuses):
+                left = start + limit - time.monotonic()
+                if await self._post(http, f"{prefix}-{i}", async_id, left, statuses):
                     accepted.append(async_id)
             await http.aclose()
 
@@ -281,7 +289,8 @@ class App:
         if name == "channel":
             return await self.channel(int(a[0]), nursery)
         if name == "commands":
-            return await self.commands(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4]))
+            owners = a[5] if len(a) > 5 else None
+            return await self.commands(a[0], int(a[1]), int(a[2]), int(a[3]), float(a[4]), owners)
         if name == "batch":
             return await self.batch(a[0], a[1], a[2], float(a[3]) if len(a) > 3 else 60.0)
         if name == "wait":

@@ -12,6 +12,8 @@ devices sharing sockets, one source address per device sent with IP_PKTINFO, her
   answers, never executed again;
 - it counts executions per command: a PUT's payload is the async-id the benchmark gave the
   command, so `stats` tells how many ids were executed once and how many more than once;
+- a Register or Update answered 5.03 is sent again (a new Message ID) after its Max-Age
+  (1-30 s), within the phase's time;
 - `mute 1` drops every server request unseen (a device out of reach), `mute 0` ends it.
 
 Driven over stdin, one command a line, each ending with one JSON line on stdout:
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import array
 import collections
+import heapq
 import json
 import os
 import resource
@@ -86,6 +89,8 @@ class Devices:
         self.todo: list[int] = []
         self.messages: dict[int, bytes] = {}
         self.retry: collections.deque[tuple[float, int]] = collections.deque()
+        self.later: list[tuple[float, int]] = []
+        self.unavailable = 0
 
     def add(self, prefix: str, count: int) -> range:
         first = self.n
@@ -152,6 +157,8 @@ class Devices:
         self.retry.clear()
         self.errors: collections.Counter[int] = collections.Counter()
         self.retransmits = 0
+        self.unavailable = 0
+        self.later = []
         self.cpu0 = time.process_time()
         self.started = time.monotonic()
         self.finished = self.started
@@ -177,6 +184,12 @@ class Devices:
 
     def _answered(self, i: int, data: bytes, code: int, now: float) -> None:
         if self.state[i] != PENDING:
+            return
+        if code == 0xA3:  # 5.03: sent again (a new Message ID) after Max-Age, as a device would
+            self.unavailable += 1
+            self.last[i] = -1.0  # (its retransmission timer is off)
+            delay = max(1, min(decode(data).max_age, 30))
+            heapq.heappush(self.later, (now + delay, i))
             return
         self.state[i] = DONE
         self.rtts.append(now - self.first[i])
@@ -228,6 +241,16 @@ class Devices:
         self.send(i, answer, source)
 
     def _timers(self, now: float) -> None:
+        later = self.later
+        while later and later[0][0] <= now:
+            _, i = heapq.heappop(later)
+            if self.state[i] == PENDING:
+                register = self.kind == REGISTER
+                again = self.register_message(i) if register else self.update_message(i)
+                self.messages[i] = again
+                self.last[i] = now
+                self.send(i, again)
+                self.retry.append((now, i))
         retry = self.retry
         while retry and retry[0][0] + TIMEOUT <= now:
             sent, i = retry.popleft()
@@ -258,6 +281,7 @@ class Devices:
             "cpu_s": round(time.process_time() - self.cpu0, 3),
             "errors": {f"{c >> 5}.{c & 31:02}": k for c, k in self.errors.items()},
             "retransmits": self.retransmits,
+            "answered_503_and_sent_again": self.unavailable,
         }
         self.messages.clear()
         self.todo = []

@@ -5,47 +5,56 @@ Everything runs as real processes: a PostgreSQL server (tests/store/postgres.py:
 cluster run as the `postgres` user, Unix socket only, fsync on, synchronous_commit on; a fresh
 database per case), N `python -m dm_actor serve --config nodeX.toml` processes, the devices
 (`_cluster_devices.py`: raw CoAP, deduplicating by Message ID, counting executions per
-async-id) and the application (`_cluster_app.py`: POST /v2/device-requests over every node's
-HTTP port in turn, AsyncIDResponses from one WebSocket channel).
+async-id) and the application (`_cluster_app.py`: POST /v2/device-requests over the nodes'
+HTTP ports, AsyncIDResponses from one WebSocket channel).
 
 Cases (`--cases`, default all):
 
 - `sqlite1`: one daemon on SQLite; `pg1`: one daemon on PostgreSQL, no [cluster];
-- `c1`, `c2`, `c3`: 1, 2, 3 cluster nodes on one PostgreSQL database, topology B (node k on
-  127.0.0.k+1, each its own CoAP socket): the devices send to the owner of their slot (read
-  from `slot_leases` once the leases are balanced), commands go to every node's HTTP in turn
-  (so (N-1)/N of them are proxied to the owner, and the channel's events relayed).
+- `c1`, `c2`, `c3`: 1, 2, 3 cluster nodes on one PostgreSQL database (lease_ttl
+  `--lease-ttl`, 1024 slots), topology B: node k on 127.0.0.k+1, each its own CoAP socket and
+  HTTP port. The devices send to the owner of their slot (read from `slot_leases` once the
+  leases are balanced); the commands' POSTs go to the nodes in turn (so (N-1)/N of them are
+  proxied to the owner), the WebSocket is attached to the home node of the application's
+  channel (events of devices owned elsewhere are relayed to it).
 
-Each case measures three phases: `--devices` Registers (at most `--window` in flight),
-one Update per device, `--commands` commands (PUT /3/0/14, the payload naming the async-id).
+Phases of a case: 3 s idle (CPU per second: lease renewals, timers); `--devices` Registers (at
+most `--window` in flight); one Update per device; `--commands` commands (PUT /3/0/14 with the
+async-id as payload; `--connections` workers, one POST in flight each). For N >= 2 also:
+the same commands each POSTed to the owner of the device (`commands_to_owner`: no proxy),
+and twice in turn the Updates sent to a node that does not own the device's slot (forwarded
+to the owner, the answer back through the receiving node: 2 forwarded datagrams per Update)
+and to the owner again; CPU per forwarded datagram = (least CPU per Update sent to a wrong node
+- least CPU per Update sent to the owner) / 2, and the relative overhead per Update.
+
 Server CPU of a phase = utime + stime (/proc/<pid>/stat) of every dm_actor process and of
 every PostgreSQL process (the postmaster and all its children: backends, checkpointer, WAL
-writer...; this script's one monitoring connection included), after minus before; the
-devices' and the application's CPU is not counted. Reported per 1000 operations, and as a
-ratio to `pg1` in the same run. For N >= 2 a fourth phase repeats the Updates with every
-device sending to a node that does not own its slot (the Update forwarded to the owner, the
-answer sent back through the receiving node: 2 forwarded datagrams per Update): CPU per
-forwarded datagram = (CPU of the wrong-node Updates - CPU of the owner Updates) / (2 x
-Updates), and the same as a share of an Update's CPU. PostgreSQL's commits and WAL syncs per
-phase are read from pg_stat_database and pg_stat_wal.
+writer...; this script's one monitoring connection included), from before the phase until
+the store has committed what it left (no commit for 0.5 s); the devices' and the
+application's CPU is not counted. Reported per 1000 operations (per accepted command), and
+as a ratio to `pg1` in the same run. PostgreSQL's commits and WAL syncs per phase come from
+pg_stat_database and pg_stat_wal.
 
-`failover` (with `--failover-nodes`, default 3, and `--failover-devices`): register the
-devices, mute them (they drop requests unseen), submit `--failover-commands` commands to
-devices of one node (the victim: neither the channel's home nor where it is attached) so that
-they are in flight, `kill -9` the victim, unmute the devices at once, and submit as many
-commands again to other devices of the victim (retried while answered 503: nobody owns the
-slot yet). Reported from the kill: when every slot the victim held has a new owner
-(slot_leases, polled every 50 ms), the first and last AsyncIDResponse of the in-flight
-commands (resent by the new owner with their Message ID and token) and of the new ones.
+`failover` (`--failover-nodes`, default 3; `--failover-devices`, default 10,000): register
+the devices, mute them (they drop requests unseen), submit `--failover-commands` commands to
+devices of one node (the victim: not the home of the channel) so that they are in flight,
+`kill -9` the victim, unmute the devices at once, and submit as many commands to other
+devices of the victim (retried while answered 503: nobody owns the slot yet). Reported from
+the kill: when every slot the victim held has a new owner (slot_leases, polled every 50 ms),
+the first and last AsyncIDResponse of the in-flight commands (resent by the new owner with
+their Message ID and token) and of the new ones.
 
 Invariants, over every case: accepted (202) = answered on the channel, no AsyncIDResponse
 twice, and at the devices every async-id executed exactly once.
 
 The servers and PostgreSQL are pinned to `--server-cpu` (default 1), the devices, the
-application and this script to `--load-cpu` (default 0) with `taskset`.
+application and this script to `--load-cpu` (default 0) with `taskset`. The nodes' logs are
+kept in `--logs` (default: a new temporary directory, printed); their errors and first
+warnings are in the JSON (`node_errors`). `--profile commands` runs py-spy on every node.
 
-    python bench/cluster.py                                  # ~2 minutes: 3,000 devices
-    python bench/cluster.py --cases pg1 c2 --devices 20000 --commands 20000
+    python bench/cluster.py                                   # ~3 minutes
+    python bench/cluster.py --rounds 3 --cases pg1 c1 c2 c3   # interleaved, least CPU kept
+    python bench/cluster.py --cases pg1 c2 --devices 20000 --commands 20000 --connections 64
     python bench/cluster.py --cases failover --failover-devices 100000 --window 1000
 
 Prints one JSON line, then a table.
@@ -326,12 +335,21 @@ class Case:
     def measure(self, phase: str, proc: h.Proc, command: str, count_key: str,
                 timeout: float = 600.0) -> dict[str, Any]:  # fmt: skip
         self.settle()
+        profilers = []
+        if phase in self.args.profile:
+            for node in self.nodes:
+                out = self.files.parent / f"dm-bench-cluster-{self.name}-{node.name}.folded"
+                profilers.append((node.name, h.Profiler(node.proc.pid, out)))
         commits0, syncs0 = pg_stats(self.mon)
         (dm0, pg0), t0 = self.server_cpu(), time.monotonic()
         r = proc.ask(command, timeout)
         answered = time.monotonic() - t0
         self.settle()
         (dm1, pg1), wall = self.server_cpu(), time.monotonic() - t0
+        for name, profiler in profilers:
+            profiler.stop()
+            print(f"== py-spy, {self.name} node {name}, {phase}:\n"
+                  f"{h.profile_report(profiler.out, 20)}", file=sys.stderr)  # fmt: skip
         commits, syncs = pg_stats(self.mon)
         dm, pg = dm1 - dm0, pg1 - pg0
         cpu = dm + pg
@@ -363,21 +381,33 @@ class Case:
                            f"commands {PREFIX} {a.devices} {a.commands} {a.connections} 10",
                            "accepted")  # fmt: skip
         out |= {"register": reg, "update": upd, "commands": cmd}
-        if self.n >= 2:
-            self.devices.ask(f"aim {self.aim_file(a.devices, wrong=True)}")
-            wrong = self.measure("update_forwarded", self.devices, f"update {a.window}", "done")
-            self.devices.ask(f"aim {aim}")
-            again = self.measure("update_owner_again", self.devices, f"update {a.window}", "done")
-            base = min(upd["server_cpu_s"], again["server_cpu_s"])
-            datagrams = 2 * max(wrong["done"], 1)
+        phases = [cmd]
+        if self.n >= 2:  # the same commands, each POSTed to the device's owner (no proxy)
+            direct = self.measure("commands_to_owner", self.app,
+                                  f"commands {PREFIX} {a.devices} {a.commands} "
+                                  f"{a.connections} 10 {aim}", "accepted")  # fmt: skip
+            out["commands_to_owner"] = direct
+            phases.append(direct)
+        if self.n >= 2:  # Updates to a wrong node, then to the owner again, twice; least kept
+            wrong_aim = self.aim_file(a.devices, wrong=True)
+            owner, wrong = [upd], []
+            for _ in range(2):
+                self.devices.ask(f"aim {wrong_aim}")
+                wrong.append(self.measure("update_forwarded", self.devices,
+                                          f"update {a.window}", "done"))  # fmt: skip
+                self.devices.ask(f"aim {aim}")
+                owner.append(self.measure("update_owner_again", self.devices,
+                                          f"update {a.window}", "done"))  # fmt: skip
+            base = min(p["server_cpu_s"] / max(p["done"], 1) for p in owner)
+            fwd = min(p["server_cpu_s"] / max(p["done"], 1) for p in wrong)
             out["update_forwarded"] = wrong
-            out["update_owner_again"] = again
-            out["forward_us_per_datagram"] = round((wrong["server_cpu_s"] - base)
-                                                   / datagrams * 1e6, 1)  # fmt: skip
-            out["forward_overhead"] = round(wrong["server_cpu_s"] / base - 1, 3) if base else None
+            out["update_owner_again"] = owner[1:]
+            # an Update to a wrong node: 2 datagrams forwarded (the request, the answer)
+            out["forward_us_per_datagram"] = round((fwd - base) / 2 * 1e6, 1)
+            out["forward_overhead"] = round(fwd / base - 1, 3) if base else None
         out["devices"] = self.devices.ask("stats")
         out["app"] = self.app.ask("stats")
-        out["invariants"] = invariants(out["devices"], [cmd])
+        out["invariants"] = invariants(out["devices"], phases)
         return out
 
     def home_index(self) -> int:
@@ -461,8 +491,8 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=["sqlite1", "pg1", "c1", "c2", "c3",
                                                         "failover"],
                         choices=["sqlite1", "pg1", "c1", "c2", "c3", "failover"])  # fmt: skip
-    parser.add_argument("--devices", type=int, default=3000)
-    parser.add_argument("--commands", type=int, default=3000)
+    parser.add_argument("--devices", type=int, default=2000)
+    parser.add_argument("--commands", type=int, default=2000)
     parser.add_argument("--window", type=int, default=300, help="Registers/Updates in flight")
     parser.add_argument("--connections", type=int, default=16,
                         help="HTTP connections in all, spread over the nodes")  # fmt: skip
@@ -473,6 +503,9 @@ def main() -> None:
     parser.add_argument("--failover-devices", type=int, default=10000)
     parser.add_argument("--failover-commands", type=int, default=200,
                         help="commands in flight at the kill (and as many after it)")  # fmt: skip
+    parser.add_argument("--profile", nargs="*", default=[],
+                        choices=["register", "update", "commands", "update_forwarded"],
+                        help="py-spy every node over these phases (on stderr)")  # fmt: skip
     parser.add_argument("--logs", help="where the nodes' logs go (default: a new temp dir)")
     parser.add_argument("--server-cpu", default=h.SERVER_CPU)
     parser.add_argument("--load-cpu", default=h.LOAD_CPU)
@@ -502,7 +535,8 @@ def main() -> None:
         print(json.dumps(result, separators=(",", ":")))
     else:
         columns = ["case", "rounds", "idle_ms_s", "register_ms_1k", "update_ms_1k", "command_ms_1k",
-                   "register_vs_pg1", "update_vs_pg1", "command_vs_pg1", "fwd_us_dgram",
+                   "register_vs_pg1", "update_vs_pg1", "command_vs_pg1",
+                   "cmd_to_owner_ms_1k", "fwd_us_dgram",
                    "fwd_overhead", "accepted", "answered", "executed_ids",
                    "executed_more_than_once", "error"]  # fmt: skip
         h.emit(result, rows, columns)
@@ -564,6 +598,10 @@ def table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{k}_ms_1k"] = best[name][k]
         row["idle_ms_s"] = min(r["idle"]["dm_actor_ms_per_s"] + r["idle"]["postgres_ms_per_s"]
                                for r in runs)  # fmt: skip
+        direct = [r["commands_to_owner"]["cpu_ms_per_1k"] for r in runs
+                  if "commands_to_owner" in r]  # fmt: skip
+        if direct:
+            row["cmd_to_owner_ms_1k"] = min(direct)
         forwarded = [r for r in runs if r.get("forward_us_per_datagram") is not None]
         if forwarded:
             cheapest = min(forwarded, key=lambda r: r["update"]["cpu_ms_per_1k"])
