@@ -37,9 +37,10 @@ if TYPE_CHECKING:
 
     from dm_actor.actors.events import EventStream
     from dm_actor.address import Address
+    from dm_actor.api.relay import EventRelay
     from dm_actor.config import Settings
     from dm_actor.node import ClusterNode
-    from dm_actor.store.base import Snapshot, Store
+    from dm_actor.store.base import ChannelRecord, EventRecord, Snapshot, Store
     from dm_actor.store.postgres import PostgresStore
     from dm_actor.transport.link import ClusterLink
 
@@ -96,6 +97,33 @@ async def _join_cluster(settings: Settings) -> ClusterNode:
     )  # fmt: skip
     node.number = number
     return node
+
+
+def _relay(
+    node: ClusterNode, http_server: HttpServer, store: PostgresStore, api_keys: ApiKeys
+) -> EventRelay:
+    """The relay of events between this node and the applications' home nodes."""
+    from dm_actor.api.relay import EventRelay, http_sender
+
+    router = http_server.router
+    assert router is not None, "HttpServer(cluster=...) makes one"
+
+    async def load_events(owners: frozenset[str]) -> list[EventRecord]:
+        return await trio.to_thread.run_sync(store.load_events, owners)
+
+    async def load_channels() -> list[ChannelRecord]:
+        return await trio.to_thread.run_sync(store.load_channels)
+
+    return EventRelay(
+        node,
+        http_server.hub,
+        http_sender(node, router.pool.request, router.sign),
+        load_events=load_events,
+        load_channels=load_channels,
+        apps=api_keys.applications,
+        webhooks=http_server.api.webhooks,
+        max_body=http_server.options.max_body,
+    )
 
 
 def _cluster_wide(snapshot: Snapshot | None) -> Snapshot | None:
@@ -365,11 +393,16 @@ async def serve(
                             os.environ,
                             settings.api.admin_keys,
                         )
-                channels = [] if snapshot is None else snapshot.channels
+                # (in cluster mode a channel is reopened by its home node: `EventRelay.adopt`)
+                channels = [] if snapshot is None or node is not None else snapshot.channels
                 options = HttpOptions.from_settings(settings.api)
                 http_port = settings.server.http_port
-                cluster_args = {} if node is None else {"cluster": node}  # (until H4 lands)
-                http_server = HttpServer(sup, api_keys, options, channels, **cluster_args)
+                http_server = HttpServer(sup, api_keys, options, channels, cluster=node)
+                if node is not None:
+                    assert cluster_store is not None
+                    node.relay = http_server.relay = _relay(
+                        node, http_server, cluster_store, api_keys
+                    )
                 async with _starting(f"cannot listen on http://{host}:{http_port} (HTTP API)"):
                     http_addr = await nursery.start(http_server.run, host, http_port)
                 if api_keys.generated:
@@ -378,15 +411,15 @@ async def serve(
                         api_keys.generated,
                         settings.server.data_dir,
                     )
-            if http_server is not None:  # /metrics reads the transports; /readyz: all bound
-                http_server.ops.attach(udp, tcp, coaps, plain=settings.security.plain_coap)
             if node is not None:
-                if http_server is not None:
-                    node.relay = getattr(http_server, "relay", None)
                 await nursery.start(node.run)  # (the first lease round: slots held, loaded)
                 log.info("cluster node %s (number %d): %d of %d slots, link udp://%s",
                          node.node, node.number, len(node.book.held), node.slot_count,
                          settings.cluster.link)  # fmt: skip
+            # /metrics reads the transports; /readyz: all bound (and, in cluster mode, leases
+            # held and their devices loaded)
+            if http_server is not None:
+                http_server.ops.attach(udp, tcp, coaps, plain=settings.security.plain_coap)
             if link is not None and udp_addr is not None:
                 log.info("CoAP listening on udp://%s:%d (shared with the cluster's nodes)",
                          *udp_addr[:2])  # fmt: skip

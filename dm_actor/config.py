@@ -287,25 +287,3 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
         raise ConfigError(f"{where}: {exc}") from None
     _check_cluster(settings, where)
     return settings
-
-
-def _check_cluster(settings: Settings, where: str) -> None:
-    """`[cluster]` needs the PostgreSQL store, a secret and a host:port link address.
-
-    Raises:
-        ConfigError: what is missing.
-    """
-    c = settings.cluster
-    if not c.enabled:
-        return
-    if settings.server.store != "postgres" or not settings.server.dsn:
-        raise ConfigError(f'{where}: [cluster] needs [server] store = "postgres" and a dsn')
-    if not c.secret and not os.environ.get("DM_ACTOR_CLUSTER_SECRET"):
-        raise ConfigError(
-            f"{where}: [cluster] needs a secret (or DM_ACTOR_CLUSTER_SECRET): the internal "
-            f"link and internal HTTP calls are authenticated with it"
-        )
-    for key, value in (("link", c.link), ("advertise_http", c.advertise_http)):
-        host, sep, port = value.rpartition(":")
-        if value and (not sep or not host or not port.isdigit() or int(port) > 65535):
-            raise ConfigError(f"{where}: [cluster] {key}: not host:port: {value!r}")

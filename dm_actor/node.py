@@ -148,6 +148,15 @@ class ClusterNode:
         link = self.link
         return link is not None and link.egress(data, addr)
 
+    def ingress_of(self, addr: Address) -> str | None:
+        link = self.link
+        return None if link is None else link.ingress.get(addr)
+
+    def adopted(self, addr: Address, ingress: str) -> None:
+        link = self.link
+        if link is not None and ingress != self.node:
+            link.remember_ingress(addr, ingress)
+
     # -- the lease loop ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -96,9 +96,13 @@ _decode_address = msgspec.json.Decoder(list[str | int]).decode
 
 
 def registration_record(
-    reg: Registration, offset: float, addr: tuple[Any, ...] | None = None
+    reg: Registration,
+    offset: float,
+    addr: tuple[Any, ...] | None = None,
+    ingress: str | None = None,
 ) -> RegistrationRecord:
-    """The record of `reg`; `addr` is the UDP device's address (None over TCP)."""
+    """The record of `reg`; `addr` is the UDP device's address (None over TCP), `ingress`
+    the cluster node its datagrams come in by (None: this node, or no cluster)."""
     return RegistrationRecord(
         endpoint=reg.endpoint,
         reg_id=reg.reg_id,
@@ -111,6 +115,7 @@ def registration_record(
         updated_at=reg.updated_at + offset,
         endpoint_type=reg.endpoint_type,
         address=address_text(addr),
+        ingress=ingress,
     )
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from dm_actor.actors.registry import Registry
     from dm_actor.actors.subscriptions import Subscriptions
     from dm_actor.address import Address
+    from dm_actor.store.base import RegistrationRecord
 
 _CON = MessageType.CON.value
 _BLOCK1 = OptionNumber.BLOCK1.value
@@ -212,10 +213,17 @@ class Registrar(IdentityRules):
             self.subscriptions.observe_again(actor, now)  # rule 9.3
         registry.by_reg_id[reg.reg_id] = actor
         self.watch_lifetime(reg)
-        registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
+        registry.store.put_registration(self._record(actor, reg))
         registry.statistics["registrations"] += 1
         self.publish_registration("registrations", reg)
         return reg_iface.created(reg.reg_id)
+
+    def _record(self, actor: DeviceActor, reg: Registration) -> RegistrationRecord:
+        registry = self.registry
+        addr = actor.addr
+        cluster = registry.cluster
+        ingress = None if cluster is None or addr is None else cluster.ingress_of(addr)
+        return registration_record(reg, registry.wall_offset, addr, ingress)
 
     def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> bool:
         """Bind `actor` to `addr` or `conn` (`DeviceActor.bind`) and update the indexes; a
@@ -262,7 +270,7 @@ class Registrar(IdentityRules):
         reg = actor.reg.apply_update(parsed, now)
         actor.updated(reg)
         self.watch_lifetime(reg)
-        registry.store.put_registration(registration_record(reg, registry.wall_offset, actor.addr))
+        registry.store.put_registration(self._record(actor, reg))
         registry.statistics["updates"] += 1
         self.publish_registration("reg-updates", reg)
         return reg_iface.changed()

@@ -62,6 +62,15 @@ class ClusterHooks(Protocol):
         node is past its lease deadline, or sent back out through the node it came in by."""
         ...
 
+    def ingress_of(self, addr: Address) -> str | None:
+        """The node a device at `addr` talks to, when not this one (stored with its
+        registration, so that a new owner sends through it too)."""
+        ...
+
+    def adopted(self, addr: Address, ingress: str) -> None:
+        """A device adopted from the store talks to node `ingress`: send through it."""
+        ...
+
 
 def _plain(addr: Address) -> str | None:
     """No DTLS: every address is plain CoAP's."""

@@ -257,6 +257,9 @@ class Supervisor:
             actor = DeviceActor(self, machine, self.mailbox_size)
             if addr is not None:
                 self.by_addr[addr] = actor
+                cluster = self.registry.cluster
+                if rec.ingress is not None and cluster is not None:
+                    cluster.adopted(addr, rec.ingress)
             self.by_endpoint[reg.endpoint] = actor
             self.endpoint_names.add(reg.endpoint)
             self.by_reg_id[reg.reg_id] = actor

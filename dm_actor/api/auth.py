@@ -77,6 +77,10 @@ class ApiKeys:
     def __len__(self) -> int:
         return len(self._owners)
 
+    def applications(self) -> set[str]:
+        """The applications these keys belong to (administrators' ids not included)."""
+        return {owner for owner in self._owners.values() if not is_admin(owner)}
+
     def owner(self, key: str | bytes) -> str | None:
         """The application id of `key`, or None for an unknown key."""
         return self._owners.get(key.encode() if isinstance(key, str) else key)

@@ -57,6 +57,9 @@ class RegistrationRecord(msgspec.Struct, frozen=True):
     # a UDP device's last address, JSON `[host, port]` (IPv6: `[host, port, flowinfo,
     # scope_id]`); None over TCP (a connection cannot be restored) or when unknown
     address: str | None = None
+    # cluster mode: the node the device's datagrams come in by, when not its owner (a new
+    # owner sends through it, so the device sees the address it talks to); else None
+    ingress: str | None = None
 
 
 class CommandRecord(msgspec.Struct, frozen=True):

@@ -234,7 +234,12 @@ CREATE INDEX next_mids_by_slot ON next_mids (slot);
 """
 
 #: `MIGRATIONS[n - 1]` takes a database from version n - 1 to n (0: no dm-actor table).
-MIGRATIONS = (V1, V2)
+#: Version 3: the node a device's datagrams come in by (`RegistrationRecord.ingress`).
+V3 = f"""
+ALTER TABLE registrations ADD COLUMN ingress {_T};
+"""
+
+MIGRATIONS = (V1, V2, V3)
 VERSION = len(MIGRATIONS)
 #: The advisory lock one daemon holds on its database (the nodes of a cluster: shared).
 LOCK_KEY = schema.APPLICATION_ID
@@ -701,6 +706,7 @@ class PostgresStore(SqliteStore):
         """
         wanted = sorted(set(slots))
         where = "WHERE slot = ANY(%s) ORDER BY position"
+        now = self.clock()
 
         def read(pg: psycopg.Connection[Any]) -> Snapshot:
             return Snapshot(
@@ -728,7 +734,33 @@ class PostgresStore(SqliteStore):
                         "SELECT endpoint, mid FROM next_mids WHERE slot = ANY(%s)", (wanted,)
                     )
                 ),
+                # the answers remembered for repeats of their async-ids (rule 1.7) of these
+                # devices: the node that finished them may be gone
+                answers=[
+                    AnswerRecord(*r)
+                    for r in pg.execute(
+                        f"SELECT {', '.join(_ANSWER_FIELDS)} FROM answers WHERE forget_at > %s "
+                        "AND endpoint IN (SELECT endpoint FROM registrations "
+                        "WHERE slot = ANY(%s)) ORDER BY finished_at, seq",
+                        (now, wanted),
+                    )
+                ],
             )
+
+        return self._read(read)
+
+    def load_channels(self) -> list[ChannelRecord]:
+        """Every stored notification channel, on the reader connection (see `load_slots`):
+        a cluster node reopens those of the applications it becomes the home of."""
+
+        def read(pg: psycopg.Connection[Any]) -> list[ChannelRecord]:
+            return [
+                ChannelRecord(owner, mech, created, url, _decode_headers(headers), ser)
+                for owner, mech, created, url, headers, ser in pg.execute(
+                    "SELECT owner, mechanism, created_at, url, headers, serialization "
+                    "FROM channels ORDER BY owner"
+                )
+            ]
 
         return self._read(read)
 

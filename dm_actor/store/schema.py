@@ -153,8 +153,14 @@ CREATE TABLE credentials (
 ) WITHOUT ROWID;
 """
 
+#: Version 8: the node a device's datagrams come in by, in cluster mode (issue 17; kept in
+#: both stores' schemas, as they keep the same records).
+V8 = """
+ALTER TABLE registrations ADD COLUMN ingress TEXT;
+"""
+
 #: `MIGRATIONS[n - 1]` takes a store from version n - 1 to n (0 is an empty file).
-MIGRATIONS = (V1, V2, V3, V4, V5, V6, V7)
+MIGRATIONS = (V1, V2, V3, V4, V5, V6, V7, V8)
 
 #: The schema version this code writes.
 VERSION = len(MIGRATIONS)
