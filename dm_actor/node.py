@@ -260,6 +260,8 @@ class ClusterNode:
                 raise
             self._readopt |= chosen - set(moved)
             self.book.given(moved)
+            for slot in moved:  # (until the next table read)
+                self._owners[slot] = to
             self.statistics["slots_given"] += len(moved)
             log.info("cluster: handed %d slots (%d devices) to %s", len(moved), released, to)
         finally:

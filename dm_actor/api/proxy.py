@@ -409,6 +409,14 @@ class ClusterRouter:
         r = route(self.view, req.method, req.segments, req.app)
         return None if r is LOCAL else r
 
+    def remote_internal(self, req: Request) -> Route | None:
+        """Where a request another node sent here is answered: here (None), unless it is
+        about a device or a channel whose slot this node does not serve (yet: a handover's
+        receiver before it loaded the slot; or any more): NOBODY, a 503 the caller retries,
+        never a 404 for a device that is only moving."""
+        r = route(self.view, req.method, req.segments, req.app)
+        return None if r is LOCAL or r is GATHER or r is EVERY else NOBODY
+
     def home(self, app: str) -> Route | None:
         """Where `app`'s channel is served when not here; None for here."""
         r = home_route(self.view, app)

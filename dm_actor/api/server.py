@@ -797,7 +797,12 @@ class HttpServer:
             await self._send(conn, stream, _unauthorized(event), close=close, slot=slot)
             return not close and conn.our_state is h11.DONE
         req = Request(event.method, segments, _query(query), body, app, content_type)
-        where = None if self.router is None or internal else self.router.remote(req)
+        router = self.router
+        where = (
+            None if router is None
+            else router.remote_internal(req) if internal
+            else router.remote(req)
+        )  # fmt: skip
         if segments == _PULL and event.method == b"GET" and where is None:
             if req.admin:  # an administrator key owns no channel
                 await self._send(conn, stream, NOT_AN_ACCESS_KEY)

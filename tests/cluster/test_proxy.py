@@ -261,12 +261,13 @@ async def test_internal_headers_forged_old_or_missing_are_refused_403(
             "GET", target, headers=[(n.decode(), v.decode()) for n, v in other_key]
         )
         assert reply.status == 403
-        # a valid one is served here, never sent on: b does not have a's device
+        # a valid one is answered here, never sent on: b does not serve a's device's slot,
+        # so 503 (a device only moving between nodes is never answered 404)
         valid = internal_headers(SECRET, b"GET", target.encode(), router.wall())
         reply = await client.request(
             "GET", target, headers=[(n.decode(), v.decode()) for n, v in valid]
         )
-        assert (reply.status, reply.text) == (404, "DEVICE_NOT_FOUND")
+        assert reply.status == 503 and reply.headers[b"retry-after"]
         assert router.statistics["proxied"] == 0
         # /internal/events: a valid header only; 404 while no relay is attached
         reply = await client.request("POST", "/internal/events", body=b"[]", key=None)
