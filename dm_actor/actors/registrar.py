@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from dm_actor.actors.device import Signal
-from dm_actor.actors.persist import registration_record
 from dm_actor.actors.provisioning import IdentityRules
 from dm_actor.actors.refusals import Refusals
 from dm_actor.coap import framing_tcp, message as coap_message
@@ -40,7 +39,6 @@ if TYPE_CHECKING:
     from dm_actor.actors.registry import Registry
     from dm_actor.actors.subscriptions import Subscriptions
     from dm_actor.address import Address
-    from dm_actor.store.base import RegistrationRecord
 
 _CON = MessageType.CON.value
 _BLOCK1 = OptionNumber.BLOCK1.value
@@ -153,17 +151,6 @@ class Registrar(IdentityRules):
         retry_after = self.registry.settings.registration.retry_after
         return ((OptionNumber.MAX_AGE.value, uint_bytes(retry_after)),)
 
-    def _new_reg_id(self, endpoint: str) -> str:
-        """An unguessable registration id: it is what authorises Updates (rule 0)."""
-        cluster = self.registry.cluster
-        if cluster is not None:
-            while (reg_id := cluster.reg_id(endpoint)) in self.registry.by_reg_id:
-                pass
-            return reg_id
-        while (reg_id := secrets.token_hex(6)) in self.registry.by_reg_id:
-            pass
-        return reg_id
-
     def register(
         self,
         request: Message,
@@ -184,7 +171,7 @@ class Registrar(IdentityRules):
             return refusal
         if conn is None and "U" not in parsed.binding:  # (b=T or b=S over UDP)
             return Code.BAD_REQUEST, ()
-        reg = Registration.from_request(parsed, self._new_reg_id(parsed.endpoint), now)
+        reg = Registration.from_request(parsed, registry.new_reg_id(parsed.endpoint), now)
         actor = registry.by_endpoint.get(reg.endpoint)
         # bound first: a replaced connection's mail is handled now (`bind`), and it may hold
         # a Register (handled in full, nested) or a De-register (the actor ends)
@@ -213,17 +200,10 @@ class Registrar(IdentityRules):
             self.subscriptions.observe_again(actor, now)  # rule 9.3
         registry.by_reg_id[reg.reg_id] = actor
         self.watch_lifetime(reg)
-        registry.store.put_registration(self._record(actor, reg))
+        registry.store.put_registration(registry.record(actor, reg))
         registry.statistics["registrations"] += 1
         self.publish_registration("registrations", reg)
         return reg_iface.created(reg.reg_id)
-
-    def _record(self, actor: DeviceActor, reg: Registration) -> RegistrationRecord:
-        registry = self.registry
-        addr = actor.addr
-        cluster = registry.cluster
-        ingress = None if cluster is None or addr is None else cluster.ingress_of(addr)
-        return registration_record(reg, registry.wall_offset, addr, ingress)
 
     def bind(self, actor: DeviceActor, addr: Address | None, conn: TcpConnection | None) -> bool:
         """Bind `actor` to `addr` or `conn` (`DeviceActor.bind`) and update the indexes; a
@@ -270,7 +250,7 @@ class Registrar(IdentityRules):
         reg = actor.reg.apply_update(parsed, now)
         actor.updated(reg)
         self.watch_lifetime(reg)
-        registry.store.put_registration(self._record(actor, reg))
+        registry.store.put_registration(registry.record(actor, reg))
         registry.statistics["updates"] += 1
         self.publish_registration("reg-updates", reg)
         return reg_iface.changed()

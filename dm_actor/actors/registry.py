@@ -21,7 +21,7 @@ from sortedcontainers import SortedList
 
 from dm_actor.actors.directory import Directory
 from dm_actor.actors.mailbox import MailboxClosed, Overloaded
-from dm_actor.actors.persist import command_record
+from dm_actor.actors.persist import command_record, registration_record
 from dm_actor.address import SESSION_HOST
 from dm_actor.coap.endpoint import CoapEndpoint
 from dm_actor.coap.framing_tcp import BASE_MAX_MESSAGE_SIZE
@@ -41,7 +41,8 @@ if TYPE_CHECKING:
     from dm_actor.coap.numbers import TransmissionParameters
     from dm_actor.config import Settings
     from dm_actor.delivery.queue import Command
-    from dm_actor.store.base import Store
+    from dm_actor.lwm2m.registration import Registration
+    from dm_actor.store.base import RegistrationRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,22 @@ class Registry:
     ) -> CoapEndpoint:
         prefix = b"" if self.cluster is None else self.cluster.token_prefix(endpoint)
         return self.new_coap_endpoint(reliable=reliable, mid_start=mid_start, token_prefix=prefix)
+
+    def new_reg_id(self, endpoint: str) -> str:
+        """An unguessable registration id: it is what authorises Updates (rule 0). In
+        cluster mode it names the endpoint's slot (`ClusterHooks.reg_id`)."""
+        cluster = self.cluster
+        while True:
+            reg_id = secrets.token_hex(6) if cluster is None else cluster.reg_id(endpoint)
+            if reg_id not in self.by_reg_id:
+                return reg_id
+
+    def record(self, actor: DeviceActor, reg: Registration) -> RegistrationRecord:
+        """What the store keeps of `actor`'s registration `reg` (with the cluster node its
+        datagrams come in by, in cluster mode)."""
+        cluster, addr = self.cluster, actor.addr
+        ingress = None if cluster is None or addr is None else cluster.ingress_of(addr)
+        return registration_record(reg, self.wall_offset, addr, ingress)
 
     def send_datagram(self, data: bytes, addr: Address) -> None:
         cluster = self.cluster
