@@ -69,6 +69,9 @@ _NOT_FORWARDED = frozenset((
     b"trailer", b"upgrade", b"expect", b"origin", b"proxy-connection", CLUSTER_HEADER,
     CLUSTER_TIME_HEADER, b"access-control-request-method", b"access-control-request-headers",
 ))  # fmt: skip
+#: A relayed long poll tells the home node whether the relaying node's client got the
+#: previous response (`lost` or `arrived`): the home node cannot see that connection.
+PREVIOUS_PULL_HEADER = b"x-dm-previous-pull"
 #: response headers never passed back (hop-by-hop, or set by this node's `_send`)
 _NOT_RETURNED = frozenset((
     b"connection", b"keep-alive", b"content-length", b"transfer-encoding", b"trailer",

@@ -52,6 +52,7 @@ from dm_actor.api.proxy import (
     CLUSTER_HEADER,
     FORBIDDEN_INTERNAL,
     NO_OWNER,
+    PREVIOUS_PULL_HEADER,
     ClusterRouter,
     EventRelay,
     Forged,
@@ -295,6 +296,9 @@ class HttpServer:
                 ping_interval=o.ping_interval, handshake_timeout=o.handshake_timeout,
             )  # fmt: skip
         self.relay: EventRelay | None = None
+        # cluster mode: the last long-poll response relayed to each application's client
+        # (its arrival is told to the home node with the next poll: `_previous_pull`)
+        self._relayed_pulls: dict[str, PullReceipt] = {}
 
     def stop_accepting(self) -> None:
         """Stop taking connections (the listeners close) and close each connection after
@@ -343,6 +347,9 @@ class HttpServer:
         finally:
             if self.router is not None:
                 self.router.pool.close()
+            for receipt in self._relayed_pulls.values():
+                receipt.close()
+            self._relayed_pulls.clear()
 
     async def _accept(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
         """Accept connections. At `max_connections`, the oldest sheddable connection is
@@ -807,7 +814,8 @@ class HttpServer:
             if req.admin:  # an administrator key owns no channel
                 await self._send(conn, stream, NOT_AN_ACCESS_KEY)
                 return conn.our_state is h11.DONE
-            return await self._long_poll(conn, stream, app)
+            told = _told(event.headers) if internal else None
+            return await self._long_poll(conn, stream, app, told)
         self._answering += 1
         try:
             try:
@@ -816,7 +824,11 @@ class HttpServer:
                 else:  # answered by another node, or by every node (proxy.py)
                     router = self.router
                     assert router is not None
-                    answer = partial(router.answer, where, req, event.target, event.headers,
+                    headers: Sequence[tuple[bytes, bytes]] = event.headers
+                    if segments == _PULL:  # (whether our client got the previous response)
+                        headers = [(n, v) for n, v in headers if n != PREVIOUS_PULL_HEADER]
+                        headers.append((PREVIOUS_PULL_HEADER, self._previous_pull(app)))
+                    answer = partial(router.answer, where, req, event.target, headers,
                                      self.api.dispatch)  # fmt: skip
                     if segments != _PULL:
                         response = await answer()
@@ -824,6 +836,8 @@ class HttpServer:
                         return False  # (the home node saw the internal connection close)
                     else:
                         response = polled
+                        if polled[0] == 200:  # (its arrival is told with the next poll)
+                            self._relayed_pulls[app] = PullReceipt(stream.socket)
             except Exception:  # a handler's bug: answered, counted, logged (once a minute)
                 self._server_error(event, number)
                 response = INTERNAL_ERROR_V3 if segments[:1] == ["v3"] else INTERNAL_ERROR
@@ -973,14 +987,31 @@ class HttpServer:
 
     # -- long poll ------------------------------------------------------------------------
 
-    async def _long_poll(self, conn: h11.Connection, stream: trio.SocketStream, app: str) -> bool:
+    def _previous_pull(self, app: str) -> bytes:
+        """Whether the last long-poll response this node relayed to `app`'s client reached
+        it (`PullReceipt`, as the home node would judge its own connection); the receipts of
+        other applications whose connection closed meanwhile take their verdict now."""
+        receipts = self._relayed_pulls
+        receipt = receipts.pop(app, None)
+        lost = receipt is not None and receipt.lost()
+        if receipt is not None:
+            receipt.close()
+        for other in [a for a, r in receipts.items() if r.check()]:
+            del receipts[other]  # (its socket was closed: keep no duplicate of it)
+        return b"lost" if lost else b"arrived"
+
+    async def _long_poll(
+        self, conn: h11.Connection, stream: trio.SocketStream, app: str, told: bool | None = None
+    ) -> bool:
         """`GET /v2/notification/pull`: one message (200), or 204 after the timeout.
 
         Hand-over (Pelion's pull has no acknowledgement): the events of a 200 are held, and
         stored like the events waiting, until the application polls again, which
         acknowledges them, or deletes the channel. A response known not to have arrived (its
         connection was reset before the client read it, or the client's TCP never
-        acknowledged it: `PullReceipt`) is sent again by that next poll.
+        acknowledged it: `PullReceipt`) is sent again by that next poll. A poll relayed by
+        another node (cluster mode) says whether that node's client got the previous response
+        (`told`: True when lost): its internal connection says nothing about that.
         """
         hub = self.hub
         channel = hub.channels.get(app)
@@ -993,6 +1024,8 @@ class HttpServer:
         if channel.polling:
             await self._send(conn, stream, text(409, "A long poll is already pending."))
             return conn.our_state is h11.DONE
+        if told is not None and isinstance(channel.receipt, ToldReceipt):
+            channel.receipt.verdict = told
         if hub.settle(channel):  # this poll acknowledges the previous response
             log.info("long poll of %s: the previous response did not arrive; sent again", app)
         channel.poll(pending=True)
@@ -1011,7 +1044,7 @@ class HttpServer:
             except BaseException:
                 channel.unread(batch)
                 raise
-            hub.hold(channel, batch, PullReceipt(stream.socket))
+            hub.hold(channel, batch, PullReceipt(stream.socket) if told is None else ToldReceipt())
             return conn.our_state is h11.DONE
         finally:
             channel.poll(pending=False)
@@ -1283,6 +1316,30 @@ class HttpServer:
             await ws.aclose(code, reason)
         if frames is not None:
             frames.on_progress = None
+
+
+class ToldReceipt:
+    """The receipt of a long-poll response relayed by another node: lost or not as the next
+    relayed poll tells (`x-dm-previous-pull`); arrived when a poll of our own comes next."""
+
+    __slots__ = ("verdict",)
+
+    def __init__(self) -> None:
+        self.verdict = False
+
+    def lost(self) -> bool:
+        return self.verdict
+
+    def check(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _told(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """A relayed poll's word on the previous response: True when it was lost."""
+    return any(n == PREVIOUS_PULL_HEADER and v == b"lost" for n, v in headers)
 
 
 def _peer(stream: trio.SocketStream) -> object:

@@ -515,3 +515,43 @@ def _leaves(group: BaseExceptionGroup[ConnectionRejected]) -> list[ConnectionRej
     for e in group.exceptions:
         out += _leaves(e) if isinstance(e, BaseExceptionGroup) else [e]
     return out
+
+
+class _Lost:
+    """A relayed response's receipt that says its client never got it (a reset connection:
+    `PullReceipt`'s own tests show when a real socket says so)."""
+
+    def lost(self) -> bool:
+        return True
+
+    def check(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+async def test_a_relayed_pull_tells_the_home_whether_its_client_got_the_last_response(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The home node cannot see the relaying node's client: the next relayed poll says
+    whether the previous response arrived (x-dm-previous-pull), and the home node sends it
+    again only when it did not (it judged by the internal connection before, and sent
+    responses that had arrived twice when an ACK was late: test_cluster_routing)."""
+    nodes = await start_cluster(nursery)
+    home, other = home_and_other(nodes)
+    async with other.client() as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        ep = endpoint_of(home.name, nodes)
+        await online(home, nursery, ep)
+        await client.request("GET", "/v2/notification/pull")  # (the registration)
+        reply = await client.request("POST", f"/v2/device-requests/{ep}?async-id=p1", json=GET_1)
+        assert reply.status == 202
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert [r["id"] for r in reply.json()["async-responses"]] == ["p1"]
+        other.http._relayed_pulls.pop(APP).close()
+        other.http._relayed_pulls[APP] = _Lost()  # type: ignore[assignment]
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert [r["id"] for r in reply.json()["async-responses"]] == ["p1"]  # sent again
+        reply = await client.request("GET", "/v2/notification/pull")  # arrived: not again
+        assert reply.status == 204
