@@ -39,7 +39,7 @@ from typing import Any
 import msgspec
 import trio
 from _app import Http, _ms
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
 _decode = msgspec.json.Decoder().decode
 RETRY = {502, 503, 504}
@@ -82,6 +82,7 @@ class App:
         self.nodes = nodes
         self.dead: set[tuple[str, int]] = set()
         self.reconnects = 0
+        self.ws_reconnects = 0
         self.accept_times: list[float] = []  # POST written -> its answer (of every try)
         self.sent_at: dict[str, float] = {}
         self.answered_at: dict[str, float] = {}
@@ -106,15 +107,23 @@ class App:
         return {"phase": "channel", "status": status}
 
     async def _reader(self, node: tuple[str, int], connected: trio.Event) -> None:
-        url = f"ws://{node[0]}:{node[1]}/v2/notification/websocket-connect"
-        async with open_websocket_url(url, subprotocols=["wss", f"pelion_{self.key}"],
-                                      message_queue_size=4096) as ws:  # fmt: skip
-            connected.set()
+        """The channel's WebSocket; when it closes (its node died), connected again to the
+        next live node every 0.2 s (the events not yet delivered are delivered there)."""
+        k = self.nodes.index(node)
+        while True:
+            url = f"ws://{node[0]}:{node[1]}/v2/notification/websocket-connect"
             try:
-                while True:
-                    self._on_message(await ws.get_message())
-            except ConnectionClosed:
-                return
+                async with open_websocket_url(url, subprotocols=["wss", f"pelion_{self.key}"],
+                                              message_queue_size=4096) as ws:  # fmt: skip
+                    connected.set()
+                    while True:
+                        self._on_message(await ws.get_message())
+            except (ConnectionClosed, OSError, HandshakeError, trio.BrokenResourceError):
+                self.ws_reconnects += 1
+            await trio.sleep(0.2)
+            live = [n for n in self.nodes if n not in self.dead]
+            k += 1
+            node = live[k % len(live)]
 
     def _on_message(self, message: str | bytes) -> None:
         now = time.monotonic()
@@ -231,6 +240,7 @@ class App:
         accepted: list[str] = []
         start = time.monotonic()
         todo = list(enumerate(indexes))
+        refused: list[str] = []
 
         async def worker(k: int) -> None:
             http = Conn(self, k)
@@ -240,6 +250,8 @@ class App:
                 left = start + limit - time.monotonic()
                 if await self._post(http, f"{prefix}-{i}", async_id, left, statuses):
                     accepted.append(async_id)
+                else:
+                    refused.append(f"{prefix}-{i}")
             await http.aclose()
 
         async with trio.open_nursery() as nursery:
@@ -247,7 +259,7 @@ class App:
                 nursery.start_soon(worker, k)
         self.batches[tag] = accepted
         first_202 = min((self.sent_at[i] for i in accepted), default=start)
-        return {"phase": "batch", "tag": tag, "accepted": len(accepted),
+        return {"phase": "batch", "tag": tag, "accepted": len(accepted), "refused": refused,
                 "http_statuses": {str(k): v for k, v in sorted(statuses.items())},
                 "seconds": round(time.monotonic() - start, 3),
                 "first_sent": first_202}  # fmt: skip
@@ -299,7 +311,7 @@ class App:
             return {"phase": "stats", "sent": len(self.sent_at),
                     "answered": len(self.answered_at), "duplicate_answers": self.duplicates,
                     "unknown_answers": self.unknown, "messages": self.messages,
-                    "reconnects": self.reconnects}  # fmt: skip
+                    "reconnects": self.reconnects, "ws_reconnects": self.ws_reconnects}  # fmt: skip
         return {"error": f"unknown command {name}"}
 
 

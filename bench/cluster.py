@@ -71,6 +71,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,6 +411,17 @@ class Case:
         out["invariants"] = invariants(out["devices"], phases)
         return out
 
+    def device_status(self, device: str) -> str:
+        """GET /v3/devices/{device} on the first live node: status and state."""
+        node = next(n for n in self.nodes if n.alive())
+        auth = {"Authorization": f"Bearer {h.API_KEY}"}
+        request = urllib.request.Request(f"http://{node.http}/v3/devices/{device}", headers=auth)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as r:
+                return f"{r.status} {json.loads(r.read()).get('state')}"
+        except urllib.error.HTTPError as e:
+            return f"{e.code} {e.read()[:200]!r}"
+
     def home_index(self) -> int:
         if not self.cluster:
             return 0
@@ -454,11 +466,17 @@ class Case:
         w1 = self.app.ask(f"wait inflight {t_kill} 60", 90)
         w2 = self.app.ask(f"wait after {t_kill} 60", 90)
         stats = self.devices.ask("stats")
+        refused = after.get("refused", [])
+        known_now = {device: self.device_status(device) for device in refused[:5]}
+        if refused:  # (not accepted: is the device known now?)
+            print(f"[failover] {len(refused)} commands refused ({after['http_statuses']}); "
+                  f"GET /v3/devices/ID now, first 5: {known_now}", file=sys.stderr)  # fmt: skip
         out = {"case": "failover", "nodes": self.n, "devices": count, "register": reg,
                "victim": name, "victim_slots": len(slots), "victim_devices": len(mine),
                "lease_ttl": a.lease_ttl, "inflight": sent, "after": after,
                "reowned_s": round(reowned, 3) if reowned is not None else None,
                "inflight_answers": w1, "after_answers": w2, "devices_stats": stats,
+               "refused_known_now": known_now,
                "app": self.app.ask("stats")}  # fmt: skip
         out["invariants"] = {
             "accepted": w1["accepted"] + w2["accepted"],
