@@ -16,7 +16,9 @@ Cases (`--cases`, default all):
   HTTP port. The devices send to the owner of their slot (read from `slot_leases` once the
   leases are balanced); the commands' POSTs go to the nodes in turn (so (N-1)/N of them are
   proxied to the owner), the WebSocket is attached to the home node of the application's
-  channel (events of devices owned elsewhere are relayed to it).
+  channel (events of devices owned elsewhere are relayed to it). `--topology a`: every node
+  on 127.0.0.1 with one shared CoAP port (SO_REUSEPORT: the kernel spreads the devices over
+  the nodes, (N-1)/N of the datagrams are forwarded), no forwarding phases.
 
 Phases of a case: 3 s idle (CPU per second: lease renewals, timers); `--devices` Registers (at
 most `--window` in flight); one Update per device; `--commands` commands (PUT /3/0/14 with the
@@ -55,6 +57,7 @@ warnings are in the JSON (`node_errors`). `--profile commands` runs py-spy on ev
     python bench/cluster.py                                   # ~3 minutes
     python bench/cluster.py --rounds 3 --cases pg1 c1 c2 c3   # interleaved, least CPU kept
     python bench/cluster.py --cases pg1 c2 --devices 20000 --commands 20000 --connections 64
+    python bench/cluster.py --cases pg1 c2 c3 --topology a   # one shared CoAP port
     python bench/cluster.py --cases failover --failover-devices 100000 --window 1000
 
 Prints one JSON line, then a table.
@@ -171,7 +174,7 @@ def start_nodes(kind: str, n: int, dsn: str, cluster: bool, args: argparse.Names
     nodes = []
     for k in range(n):
         name = "abcdefgh"[k]
-        host = f"127.0.0.{k + 1}"
+        host = "127.0.0.1" if args.topology == "a" else f"127.0.0.{k + 1}"
         http, link = h.free_port(), h.free_port()
         data_dir = tempfile.mkdtemp(prefix=f"dm-bench-cluster-{name}-")
         path = Path(data_dir) / f"node{name}.toml"
@@ -244,6 +247,7 @@ class Case:
         self.logs = f"{args.logs}/{name}-{round_}"
         self.kind = "sqlite" if name.startswith("sqlite") else "postgres"
         self.cluster = name.startswith("c") or name == "failover"
+        self.shared = self.cluster and args.topology == "a"
         self.n = args.failover_nodes if name == "failover" else int(name[-1])
         self.db = pg.server.create_database()
         self.dsn = pg.server.dsn(self.db)
@@ -263,7 +267,7 @@ class Case:
             took = wait_balanced(self.mon, [n.name for n in self.nodes], 60.0)
             print(f"[{self.name}] leases balanced {took:.1f} s after ready", file=sys.stderr)
             self.owner_of = leases(self.mon)
-        coaps = [n.coap for n in self.nodes]
+        coaps = [n.coap for n in self.nodes][: 1 if self.shared else None]
         self.devices = h.Proc([h.PYTHON, str(h.BENCH / "_cluster_devices.py"), *coaps],
                               self.args.load_cpu, stdin=True, name="devices")  # fmt: skip
         self.devices.read_json(30)
@@ -293,11 +297,15 @@ class Case:
         names = [n.name for n in self.nodes]
         return names.index(owner) if owner in names else 0
 
-    def aim_file(self, count: int, wrong: bool) -> str:
-        path = self.files / f"aim-{'wrong' if wrong else 'owner'}"
+    def aim_file(self, count: int, wrong: bool, *, http: bool = False) -> str:
+        """Per device, the index of the node it sends to: its owner, or (`wrong`) the next
+        node; in topology A (one shared CoAP socket) always the one address, unless `http`."""
+        path = self.files / f"aim-{'wrong' if wrong else 'owner'}{'-http' if http else ''}"
         lines = []
         for i in range(count):
             k = self.owner_index(i)
+            if self.shared and not http:
+                k = 0
             lines.append(str((k + 1) % self.n if wrong else k))
         path.write_text("\n".join(lines) + "\n")
         return str(path)
@@ -384,12 +392,13 @@ class Case:
         out |= {"register": reg, "update": upd, "commands": cmd}
         phases = [cmd]
         if self.n >= 2:  # the same commands, each POSTed to the device's owner (no proxy)
+            owners = self.aim_file(a.devices, wrong=False, http=True)
             direct = self.measure("commands_to_owner", self.app,
                                   f"commands {PREFIX} {a.devices} {a.commands} "
-                                  f"{a.connections} 10 {aim}", "accepted")  # fmt: skip
+                                  f"{a.connections} 10 {owners}", "accepted")  # fmt: skip
             out["commands_to_owner"] = direct
             phases.append(direct)
-        if self.n >= 2:  # Updates to a wrong node, then to the owner again, twice; least kept
+        if self.n >= 2 and not self.shared:  # Updates to a wrong node, then to the owner again
             wrong_aim = self.aim_file(a.devices, wrong=True)
             owner, wrong = [upd], []
             for _ in range(2):
@@ -517,6 +526,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="rounds of the cases (order rotated; least CPU kept)")  # fmt: skip
     parser.add_argument("--lease-ttl", type=float, default=2.0)
+    parser.add_argument("--topology", choices=("a", "b"), default="b",
+                        help="a: every node on 127.0.0.1 sharing the CoAP port (SO_REUSEPORT); "
+                        "b: node k on 127.0.0.k+1")  # fmt: skip
     parser.add_argument("--failover-nodes", type=int, default=3, choices=(2, 3))
     parser.add_argument("--failover-devices", type=int, default=10000)
     parser.add_argument("--failover-commands", type=int, default=200,
