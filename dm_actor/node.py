@@ -86,6 +86,11 @@ class ClusterNode:
         self._links: dict[str, HostPort] = {}
         self._live: list[str] = [node]
         self._leaving: set[int] = set()  # slots being handed over: served by nobody here
+        self._loading: set[int] = set()  # slots held whose devices are not loaded yet
+        # after this node could not reach the database, it takes no other node's slots for
+        # one TTL: the others were cut off too and renew their own first (else the first
+        # node back takes everyone's expired leases and the others stop, fenced)
+        self._calm_until = -math.inf
         self._prefixes = [cluster_slots.token_prefix(s) for s in range(slot_count)]
         self.ready = trio.Event()  # set after the first round (leases held, devices loaded)
         self.statistics = {"held_back": 0, "slots_adopted": 0, "slots_given": 0, "rounds": 0,
@@ -111,13 +116,14 @@ class ClusterNode:
 
     def owner(self, slot: int) -> str | None:
         if slot in self.book.held:
-            return self.node if slot not in self._leaving else None
+            return None if slot in self._leaving or slot in self._loading else self.node
         return self._owners[slot] if 0 <= slot < self.slot_count else None
 
     def mine(self, slot: int) -> bool:
         return (
             slot in self.book.held
             and slot not in self._leaving
+            and slot not in self._loading
             and self.book.valid(trio.current_time())
         )
 
@@ -178,6 +184,7 @@ class ClusterNode:
             else:
                 if self._failing:
                     log.warning("cluster: leases renewed again")
+                    self._calm_until = trio.current_time() + self.ttl
                 self._failing = False
                 if not started:
                     started = True
@@ -203,9 +210,13 @@ class ClusterNode:
         if gained:  # handed over to this node (or kept after a failed handover)
             await self._adopt(frozenset(gained))
         plan = book.plan(table)
-        if plan.take:
+        take = list(plan.take)
+        if trio.current_time() < self._calm_until:  # (free slots and our own only)
+            leases = table.leases
+            take = [s for s in take if s >= len(leases) or leases[s].node in (None, self.node)]
+        if take:
             sent_at = trio.current_time()
-            taken = await trio.to_thread.run_sync(coordinator.take, list(plan.take))
+            taken = await trio.to_thread.run_sync(coordinator.take, take)
             gained = book.taken(taken, sent_at)
             if gained:
                 await self._adopt(gained)
@@ -231,9 +242,17 @@ class ClusterNode:
         self._live = sorted(live)
 
     async def _adopt(self, slots: frozenset[int]) -> None:
-        """Serve `slots`: their devices from the store, their applications' owed events."""
-        snapshot = await trio.to_thread.run_sync(self.store.load_slots, sorted(slots))
+        """Serve `slots`: their devices from the store, their applications' owed events.
+        Until their devices are loaded, nobody serves them here (a request gets 503, a
+        Register 5.03: never a 404 for a device not loaded yet)."""
+        self._loading |= slots
+        try:
+            snapshot = await trio.to_thread.run_sync(self.store.load_slots, sorted(slots))
+        except BaseException:
+            self._readopt |= slots  # (loaded again at the next round)
+            raise
         self.supervisor.adopt(snapshot)
+        self._loading -= slots
         self.statistics["slots_adopted"] += len(slots)
         if self.relay is not None:
             await self.relay.adopt(slots)
