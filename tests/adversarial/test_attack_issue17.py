@@ -1,0 +1,289 @@
+"""Attacks on issue 17 (cluster mode): each test is a bug found by acting as a hostile peer
+on the internal network, a hostile device or a node that lost its lease. Each is
+`xfail(strict=True)` until the bug is fixed: the test states the behaviour the promise
+needs, and fails today. In-process nodes on real loopback sockets (127.0.0.0/8), virtual
+time (the fixtures of tests/cluster/test_link.py and tests/cluster/test_relay_http.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+import trio.testing
+
+from dm_actor.api import proxy
+from dm_actor.cluster import slots, wire
+from dm_actor.coap import message as m
+from dm_actor.coap.message import Message
+from dm_actor.coap.numbers import Code, MessageType
+from dm_actor.node import ClusterNode
+from dm_actor.transport.link import ClusterLink
+from dm_actor.transport.udp import UdpEndpoint
+from tests.actors.support import Device
+from tests.api.client import KEY_A, HttpClient
+from tests.cluster.test_link import (
+    COUNT,
+    SECRET,
+    endpoint_of,
+    register,
+    slot_for,
+    start_cluster,
+    until,
+)
+from tests.cluster.test_relay_http import APP, endpoint_on, start_pair
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from dm_actor.address import Address
+
+ATTACKER_HOST = "127.0.0.9"  # a host on the internal network that is no node
+DEVICE_HOST = "127.0.0.5"
+
+
+@pytest.fixture
+async def device() -> AsyncIterator[trio.socket.SocketType]:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind((DEVICE_HOST, 0))
+        yield sock
+
+
+@pytest.fixture
+async def attacker() -> AsyncIterator[trio.socket.SocketType]:
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.bind((ATTACKER_HOST, 0))
+        yield sock
+
+
+async def drain(sock: trio.socket.SocketType, seconds: float = 1.0) -> list[tuple[bytes, Address]]:
+    """Every datagram `sock` receives within `seconds` (virtual)."""
+    got: list[tuple[bytes, Address]] = []
+    with trio.move_on_after(seconds):
+        while True:
+            got.append(await sock.recvfrom(65535))
+    return got
+
+
+def capture(link: ClusterLink) -> list[tuple[bytes, str]]:
+    """The frames `link` sends on the internal network (as a host on that network sees
+    them: `wire.encode` is deterministic), with the node each is sent to."""
+    seen: list[tuple[bytes, str]] = []
+    send_frame = link._send_frame
+    key = wire.link_key(link.view.secret)
+
+    def sniff(node: str, kind: int, addr: Address, payload: bytes) -> bool:
+        seen.append((wire.encode(kind, link.view.node, addr, payload, key), node))
+        return send_frame(node, kind, addr, payload)
+
+    link._send_frame = sniff  # type: ignore[method-assign]
+    return seen
+
+
+# -- the link: an HMAC without freshness ---------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: link frames carry an HMAC but no freshness (no sequence, no time, "
+    "no check that the source address is the sender's link address): a BACKWARD frame "
+    "captured on the internal network and sent again, from any host, makes the ingress node "
+    "send the owner's CON request to the device again, as many times as it is replayed (a "
+    "device that forgot the Message ID after EXCHANGE_LIFETIME executes the command again; "
+    "the cluster becomes a reflector towards devices)",
+)
+async def test_a_replayed_backward_frame_sends_the_command_to_the_device_once(
+    nursery: trio.Nursery,
+    device: trio.socket.SocketType,
+    attacker: trio.socket.SocketType,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = await start_cluster(nursery)
+    a, b = cluster["A"], cluster["B"]
+    me = device.getsockname()
+    # the device registers through A for B's slot: B sends back through A from then on
+    await device.sendto(register(endpoint_of("B")), a.coap_address)
+    await until(lambda: b.received)
+    wire_b = capture(b.link)
+    token = slots.token_prefix(slot_for("B")) + b"\0\0\0\1"
+    execute = m.encode(Message(MessageType.CON, Code.POST, 4242, token, ((11, b"3"), (11, b"0"),
+                                                                          (11, b"4"))))  # fmt: skip
+    assert b.link.egress(execute, me) is True
+    [(frame, target)] = wire_b
+    assert target == "A"
+    assert await drain(device) == [(execute, a.coap_address)]
+    # long after (EXCHANGE_LIFETIME is 247 s), a host that is no node replays the frame
+    await trio.sleep(300)
+    for _ in range(3):
+        await attacker.sendto(frame, cluster.links["A"])
+    replayed = await drain(device)
+    assert replayed == [], f"the device got the Execute again {len(replayed)} times"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: a FORWARD frame captured on the internal network and sent again "
+    "(from any host, any time later) is handled by the owner as a new datagram from the "
+    "device's address: a replayed Register or Update re-registers a device that has since "
+    "de-registered, and the owner's answers go to the device through the replayed ingress",
+)
+async def test_a_replayed_forward_frame_is_not_handled_again(
+    nursery: trio.Nursery,
+    device: trio.socket.SocketType,
+    attacker: trio.socket.SocketType,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = await start_cluster(nursery)
+    a, b = cluster["A"], cluster["B"]
+    wire_a = capture(a.link)
+    await device.sendto(register(endpoint_of("B")), a.coap_address)
+    await until(lambda: b.received)
+    [(frame, target)] = wire_a
+    assert target == "B"
+    await trio.sleep(300)  # past EXCHANGE_LIFETIME: the owner's deduplication forgot it
+    await attacker.sendto(frame, cluster.links["B"])
+    await trio.sleep(1)
+    assert len(b.received) == 1, "the owner handled the replayed Register as the device's"
+
+
+async def test_a_forged_or_truncated_frame_is_refused_and_counted(
+    nursery: trio.Nursery,
+    device: trio.socket.SocketType,
+    attacker: trio.socket.SocketType,
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Held: frames without the key (a wrong MAC, cut short, a flipped address byte, a frame
+    sent to the CoAP port) change nothing and are counted."""
+    cluster = await start_cluster(nursery)
+    a = cluster["A"]
+    me = device.getsockname()
+    good = wire.encode(wire.BACKWARD, "B", me, b"\x40\x01\x00\x01", wire.link_key(SECRET))
+    forged = [
+        wire.encode(wire.BACKWARD, "B", me, b"\x40\x01\x00\x01", wire.link_key(b"guess")),
+        good[:-1],
+        good[:20],
+        good[:8] + bytes([good[8] ^ 1]) + good[9:],
+        b"",
+        b"DM" + b"\x01" * 4000,
+    ]
+    for frame in forged:
+        await attacker.sendto(frame, cluster.links["A"])
+    await trio.sleep(1)
+    assert a.link.statistics["frames_refused"] == len(forged)
+    assert await drain(device) == []
+
+
+# -- a node past its lease deadline -----------------------------------------------------------
+
+
+class _NoCoordinator:
+    """The lease loop is not run here: the node's book is set by hand."""
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: past its local lease deadline (SIGSTOP then SIGCONT, or cut off "
+    "from PostgreSQL) a node still answers a device's Register for a slot it held with a 5.03 "
+    "(Max-Age 60) sent straight from its CoAP socket: ClusterLink._unowned bypasses the send "
+    "gate (ClusterNode.egress) that promises nothing is sent to a device after the deadline, "
+    "and a new owner's device is told to wait a minute by a node that no longer serves it",
+)
+async def test_a_node_past_its_deadline_sends_nothing_to_a_registering_device(
+    nursery: trio.Nursery, device: trio.socket.SocketType, autojump_clock: trio.testing.MockClock
+) -> None:
+    node = ClusterNode(
+        "A", slot_count=COUNT, secret=SECRET, ttl=3.0,
+        coordinator=_NoCoordinator(),  # type: ignore[arg-type]
+    )  # fmt: skip
+    received: list[tuple[bytes, Address]] = []
+    link = ClusterLink(node, lambda d, a: received.append((d, a)), lambda a: None)
+    node.link = link
+    coap = UdpEndpoint("127.0.0.1", 0, link.on_datagram, link.on_unreachable)
+    link.attach(coap.send)
+    coap_address = await nursery.start(coap.run)
+    await nursery.start(link.run, "127.0.0.1", 0)
+    slot = slot_for("A")
+    node.book.held[slot] = 1
+    node.book.deadline = trio.current_time() + 3.0
+    await device.sendto(register(endpoint_of("A"), mid=1), coap_address)
+    await until(lambda: received)  # served while the lease is valid
+    # the process is paused past its deadline, then continues: its lease loop has not run
+    # yet (the Register waited in the socket's buffer), so it still holds the slot in memory
+    node.book.deadline = trio.current_time() - 1.0
+    await device.sendto(register(endpoint_of("A"), mid=2), coap_address)
+    sent = await drain(device)
+    assert sent == [], f"a node past its deadline sent {[m.decode(d).code for d, _ in sent]}"
+    assert not math.isinf(node.book.deadline)
+
+
+# -- internal HTTP: the MAC does not cover the body ------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: the internal MAC (X-DM-Cluster) covers the method, the target and "
+    "the time, not the body: any POST /internal/events seen on the internal network lets a "
+    "host that is no node post any batch for 30 s with the same headers, e.g. an "
+    "AsyncIDResponse for an async-id the application never sent (or a second, different one "
+    "for an async-id it did: 'exactly one AsyncIDResponse' broken), into any application's "
+    "channel",
+)
+async def test_a_captured_internal_header_does_not_authenticate_another_body(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home, other = await start_pair(nursery)
+    seen: list[list[tuple[bytes, bytes]]] = []
+    exchange = proxy._exchange
+
+    async def sniff(c: Any, method: bytes, target: bytes, head: Any, body: bytes) -> Any:
+        if target == b"/internal/events":
+            seen.append([(n, v) for n, v in head if n.startswith(b"x-dm-cluster")])
+        return await exchange(c, method, target, head, body)
+
+    monkeypatch.setattr(proxy, "_exchange", sniff)
+    # a legitimate relay: a registration on the other node reaches the home channel
+    async with HttpClient(home.addr, KEY_A) as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        dev = Device(other.server.addr, endpoint_on(other))
+        await dev.start(nursery)
+        assert (await dev.register()).code == Code.CREATED
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert reply.status == 200
+        assert seen, "no internal POST /internal/events was sent"
+        headers = seen[-1]
+        # a host that is no node reuses the headers with its own body, seconds later
+        forged = {
+            "node": other.name,
+            "epoch": "forged",
+            "events": [[
+                "async-responses",
+                {"id": "never-sent", "status": 200, "payload": "Zm9yZ2Vk", "ct": "text/plain"},
+                [APP], None, 0, 0,
+            ]],
+        }  # fmt: skip
+        body = json.dumps(forged).encode()
+        stream = await trio.open_tcp_stream(*home.addr[:2])
+        async with stream:
+            head = [
+                b"POST /internal/events HTTP/1.1",
+                b"host: x",
+                b"connection: close",
+                b"content-type: application/json",
+                b"content-length: %d" % len(body),
+            ]
+            head += [n + b": " + v for n, v in headers]
+            await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            answer = b""
+            with trio.move_on_after(5):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        status = int(answer.split(b" ", 2)[1])
+        reply = await client.request("GET", "/v2/notification/pull")
+        got = reply.json().get("async-responses", []) if reply.status == 200 else []
+        assert status == 403 and got == [], f"forged batch: {status}, channel got {got}"
