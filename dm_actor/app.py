@@ -314,7 +314,10 @@ async def serve(
             sup.commands.seq_stride, sup.commands.seq_residue = SEQ_STRIDE, node.number
             from dm_actor.transport.link import ClusterLink
 
-            link = node.link = ClusterLink(node, sup.on_datagram, sup.on_unreachable)
+            link = node.link = ClusterLink(
+                node, sup.on_datagram, sup.on_unreachable,
+                retry_after=settings.registration.retry_after,
+            )  # fmt: skip
             udp = UdpEndpoint(host, port, link.on_datagram, link.on_unreachable, reuse_port=True)
         nofile = raise_descriptor_limit()
         tcp_cap = tcp_max_connections(settings, nofile)

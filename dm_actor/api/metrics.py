@@ -14,8 +14,9 @@ docs/operations.md, "Metrics", names every metric.
 
 from __future__ import annotations
 
+import dataclasses
 from contextvars import ContextVar
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, generate_latest
@@ -493,6 +494,39 @@ class _Collector(Collector):
                 labels=["kind"],
             )  # fmt: skip
             yield _labelled(cluster, (([k], n) for k, n in router.statistics.items()))
+            yield from _cluster_node("dm_actor_", router.view, getattr(server, "relay", None))
+
+
+def _cluster_node(p: str, node: Any, relay: Any) -> Iterator[Metric]:
+    """Cluster mode: this node's leases, its lease rounds, the datagrams its link forwarded
+    and the events its relay sent (`dm_actor.node`, `transport/link.py`, `api/relay.py`)."""
+    book = getattr(node, "book", None)
+    if book is not None:
+        yield _gauge(p + "cluster_slots", "Cluster mode: slots this node holds", len(book.held))
+    stats = getattr(node, "statistics", None)
+    if isinstance(stats, dict):
+        rounds = CounterMetricFamily(
+            p + "cluster_node", "Cluster mode: lease rounds and slot moves, by kind",
+            labels=["kind"],
+        )  # fmt: skip
+        yield _labelled(rounds, (([k], n) for k, n in stats.items()))
+    link = getattr(node, "link", None)
+    if link is not None:
+        frames = CounterMetricFamily(
+            p + "cluster_link", "Cluster mode: datagrams through the internal link, by kind",
+            labels=["kind"],
+        )  # fmt: skip
+        yield _labelled(frames, (([k], n) for k, n in link.statistics.items()))
+    if relay is not None:
+        counts = dataclasses.asdict(relay.statistics())
+        waiting = counts.pop("waiting", 0)
+        events = CounterMetricFamily(
+            p + "cluster_relay", "Cluster mode: events relayed between nodes, by kind",
+            labels=["kind"],
+        )  # fmt: skip
+        yield _labelled(events, (([k], n) for k, n in counts.items()))
+        yield _gauge(p + "cluster_relay_waiting", "Cluster mode: events waiting to be relayed",
+                     waiting)  # fmt: skip
 
 
 #: supervisor counters exposed one metric each: (statistics key, metric name, meaning)
