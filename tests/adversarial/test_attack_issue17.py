@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import socket
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -26,6 +27,17 @@ from dm_actor.transport.link import ClusterLink
 from dm_actor.transport.udp import UdpEndpoint
 from tests.actors.support import Device
 from tests.api.client import KEY_A, HttpClient
+from tests.cluster.harness import (
+    KEY,
+    Cluster,
+    Device as HarnessDevice,
+    Inbox,
+    execute,
+    names_owned,
+    register_all,
+    start_consumer,
+    wait_for,
+)
 from tests.cluster.test_link import (
     COUNT,
     SECRET,
@@ -36,11 +48,16 @@ from tests.cluster.test_link import (
     until,
 )
 from tests.cluster.test_relay_http import APP, endpoint_on, start_pair
+from tests.store.postgres import pg_dsn, pg_server
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+    from pathlib import Path
 
     from dm_actor.address import Address
+    from tests.store.postgres import PostgresServer
+
+__all__ = ["pg_dsn", "pg_server"]
 
 ATTACKER_HOST = "127.0.0.9"  # a host on the internal network that is no node
 DEVICE_HOST = "127.0.0.5"
@@ -287,3 +304,113 @@ async def test_a_captured_internal_header_does_not_authenticate_another_body(
         reply = await client.request("GET", "/v2/notification/pull")
         got = reply.json().get("async-responses", []) if reply.status == 200 else []
         assert status == 403 and got == [], f"forged batch: {status}, channel got {got}"
+
+
+# -- the device list during a handover ------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: during a planned handover (a node joins) the giver forgets the "
+    "slot's devices first (Supervisor.release), and the receiver loads them only at its next "
+    "lease round (about a second later, for each of the rounds of up to 64 slots a join "
+    "takes): GET /v3/devices gathered meanwhile answers 200 without them and a smaller "
+    "total_count (docs/api.md only foresees a device listed twice), where a list missing a "
+    "node's devices is otherwise a 503 (proxy.py: 'would be silently wrong')",
+)
+async def test_a_device_being_handed_over_is_not_silently_missing_from_the_list(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    home, other = await start_pair(nursery)
+    ep = endpoint_on(other)
+    dev = Device(other.server.addr, ep)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    async with HttpClient(home.addr, KEY_A) as client:
+        before = (await client.request("GET", "/v3/devices")).json()
+        assert [d["id"] for d in before["data"]] == [ep]
+        # the handover of the device's slot from `other` to `home`, between the giver's
+        # release and the receiver's next lease round (ClusterNode._give, then _adopt)
+        assert other.server.sup.release(lambda name: name == ep) == 1
+        slot = slots.slot_of(ep, other.view.slot_count)
+        other.view.owners[slot] = home.name
+        during = await client.request("GET", "/v3/devices")
+        body = during.json()
+        assert during.status == 503 or [d["id"] for d in body["data"]] == [ep], (
+            f"{during.status}: {body}"
+        )
+
+
+# -- rule 1.7 across a failover (real nodes, real PostgreSQL) ------------------------------
+
+
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_an_async_id_repeated_through_another_node_after_a_failover(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    """Rule 1.7 / 13.4: an Execute answered, its owner killed with SIGKILL, the same request
+    sent again (same async-id) to another node: 202, never executed again, and the stored
+    AsyncIDResponse (same uid) handed over again; a different request with that async-id
+    409."""
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "A")
+    inbox = Inbox("long-poll")
+    refusals: Counter[int] = Counter()
+    repeats: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            victim = next(n for n in nodes if n != home)
+            third = next(n for n in nodes if n not in (home, victim))
+            devices = [
+                HarnessDevice(n, cluster.nodes[home].coap)
+                for n in names_owned(table, {victim}, 2, "r")
+            ]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cluster.supervise)
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                for i, device in enumerate(devices):
+                    status = await cluster.command(third, device.name, f"r{i}", execute(f"r{i}"))
+                    assert status == 202
+                assert await wait_for(
+                    lambda: all(inbox.arrivals.get(f"r{i}") for i in range(len(devices))), 15
+                ), "the first AsyncIDResponses never arrived"
+                await cluster.kill(victim)
+                await cluster.settled((home, third), balanced=False)
+                for i, device in enumerate(devices):  # the same requests, through the home
+                    repeats[f"r{i}"] = await cluster.command_retried(
+                        home, device.name, f"r{i}", execute(f"r{i}"), refusals
+                    )
+                    repeats[f"r{i}-other"] = await cluster.command_retried(
+                        home, device.name, f"r{i}", execute("something else"), refusals
+                    )
+                await wait_for(
+                    lambda: all(len(inbox.arrivals.get(f"r{i}", ())) >= 2
+                                for i in range(len(devices))), 10
+                )  # fmt: skip
+                await trio.sleep(1.5)  # late executions
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    executions = {d.name: d.executions(f"r{i}") for i, d in enumerate(devices)}
+    arrivals = {k: [(a.uid, a.outcome) for a in v] for k, v in inbox.arrivals.items()}
+    summary = (
+        f"victim {victim}; repeats {repeats}; executions {executions}; "
+        f"arrivals {arrivals}; refusals {dict(refusals)}; exits {cluster.exits}"
+    )
+    print(summary)
+    for i in range(len(devices)):
+        assert repeats[f"r{i}"] == 202, summary
+        assert repeats[f"r{i}-other"] == 409, summary
+    assert all(n == 1 for n in executions.values()), summary
+    for i in range(len(devices)):
+        got = arrivals.get(f"r{i}", [])
+        assert len(got) == 2 and got[0] == got[1], summary
