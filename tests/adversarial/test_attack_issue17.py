@@ -11,6 +11,7 @@ import json
 import math
 import socket
 from collections import Counter
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -414,3 +415,70 @@ async def test_an_async_id_repeated_through_another_node_after_a_failover(
     for i in range(len(devices)):
         got = arrivals.get(f"r{i}", [])
         assert len(got) == 2 and got[0] == got[1], summary
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: an INGRESS node paused (SIGSTOP) while the owner sends a command "
+    "back through it: the owner retransmits directly once the ingress is gone and the device "
+    "executes; on SIGCONT the ingress reads the BACKWARD frames waiting in its link socket and "
+    "sends them out of its own CoAP address, past its own lease deadline and seconds stale: "
+    "a device that deduplicates by (source, Message ID) as RFC 7252 4.5 says executes the "
+    "command a second time (topology B). BACKWARD frames carry no time and the ingress side "
+    "has no send gate",
+)
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_paused_ingress_node_sends_no_stale_command_after_sigcont(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "B")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            owner = next(n for n in nodes if n != home)
+            ingress = next(n for n in nodes if n not in (home, owner))
+            via = cluster.nodes[ingress].coap
+            devices = [HarnessDevice(n, via) for n in names_owned(table, {owner}, 2, "i")]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(cluster.supervise, restart=False))
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)  # through the ingress node: answers come back so
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                paused = cluster.pause(ingress)
+                for i, device in enumerate(devices):
+                    statuses[f"s{i}"] = await cluster.command(
+                        home, device.name, f"s{i}", execute(f"s{i}")
+                    )
+                assert await wait_for(
+                    lambda: all(d.executions(f"s{i}") for i, d in enumerate(devices)), 20
+                ), "the owner never reached the devices directly"
+                await trio.sleep(max(0.0, paused + 4 * cluster.lease_ttl - trio.current_time()))
+                resumed = cluster.resume(ingress)
+                await wait_for(lambda: bool(cluster.exits), 10)
+                await trio.sleep(2.0)  # anything the ingress still sends
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    after = {
+        d.name: [f"{x.at - resumed:+.2f} {x.source}" for x in d.requests_from(via, resumed)]
+        for d in devices
+    }
+    executions = {d.name: d.executions(f"s{i}") for i, d in enumerate(devices)}
+    summary = (
+        f"owner {owner}, ingress {ingress} paused {resumed - paused:.1f} s; statuses "
+        f"{statuses}; executions {executions}; from the ingress after SIGCONT {after}; "
+        f"traces {[d.trace(f's{i}') for i, d in enumerate(devices)]}; exits {cluster.exits}"
+    )
+    print(summary)
+    assert all(s == 202 for s in statuses.values()), summary
+    assert all(n == 1 for n in executions.values()), summary
+    assert not any(after.values()), summary
