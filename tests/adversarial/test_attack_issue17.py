@@ -30,6 +30,7 @@ from tests.actors.support import Device
 from tests.api.client import KEY_A, HttpClient
 from tests.cluster.harness import (
     KEY,
+    SLOTS,
     Cluster,
     Device as HarnessDevice,
     Inbox,
@@ -482,3 +483,88 @@ async def test_a_paused_ingress_node_sends_no_stale_command_after_sigcont(
     assert all(s == 202 for s in statuses.values()), summary
     assert all(n == 1 for n in executions.values()), summary
     assert not any(after.values()), summary
+
+
+def _owned_distinct(table: dict[int, str | None], owner: str, count: int, prefix: str) -> list[str]:
+    """`count` endpoint names on distinct slots that `owner` holds in `table`."""
+    names: dict[int, str] = {}
+    k = 0
+    while len(names) < count:
+        name = f"{prefix}-{k}"
+        slot = slots.slot_of(name, SLOTS)
+        if table.get(slot) == owner:
+            names.setdefault(slot, name)
+        k += 1
+        assert k < 100_000
+    return list(names.values())
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: a planned handover (a node joins) in topology B, devices talking "
+    "straight to their owner a: the new owner c resends the attempt in flight (same Message ID "
+    "and token) from its own address, not through a (the registration's ingress is empty for "
+    "a device that talked to its owner directly, so c does not know the device talks to a): "
+    "a device deduplicating by (source, Message ID) as RFC 7252 4.5 says executes the command "
+    "twice (3 of 3 moved devices in the run that found it); 'a node added: nothing lost or "
+    "duplicated' broken",
+)
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_command_in_flight_across_a_handover_runs_once_on_a_direct_device(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    """Topology B, devices talking straight to their owner a (no ingress node), each with a
+    command in flight (answers 6 s late); node c joins and takes some of a's slots by
+    handover; c resends the attempts it loaded. Every device must execute once."""
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "B", settings="[delivery]\nresend_grace = 1.0\n")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start("a", "b")
+            before = await cluster.settled()
+            a = cluster.nodes["a"]
+            devices = [HarnessDevice(n, a.coap) for n in _owned_distinct(before, "a", 16, "h")]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(cluster.supervise, restart=False))
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                home = await cluster.home_of()
+                assert home is not None
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                for device in devices:
+                    device.delay = 6.0
+                for i, device in enumerate(devices):
+                    statuses[f"h{i}"] = await cluster.command(
+                        "a", device.name, f"h{i}", execute(f"h{i}")
+                    )
+                assert await wait_for(
+                    lambda: all(d.executions(f"h{i}") for i, d in enumerate(devices)), 10
+                )
+                await cluster.start("c")
+                after = await cluster.settled(("a", "b", "c"))
+                await wait_for(
+                    lambda: all(f"h{i}" in inbox.arrivals for i in range(len(devices))), 30
+                )
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    moved = [i for i, d in enumerate(devices) if after[slots.slot_of(d.name, SLOTS)] != "a"]
+    executions = {f"h{i}": d.executions(f"h{i}") for i, d in enumerate(devices)}
+    twice = {k: n for k, n in executions.items() if n != 1}
+    arrivals = {k: len(v) for k, v in inbox.arrivals.items()}
+    summary = (
+        f"moved to {[after[slots.slot_of(devices[i].name, SLOTS)] for i in moved]}: "
+        f"{[f'h{i}' for i in moved]}; statuses {statuses}; executed other than once {twice}; "
+        f"arrivals {arrivals}; traces of the moved "
+        f"{[devices[i].trace(f'h{i}') for i in moved[:3]]}; exits {cluster.exits}"
+    )
+    print(summary)
+    assert moved, summary
+    assert all(s == 202 for s in statuses.values()), summary
+    assert not twice, summary
+    assert all(arrivals.get(f"h{i}") == 1 for i in range(len(devices))), summary
