@@ -211,7 +211,7 @@ class ClusterNode:
             await self._adopt(frozenset(gained))
         plan = book.plan(table)
         take = list(plan.take)
-        if trio.current_time() < self._calm_until:  # (free slots and our own only)
+        if self._failing or trio.current_time() < self._calm_until:  # (free and our own only)
             leases = table.leases
             take = [s for s in take if s >= len(leases) or leases[s].node in (None, self.node)]
         if take:
