@@ -568,3 +568,67 @@ async def test_a_command_in_flight_across_a_handover_runs_once_on_a_direct_devic
     assert all(s == 202 for s in statuses.values()), summary
     assert not twice, summary
     assert all(arrivals.get(f"h{i}") == 1 for i in range(len(devices))), summary
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: kill -9 of the owner in topology B (nodes on their own addresses, "
+    "devices talking straight to their owner, as bench/cluster.py aims them): the new owner "
+    "resends the attempt in flight as the same exchange but from its own address (the dead "
+    "node's cannot send any more), so a device deduplicating by (source, Message ID) as "
+    "RFC 7252 4.5 says executes it twice; docs/operations.md's failure model promises "
+    "'nothing executed twice over UDP' for a node that dies without this limit",
+)
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_kill_9_of_the_owner_a_direct_device_executes_once(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "B", settings="[delivery]\nresend_grace = 1.0\n")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            victim = next(n for n in nodes if n != home)
+            v = cluster.nodes[victim]
+            devices = [HarnessDevice(n, v.coap) for n in names_owned(table, {victim}, 2, "d")]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cluster.supervise)
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                for device in devices:
+                    device.delay = 2.5
+                for i, device in enumerate(devices):
+                    statuses[f"d{i}"] = await cluster.command(
+                        home, device.name, f"d{i}", execute(f"d{i}")
+                    )
+                assert await wait_for(
+                    lambda: all(d.executions(f"d{i}") for i, d in enumerate(devices)), 10
+                )
+                await cluster.kill(victim)
+                await cluster.settled(tuple(n for n in nodes if n != victim), balanced=False)
+                await wait_for(
+                    lambda: all(f"d{i}" in inbox.arrivals for i in range(len(devices))), 20
+                )
+                await trio.sleep(1.5)
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    executions = {f"d{i}": d.executions(f"d{i}") for i, d in enumerate(devices)}
+    arrivals = {k: len(v) for k, v in inbox.arrivals.items()}
+    summary = (
+        f"victim {victim}; statuses {statuses}; executions {executions}; arrivals {arrivals}; "
+        f"traces {[d.trace(f'd{i}') for i, d in enumerate(devices)]}"
+    )
+    print(summary)
+    assert all(s == 202 for s in statuses.values()), summary
+    assert all(n == 1 for n in executions.values()), summary
+    assert all(arrivals.get(f"d{i}") == 1 for i in range(len(devices))), summary
