@@ -126,11 +126,12 @@ SCENARIO_SETTINGS = ""  # the defaults
 
 def daemon_for(tmp_path: Path, settings: str) -> tuple[Daemon, int]:
     """A daemon on two free ports with its own data directory; and its CoAP port."""
-    coap_port, http_port = free_ports(2)
+    coap_port, http_port, coaps_port = free_ports(3)  # (coaps: not the CoAP port + 1)
     (tmp_path / "settings.toml").write_text(settings)
     daemon = Daemon(
         ["--config", str(tmp_path / "settings.toml"), "--store", "sqlite", "--data-dir",
          str(tmp_path / "data"), "--host", "127.0.0.1", "--coap-port", str(coap_port),
+         "--coaps-port", str(coaps_port),
          "--http-port", str(http_port), "--api-key", KEY, "--log-level", "info"],
         ("127.0.0.1", http_port), tmp_path / "daemon.log",
     )  # fmt: skip

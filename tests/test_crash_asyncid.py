@@ -55,11 +55,12 @@ async def test_repeats_after_kill_9_are_answered_from_the_store(
 ) -> None:
     receiver = Receiver()  # (its port first: free_ports' ports stay free until the start)
     url = await receiver.start(nursery)
-    coap_port, http_port = free_ports(2)
+    coap_port, http_port, coaps_port = free_ports(3)  # (coaps: not the CoAP port + 1)
     http = ("127.0.0.1", http_port)
     daemon = Daemon(
         ["--store", "sqlite", "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1",
-         "--coap-port", str(coap_port), "--http-port", str(http_port), "--api-key", KEY,
+         "--coap-port", str(coap_port), "--coaps-port", str(coaps_port),
+         "--http-port", str(http_port), "--api-key", KEY,
          "--log-level", "info"],
         http, tmp_path / "daemon.log",
     )  # fmt: skip

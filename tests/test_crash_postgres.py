@@ -30,12 +30,13 @@ async def test_kill_9_on_postgres_loses_no_202(
     tmp_path: Path, pg_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def daemon_for(tmp_path: Path, settings: str) -> tuple[Daemon, int]:
-        coap_port, http_port = free_ports(2)
+        coap_port, http_port, coaps_port = free_ports(3)  # (coaps: not the CoAP port + 1)
         (tmp_path / "settings.toml").write_text(settings)
         daemon = Daemon(
             ["--config", str(tmp_path / "settings.toml"), "--store", "postgres", "--dsn",
              pg_dsn, "--data-dir", str(tmp_path / "data"), "--host", "127.0.0.1",
-             "--coap-port", str(coap_port), "--http-port", str(http_port), "--api-key",
+             "--coap-port", str(coap_port), "--coaps-port", str(coaps_port),
+             "--http-port", str(http_port), "--api-key",
              test_crash.KEY, "--log-level", "info"],
             ("127.0.0.1", http_port), tmp_path / "daemon.log",
         )  # fmt: skip
