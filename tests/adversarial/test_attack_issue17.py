@@ -632,3 +632,63 @@ async def test_kill_9_of_the_owner_a_direct_device_executes_once(
     assert all(s == 202 for s in statuses.values()), summary
     assert all(n == 1 for n in executions.values()), summary
     assert all(arrivals.get(f"d{i}") == 1 for i in range(len(devices))), summary
+
+
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_a_paused_home_node_hands_no_response_over_after_sigcont(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    """The application's home node H paused (SIGSTOP) with the application's long poll
+    waiting on it; commands answered meanwhile (their owner relays the AsyncIDResponses to H,
+    whose socket queues them, and stores them); H's slots are taken (the new home loads the
+    stored responses); SIGCONT. Each command must end in exactly one AsyncIDResponse."""
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "A")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            owner = next(n for n in nodes if n != home)
+            third = next(n for n in nodes if n not in (home, owner))
+            devices = [
+                HarnessDevice(n, cluster.nodes[owner].coap)
+                for n in names_owned(table, {owner}, 3, "w")
+            ]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cluster.supervise)
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                await trio.sleep(0.5)
+                paused = cluster.pause(home)
+                for i, device in enumerate(devices):
+                    statuses[f"w{i}"] = await cluster.command(
+                        third, device.name, f"w{i}", execute(f"w{i}")
+                    )
+                await cluster.settled((owner, third), balanced=False)
+                await trio.sleep(max(0.0, paused + 4 * cluster.lease_ttl - trio.current_time()))
+                cluster.resume(home)
+                await wait_for(
+                    lambda: all(f"w{i}" in inbox.arrivals for i in range(len(devices))), 30
+                )
+                await trio.sleep(3.0)  # a second hand-over
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    arrivals = {k: [(round(a.at - paused, 2), a.uid) for a in v] for k, v in inbox.arrivals.items()}
+    executions = {f"w{i}": d.executions(f"w{i}") for i, d in enumerate(devices)}
+    summary = (
+        f"home {home}, owner {owner}; statuses {statuses}; executions {executions}; "
+        f"arrivals (s after the pause, uid) {arrivals}; exits {cluster.exits}; "
+        f"consumer {inbox.log[-8:]}"
+    )
+    print(summary)
+    assert all(s == 202 for s in statuses.values()), summary
+    assert all(len(arrivals.get(f"w{i}", [])) == 1 for i in range(len(devices))), summary
