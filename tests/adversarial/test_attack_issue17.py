@@ -692,3 +692,40 @@ async def test_a_paused_home_node_hands_no_response_over_after_sigcont(
     print(summary)
     assert all(s == 202 for s in statuses.values()), summary
     assert all(len(arrivals.get(f"w{i}", [])) == 1 for i in range(len(devices))), summary
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: the Device Directory's memory of departed devices stays on the "
+    "node where the device left, also after its slot moved (Supervisor.release keeps it): a "
+    "device that de-registered on a, whose slot was then handed to b, and that registered "
+    "again on b, is listed by GET /v3/devices on a as 'deregistered' (a's own page comes "
+    "first in the merge and wins the id) with total_count 2, while GET /v3/devices/{id} says "
+    "'registered'",
+)
+async def test_a_device_that_left_before_its_slot_moved_is_listed_as_it_is_now(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    home, other = await start_pair(nursery)
+    ep = endpoint_on(other)
+    dev = Device(other.server.addr, ep)
+    await dev.start(nursery)
+    assert (await dev.register()).code == Code.CREATED
+    assert (await dev.deregister()).code == Code.DELETED
+    # the device's slot is handed from `other` to `home` (ClusterNode._give, then _adopt)
+    assert other.server.sup.release(lambda name: name == ep) == 0  # (nothing live to release)
+    slot = slots.slot_of(ep, other.view.slot_count)
+    other.view.owners[slot] = home.name
+    home.view.owners[slot] = home.name
+    dev.close()
+    again = Device(home.server.addr, ep)
+    await again.start(nursery)
+    assert (await again.register()).code == Code.CREATED
+    async with HttpClient(other.addr, KEY_A) as client:
+        one = (await client.request("GET", f"/v3/devices/{ep}")).json()
+        listed = (await client.request("GET", "/v3/devices")).json()
+    states = [d["state"] for d in listed["data"] if d["id"] == ep]
+    assert one["state"] == "registered"
+    assert states == ["registered"] and listed["total_count"] == 1, (
+        f"the list says {states}, total_count {listed['total_count']}"
+    )
