@@ -36,6 +36,7 @@ from tests.cluster.harness import (
     Inbox,
     execute,
     names_owned,
+    put,
     register_all,
     start_consumer,
     wait_for,
@@ -729,3 +730,75 @@ async def test_a_device_that_left_before_its_slot_moved_is_listed_as_it_is_now(
     assert states == ["registered"] and listed["total_count"] == 1, (
         f"the list says {states}, total_count {listed['total_count']}"
     )
+
+
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_responses_made_while_the_home_node_is_paused_arrive_once(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    """The application's home node H paused (SIGSTOP) for 4 TTLs under a stream of commands
+    to another node's devices (one every 0.1 s): the AsyncIDResponses made before, during
+    and after the takeover of H's home slot (some relayed to H by an owner whose table is a
+    round behind, then answered 204 by H on SIGCONT before it finds its slots taken and
+    exits) must each arrive exactly once."""
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "A")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(120):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            owner = next(n for n in nodes if n != home)
+            third = next(n for n in nodes if n not in (home, owner))
+            devices = [
+                HarnessDevice(n, cluster.nodes[owner].coap)
+                for n in names_owned(table, {owner}, 8, "z")
+            ]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cluster.supervise)
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                await start_consumer(nursery, cluster.nodes[third].http, KEY, "long-poll", inbox)
+                await trio.sleep(0.5)
+                paused = cluster.pause(home)
+
+                async def post(k: int) -> None:
+                    device = devices[k % len(devices)]
+                    statuses[f"z{k}"] = await cluster.command(
+                        third, device.name, f"z{k}", put(f"z{k}")
+                    )
+
+                async with trio.open_nursery() as posts:
+                    for k in range(40):
+                        posts.start_soon(post, k)
+                        await trio.sleep(0.1)
+                await trio.sleep(max(0.0, paused + 4 * cluster.lease_ttl - trio.current_time()))
+                cluster.resume(home)
+                accepted = [k for k, s in statuses.items() if s == 202]
+                await wait_for(lambda: all(k in inbox.arrivals for k in accepted), 30)
+                await trio.sleep(3.0)
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    accepted = [k for k, s in statuses.items() if s == 202]
+    missing = [k for k in accepted if k not in inbox.arrivals]
+    twice = {k: len(v) for k, v in inbox.arrivals.items() if len(v) != 1}
+    executions = {
+        f"z{k}": devices[k % len(devices)].executions(f"z{k}")
+        for k in range(40)
+        if devices[k % len(devices)].executions(f"z{k}") != 1
+    }
+    summary = (
+        f"home {home}, owner {owner}; {len(accepted)} of 40 accepted, others "
+        f"{ {k: s for k, s in statuses.items() if s != 202} }; never answered {missing}; "
+        f"answered other than once {twice}; executed other than once {executions}; "
+        f"exits {cluster.exits}; consumer {inbox.log[-6:]}"
+    )
+    print(summary)
+    assert not missing and not twice and not executions, summary
