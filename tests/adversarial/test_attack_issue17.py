@@ -802,3 +802,68 @@ async def test_responses_made_while_the_home_node_is_paused_arrive_once(
     )
     print(summary)
     assert not missing and not twice and not executions, summary
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 17 attack: kill -9 of an INGRESS node (topology B) while the owner's command "
+    "to a device behind it is in flight (the device executed, its answer died with the "
+    "ingress): the owner's retransmissions of the same exchange go out directly from its own "
+    "address once the ingress is gone (ClusterLink.egress, commit 5ba8df1), a new source for "
+    "the device's deduplication (RFC 7252 4.5: source and Message ID): executed twice",
+)
+@pytest.mark.crash
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.filterwarnings("ignore::ResourceWarning")
+async def test_kill_9_of_an_ingress_node_mid_attempt_executes_once(
+    tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
+) -> None:
+    nodes = ("a", "b", "c")
+    cluster = Cluster(tmp_path, pg_server, pg_dsn, "B", settings="[delivery]\nresend_grace = 1.0\n")
+    inbox = Inbox("long-poll")
+    statuses: dict[str, int | None] = {}
+    try:
+        with trio.fail_after(90):
+            await cluster.start(*nodes)
+            table = await cluster.settled()
+            home = await cluster.home_of()
+            assert home is not None
+            owner = next(n for n in nodes if n != home)
+            ingress = next(n for n in nodes if n not in (home, owner))
+            via = cluster.nodes[ingress].coap
+            devices = [HarnessDevice(n, via) for n in names_owned(table, {owner}, 2, "g")]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(cluster.supervise, restart=False))
+                for device in devices:
+                    await nursery.start(device.run)
+                await register_all(devices)
+                await start_consumer(nursery, cluster.nodes[home].http, KEY, "long-poll", inbox)
+                for device in devices:
+                    device.delay = 1.0  # (its answer goes to the ingress, dead by then)
+                for i, device in enumerate(devices):
+                    statuses[f"g{i}"] = await cluster.command(
+                        home, device.name, f"g{i}", execute(f"g{i}")
+                    )
+                assert await wait_for(
+                    lambda: all(d.executions(f"g{i}") for i, d in enumerate(devices)), 10
+                )
+                await cluster.kill(ingress)
+                for device in devices:
+                    device.delay = 0.0
+                await wait_for(
+                    lambda: all(f"g{i}" in inbox.arrivals for i in range(len(devices))), 30
+                )
+                await trio.sleep(1.5)
+                nursery.cancel_scope.cancel()
+    finally:
+        await cluster.close()
+    executions = {f"g{i}": d.executions(f"g{i}") for i, d in enumerate(devices)}
+    arrivals = {k: len(v) for k, v in inbox.arrivals.items()}
+    summary = (
+        f"owner {owner}, ingress {ingress}; statuses {statuses}; executions {executions}; "
+        f"arrivals {arrivals}; traces {[d.trace(f'g{i}') for i, d in enumerate(devices)]}"
+    )
+    print(summary)
+    assert all(s == 202 for s in statuses.values()), summary
+    assert all(n == 1 for n in executions.values()), summary
+    assert all(arrivals.get(f"g{i}") == 1 for i in range(len(devices))), summary
