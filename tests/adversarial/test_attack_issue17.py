@@ -12,6 +12,7 @@ import math
 import os
 import signal
 import socket
+import time
 from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -956,3 +957,57 @@ async def test_the_home_node_stopped_gracefully_under_a_stream_answers_each_once
     )
     print(summary)
     assert not missing and not twice, summary
+
+
+async def test_hostile_internal_event_batches_are_refused_and_the_node_serves_on(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Held: bodies of POST /internal/events (validly signed: the MAC does not cover the
+    body) that are deeply nested, too long, out of range or of an unknown kind get 400/413;
+    the home node serves on, and a batch sent again is not delivered twice."""
+    home, _ = await start_pair(nursery)
+    secret = home.view.secret
+
+    async def post(body: bytes) -> int:
+        headers = proxy.internal_headers(secret, b"POST", b"/internal/events", time.time())
+        stream = await trio.open_tcp_stream(*home.addr[:2])
+        async with stream:
+            head = [
+                b"POST /internal/events HTTP/1.1",
+                b"host: x",
+                b"connection: close",
+                b"content-type: application/json",
+                b"content-length: %d" % len(body),
+            ]
+            head += [n + b": " + v for n, v in headers]  # fmt: skip
+            await stream.send_all(b"\r\n".join(head) + b"\r\n\r\n" + body)
+            answer = b""
+            with trio.move_on_after(5):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        return int(answer.split(b" ", 2)[1])
+
+    def batch(*events: list[Any], epoch: str = "e1") -> bytes:
+        return json.dumps({"node": "b", "epoch": epoch, "events": list(events)}).encode()
+
+    def event(item: object, owners: list[str] | None, seq: int | None, number: int) -> list[Any]:
+        return ["async-responses", item, owners, seq, number, 0]
+
+    nested = b'{"node":"b","epoch":"e","events":[["async-responses",%s,null,null]]}' % (
+        b'{"a":' * 50_000 + b"1" + b"}" * 50_000
+    )
+    many = batch(event({"id": "x"}, [f"app{i}" for i in range(100_000)], None, 1))
+    assert await post(nested) == 400
+    assert await post(many) == 413
+    assert await post(batch(event({"id": "x"}, [APP], 2**70, 1))) == 400
+    assert await post(batch(event({"id": "x"}, [APP], -1, 1))) == 400
+    assert await post(batch(["zzz", {"id": "x"}, [APP], None, 1, 0])) == 400
+    assert await post(batch(event({"id": "x"}, None, 5, 1))) == 400  # (durable, for all)
+    async with HttpClient(home.addr, KEY_A) as client:
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
+        once = batch(event({"id": "a1", "status": 200}, [APP], 7, 1))
+        assert await post(once) == 204
+        assert await post(once) == 204  # (sent again: its answer was lost)
+        reply = await client.request("GET", "/v2/notification/pull")
+        assert [r["id"] for r in reply.json()["async-responses"]] == ["a1"]
+        assert (await client.request("GET", "/v2/notification/pull")).status == 204
