@@ -87,7 +87,14 @@ async def _join_cluster(settings: Settings) -> ClusterNode:
     secret = c.secret or os.environ.get("DM_ACTOR_CLUSTER_SECRET", "")
     coordinator = await trio.to_thread.run_sync(
         partial(
-            Coordinator, server.dsn, c.node, slots=c.slots, ttl=c.lease_ttl, http=http, link=c.link
+            Coordinator,
+            server.dsn,
+            c.node,
+            slots=c.slots,
+            ttl=c.lease_ttl,
+            http=http,
+            link=c.link,
+            coap=f"{server.host}:{server.coap_port}",
         )
     )
     number = await trio.to_thread.run_sync(coordinator.join)

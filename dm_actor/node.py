@@ -84,6 +84,7 @@ class ClusterNode:
         self._owners: list[str | None] = [None] * slot_count
         self._http: dict[str, HostPort] = {}
         self._links: dict[str, HostPort] = {}
+        self._coap: dict[str, str] = {}
         self._live: list[str] = [node]
         self._leaving: set[int] = set()  # slots being handed over: served by nobody here
         self._loading: set[int] = set()  # slots held whose devices are not loaded yet
@@ -135,6 +136,9 @@ class ClusterNode:
 
     def live_nodes(self) -> Sequence[str]:
         return self._live
+
+    def coap_address(self, node: str) -> str | None:
+        return self._coap.get(node)
 
     # -- ClusterHooks -----------------------------------------------------------------------
 
@@ -233,6 +237,7 @@ class ClusterNode:
             try:
                 self._http[info.node] = host_port(info.http)
                 self._links[info.node] = host_port(info.link)
+                self._coap[info.node] = info.coap
             except ValueError:
                 continue
             if info.age < self.ttl:

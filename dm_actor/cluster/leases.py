@@ -52,6 +52,7 @@ class NodeInfo:
     http: str
     link: str
     age: float
+    coap: str = ""  # the CoAP address its devices talk to (`[server] host:coap_port`)
 
 
 @dataclass(frozen=True, slots=True)

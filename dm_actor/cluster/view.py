@@ -48,6 +48,11 @@ class ClusterView(Protocol):
         """The nodes whose heartbeat is recent, this one included, sorted."""
         ...
 
+    def coap_address(self, node: str) -> str | None:
+        """The CoAP address `node`'s devices talk to (`host:port` as configured); nodes
+        with the same one (SO_REUSEPORT, a VIP) answer from the same source address."""
+        ...
+
 
 @dataclass
 class StaticView:
@@ -59,6 +64,7 @@ class StaticView:
     http: dict[str, HostPort] = field(default_factory=dict)
     links: dict[str, HostPort] = field(default_factory=dict)
     secret: bytes = b"test-secret"
+    coap: dict[str, str] = field(default_factory=dict)
 
     def owner(self, slot: int) -> str | None:
         return self.owners.get(slot)
@@ -74,3 +80,6 @@ class StaticView:
 
     def live_nodes(self) -> Sequence[str]:
         return sorted({*self.owners.values(), self.node})
+
+    def coap_address(self, node: str) -> str | None:
+        return self.coap.get(node)

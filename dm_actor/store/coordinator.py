@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS cluster_nodes (
     number INTEGER NOT NULL UNIQUE,
     http TEXT NOT NULL,
     link TEXT NOT NULL,
-    heartbeat TIMESTAMPTZ NOT NULL
+    heartbeat TIMESTAMPTZ NOT NULL,
+    coap TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS slot_leases (
     slot INTEGER PRIMARY KEY,
@@ -80,7 +81,8 @@ SELECT slot, node, epoch, extract(epoch FROM expires - clock_timestamp())::float
   FROM slot_leases ORDER BY slot
 """
 _NODES = """
-SELECT node, number, http, link, extract(epoch FROM clock_timestamp() - heartbeat)::float8
+SELECT node, number, http, link, extract(epoch FROM clock_timestamp() - heartbeat)::float8,
+       coap
   FROM cluster_nodes ORDER BY node
 """
 _TAKE = """
@@ -118,6 +120,8 @@ class Coordinator:
         slots: P, the slot count (must match the cluster's).
         ttl: the lease TTL in seconds.
         http, link: where this node's HTTP API and internal link are reached (`host:port`).
+        coap: the address its devices talk to (`[server] host:coap_port`): nodes sharing one
+            (SO_REUSEPORT, a VIP) may answer each other's devices directly.
         connect_timeout: seconds to wait for a connection, unless the DSN says.
 
     Raises:
@@ -133,6 +137,7 @@ class Coordinator:
         ttl: float,
         http: str,
         link: str,
+        coap: str = "",
         connect_timeout: float = 10.0,
     ) -> None:
         if slots < 1 or ttl <= 0:
@@ -142,6 +147,7 @@ class Coordinator:
         self.ttl = ttl
         self.http = http
         self.link = link
+        self.coap = coap
         try:
             params: dict[str, Any] = dict(psycopg.conninfo.conninfo_to_dict(dsn))
         except psycopg.ProgrammingError as exc:
@@ -217,10 +223,10 @@ class Coordinator:
                     )
                 number = free
             pg.execute(
-                "INSERT INTO cluster_nodes VALUES (%s, %s, %s, %s, clock_timestamp()) "
+                "INSERT INTO cluster_nodes VALUES (%s, %s, %s, %s, clock_timestamp(), %s) "
                 "ON CONFLICT (node) DO UPDATE SET http = excluded.http, "
-                "link = excluded.link, heartbeat = excluded.heartbeat",
-                (self.node, number, self.http, self.link),
+                "link = excluded.link, heartbeat = excluded.heartbeat, coap = excluded.coap",
+                (self.node, number, self.http, self.link, self.coap),
             )
         self.number = number
         return number
@@ -245,7 +251,8 @@ class Coordinator:
             }
             leases = tuple(Lease(int(s), n, int(e), float(x)) for s, n, e, x in pg.execute(_TABLE))
             nodes = tuple(
-                NodeInfo(n, int(num), h, ln, float(a)) for n, num, h, ln, a in pg.execute(_NODES)
+                NodeInfo(n, int(num), h, ln, float(a), c)
+                for n, num, h, ln, a, c in pg.execute(_NODES)
             )
         return held, Table(leases, nodes)
 

@@ -130,6 +130,8 @@ class ClusterLink:
             "link_dropped": 0,  # frames not sent: link down, node unknown, send failed
             "link_unreachable": 0,  # ICMP errors for frames sent to a peer node
             "ingress_gone": 0,  # datagrams sent directly: the node they came in by is gone
+            # ... or held back: that node's CoAP address is not this node's
+            "ingress_gone_held": 0,
         }
 
     # -- wiring -------------------------------------------------------------------------------
@@ -225,10 +227,18 @@ class ClusterLink:
         node = ingress.get(addr)
         if node is None:
             return False
-        if self._target(node) is None or self._gone(node):  # (sent directly instead)
-            del ingress[addr]
-            self.statistics["ingress_gone"] += 1
-            return False
+        if self._target(node) is None or self._gone(node):
+            view = self.view
+            mine = view.coap_address(view.node)
+            if mine and mine == view.coap_address(node):  # (one address: SO_REUSEPORT, a VIP)
+                del ingress[addr]
+                self.statistics["ingress_gone"] += 1
+                return False  # sent directly: the device sees the address it talks to
+            # from this node's address the device would see another server, and take our
+            # retransmission for a new exchange (executed twice): held back until the device
+            # is heard again (directly, or through another node: `ingress` then follows)
+            self.statistics["ingress_gone_held"] += 1
+            return True
         if self._send_frame(node, wire.BACKWARD, addr, data):
             self.statistics["backwarded"] += 1
         return True

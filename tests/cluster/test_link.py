@@ -313,8 +313,8 @@ async def test_nothing_is_sent_before_the_link_runs_or_to_an_unknown_node() -> N
     assert link.statistics["link_dropped"] == 2 and not received
     view.links["B"] = ("node-b.example", 9)  # a name would block on every send: refused
     link.ingress[(DEVICE_HOST, 3)] = "B"
-    assert link.egress(b"x", (DEVICE_HOST, 3)) is False
-    assert not link.ingress
+    assert link.egress(b"x", (DEVICE_HOST, 3)) is True  # held: B's CoAP address is not ours
+    assert link.statistics["ingress_gone_held"] == 1 and link.ingress
 
 
 async def test_two_endpoints_share_a_port_with_reuse_port(nursery: trio.Nursery) -> None:
@@ -370,8 +370,11 @@ async def test_frames_are_not_traced_as_coap_at_debug_level(
 async def test_answers_go_out_directly_once_the_ingress_node_is_gone(
     nursery: trio.Nursery, device: trio.socket.SocketType, autojump_clock: object
 ) -> None:
+    """...when that node's CoAP address is this node's (SO_REUSEPORT, a VIP): the device
+    sees the source it talks to. Otherwise they are held (the next test)."""
     cluster = await start_cluster(nursery)
     a, b = cluster["A"], cluster["B"]
+    b.view.coap = {"A": "127.0.0.1:5683", "B": "127.0.0.1:5683"}
     me = device.getsockname()
     await device.sendto(register(endpoint_of("B")), a.coap_address)
     await until(lambda: b.received)
@@ -415,3 +418,26 @@ async def test_what_names_no_slot_stays_here_once_the_node_it_followed_is_gone(
     await device.sendto(m.reset_for(6), a.coap_address)
     await until(lambda: a.received)
     assert a.received == [(m.reset_for(6), me)] and len(b.received) == 1
+
+
+async def test_answers_are_held_once_an_ingress_node_with_another_address_is_gone(
+    nursery: trio.Nursery, device: trio.socket.SocketType, autojump_clock: object
+) -> None:
+    """From B's own address the device would see another server and take a retransmission
+    for a new exchange (executed twice: the issue-17 attacker's kill -9 of an ingress node
+    in topology B): held back until the device is heard again, which re-routes them."""
+    cluster = await start_cluster(nursery)
+    a, b = cluster["A"], cluster["B"]
+    me = device.getsockname()
+    await device.sendto(register(endpoint_of("B")), a.coap_address)
+    await until(lambda: b.received)
+    b.view.live_nodes = lambda: ["B", "C"]  # type: ignore[method-assign]
+    await trio.sleep(1.5)  # (the view is read again at most once a second)
+    assert b.link.egress(b"held", me) is True
+    assert b.link.egress(b"held again", me) is True
+    assert b.link.statistics["ingress_gone_held"] == 2
+    with trio.move_on_after(1):
+        assert await receive(device) is None, "nothing reaches the device meanwhile"
+    # the device talks to B directly now: B answers directly
+    b.link.on_datagram(register(endpoint_of("B"), mid=3), me)
+    assert b.link.egress(b"direct", me) is False
