@@ -294,6 +294,9 @@ class Supervisor:
         Returns how many were released."""
         registry = self.registry
         gone = [a for ep, a in registry.by_endpoint.items() if leaving(ep)]
+        directory = registry.directory  # (the devices that left are listed by no one now:
+        for ep in [ep for ep in directory.gone if leaving(ep)]:  # the new owner may list
+            directory.revive(ep)  # the same device registered again)
         unfinished = self.commands.unfinished
         for actor in gone:
             ep = actor.endpoint
