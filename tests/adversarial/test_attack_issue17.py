@@ -698,18 +698,11 @@ async def test_a_paused_home_node_hands_no_response_over_after_sigcont(
     assert all(len(arrivals.get(f"w{i}", [])) == 1 for i in range(len(devices))), summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 attack: the Device Directory's memory of departed devices stays on the "
-    "node where the device left, also after its slot moved (Supervisor.release keeps it): a "
-    "device that de-registered on a, whose slot was then handed to b, and that registered "
-    "again on b, is listed by GET /v3/devices on a as 'deregistered' (a's own page comes "
-    "first in the merge and wins the id) with total_count 2, while GET /v3/devices/{id} says "
-    "'registered'",
-)
 async def test_a_device_that_left_before_its_slot_moved_is_listed_as_it_is_now(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
+    """Found here (the directory of departed devices stayed on the giver of a slot: the
+    device was listed by a as 'deregistered', total_count 2); fixed by 98f452a."""
     home, other = await start_pair(nursery)
     ep = endpoint_on(other)
     dev = Device(other.server.addr, ep)
@@ -807,20 +800,18 @@ async def test_responses_made_while_the_home_node_is_paused_arrive_once(
     assert not missing and not twice and not executions, summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 attack: kill -9 of an INGRESS node (topology B) while the owner's command "
-    "to a device behind it is in flight (the device executed, its answer died with the "
-    "ingress): the owner's retransmissions of the same exchange go out directly from its own "
-    "address once the ingress is gone (ClusterLink.egress, commit 5ba8df1), a new source for "
-    "the device's deduplication (RFC 7252 4.5: source and Message ID): executed twice",
-)
 @pytest.mark.crash
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 async def test_kill_9_of_an_ingress_node_mid_attempt_executes_once(
     tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
 ) -> None:
+    """kill -9 of an INGRESS node (topology B) while the owner's command to a device behind
+    it is in flight (the device executed; its answer died with the ingress); the ingress is
+    restarted and the devices send an Update through it: executed once, one
+    AsyncIDResponse. Found here: the owner retransmitted directly from its own address once
+    the ingress was gone, a new source for the device's deduplication (RFC 7252 4.5),
+    executed twice; fixed by c96bd6d (held back until the device is heard again)."""
     nodes = ("a", "b", "c")
     cluster = Cluster(tmp_path, pg_server, pg_dsn, "B", settings="[delivery]\nresend_grace = 1.0\n")
     inbox = Inbox("long-poll")
@@ -853,6 +844,11 @@ async def test_kill_9_of_an_ingress_node_mid_attempt_executes_once(
                 await cluster.kill(ingress)
                 for device in devices:
                     device.delay = 0.0
+                await trio.sleep(3 * cluster.lease_ttl)  # (the owner notices it is gone)
+                await cluster.start(ingress)  # (its supervisor restarts it)
+                async with trio.open_nursery() as updates:  # the devices are heard again
+                    for device in devices:
+                        updates.start_soon(device.update)
                 await wait_for(
                     lambda: all(f"g{i}" in inbox.arrivals for i in range(len(devices))), 30
                 )
