@@ -54,7 +54,7 @@ application and this script to `--load-cpu` (default 0) with `taskset`. The node
 kept in `--logs` (default: a new temporary directory, printed); their errors and first
 warnings are in the JSON (`node_errors`). `--profile commands` runs py-spy on every node.
 
-    python bench/cluster.py                                   # ~3 minutes
+    python bench/cluster.py                                   # 2-4 minutes
     python bench/cluster.py --rounds 3 --cases pg1 c1 c2 c3   # interleaved, least CPU kept
     python bench/cluster.py --cases pg1 c2 --devices 20000 --commands 20000 --connections 64
     python bench/cluster.py --cases pg1 c2 c3 --topology a   # one shared CoAP port
