@@ -17,6 +17,7 @@ from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import h11
 import pytest
 import trio
 import trio.testing
@@ -54,6 +55,7 @@ from tests.cluster.test_link import (
     until,
 )
 from tests.cluster.test_relay_http import APP, endpoint_on, start_pair
+from tests.daemon import NotSent, request as daemon_request
 from tests.store.postgres import pg_dsn, pg_server
 
 if TYPE_CHECKING:
@@ -868,19 +870,45 @@ async def test_kill_9_of_an_ingress_node_mid_attempt_executes_once(
     assert all(arrivals.get(f"g{i}") == 1 for i in range(len(devices))), summary
 
 
+async def slow_long_poll(http: tuple[str, int], inbox: Inbox, pause: float = 0.3) -> None:
+    """tests/crash_channels.py's `long_poll`, with `pause` s of work after each response."""
+    while True:
+        try:
+            with trio.fail_after(45):
+                status, body = await daemon_request(http, "GET", "/v2/notification/pull", KEY)
+        except NotSent:
+            await trio.sleep(0.05)
+            continue
+        except (OSError, trio.BrokenResourceError, trio.TooSlowError, h11.ProtocolError) as exc:
+            inbox.note(f"pull broke: {exc!r}")
+            await trio.sleep(0.05)
+            continue
+        if status == 200:
+            inbox.connections += 1
+            inbox.receive(json.loads(body))
+            await trio.sleep(pause)
+        elif status != 204:
+            inbox.note(f"pull: {status} {body[:100]!r}")
+            await trio.sleep(0.05)
+
+
+async def channel_open(http: tuple[str, int]) -> bool:
+    return (await daemon_request(http, "GET", "/v2/notification/channel", KEY))[0] == 200
+
+
 STREAM = 60  # commands, one every 0.05 s, the home node stopped after a third of them
 
 
 @pytest.mark.xfail(
     strict=True,
     reason="issue 17 attack: removing the application's home node as docs/operations.md says "
-    "(SIGTERM) under a stream of commands, its long poll relayed by another node: the last "
-    "response the stopping home wrote (relayed, and received by the client ~0.6 s after the "
-    "signal) stays stored as unacknowledged (the client's next poll goes to the new home), "
-    "and the new home loads and sends those AsyncIDResponses again ~0.3 s later "
-    "(2-5 of 30-60 twice in 4 of 5 runs): the relayed poll's 'x-dm-previous-pull: arrived' "
-    "does not reach across a change of home. 'Every 202 ends in exactly one AsyncIDResponse' "
-    "is broken by a planned stop, not a crash",
+    "(SIGTERM) under a stream of commands, its long poll relayed by another node and its client "
+    "taking 0.3 s over each response: the response the client got just before the signal "
+    "(not acknowledged yet: the next poll goes to the new home) stays stored, and the new "
+    "home loads and sends those AsyncIDResponses again ~0.5 s later (6-10 of 60 twice, 4 runs "
+    "of 4; 2-5 in 4 of 6 runs with a client polling at once): the relayed poll's "
+    "'x-dm-previous-pull: arrived' does not reach across a change of home. 'Every 202 ends "
+    "in exactly one AsyncIDResponse' is broken by a planned stop, not a crash",
 )
 @pytest.mark.crash
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -913,9 +941,12 @@ async def test_the_home_node_stopped_gracefully_under_a_stream_answers_each_once
                 for device in devices:
                     await nursery.start(device.run)
                 await register_all(devices)
-                await start_consumer(
-                    nursery, cluster.nodes[others[1]].http, KEY, "long-poll", inbox
-                )
+                # a client that takes 0.3 s to process each response before its next poll
+                # (the last response it got is not acknowledged meanwhile)
+                nursery.start_soon(slow_long_poll, cluster.nodes[others[1]].http, inbox)
+                with trio.fail_after(10):  # (the first pull creates the channel)
+                    while not await channel_open(cluster.nodes[others[1]].http):  # noqa: ASYNC110
+                        await trio.sleep(0.02)
 
                 async def post(k: int) -> None:
                     device = devices[k % len(devices)]
