@@ -31,16 +31,18 @@ import trio
 
 from dm_actor.cluster import slots as cluster_slots
 from dm_actor.cluster.leases import LeaseBook
+from dm_actor.store.base import Snapshot
 from dm_actor.store.postgres import Fenced
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from dm_actor.actors.supervisor import Supervisor
     from dm_actor.address import Address
     from dm_actor.api.relay import EventRelay
     from dm_actor.cluster.leases import Table
     from dm_actor.cluster.view import HostPort
+    from dm_actor.store.base import AnswerRecord, CommandRecord
     from dm_actor.store.coordinator import Coordinator
     from dm_actor.store.postgres import PostgresStore
     from dm_actor.transport.link import ClusterLink
@@ -49,6 +51,8 @@ log = logging.getLogger(__name__)
 
 #: the longest pause between two lease rounds (takeovers are looked for this often)
 MAX_ROUND = 1.0
+#: devices handed to the supervisor per scheduler pass while slots are loaded
+ADOPT_CHUNK = 1000
 
 
 def host_port(text: str) -> HostPort:
@@ -94,6 +98,9 @@ class ClusterNode:
         self._calm_until = -math.inf
         self._prefixes = [cluster_slots.token_prefix(s) for s in range(slot_count)]
         self.ready = trio.Event()  # set after the first round (leases held, devices loaded)
+        self._left = False  # (`leave`: the loop stops)
+        self._db_lock = trio.Lock()  # the coordinator's one connection: one caller at a time
+        self._nursery: trio.Nursery | None = None
         self.statistics = {"held_back": 0, "slots_adopted": 0, "slots_given": 0, "rounds": 0,
                            "round_failures": 0}  # fmt: skip
         self._failing = False
@@ -170,31 +177,46 @@ class ClusterNode:
     # -- the lease loop ---------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Hold leases until cancelled; `started` once the first round is done."""
+        """Hold leases until cancelled (or `leave`); `started` once the first round is done
+        and the devices of the slots it took are loaded. Slots are loaded in tasks of their
+        own (`_load`), so that rounds go on renewing the leases meanwhile: loading 50,000
+        devices takes seconds, and a round that waited for it renewed too late (another
+        node took its slots: bench/cluster.py at 100k devices with a 2 s TTL)."""
         started = False
         pause = min(self.ttl / 3, MAX_ROUND)
-        while True:
-            try:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            while not self._left:
+                started = await self._turn(started, pause, task_status)
+                await trio.sleep(pause)
+            nursery.cancel_scope.cancel()
+
+    async def _turn(self, started: bool, pause: float, task_status: trio.TaskStatus[None]) -> bool:
+        """One round, its failure logged once; whether the node has started."""
+        try:
+            async with self._db_lock:
+                if self._left:
+                    return started
                 await self._round()
-            except Fenced:
-                raise
-            except Exception as exc:  # (the database is away: the deadline closes the gate)
-                self.statistics["round_failures"] += 1
-                if not self._failing:
-                    log.error("cluster: a lease round failed: %s; retrying every %.1f s "
-                              "(past the lease deadline nothing is sent to devices)",
-                              exc, pause)  # fmt: skip
-                self._failing = True
-            else:
-                if self._failing:
-                    log.warning("cluster: leases renewed again")
-                    self._calm_until = trio.current_time() + self.ttl
-                self._failing = False
-                if not started:
-                    started = True
-                    self.ready.set()
-                    task_status.started()
-            await trio.sleep(pause)
+        except Fenced:
+            raise
+        except Exception as exc:  # (the database is away: the deadline closes the gate)
+            self.statistics["round_failures"] += 1
+            if not self._failing:
+                log.error("cluster: a lease round failed: %s; retrying every %.1f s "
+                          "(past the lease deadline nothing is sent to devices)",
+                          exc, pause)  # fmt: skip
+            self._failing = True
+            return started
+        if self._failing:
+            log.warning("cluster: leases renewed again")
+            self._calm_until = trio.current_time() + self.ttl
+        self._failing = False
+        if not started and not self._loading:
+            started = True
+            self.ready.set()
+            task_status.started()
+        return started
 
     async def _round(self) -> None:
         book, coordinator = self.book, self.coordinator
@@ -224,8 +246,10 @@ class ClusterNode:
             gained = book.taken(taken, sent_at)
             if gained:
                 await self._adopt(gained)
-        for to, slots in plan.give.items():
-            await self._give(to, slots)
+        for to, offered in plan.give.items():
+            ready = [s for s in offered if s not in self._loading]  # (handed on once loaded)
+            if ready:
+                await self._give(to, ready)
 
     def _read(self, table: Table) -> None:
         owners = self._owners
@@ -247,22 +271,40 @@ class ClusterNode:
         self._live = sorted(live)
 
     async def _adopt(self, slots: frozenset[int]) -> None:
-        """Serve `slots`: their devices from the store, their applications' owed events.
-        Until their devices are loaded, nobody serves them here (a request gets 503, a
-        Register 5.03: never a 404 for a device not loaded yet)."""
+        """Serve `slots` once their devices are loaded (`_load`, in a task of its own).
+        Until then nobody serves them here (a request gets 503, a Register 5.03: never a
+        404 for a device not loaded yet)."""
+        slots = slots - self._loading  # (already being loaded)
+        if not slots:
+            return
         self._loading |= slots
+        nursery = self._nursery
+        assert nursery is not None, "ClusterNode.run() is not running"
+        nursery.start_soon(self._load, slots)
+
+    async def _load(self, slots: frozenset[int]) -> None:
+        """Load `slots`' devices from the store and hand them to the supervisor, at most
+        `ADOPT_CHUNK` devices per scheduler pass; then their applications' owed events."""
         try:
             snapshot = await trio.to_thread.run_sync(self.store.load_slots, sorted(slots))
-        except BaseException:
-            self._readopt |= slots  # (loaded again at the next round)
-            raise
-        self.supervisor.adopt(snapshot)
+        except Exception as exc:
+            log.warning("cluster: loading %d slots failed (%s): again at the next round",
+                        len(slots), exc)  # fmt: skip
+            self._loading -= slots
+            self._readopt |= slots
+            return
+        book = self.book
+        for part in _chunks(snapshot, ADOPT_CHUNK):
+            if not all(s in book.held for s in slots):
+                return  # (lost meanwhile: the round that saw it stops the process)
+            self.supervisor.adopt(part)
+            await trio.lowlevel.checkpoint()
         self._loading -= slots
         self.statistics["slots_adopted"] += len(slots)
         if self.relay is not None:
             await self.relay.adopt(slots)
         log.info("cluster: serving %d more slots (%d devices loaded); %d slots held",
-                 len(slots), len(snapshot.registrations), len(self.book.held))  # fmt: skip
+                 len(slots), len(snapshot.registrations), len(book.held))  # fmt: skip
 
     async def _give(self, to: str, slots: Sequence[int]) -> None:
         """A planned handover: close `slots` here, commit what was written for them, then
@@ -292,11 +334,40 @@ class ClusterNode:
             self._leaving -= chosen
 
     async def leave(self) -> None:
-        """A graceful stop: this node's leases expire now, so that others take them at once."""
+        """A graceful stop: this node's leases expire now, so that others take them at once.
+        The lease loop stops first (after the round under way: one connection, one caller)."""
         with trio.move_on_after(2), trio.CancelScope(shield=True):
-            try:
-                await trio.to_thread.run_sync(self.coordinator.leave)
-            except Exception as exc:
-                log.warning("cluster: could not give up the leases on stopping: %s", exc)
+            async with self._db_lock:
+                self._left = True
+                try:
+                    await trio.to_thread.run_sync(self.coordinator.leave)
+                except Exception as exc:
+                    log.warning("cluster: could not give up the leases on stopping: %s", exc)
         self.book.held.clear()
         self.book.deadline = -math.inf
+
+
+def _chunks(snapshot: Snapshot, size: int) -> Iterator[Snapshot]:
+    """`snapshot` (the devices of some slots) in parts of at most `size` devices, each with
+    its devices' commands (in their order), subscriptions, Message IDs and answers."""
+    regs = snapshot.registrations
+    if len(regs) <= size:
+        yield snapshot
+        return
+    commands: dict[str, list[CommandRecord]] = {}
+    for c in snapshot.commands:
+        commands.setdefault(c.endpoint, []).append(c)
+    answers: dict[str, list[AnswerRecord]] = {}
+    for a in snapshot.answers:
+        answers.setdefault(a.endpoint, []).append(a)
+    subscriptions, next_mids = snapshot.subscriptions, snapshot.next_mids
+    for i in range(0, len(regs), size):
+        part = regs[i : i + size]
+        eps = [r.endpoint for r in part]
+        yield Snapshot(
+            registrations=part,
+            commands=[c for ep in eps for c in commands.get(ep, ())],
+            subscriptions={ep: subscriptions[ep] for ep in eps if ep in subscriptions},
+            next_mids={ep: next_mids[ep] for ep in eps if ep in next_mids},
+            answers=[a for ep in eps for a in answers.get(ep, ())],
+        )

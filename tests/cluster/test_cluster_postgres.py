@@ -73,7 +73,9 @@ async def test_postgres_stopped_immediately_and_restarted(
                 await cluster.start_postgres()
                 await cluster.settled(NODES, balanced=False, limit=40)
                 recovered = trio.current_time()
-                await trio.sleep(3.0)  # commands after the recovery
+                # commands after the recovery (the store retries its writes with back-off,
+                # at most 5 s apart: docs/operations.md, "When the database fails")
+                await trio.sleep(7.0)
                 stop.set()
                 await wait_for(
                     lambda: all(a in inbox.arrivals for a in ledger.accepted()), 30
