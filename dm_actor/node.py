@@ -166,8 +166,12 @@ class ClusterNode:
         return link is not None and link.egress(data, addr)
 
     def ingress_of(self, addr: Address) -> str | None:
+        """The node whose address the device at `addr` talks to: another node it came in
+        by, else this one. Stored with the registration, so that whoever owns the device
+        next (a handover, a failover) sends through that node: from any other address the
+        device would take a retransmission for a new exchange (executed twice)."""
         link = self.link
-        return None if link is None else link.ingress.get(addr)
+        return self.node if link is None else link.ingress.get(addr, self.node)
 
     def adopted(self, addr: Address, ingress: str) -> None:
         link = self.link

@@ -505,16 +505,6 @@ def _owned_distinct(table: dict[int, str | None], owner: str, count: int, prefix
     return list(names.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 attack: a planned handover (a node joins) in topology B, devices talking "
-    "straight to their owner a: the new owner c resends the attempt in flight (same Message ID "
-    "and token) from its own address, not through a (the registration's ingress is empty for "
-    "a device that talked to its owner directly, so c does not know the device talks to a): "
-    "a device deduplicating by (source, Message ID) as RFC 7252 4.5 says executes the command "
-    "twice (3 of 3 moved devices in the run that found it); 'a node added: nothing lost or "
-    "duplicated' broken",
-)
 @pytest.mark.crash
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -576,21 +566,18 @@ async def test_a_command_in_flight_across_a_handover_runs_once_on_a_direct_devic
     assert all(arrivals.get(f"h{i}") == 1 for i in range(len(devices))), summary
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 attack: kill -9 of the owner in topology B (nodes on their own addresses, "
-    "devices talking straight to their owner, as bench/cluster.py aims them): the new owner "
-    "resends the attempt in flight as the same exchange but from its own address (the dead "
-    "node's cannot send any more), so a device deduplicating by (source, Message ID) as "
-    "RFC 7252 4.5 says executes it twice; docs/operations.md's failure model promises "
-    "'nothing executed twice over UDP' for a node that dies without this limit",
-)
 @pytest.mark.crash
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
 async def test_kill_9_of_the_owner_a_direct_device_executes_once(
     tmp_path: Path, pg_server: PostgresServer, pg_dsn: str
 ) -> None:
+    """kill -9 of the owner in topology B, its devices talking straight to it: the new owner
+    resent the attempt in flight from its own address and a device deduplicating by (source,
+    Message ID) executed it twice (the attacker's finding). Now the registration names the
+    node the device talks to (the dead one): the new owner holds its datagrams back until
+    the device is heard again, through that node restarted (its supervisor), and resends the
+    same exchange through it: executed once, one AsyncIDResponse."""
     nodes = ("a", "b", "c")
     cluster = Cluster(tmp_path, pg_server, pg_dsn, "B", settings="[delivery]\nresend_grace = 1.0\n")
     inbox = Inbox("long-poll")
@@ -621,8 +608,13 @@ async def test_kill_9_of_the_owner_a_direct_device_executes_once(
                 )
                 await cluster.kill(victim)
                 await cluster.settled(tuple(n for n in nodes if n != victim), balanced=False)
+                await trio.sleep(2 * cluster.lease_ttl)  # (the new owner holds back meanwhile)
+                await cluster.start(victim)  # (its supervisor restarts it)
+                async with trio.open_nursery() as updates:  # the devices are heard again
+                    for device in devices:
+                        updates.start_soon(device.update)
                 await wait_for(
-                    lambda: all(f"d{i}" in inbox.arrivals for i in range(len(devices))), 20
+                    lambda: all(f"d{i}" in inbox.arrivals for i in range(len(devices))), 30
                 )
                 await trio.sleep(1.5)
                 nursery.cancel_scope.cancel()
