@@ -8,8 +8,14 @@ travels as UNREACHABLE. Pure: no I/O, no clock.
 
 Layout (big-endian), then a 16-byte MAC:
 
-    magic "DM" | version 1 | kind | sender length S | family 4/6 | host length H | port (2)
+    magic "DM" | version 2 | kind | sender length S | family 4/6 | host length H | port (2)
+    | sent at (8: the sender's wall clock, IEEE double seconds)
     [IPv6 only: flowinfo (4) | scope id (4)] | sender (S, ASCII) | host (H, ASCII) | payload
+
+- The time a frame was sent, under the MAC, lets the receiver refuse a frame that is stale:
+  one replayed by someone on the internal network (without it a BACKWARD captured once made
+  the ingress node send a command to the device again, minutes later: the issue-17 attacker's
+  finding), or one that waited in the socket of a node that was paused (`decode_stamped`).
 
 - The device's host is carried as the text the receiving socket reported, so the owner keys
   the device by exactly the address the ingress node sees (an IPv4-mapped "::ffff:1.2.3.4"
@@ -38,7 +44,7 @@ KINDS = frozenset((FORWARD, BACKWARD, UNREACHABLE))
 KIND_NAMES = {FORWARD: "FORWARD", BACKWARD: "BACKWARD", UNREACHABLE: "UNREACHABLE"}
 
 MAGIC = b"DM"
-VERSION = 1
+VERSION = 2
 MAC_LENGTH = 16
 #: the longest node name (config: `[cluster] node`, at most 64 characters)
 MAX_SENDER = 64
@@ -48,7 +54,7 @@ MAX_HOST = 64
 #: over 4096 bytes unread, and bodies go in blocks of at most 1024)
 MAX_PAYLOAD = 8192
 
-_HEAD = struct.Struct(">2sBBBBBH")  # magic, version, kind, S, family, H, port
+_HEAD = struct.Struct(">2sBBBBBHd")  # magic, version, kind, S, family, H, port, sent at
 _V6 = struct.Struct(">II")  # flowinfo, scope id
 MIN_FRAME = _HEAD.size + 1 + 1 + MAC_LENGTH
 MAX_FRAME = _HEAD.size + _V6.size + MAX_SENDER + MAX_HOST + MAX_PAYLOAD + MAC_LENGTH
@@ -102,8 +108,10 @@ def _mac(key: bytes, data: bytes | memoryview) -> bytes:
     return h.digest()[:MAC_LENGTH]
 
 
-def encode(kind: int, sender: str, addr: Address, payload: bytes, key: bytes) -> bytes:
-    """One frame.
+def encode(
+    kind: int, sender: str, addr: Address, payload: bytes, key: bytes, sent_at: float = 0.0
+) -> bytes:
+    """One frame, sent at wall-clock time `sent_at` (the caller reads the clock).
 
     Raises:
         ValueError: an unknown kind, a sender or host too long or not ASCII, a payload over
@@ -120,10 +128,10 @@ def encode(kind: int, sender: str, addr: Address, payload: bytes, key: bytes) ->
         raise ValueError("sender or host empty or too long")
     try:
         if len(addr) == 2:
-            head = _HEAD.pack(MAGIC, VERSION, kind, len(name), 4, len(host), addr[1])
+            head = _HEAD.pack(MAGIC, VERSION, kind, len(name), 4, len(host), addr[1], sent_at)
             body = b"".join((head, name, host, payload))
         else:
-            head = _HEAD.pack(MAGIC, VERSION, kind, len(name), 6, len(host), addr[1])
+            head = _HEAD.pack(MAGIC, VERSION, kind, len(name), 6, len(host), addr[1], sent_at)
             v6 = _V6.pack(addr[2], addr[3])
             body = b"".join((head, v6, name, host, payload))
     except struct.error as exc:
@@ -132,7 +140,17 @@ def encode(kind: int, sender: str, addr: Address, payload: bytes, key: bytes) ->
 
 
 def decode(data: bytes, key: bytes) -> Frame:
-    """The frame in `data`, authenticated with `key`.
+    """The frame in `data`, authenticated with `key` (its time not checked).
+
+    Raises:
+        WireError: anything wrong; nothing else, whatever the bytes.
+    """
+    return decode_stamped(data, key)[0]
+
+
+def decode_stamped(data: bytes, key: bytes) -> tuple[Frame, float]:
+    """The frame in `data`, authenticated with `key`, and the time it was sent at (the
+    sender's wall clock: the caller compares it with its own).
 
     Raises:
         WireError: anything wrong; nothing else, whatever the bytes.
@@ -140,7 +158,7 @@ def decode(data: bytes, key: bytes) -> Frame:
     n = len(data)
     if n < MIN_FRAME or n > MAX_FRAME:
         raise WireError("length", f"{n} bytes")
-    magic, version, kind, s, family, h, port = _HEAD.unpack_from(data)
+    magic, version, kind, s, family, h, port, sent_at = _HEAD.unpack_from(data)
     if magic != MAGIC:
         raise WireError("magic", repr(magic))
     if version != VERSION:
@@ -177,7 +195,7 @@ def decode(data: bytes, key: bytes) -> Frame:
     else:
         _check_ipv6(host)
         addr = (host, port, flowinfo, scope)
-    return Frame(kind, sender, addr, payload)
+    return Frame(kind, sender, addr, payload), sent_at
 
 
 def _check_ipv6(host: str) -> None:

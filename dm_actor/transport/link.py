@@ -37,6 +37,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, TypeVar
 
@@ -62,6 +63,9 @@ log = logging.getLogger(__name__)
 
 #: seconds between two log lines about the same kind of refused frame or dropped datagram
 LOG_INTERVAL = 60.0
+#: a frame sent longer ago than this is refused as stale (a replay, or one held in a paused
+#: node's socket): the nodes' wall clocks must agree much better than this (NTP)
+MAX_FRAME_AGE = 2.0
 #: seconds between two readings of the view's live nodes (`egress`)
 LIVE_REFRESH = 1.0
 #: seconds a node whose link answered with an ICMP error counts as gone (unless it sends)
@@ -95,6 +99,8 @@ class ClusterLink:
         *,
         peers: int = 100_000,
         retry_after: int = 60,
+        max_age: float = MAX_FRAME_AGE,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.view = view
         self._local_datagram = local_datagram
@@ -102,6 +108,10 @@ class ClusterLink:
         self._key = wire.link_key(view.secret)
         self.limit = peers
         self._retry_after = retry_after
+        # frames sent longer ago than this (or "later" than this ahead: a clock gone wrong)
+        # are refused as stale: replayed, or held in a paused node's socket
+        self.max_age = max_age
+        self._wall = wall_clock
         #: ingress side: device address -> the slot it named last (followed through the view),
         #: or the node whose datagrams to it came back through here
         self.peers: OrderedDict[Address, int | str] = OrderedDict()
@@ -247,9 +257,13 @@ class ClusterLink:
 
     def _on_frame(self, data: bytes, source: Address) -> None:
         try:
-            frame = wire.decode(data, self._key)
+            frame, sent_at = wire.decode_stamped(data, self._key)
         except wire.WireError as exc:
             self._refuse(exc.reason, source, str(exc))
+            return
+        age = self._wall() - sent_at
+        if not -self.max_age <= age <= self.max_age:
+            self._refuse("stale", source, f"a frame sent {age:.1f} s ago (at most {self.max_age})")
             return
         kind, sender, addr, payload = frame
         view = self.view
@@ -341,7 +355,7 @@ class ClusterLink:
             self._dropped("target", "a %s frame not sent: %s", wire.KIND_NAMES[kind], why)
             return False
         try:
-            frame = wire.encode(kind, self.view.node, addr, payload, self._key)
+            frame = wire.encode(kind, self.view.node, addr, payload, self._key, self._wall())
             endpoint.send(frame, target)
         except (ValueError, OSError, trio.ClosedResourceError) as exc:
             self._dropped("send", "a %s frame to %s not sent: %r", wire.KIND_NAMES[kind], node, exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -253,8 +254,13 @@ async def test_forged_and_broken_frames_are_dropped_and_counted(
         wire.encode(wire.FORWARD, "B", device, payload, wire.link_key(SECRET)),
         wire.encode(wire.FORWARD, "Z", device, payload, wire.link_key(SECRET)),
     ]
-    good = wire.encode(wire.FORWARD, "A", device, payload, wire.link_key(SECRET))
+    good = wire.encode(wire.FORWARD, "A", device, payload, wire.link_key(SECRET), time.time())
     frames.append(good[:-1] + bytes([good[-1] ^ 1]))
+    # authenticated, but stale (a replay, or held in a paused node's socket) or from a clock
+    # far ahead
+    for shift in (-b.link.max_age - 1, b.link.max_age + 1):
+        key = wire.link_key(SECRET)
+        frames.append(wire.encode(wire.FORWARD, "A", device, payload, key, time.time() + shift))
     with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
         await attacker.bind(("127.0.0.9", 0))
         for _ in range(3):

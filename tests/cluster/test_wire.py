@@ -113,7 +113,7 @@ def test_authenticated_frames_with_bad_addresses_are_refused(
     family: int, host: bytes, reason: str
 ) -> None:
     # a node holding the secret cannot make its peer resolve a name either
-    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, FORWARD, 1, family, len(host), 5683)
+    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, FORWARD, 1, family, len(host), 5683, 0.0)
     v6 = wire._V6.pack(0, 0) if family == 6 else b""
     with pytest.raises(WireError) as caught:
         wire.decode(_signed(head + v6 + b"a" + host + b"payload"), KEY)
@@ -121,14 +121,14 @@ def test_authenticated_frames_with_bad_addresses_are_refused(
 
 
 def test_authenticated_frames_of_unknown_kinds_or_versions_are_refused() -> None:
-    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, 9, 1, 4, 9, 5683)
+    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, 9, 1, 4, 9, 5683, 0.0)
     with pytest.raises(WireError, match="kind"):
         wire.decode(_signed(head + b"a127.0.0.1x"), KEY)
-    head = wire._HEAD.pack(wire.MAGIC, 2, FORWARD, 1, 4, 9, 5683)
+    head = wire._HEAD.pack(wire.MAGIC, 1, FORWARD, 1, 4, 9, 5683, 0.0)
     with pytest.raises(WireError, match="version"):
         wire.decode(_signed(head + b"a127.0.0.1x"), KEY)
     frame = wire.encode(UNREACHABLE, "a", ("127.0.0.1", 1), b"", KEY)
-    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, UNREACHABLE, 1, 4, 9, 1)
+    head = wire._HEAD.pack(wire.MAGIC, wire.VERSION, UNREACHABLE, 1, 4, 9, 1, 0.0)
     assert _signed(head + b"a127.0.0.1") == frame
     with pytest.raises(WireError, match="no payload"):
         wire.decode(_signed(head + b"a127.0.0.1x"), KEY)
