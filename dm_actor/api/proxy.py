@@ -25,7 +25,7 @@ import logging
 from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 import h11
 import msgspec
@@ -78,23 +78,36 @@ _NOT_RETURNED = frozenset((
 ))  # fmt: skip
 
 
-def sign(secret: bytes, method: bytes, target: bytes, stamp: bytes) -> bytes:
-    """The MAC of an internal request (hex): HMAC-SHA-256 over method, target and time."""
-    message = b"%s\n%s\n%s" % (method, target, stamp)
+def sign(secret: bytes, method: bytes, target: bytes, stamp: bytes, body: bytes = b"") -> bytes:
+    """The MAC of an internal request (hex): HMAC-SHA-256 over method, target, time and the
+    body's SHA-256 (a captured header signs no other body: the issue-17 attacker posted its
+    own events with one)."""
+    digest = hashlib.sha256(body).hexdigest().encode()
+    message = b"%s\n%s\n%s\n%s" % (method, target, stamp, digest)
     return hmac.new(secret, message, hashlib.sha256).hexdigest().encode()
 
 
-def internal_headers(secret: bytes, method: bytes, target: bytes, now: float) -> Headers:
-    """The headers that make a request internal, signed at wall-clock time `now`."""
+def internal_headers(
+    secret: bytes, method: bytes, target: bytes, now: float, body: bytes = b""
+) -> Headers:
+    """The headers that make a request with `body` internal, signed at wall-clock `now`."""
     stamp = b"%.3f" % now
-    return [(CLUSTER_HEADER, sign(secret, method, target, stamp)), (CLUSTER_TIME_HEADER, stamp)]
+    mac = sign(secret, method, target, stamp, body)
+    return [(CLUSTER_HEADER, mac), (CLUSTER_TIME_HEADER, stamp)]
 
 
 def verify(
-    secret: bytes, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], now: float
+    secret: bytes,
+    method: bytes,
+    target: bytes,
+    headers: Sequence[tuple[bytes, bytes]],
+    now: float,
+    body: bytes | None = None,
 ) -> bool | None:
     """None when the request carries no internal header; True for a valid one (signed within
-    `MAX_SKEW` of `now` with `secret`); False for any other (forged, old, malformed, two)."""
+    `MAX_SKEW` of `now` with `secret`, over `body`); False for any other (forged, old,
+    malformed, two). With `body` None only the time is checked (before the body is read:
+    `ClusterRouter.check`; the MAC is checked with the body, `ClusterRouter.confirm`)."""
     macs = [v for n, v in headers if n == CLUSTER_HEADER]
     stamps = [v for n, v in headers if n == CLUSTER_TIME_HEADER]
     if not macs and not stamps:
@@ -107,7 +120,9 @@ def verify(
         return False
     if not abs(now - at) <= MAX_SKEW:  # (NaN too)
         return False
-    return hmac.compare_digest(sign(secret, method, target, stamps[0]), macs[0].strip())
+    if body is None:
+        return True
+    return hmac.compare_digest(sign(secret, method, target, stamps[0], body), macs[0].strip())
 
 
 # -- where a request is answered ----------------------------------------------------------
@@ -392,18 +407,30 @@ class ClusterRouter:
     # -- the internal header
 
     def check(self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]]) -> bool:
-        """Whether the request is a valid internal one; False when it carries no internal
-        header. Raises `Forged` when it carries one that is not valid (answer 403)."""
+        """Whether the request says it is internal (its MAC is checked with its body:
+        `confirm`); False when it carries no internal header. Raises `Forged` when its
+        header is malformed or old (answer 403)."""
         verdict = verify(self.view.secret, method, target, headers, self.wall())
         if verdict is False:
-            self.statistics["internal_refused"] += 1
-            self._log_once("forged", "an internal request with a forged or old MAC refused")
-            raise Forged
+            self._forged()
         return bool(verdict)
 
-    def sign(self, method: bytes, target: bytes) -> Headers:
-        """The internal headers of a request this node sends now."""
-        return internal_headers(self.view.secret, method, target, self.wall())
+    def confirm(
+        self, method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> None:
+        """A request that said it is internal, its body read: raises `Forged` unless its MAC
+        signs this method, target, time and body."""
+        if not verify(self.view.secret, method, target, headers, self.wall(), body):
+            self._forged()
+
+    def _forged(self) -> NoReturn:
+        self.statistics["internal_refused"] += 1
+        self._log_once("forged", "an internal request with a forged or old MAC refused")
+        raise Forged
+
+    def sign(self, method: bytes, target: bytes, body: bytes = b"") -> Headers:
+        """The internal headers of a request with `body` this node sends now."""
+        return internal_headers(self.view.secret, method, target, self.wall(), body)
 
     # -- proxied requests
 
@@ -467,7 +494,7 @@ class ClusterRouter:
             self.statistics["unreachable"] += 1
             self._log_once(node, f"node {node} has no known HTTP address")
             return None
-        signed = [*headers, *self.sign(req.method, target)]
+        signed = [*headers, *self.sign(req.method, target, req.body)]
         try:
             response = await self.pool.request(
                 address, req.method, target, signed, req.body, within or self.timeout
@@ -571,7 +598,7 @@ class ClusterRouter:
         if address is None:
             raise PeerUnreachable(f"node {node} has no known HTTP address")
         target = b"/internal/events"
-        headers = [(b"content-type", b"application/json"), *self.sign(b"POST", target)]
+        headers = [(b"content-type", b"application/json"), *self.sign(b"POST", target, body)]
         status, _, _ = await self.pool.request(
             address, b"POST", target, headers, body, self.timeout
         )

@@ -620,7 +620,7 @@ EVENTS_PATH = b"/internal/events"
 def http_sender(
     view: ClusterView,
     request: Callable[..., Awaitable[tuple[int, Any, Any]]],
-    sign: Callable[[bytes, bytes], list[tuple[bytes, bytes]]],
+    sign: Callable[[bytes, bytes, bytes], list[tuple[bytes, bytes]]],
     *,
     timeout: float = 10.0,
 ) -> Callable[[str, bytes], Awaitable[int]]:
@@ -631,7 +631,7 @@ def http_sender(
         address = view.http_address(node)
         if address is None:
             raise LookupError(f"node {node} has no known HTTP address")
-        headers = [*sign(b"POST", EVENTS_PATH), (b"content-type", b"application/json")]
+        headers = [*sign(b"POST", EVENTS_PATH, body), (b"content-type", b"application/json")]
         status, _, _ = await request(address, b"POST", EVENTS_PATH, headers, body, timeout)
         return status
 

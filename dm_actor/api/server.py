@@ -739,6 +739,12 @@ class HttpServer:
             body = await self._body(conn, stream, slot, sheddable=app is None and not internal)
             if body is None:
                 return False
+            if internal:  # (its MAC signs its body too: checked now that it is read)
+                assert self.router is not None
+                try:
+                    self.router.confirm(event.method, event.target, event.headers, body)
+                except Forged:
+                    internal, forged = False, True
         except h11.RemoteProtocolError as exc:
             self._counts["bad_requests"] += 1
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):

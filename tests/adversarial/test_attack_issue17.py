@@ -241,15 +241,6 @@ async def test_a_node_past_its_deadline_sends_nothing_to_a_registering_device(
 # -- internal HTTP: the MAC does not cover the body ------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 17 attack: the internal MAC (X-DM-Cluster) covers the method, the target and "
-    "the time, not the body: any POST /internal/events seen on the internal network lets a "
-    "host that is no node post any batch for 30 s with the same headers, e.g. an "
-    "AsyncIDResponse for an async-id the application never sent (or a second, different one "
-    "for an async-id it did: 'exactly one AsyncIDResponse' broken), into any application's "
-    "channel",
-)
 async def test_a_captured_internal_header_does_not_authenticate_another_body(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
@@ -963,14 +954,14 @@ async def test_the_home_node_stopped_gracefully_under_a_stream_answers_each_once
 async def test_hostile_internal_event_batches_are_refused_and_the_node_serves_on(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
-    """Held: bodies of POST /internal/events (validly signed: the MAC does not cover the
-    body) that are deeply nested, too long, out of range or of an unknown kind get 400/413;
-    the home node serves on, and a batch sent again is not delivered twice."""
+    """Held: bodies of POST /internal/events (validly signed, over the body) that are
+    deeply nested, too long, out of range or of an unknown kind get 400/413; the home node
+    serves on, and a batch sent again is not delivered twice."""
     home, _ = await start_pair(nursery)
     secret = home.view.secret
 
     async def post(body: bytes) -> int:
-        headers = proxy.internal_headers(secret, b"POST", b"/internal/events", time.time())
+        headers = proxy.internal_headers(secret, b"POST", b"/internal/events", time.time(), body)
         stream = await trio.open_tcp_stream(*home.addr[:2])
         async with stream:
             head = [

@@ -272,7 +272,9 @@ async def test_internal_headers_forged_old_or_missing_are_refused_403(
         # /internal/events: a valid header only; 404 while no relay is attached
         reply = await client.request("POST", "/internal/events", body=b"[]", key=None)
         assert reply.status == 403
-        signed = [(n.decode(), v.decode()) for n, v in router.sign(b"POST", b"/internal/events")]
+        signed = [
+            (n.decode(), v.decode()) for n, v in router.sign(b"POST", b"/internal/events", b"[]")
+        ]
         reply = await client.request(
             "POST", "/internal/events", body=b"[]", headers=signed, key=None
         )
@@ -288,6 +290,14 @@ async def test_internal_headers_forged_old_or_missing_are_refused_403(
 
         relay = Relay()
         b.http.relay = relay
+        # the MAC covers the body: the headers signed for b"[]" do not pass b"[1]"
+        reply = await client.request(
+            "POST", "/internal/events", body=b"[1]", headers=signed, key=None
+        )
+        assert reply.status == 403 and relay.bodies == []
+        signed = [
+            (n.decode(), v.decode()) for n, v in router.sign(b"POST", b"/internal/events", b"[1]")
+        ]
         reply = await client.request(
             "POST", "/internal/events", body=b"[1]", headers=signed, key=None
         )
@@ -297,7 +307,7 @@ async def test_internal_headers_forged_old_or_missing_are_refused_403(
             "PUT", "/internal/events", body=b"[2]", headers=signed, key=None
         )
         assert reply.status == 403 and relay.bodies == [b"[1]"]
-    assert router.statistics["internal_refused"] == 5
+    assert router.statistics["internal_refused"] == 6
     # what relay.py's EventRelay is given as `send`: a's router posting to b
     a_router = nodes["a"].http.router
     assert a_router is not None
