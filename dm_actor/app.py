@@ -325,6 +325,7 @@ async def serve(
                 node, sup.on_datagram, sup.on_unreachable,
                 retry_after=settings.registration.retry_after,
             )  # fmt: skip
+            link.may_send = node.may_send
             udp = UdpEndpoint(host, port, link.on_datagram, link.on_unreachable, reuse_port=True)
         nofile = raise_descriptor_limit()
         tcp_cap = tcp_max_connections(settings, nofile)

@@ -158,6 +158,10 @@ class ClusterNode:
     def reg_id(self, endpoint: str) -> str:
         return cluster_slots.reg_id(self.slot(endpoint))
 
+    def may_send(self) -> bool:
+        """Whether this node may send to devices now: within its lease's local deadline."""
+        return self.book.valid(trio.current_time())
+
     def egress(self, data: bytes, addr: Address) -> bool:
         if not self.book.valid(trio.current_time()):
             self.statistics["held_back"] += 1  # past the lease deadline: another node may

@@ -112,6 +112,9 @@ class ClusterLink:
         # are refused as stale: replayed, or held in a paused node's socket
         self.max_age = max_age
         self._wall = wall_clock
+        #: whether this node may send to devices now (`ClusterNode`: within its lease's
+        #: local deadline); its own 5.03s to Registers for unowned slots wait for it too
+        self.may_send: Callable[[], bool] = lambda: True
         #: ingress side: device address -> the slot it named last (followed through the view),
         #: or the node whose datagrams to it came back through here
         self.peers: OrderedDict[Address, int | str] = OrderedDict()
@@ -391,7 +394,7 @@ class ClusterLink:
         except DecodeError:
             register = False
         send = self._send
-        if not register or send is None:
+        if not register or send is None or not self.may_send():
             self.statistics["unowned_dropped"] += 1
             self._log_once("unowned", "a datagram from %s for a slot nobody serves now: dropped",
                            addr)  # fmt: skip
