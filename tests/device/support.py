@@ -88,7 +88,7 @@ class Endpoints:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def __call__(self, reliable: bool, mid_start: int | None, endpoint: str = "") -> CoapEndpoint:
+    def __call__(self, reliable: bool, mid_start: int | None, name: str = "") -> CoapEndpoint:
         self.made.append((reliable, mid_start))
         start = mid_start
         if start is None:

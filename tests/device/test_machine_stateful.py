@@ -104,7 +104,7 @@ class _Endpoints:
         self.rng = random.Random(seed)
         self.made: list[CoapEndpoint] = []
 
-    def __call__(self, reliable: bool, mid_start: int | None, endpoint: str = "") -> CoapEndpoint:
+    def __call__(self, reliable: bool, mid_start: int | None, name: str = "") -> CoapEndpoint:
         start = self.rng.getrandbits(16) if mid_start is None else mid_start
         endpoint = CoapEndpoint(
             PARAMS,
