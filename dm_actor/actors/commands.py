@@ -132,7 +132,7 @@ class Commands:
         verdict = actor.submit(cmd, now, caller_waits=True)
         try:
             if new and verdict is not Verdict.ACCEPTED:
-                self._unindex(owner, async_id, device_id)
+                self.unindex(owner, async_id, device_id)
             if verdict is Verdict.ASYNC_ID_IN_USE:
                 return Rejected(409, "ASYNC_ID_IN_USE")
             if verdict is Verdict.QUEUE_IS_FULL:
@@ -195,7 +195,7 @@ class Commands:
         actor = self.registry.by_endpoint.get(endpoint)
         cmd = None if actor is None else actor.queue.find(async_id)
         if cmd is None or cmd.owner != owner:  # (gone unnoticed: never keep an id in use)
-            self._unindex(owner, async_id, endpoint)
+            self.unindex(owner, async_id, endpoint)
             return False
         return True
 
@@ -208,7 +208,9 @@ class Commands:
         self.event_seq = seq
         return seq
 
-    def _unindex(self, owner: str, async_id: str, endpoint: str) -> None:
+    def unindex(self, owner: str, async_id: str, endpoint: str) -> None:
+        """`owner`'s `async_id` no longer names an unfinished command of `endpoint` here
+        (it finished, or its device was handed to another node: `Supervisor.release`)."""
         per = self.unfinished.get(owner)
         if per is not None and per.get(async_id) == endpoint:
             del per[async_id]
@@ -306,7 +308,7 @@ class Commands:
         key = (outcome.status, outcome.error)
         registry.outcomes[key] = registry.outcomes.get(key, 0) + 1
         registry.delivery_latency.observe(registry.now() - cmd.accepted_at)
-        self._unindex(cmd.owner, cmd.async_id, actor.endpoint)
+        self.unindex(cmd.owner, cmd.async_id, actor.endpoint)
         item = outcome.as_async_response(cmd.async_id)
         seq = self._next_seq()
         owner = cmd.owner

@@ -297,7 +297,7 @@ class Supervisor:
         directory = registry.directory  # (the devices that left are listed by no one now:
         for ep in [ep for ep in directory.gone if leaving(ep)]:  # the new owner may list
             directory.revive(ep)  # the same device registered again)
-        unfinished = self.commands.unfinished
+        unindex = self.commands.unindex
         for actor in gone:
             ep = actor.endpoint
             del registry.by_endpoint[ep]
@@ -310,11 +310,7 @@ class Supervisor:
             if actor.conn is not None:
                 registry.by_conn.pop(actor.conn, None)
             for cmd in actor.queue.queue:
-                per = unfinished.get(cmd.owner)
-                if per is not None and per.get(cmd.async_id) == ep:
-                    del per[cmd.async_id]
-                    if not per:
-                        del unfinished[cmd.owner]
+                unindex(cmd.owner, cmd.async_id, ep)
             actor.mailbox.close()
         return len(gone)
 
